@@ -1,0 +1,5 @@
+"""raylm dataprep: a text corpus → SentencePiece tokens packed into fixed-length Arrow shards (see DESIGN)."""
+
+from dataprep.dataset import PackedDataset, open_dataset
+
+__all__ = ["PackedDataset", "open_dataset"]

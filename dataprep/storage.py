@@ -1,0 +1,151 @@
+"""One place that turns a local path or `s3://` URL into a filesystem.
+
+The S3 endpoint, region and credentials come only from the standard AWS environment (`AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`, instance roles), so AWS, MinIO, Ceph and moto
+work unchanged and no credential ever passes through raylm's configs, logs or error messages.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import os
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from dataprep.errors import DataError, StorageError
+
+_GLOB_CHARS = set("*?[")
+
+
+def is_s3(path: str) -> bool:
+    return path.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts with '/', for local paths and URLs alike."""
+    return posixpath.join(base.rstrip("/") if base != "/" else base, *parts)
+
+
+@functools.lru_cache(maxsize=None)
+def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    scheme = "https"
+    if endpoint and "://" in endpoint:
+        scheme, endpoint = endpoint.split("://", 1)
+    return pafs.S3FileSystem(
+        endpoint_override=endpoint or None,
+        scheme=scheme,
+        region=region or "us-east-1",
+        connect_timeout=5,
+        request_timeout=60,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        allow_bucket_creation=True,
+    )
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path or an s3:// URL."""
+    if is_s3(path):
+        fs = _s3_filesystem(os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_DEFAULT_REGION"))
+        return fs, path[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def fsspec_filesystem(path: str):
+    """An fsspec filesystem for `path` (s3fs for s3://), for libraries that speak fsspec (e.g. DCP)."""
+    import fsspec
+
+    if not is_s3(path):
+        return fsspec.filesystem("file")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    return fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint} if endpoint else {})
+
+
+def describe_os_error(exc: OSError, path: str) -> str:
+    """A one-line reason for a failed storage call, without credentials or the SDK's multi-line dump."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if is_s3(path):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+        return f"{path}: S3 call failed via {endpoint} ({text}); check AWS_ENDPOINT_URL, the bucket name and credentials"
+    return f"{path}: {text}"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file found under an input."""
+
+    path: str
+    """Local absolute path or s3:// URL."""
+    size: int
+    key: str
+    """Path relative to the input it was found under (its name, if the input is the file): stable across moves."""
+    named: bool = False
+    """The input was this file itself, not a directory, prefix or glob holding it."""
+
+
+def _url(path: str, fs_path: str) -> str:
+    return "s3://" + fs_path if is_s3(path) else fs_path
+
+
+def _split_glob(path: str) -> tuple[str, str | None]:
+    """('base dir', 'pattern relative to it') for a glob; (path, None) if there is no wildcard."""
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if _GLOB_CHARS & set(part):
+            return "/".join(parts[:i]) or "/", "/".join(parts[i:])
+    return path, None
+
+
+def list_files(path: str) -> list[FileEntry]:
+    """Every file a user means by `path`: the file itself, all files under a directory or prefix, or a glob's matches.
+
+    Sorted by path, so what is read never depends on the listing order of the filesystem.
+    """
+    base, pattern = _split_glob(path)
+    fs, fs_base = filesystem(base)
+    try:
+        info = fs.get_file_info(fs_base)
+        if info.type == pafs.FileType.File and pattern is None:
+            return [FileEntry(_url(path, info.path), info.size, posixpath.basename(info.path), named=True)]
+        if info.type == pafs.FileType.NotFound and not is_s3(path):
+            raise DataError(f"input {path} does not exist; check the path")
+        found = fs.get_file_info(pafs.FileSelector(fs_base, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(describe_os_error(exc, path)) from None
+    entries = []
+    for f in found:
+        if f.type != pafs.FileType.File:
+            continue
+        rel = f.path[len(fs_base):].lstrip("/")
+        if pattern is None or fnmatch.fnmatch(rel, pattern) or fnmatch.fnmatch(rel, pattern.replace("**/", "")):
+            entries.append(FileEntry(_url(path, f.path), f.size, rel))
+    if not entries:
+        raise DataError(f"input {path} matches no files; check the path, glob or s3:// prefix")
+    return sorted(entries, key=lambda e: e.path)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file; on local disk via a temp name and a rename, so readers never see half of it."""
+    fs, p = filesystem(path)
+    tmp = p if is_s3(path) else p + ".tmp"
+    fs.create_dir(posixpath.dirname(p), recursive=True)
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    if tmp != p:
+        fs.move(tmp, p)
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    try:
+        return fs.get_file_info(p).type != pafs.FileType.NotFound
+    except OSError as exc:
+        raise StorageError(describe_os_error(exc, path)) from None
