@@ -128,7 +128,7 @@ def list_files(path: str) -> list[FileEntry]:
 
 def read_bytes(path: str) -> bytes:
     fs, p = filesystem(path)
-    with fs.open_input_stream(p) as f:
+    with fs.open_input_stream(p, compression=None) as f:
         return f.read()
 
 
@@ -137,7 +137,7 @@ def write_bytes(path: str, data: bytes) -> None:
     fs, p = filesystem(path)
     tmp = p if is_s3(path) else p + ".tmp"
     fs.create_dir(posixpath.dirname(p), recursive=True)
-    with fs.open_output_stream(tmp) as f:
+    with fs.open_output_stream(tmp, compression=None) as f:
         f.write(data)
     if tmp != p:
         fs.move(tmp, p)

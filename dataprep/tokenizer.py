@@ -50,7 +50,7 @@ def train_tokenizer(lines: Iterable[str], *, vocab_size: int, num_threads: int =
         reason = str(exc).splitlines()[0]
         raise DataError(
             f"tokenizer training failed with --vocab-size {vocab_size} ({reason}); "
-            "lower --vocab-size or give the sample more text (--tokenizer-sample-mb)"
+            "pick a --vocab-size this sample supports, or give it more text (--tokenizer-sample-mb)"
         ) from None
     return model.getvalue()
 

@@ -1,0 +1,109 @@
+"""Session fixtures every test reuses: a real moto S3 server over HTTP, a local Ray with 2 CPUs, small corpora."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+
+import pytest
+
+BUCKET = "raylm-test"
+
+# Local test clusters need no token auth; set before any Ray import starts a cluster.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 on 127.0.0.1, reached over HTTP by pyarrow/s3fs through the standard AWS environment."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
+    yield f"s3://{BUCKET}"
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def local_ray(s3_server):
+    """A local Ray with 2 CPUs, started after the S3 environment so its workers inherit it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def upload_dir(local_dir, url: str) -> None:
+    """Copy a local directory tree to an s3:// prefix."""
+    from dataprep import storage
+
+    for root, _, names in os.walk(local_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, local_dir)
+            with open(path, "rb") as f:
+                storage.write_bytes(storage.join(url, rel), f.read())
+
+
+MIXED_DOCS = {
+    "notes/a.txt": "Hello world.\nSecond line, with  two spaces and a tab\there.\n",
+    "notes/cjk.md": "# 标题\n\n日本語のテキストと한국어 문장. Emoji: 🎉🚀👩‍💻 and the marker ▁ itself.\n",
+    "code/mod.py": "def f(x):\n    return x ** 2  # square\n\n\nclass A:\n    pass\n",
+    "code/empty.py": "",
+}
+JSONL_DOCS = [f"json document {i}: the quick brown fox {'jumps ' * (i % 7)}over the lazy dog {i}." for i in range(40)]
+PARQUET_DOCS = [f"parquet row {i} — naïve café résumé, 数字 {i * 17}" for i in range(30)]
+
+
+def write_mixed_corpus(root) -> list[str]:
+    """A small corpus of every supported format; returns its documents in raylm's corpus order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    docs = {}
+    for rel, text in MIXED_DOCS.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        if text:
+            docs[str(path)] = [text]
+    lines = "".join(json.dumps({"text": t, "id": i}, ensure_ascii=False) + "\n" for i, t in enumerate(JSONL_DOCS))
+    (root / "data").mkdir()
+    (root / "data" / "part1.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    docs[str(root / "data" / "part1.jsonl.gz")] = JSONL_DOCS
+    (root / "data" / "part2.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    docs[str(root / "data" / "part2.jsonl.zst")] = JSONL_DOCS
+    pq.write_table(pa.table({"text": PARQUET_DOCS}), root / "data" / "rows.parquet")
+    docs[str(root / "data" / "rows.parquet")] = PARQUET_DOCS
+    (root / "data" / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")
+    return [d for path in sorted(docs) for d in docs[path]]
+
+
+@pytest.fixture
+def mixed_corpus(tmp_path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    return root, write_mixed_corpus(root)
