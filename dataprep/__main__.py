@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from dataprep.errors import ConfigError, run_cli
+from dataprep.errors import ConfigError, configure_logging, run_cli
 from dataprep.pipeline import DEMO_EXCLUDE, DataprepConfig, demo_inputs, run
 
 DEMO_OUTPUT = "data/stdlib"
@@ -57,7 +56,7 @@ def main(argv: list[str]) -> int:
         args["encoding_errors"] = "replace"
     elif not args["output"]:
         raise ConfigError("--output DIR is required with --input (a local directory or s3:// prefix)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging("dataprep")
     cfg = DataprepConfig(inputs=args.pop("input"), **args)
     run(cfg, exclude=DEMO_EXCLUDE if demo else None)
     return 0

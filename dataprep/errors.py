@@ -39,6 +39,28 @@ def find_user_error(exc: BaseException | None) -> RaylmError | None:
     return None
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the record, not at the time of setup."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def configure_logging(package: str) -> None:
+    """INFO logs of one raylm package to stderr as `HH:MM:SS package.module: message`, once per process."""
+    logger = logging.getLogger(package)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Run `main(argv)`; a user mistake becomes one `error:` line on stderr and exit code 2.
 

@@ -178,24 +178,26 @@ def tokenizer_sample(files: list[FileEntry], cfg: DataprepConfig) -> list[str]:
     return lines
 
 
-def get_tokenizer(files: list[FileEntry], cfg: DataprepConfig) -> tuple[bytes, bool]:
-    """(SentencePiece model bytes, whether raylm trained it)."""
-    if cfg.tokenizer:
-        try:
-            model = storage.read_bytes(cfg.tokenizer)
-        except FileNotFoundError:
-            raise DataError(f"--tokenizer {cfg.tokenizer} does not exist; pass a SentencePiece .model file") from None
-        except OSError as exc:
-            raise StorageError(storage.describe_os_error(exc, cfg.tokenizer)) from None
-        load_tokenizer(model, where=cfg.tokenizer)
-        return model, False
+def read_given_tokenizer(path: str) -> bytes:
+    """The bytes of a user's SentencePiece model, checked to load."""
+    try:
+        model = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise DataError(f"--tokenizer {path} does not exist; pass a SentencePiece .model file") from None
+    except OSError as exc:
+        raise StorageError(storage.describe_os_error(exc, path)) from None
+    load_tokenizer(model, where=path)
+    return model
+
+
+def train_on_sample(files: list[FileEntry], cfg: DataprepConfig) -> bytes:
     t0 = time.perf_counter()
     lines = tokenizer_sample(files, cfg)
     if not lines:
         raise DataError("the corpus has no text to train a tokenizer on; check --input and --text-field")
     model = train_tokenizer(lines, vocab_size=cfg.vocab_size, num_threads=os.cpu_count() or 1)
     log.info("trained a %d-token BPE tokenizer on %d lines in %.1fs", cfg.vocab_size, len(lines), time.perf_counter() - t0)
-    return model, True
+    return model
 
 
 # ------------------------------------------------------------------------------------- tokenize in an actor pool
@@ -339,9 +341,9 @@ def build_manifest(cfg, files, model, trained, splits, counts, settings) -> dict
     }
 
 
-def cfg_settings(cfg: DataprepConfig, files: list[FileEntry]) -> dict:
+def cfg_settings(cfg: DataprepConfig, files: list[FileEntry], given_tokenizer: bytes | None) -> dict:
     """The settings stamp of a run: options, the tokenizer given (by content) and the exact source files."""
-    given = {"tokenizer_sha256": sha256(storage.read_bytes(cfg.tokenizer))} if cfg.tokenizer else {}
+    given = {"tokenizer_sha256": sha256(given_tokenizer)} if given_tokenizer else {}
     sources = hashlib.sha256(json.dumps([[f.path, f.size] for f in files]).encode()).hexdigest()
     return {**cfg.settings(), **given, "sources_sha256": sources}
 
@@ -352,7 +354,8 @@ def run(cfg: DataprepConfig, *, exclude: str | None = None) -> dict:
 
     files = list_corpus(cfg.inputs, max_files=cfg.max_files, exclude=exclude)
     log.info("corpus: %d files, %.1f MB", len(files), sum(f.size for f in files) / 1e6)
-    settings = cfg_settings(cfg, files)
+    given_tokenizer = read_given_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    settings = cfg_settings(cfg, files, given_tokenizer)
     if not prepare_output(cfg, settings):
         print(f"dataprep: {cfg.output} already holds this dataset (same inputs and settings); nothing to do")
         return read_manifest(cfg.output)
@@ -360,7 +363,7 @@ def run(cfg: DataprepConfig, *, exclude: str | None = None) -> dict:
         ray.init(logging_level=logging.WARNING)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
 
-    model, trained = get_tokenizer(files, cfg)
+    model = given_tokenizer or train_on_sample(files, cfg)
     tokenizer_path = storage.join(cfg.output, TOKENIZER)
     storage.write_bytes(tokenizer_path, model)
     dtype = token_dtype(load_tokenizer(model).vocab_size())
@@ -371,7 +374,7 @@ def run(cfg: DataprepConfig, *, exclude: str | None = None) -> dict:
     seconds = time.perf_counter() - t0
     splits = {s: p.finish() for s, p in packers.items()}
     check_not_empty(splits, cfg)
-    manifest = build_manifest(cfg, files, model, trained, splits, counts, settings)
+    manifest = build_manifest(cfg, files, model, given_tokenizer is None, splits, counts, settings)
     storage.write_bytes(storage.join(cfg.output, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
     print_summary(manifest, len(files), seconds, cfg.output)
     return manifest

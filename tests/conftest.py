@@ -107,3 +107,20 @@ def mixed_corpus(tmp_path):
     root = tmp_path / "corpus"
     root.mkdir()
     return root, write_mixed_corpus(root)
+
+
+def run_captured(main, argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of an in-process CLI run under `run_cli`.
+
+    Plain StringIO buffers instead of capsys: Ray binds log handlers to the sys.stderr current when it sets them
+    up, and capsys closes its buffer when the test ends, so a later Ray log line would hit a closed file.
+    """
+    import contextlib
+    import io
+
+    from dataprep.errors import run_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_cli(main, [str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()

@@ -7,17 +7,16 @@ import os
 import numpy as np
 import pytest
 
-from conftest import upload_dir
+from conftest import run_captured, upload_dir
 from dataprep import open_dataset, storage
 from dataprep.__main__ import main
-from dataprep.errors import run_cli
 
 pytestmark = pytest.mark.ray
 SMALL = ["--vocab-size", "400", "--seq-len", "16", "--val-fraction", "0.2", "--shard-size", "0.001"]
 
 
-def prep(inputs, output, *extra) -> int:
-    return run_cli(main, ["--input", *map(str, inputs), "--output", str(output), *SMALL, *map(str, extra)])
+def prep(inputs, output, *extra) -> tuple[int, str, str]:
+    return run_captured(main, ["--input", *inputs, "--output", output, *SMALL, *extra])
 
 
 def decoded_documents(ds, split: str) -> tuple[list[str], str]:
@@ -51,7 +50,7 @@ def assert_round_trip(ds, corpus_docs: list[str]) -> None:
 
 def test_round_trip_all_formats_cjk_emoji(local_ray, mixed_corpus, tmp_path):
     root, docs = mixed_corpus
-    assert prep([root], tmp_path / "ds") == 0
+    assert prep([root], tmp_path / "ds")[0] == 0
     ds = open_dataset(str(tmp_path / "ds"))
     m = ds.manifest
     assert m["dtype"] == "uint16" and m["row_len"] == 17 and m["tokenizer"]["trained"]
@@ -61,24 +60,23 @@ def test_round_trip_all_formats_cjk_emoji(local_ray, mixed_corpus, tmp_path):
     assert_round_trip(ds, docs)
 
 
-def test_two_runs_are_byte_identical_and_rerun_is_noop(local_ray, mixed_corpus, tmp_path, capsys):
+def test_two_runs_are_byte_identical_and_rerun_is_noop(local_ray, mixed_corpus, tmp_path):
     root, _ = mixed_corpus
     a, b = tmp_path / "a", tmp_path / "b"
-    assert prep([root], a) == 0 and prep([root], b) == 0
+    assert prep([root], a)[0] == 0 and prep([root], b)[0] == 0
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files_a == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert len(files_a) > 4
     for rel in files_a:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     stamp = (a / "manifest.json").stat().st_mtime_ns
-    capsys.readouterr()
-    assert prep([root], a) == 0
-    assert "nothing to do" in capsys.readouterr().out
+    code, out, _ = prep([root], a)
+    assert code == 0 and "nothing to do" in out
     assert (a / "manifest.json").stat().st_mtime_ns == stamp
-    assert prep([root], a, "--seed", "1") == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "seed" in err and "--overwrite" in err and "\n" not in err
-    assert prep([root], a, "--seed", "1", "--overwrite") == 0
+    code, _, err = prep([root], a, "--seed", "1")
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "seed" in errors[0] and "--overwrite" in errors[0]
+    assert prep([root], a, "--seed", "1", "--overwrite")[0] == 0
     assert (a / "manifest.json").read_bytes() != (b / "manifest.json").read_bytes()
 
 
@@ -87,8 +85,8 @@ def test_s3_input_to_s3_output_matches_local(local_ray, mixed_corpus, tmp_path, 
     root, docs = mixed_corpus
     upload_dir(root, f"{s3_server}/corpus")
     out = f"{s3_server}/datasets/mixed"
-    assert prep([f"{s3_server}/corpus/"], out) == 0
-    assert prep([root], tmp_path / "local") == 0
+    assert prep([f"{s3_server}/corpus/"], out)[0] == 0
+    assert prep([root], tmp_path / "local")[0] == 0
     remote, local = open_dataset(out), open_dataset(str(tmp_path / "local"))
     assert remote.manifest["splits"] == local.manifest["splits"]
     for split in ("train", "val"):
@@ -101,9 +99,9 @@ def test_s3_input_to_s3_output_matches_local(local_ray, mixed_corpus, tmp_path, 
 
 def test_given_tokenizer_is_used_and_stamped(local_ray, mixed_corpus, tmp_path):
     root, docs = mixed_corpus
-    assert prep([root], tmp_path / "first") == 0
+    assert prep([root], tmp_path / "first")[0] == 0
     model = tmp_path / "first" / "tokenizer.model"
-    assert prep([root], tmp_path / "second", "--tokenizer", model, "--seq-len", "32") == 0
+    assert prep([root], tmp_path / "second", "--tokenizer", model, "--seq-len", "32")[0] == 0
     ds = open_dataset(str(tmp_path / "second"))
     assert ds.manifest["tokenizer"]["trained"] is False and ds.seq_len == 32
     assert (tmp_path / "second" / "tokenizer.model").read_bytes() == model.read_bytes()

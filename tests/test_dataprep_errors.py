@@ -1,0 +1,130 @@
+"""Every bad input ends in one `error:` line naming the file (and line) and exit code 2, with no manifest written."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dataprep.__main__ import main
+from conftest import run_captured
+
+pytestmark = pytest.mark.ray
+OPTS = ["--vocab-size", "320", "--seq-len", "16", "--shard-size", "0.001"]
+WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river mountain forest ocean desert".split()
+GOOD = "".join(
+    json.dumps({"text": f"document {i}: " + " ".join(WORDS[(i * k) % len(WORDS)] for k in range(1, 30))}) + "\n"
+    for i in range(200)
+)
+
+
+def run(inputs, output, *extra) -> str:
+    """The one `error:` line of a failing run, after checking exit code 2, no traceback and no manifest."""
+    code, _, err = run_captured(main, ["--input", *inputs, "--output", output, *OPTS, *extra])
+    assert code == 2 and not os.path.exists(os.path.join(str(output), "manifest.json"))
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[:3000]
+    return lines[0]
+
+
+def corpus_with(tmp_path, name: str, data: bytes):
+    """A corpus of good documents plus one bad file sorted last, so shards are written before the failure."""
+    root = tmp_path / "corpus"
+    root.mkdir(exist_ok=True)
+    (root / "good.jsonl").write_text(GOOD)
+    (root / name).write_bytes(data)
+    return root
+
+
+@pytest.mark.parametrize(
+    "name, data, expect",
+    [
+        ("zz.jsonl", b'{"text": "fine"}\n{not json\n', "zz.jsonl:2: not valid JSON"),
+        ("zz.jsonl", b'{"text": "fine"}\n{"body": "x"}\n', "zz.jsonl:2: no string field 'text'"),
+        ("zz.jsonl.gz", gzip.compress(GOOD.encode())[:-40] + b"garbage" * 5, "zz.jsonl.gz: cannot read or decompress"),
+        ("zz.txt", "caf\u00e9 ok".encode("latin-1"), "zz.txt: invalid UTF-8 at byte 3"),
+        ("zz.txt", b"MZ\x90\x00\x03\x00\x00\x00binary", "zz.txt: binary data"),
+        ("zz.parquet", b"PAR1 not really parquet", "zz.parquet: not a readable parquet file"),
+    ],
+    ids=["bad-json", "missing-field", "corrupt-gz", "invalid-utf8", "binary", "corrupt-parquet"],
+)
+def test_bad_record_is_one_line_naming_the_file(local_ray, tmp_path, name, data, expect):
+    out = tmp_path / "ds"
+    line = run([corpus_with(tmp_path, name, data)], out)
+    assert expect in line
+    assert list((out / "train").glob("*.arrow")), "the failure should come after shards were written"
+
+
+def test_skip_and_replace_are_counted(local_ray, tmp_path):
+    root = corpus_with(tmp_path, "zz.jsonl", b'{"text": "fine"}\n{not json\n{"body": 1}\n')
+    (root / "latin.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    out = tmp_path / "ds"
+    args = ["--input", root, "--output", out, *OPTS, "--on-bad-record", "skip", "--encoding-errors", "replace"]
+    code, stdout, _ = run_captured(main, args)
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["bad_records"] == 2 and manifest["replaced_utf8_documents"] == 1
+    assert manifest["documents"] == 200 + 1 + 1
+    assert "bad records skipped: 2" in stdout
+
+
+def test_missing_path(local_ray, tmp_path):
+    assert "does not exist" in run([tmp_path / "nope"], tmp_path / "ds")
+
+
+def test_empty_corpus(local_ray, tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("")
+    (tmp_path / "c" / "b.md").write_text("")
+    assert "has no text to train a tokenizer" in run([tmp_path / "c"], tmp_path / "ds")
+
+
+def test_no_readable_files(local_ray, tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "img.png").write_bytes(b"\x89PNG")
+    assert "no readable files" in run([tmp_path / "c"], tmp_path / "ds")
+
+
+def test_unwritable_output(local_ray, tmp_path):
+    root = corpus_with(tmp_path, "b.txt", b"text")
+    (tmp_path / "a-file").write_text("x")
+    line = run([root], tmp_path / "a-file" / "ds")
+    assert "cannot write the output" in line and "a-file" in line
+
+
+def test_bad_option_values(local_ray, tmp_path):
+    root = corpus_with(tmp_path, "b.txt", b"text")
+    assert "--seq-len 0" in run([root], tmp_path / "ds", "--seq-len", "0")
+    assert "--val-fraction 2.0" in run([root], tmp_path / "ds", "--val-fraction", "2")
+    assert "--tokenizer" in run([root], tmp_path / "ds", "--tokenizer", tmp_path / "missing.model")
+
+
+@pytest.mark.s3
+def test_unreachable_s3_endpoint(local_ray, s3_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    line = run(["s3://raylm-test/corpus/"], tmp_path / "ds")
+    assert "S3 call failed via http://127.0.0.1:9" in line and "AWS_ENDPOINT_URL" in line
+    assert "testing" not in line  # no credentials in messages
+
+
+@pytest.mark.s3
+def test_missing_bucket(local_ray, s3_server, tmp_path):
+    assert "s3://no-such-bucket-raylm/x matches no files" in run(["s3://no-such-bucket-raylm/x"], tmp_path / "ds")
+
+
+@pytest.mark.e2e
+def test_cli_help_and_error_in_a_fresh_process(tmp_path):
+    help_text = subprocess.run([sys.executable, "-m", "dataprep", "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ("--input", "--output", "--tokenizer", "--vocab-size", "--seq-len", "--val-fraction", "--text-field",
+                   "--shard-size", "--num-workers", "--seed", "--on-bad-record", "--encoding-errors", "--max-files",
+                   "--overwrite", "--tokenizer-sample-mb"):
+        assert option in help_text
+    proc = subprocess.run([sys.executable, "-m", "dataprep", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: input {tmp_path / 'nope'} does not exist; check the path"]
+    proc = subprocess.run([sys.executable, "-m", "dataprep", "--seq-len", "abc"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: argument --seq-len: invalid int value: 'abc'")
