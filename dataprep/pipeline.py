@@ -236,7 +236,7 @@ class TokenizeFiles:
         return pa.array([flat], pa.large_list(pa.from_numpy_dtype(self.dtype)))
 
     def _encode(self, docs: list[Document], bad: list[str]) -> pa.Table:
-        ids = encode_exact(self.sp, [d.text for d in docs])
+        ids = encode_exact(self.sp, [d.text for d in docs], num_threads=1)  # one core per actor: no oversubscription
         val = [self._is_val(d) for d in docs]
         return pa.table({
             "train": self._stream([t for t, v in zip(ids, val) if not v]),

@@ -77,9 +77,9 @@ def _space_marker_ids(sp: spm.SentencePieceProcessor) -> list[int]:
     return ids
 
 
-def encode_exact(sp: spm.SentencePieceProcessor, texts: list[str]) -> list[list[int]]:
+def encode_exact(sp: spm.SentencePieceProcessor, texts: list[str], num_threads: int = -1) -> list[list[int]]:
     """Token ids for each text such that `sp.decode(ids) == text` for any Unicode text."""
-    ids = sp.encode(texts, out_type=int)
+    ids = sp.encode(texts, out_type=int, num_threads=num_threads)
     for i, text in enumerate(texts):
         if SPACE_MARKER in text:
             marker = _space_marker_ids(sp)
