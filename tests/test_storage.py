@@ -1,0 +1,48 @@
+"""Input listing: files, directories, globs and s3:// prefixes resolve to the same sorted, keyed file lists."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import upload_dir
+from dataprep import storage
+from dataprep.errors import DataError
+
+
+def make_tree(root):
+    for rel in ["a/x.txt", "a/b/y.jsonl.gz", "a/b/z.parquet", "c.md"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(rel)
+    return root
+
+
+def keys(entries):
+    return [e.key for e in entries]
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return make_tree(tmp_path / "t")
+
+
+def test_local_file_dir_and_glob(tree):
+    assert keys(storage.list_files(str(tree))) == ["a/b/y.jsonl.gz", "a/b/z.parquet", "a/x.txt", "c.md"]
+    [single] = storage.list_files(str(tree / "a" / "x.txt"))
+    assert single.named and single.key == "x.txt" and single.size == len("a/x.txt")
+    assert keys(storage.list_files(str(tree / "a" / "**" / "*.jsonl*"))) == ["b/y.jsonl.gz"]
+    assert keys(storage.list_files(str(tree / "*.md"))) == ["c.md"]
+    with pytest.raises(DataError, match="does not exist"):
+        storage.list_files(str(tree / "missing"))
+    with pytest.raises(DataError, match="matches no files"):
+        storage.list_files(str(tree / "*.rst"))
+
+
+@pytest.mark.s3
+def test_s3_prefix_and_glob_give_the_same_keys(tree, s3_server):
+    url = f"{s3_server}/listing"
+    upload_dir(tree, url)
+    assert keys(storage.list_files(url + "/")) == keys(storage.list_files(str(tree)))
+    assert keys(storage.list_files(url + "/a/**/*.parquet")) == ["b/z.parquet"]
+    [single] = storage.list_files(url + "/c.md")
+    assert single.named and single.path == url + "/c.md"
+    assert storage.read_bytes(url + "/a/x.txt") == b"a/x.txt"
