@@ -11,6 +11,15 @@ from dataprep.pipeline import DEMO_EXCLUDE, DataprepConfig, demo_inputs, run
 DEMO_OUTPUT = "data/stdlib"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one worth reading."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own usage errors become raylm's one-line error, exit 2
         raise ConfigError(f"{message} (see python -m dataprep --help)")
@@ -22,25 +31,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokenize a text corpus with SentencePiece on Ray Data and pack it into fixed-length Arrow "
         "shards for `python -m trainer`. With no --input, the demo corpus is this Python's standard library "
         f"(*.py, invalid UTF-8 replaced), written to {DEMO_OUTPUT}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--input", nargs="+", metavar="PATH", help="files, directories (recursive), globs or s3:// "
                    "prefixes; .txt/.md/.py/… (one file = one document), .jsonl, .parquet, optionally .gz/.zst")
     p.add_argument("--output", metavar="DIR", help=f"dataset directory, local or s3:// (demo: {DEMO_OUTPUT})")
     p.add_argument("--tokenizer", metavar="FILE", help="an existing SentencePiece .model to use instead of training one")
-    p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of the trained BPE tokenizer (byte fallback)")
-    p.add_argument("--tokenizer-sample-mb", type=float, default=64.0, help="text sampled (seeded) to train the tokenizer")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence; rows hold seq_len + 1")
-    p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents sent to val/ (by hash of their path/line)")
-    p.add_argument("--text-field", default="text", help="field (.jsonl) or column (.parquet) holding the text")
-    p.add_argument("--shard-size", dest="shard_size_mb", type=float, default=128.0, help="target shard size in MB")
-    p.add_argument("--num-workers", type=int, help="tokenizer actors (default: the cluster's CPU count)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the tokenizer sample and the train/val split")
+    p.add_argument("--vocab-size", type=int, metavar="N", default=32000, help="vocabulary of the trained BPE tokenizer (byte fallback)")
+    p.add_argument("--tokenizer-sample-mb", type=float, metavar="MB", default=64.0, help="text sampled (seeded) to train the tokenizer")
+    p.add_argument("--seq-len", type=int, metavar="N", default=2048, help="tokens per training sequence; rows hold seq_len + 1")
+    p.add_argument("--val-fraction", type=float, metavar="F", default=0.005, help="share of documents sent to val/ (by hash of their path/line)")
+    p.add_argument("--text-field", metavar="NAME", default="text", help="field (.jsonl) or column (.parquet) holding the text")
+    p.add_argument("--shard-size", dest="shard_size_mb", type=float, metavar="MB", default=128.0, help="target shard size in MB")
+    p.add_argument("--num-workers", type=int, metavar="N", help="tokenizer actors (default: the cluster's CPU count)")
+    p.add_argument("--seed", type=int, metavar="N", default=0, help="seeds the tokenizer sample and the train/val split")
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error",
                    help="a bad file/line (not JSON, missing field, corrupt, binary): stop with its name, or skip and count")
     p.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict",
                    help="invalid UTF-8: stop with the file and byte offset, or replace the bytes and count the document")
-    p.add_argument("--max-files", type=int, help="use only the first N files in path order (quick runs)")
+    p.add_argument("--max-files", type=int, metavar="N", help="use only the first N files in path order (quick runs)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished dataset made with other settings")
     p.add_argument("--debug", action="store_true", help="full tracebacks for errors")
     return p
