@@ -25,11 +25,11 @@ def rows_per_batch(row_len: int, dtype: np.dtype) -> int:
     return max(1, BATCH_BYTES // (row_len * dtype.itemsize))
 
 
-def shard_bytes(rows: np.ndarray) -> bytes:
-    """An Arrow IPC file (random-access format, uncompressed so it can be memory-mapped) holding `rows`."""
+def shard_bytes(rows: np.ndarray, per_batch: int) -> bytes:
+    """An Arrow IPC file (random-access format, uncompressed so it can be memory-mapped) holding `rows` in record
+    batches of `per_batch` rows."""
     n, row_len = rows.shape
     schema = shard_schema(rows.dtype, row_len)
-    per_batch = rows_per_batch(row_len, rows.dtype)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, schema) as writer:
         for start in range(0, n, per_batch):
@@ -81,6 +81,6 @@ class SplitPacker:
         rows = stream[:take].astype(self.dtype, copy=False).reshape(n_rows, self.row_len)
         self._pending, self._pending_len = [stream[take:]], len(stream) - take
         name = f"{self.split}/shard-{len(self.shards):05d}.arrow"
-        data = shard_bytes(rows)
+        data = shard_bytes(rows, rows_per_batch(self.row_len, self.dtype))
         storage.write_bytes(storage.join(self.out_dir, name), data)
         self.shards.append({"file": name, "rows": n_rows, "bytes": len(data)})
