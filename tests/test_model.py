@@ -1,0 +1,120 @@
+"""The model: exact logits parity with transformers' Llama/Mixtral, KV-cache generation, MoE routing, init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.model import ModelConfig, Transformer, generate, initial_value
+
+transformers = pytest.importorskip("transformers")
+from trainer.hf import hf_model  # noqa: E402
+
+torch.set_num_threads(2)
+BASE = dict(vocab_size=211, dim=64, n_layers=2, n_heads=4, max_seq_len=64, ffn_hidden=96)
+
+
+def build(seed=0, **overrides) -> Transformer:
+    model = Transformer(ModelConfig(**{**BASE, **overrides}))
+    model.init_weights(seed)
+    return model.eval()
+
+
+def max_logit_diff(model: Transformer) -> float:
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
+    hf = hf_model(model.cfg, model.state_dict())
+    with torch.no_grad():
+        ours, _ = model(tokens)
+        theirs = hf(tokens).logits
+    return (ours - theirs).abs().max().item()
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(n_kv_heads=2, tie_embeddings=False, rope_theta=10000.0),
+    dict(n_kv_heads=0, tie_embeddings=True, rope_theta=500000.0),
+    dict(n_kv_heads=1, tie_embeddings=True, rope_theta=10000.0),
+    dict(n_kv_heads=4, tie_embeddings=False, rope_theta=500000.0),
+], ids=["gqa-untied-1e4", "mha-tied-5e5", "mqa-tied-1e4", "mha-untied-5e5"])
+def test_logits_match_llama(overrides):
+    assert max_logit_diff(build(**overrides)) <= 1e-4
+
+
+def test_logits_match_mixtral():
+    model = build(n_kv_heads=2, n_experts=4, top_k=2)
+    assert type(hf_model(model.cfg, model.state_dict())).__name__ == "MixtralForCausalLM"
+    assert max_logit_diff(model) <= 1e-4
+
+
+@pytest.mark.parametrize("overrides", [dict(n_kv_heads=2), dict(n_experts=4, top_k=2)], ids=["dense", "moe"])
+def test_kv_cache_generation_equals_full_forward_argmax(overrides):
+    model = build(**overrides)
+    prompt = [5, 17, 42, 8, 99]
+    cached = generate(model, prompt, max_new_tokens=20)
+    uncached = generate(model, prompt, max_new_tokens=20, use_cache=False)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(20):
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert cached == uncached == ids and len(ids) == 25
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    model = build()
+    def sample(seed):
+        return generate(model, [1, 2, 3], 15, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(seed))
+    assert sample(0) == sample(0) != sample(1)
+    assert generate(model, [1, 2, 3], 10, temperature=1.0, top_p=1e-9) == generate(model, [1, 2, 3], 10)
+
+
+def test_moe_aux_loss_reaches_the_router():
+    model = build(n_experts=4, top_k=2).train()
+    logits, aux = model(torch.randint(0, 211, (2, 16)))
+    assert aux.item() > 0
+    aux.backward()
+    router = model.layers[0].feed_forward.gate.weight.grad
+    assert router is not None and router.abs().sum() > 0
+
+
+def test_moe_flops_scale_with_top_k_not_experts():
+    """Counted by torch's FlopCounterMode: experts cost 2·N·k·3·D·H (plus the router's 2·N·D·E), whatever E is."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(4, 32, 64)
+    for n_experts, top_k in [(4, 1), (16, 1), (16, 2), (64, 2)]:
+        moe = build(n_experts=n_experts, top_k=top_k).layers[0].feed_forward
+        with FlopCounterMode(display=False) as counter:
+            moe(x)
+        n, d, h = 4 * 32, 64, 96
+        assert counter.get_total_flops() == 2 * n * top_k * 3 * d * h + 2 * n * d * n_experts
+
+
+def test_init_is_seeded_per_parameter_and_scaled():
+    a, b, c = build(seed=0), build(seed=0), build(seed=1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and not torch.equal(sa["layers.0.attention.wq.weight"], sc["layers.0.attention.wq.weight"])
+    wo, wq = sa["layers.1.attention.wo.weight"], sa["layers.1.attention.wq.weight"]
+    assert abs(wq.std().item() - 0.02) < 0.003 and abs(wo.std().item() - 0.02 / 2) < 0.002
+    assert torch.equal(sa["norm.weight"], torch.ones(64))
+    assert torch.equal(initial_value("layers.0.attention.wq.weight", (64, 64), a.cfg, 0), sa["layers.0.attention.wq.weight"])
+
+
+def test_meta_build_then_materialise_equals_eager():
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**BASE))
+    model.to_empty(device="cpu")
+    model.init_weights(0)
+    eager = build(seed=0)
+    tokens = torch.randint(0, 211, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(model(tokens)[0], eager(tokens)[0])
+
+
+def test_param_and_flop_counts():
+    cfg = ModelConfig(**BASE, n_kv_heads=2)
+    model = Transformer(cfg)
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    assert cfg.num_params(embeddings=False) == cfg.num_params() - 211 * 64
+    moe = ModelConfig(**BASE, n_experts=8, top_k=2)
+    assert moe.num_params() == sum(p.numel() for p in Transformer(moe).parameters())
+    assert moe.num_params(active=True) == moe.num_params() - 2 * 6 * 3 * 64 * 96
+    assert cfg.flops_per_token(seq_len=64) == 6 * cfg.num_params(embeddings=False) + 12 * 2 * 4 * 16 * 64

@@ -1,0 +1,330 @@
+"""Llama-style decoder in plain PyTorch: RoPE, grouped-query attention, SwiGLU or top-k MoE, RMSNorm.
+
+No distributed code here: FSDP2, activation checkpointing and compile are applied from `trainer/parallelize.py`.
+Layouts follow Hugging Face (rotate-half RoPE; MoE experts as Mixtral's fused `gate_up`/`down` tensors), so weights
+map 1:1 to `LlamaForCausalLM` / `MixtralForCausalLM` (`trainer/hf.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RESIDUAL_OUTPUTS = ("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.experts_w2")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    vocab_size: int = 32000
+    """Vocabulary size; the trainer sets it from the dataset's tokenizer."""
+    dim: int = 512
+    """Model (residual stream) width."""
+    n_layers: int = 8
+    """Transformer blocks."""
+    n_heads: int = 8
+    """Query heads; head_dim = dim / n_heads."""
+    n_kv_heads: int = 0
+    """Key/value heads for grouped-query attention (0 = n_heads, i.e. plain multi-head)."""
+    ffn_hidden: int = 0
+    """SwiGLU hidden size (0 = multiple_of-rounded ffn_multiplier · 8/3 · dim, as Llama)."""
+    ffn_multiplier: float = 1.0
+    """Scales the default SwiGLU hidden size."""
+    multiple_of: int = 256
+    """The default SwiGLU hidden size is rounded up to a multiple of this."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    max_seq_len: int = 2048
+    """Longest sequence (RoPE table size and KV-cache limit); the trainer raises it to the dataset's seq_len."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the LM head."""
+    n_experts: int = 0
+    """Mixture-of-Experts FFN with this many experts per block (0 = dense SwiGLU)."""
+    top_k: int = 2
+    """Experts per token (MoE)."""
+    aux_loss_weight: float = 0.01
+    """Weight of the MoE load-balancing loss added to the LM loss."""
+    init_std: float = 0.02
+    """Std of the normal init; residual output projections get init_std / sqrt(2 · n_layers)."""
+
+    def __post_init__(self):
+        n_kv = self.n_kv_heads or self.n_heads
+        checks = [
+            (self.vocab_size > 0, "vocab_size", self.vocab_size, "must be > 0"),
+            (self.dim > 0, "dim", self.dim, "must be > 0"),
+            (self.n_layers > 0, "n_layers", self.n_layers, "must be > 0"),
+            (self.n_heads > 0 and self.dim % self.n_heads == 0, "n_heads", self.n_heads, f"must divide dim={self.dim}"),
+            (self.n_heads % n_kv == 0, "n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}"),
+            ((self.dim // max(self.n_heads, 1)) % 2 == 0, "n_heads", self.n_heads, "must give an even head_dim"),
+            (self.n_experts >= 0, "n_experts", self.n_experts, "must be >= 0"),
+            (not self.n_experts or 1 <= self.top_k <= self.n_experts, "top_k", self.top_k, "must be in [1, n_experts]"),
+            (self.max_seq_len > 0, "max_seq_len", self.max_seq_len, "must be > 0"),
+            (self.ffn_hidden >= 0 and self.multiple_of > 0, "ffn_hidden", self.ffn_hidden, "must be >= 0"),
+        ]
+        for ok, name, value, rule in checks:
+            if not ok:
+                raise ValueError(f"model.{name}={value} {rule}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        raw = int(self.ffn_multiplier * 8 * self.dim / 3)
+        return self.multiple_of * math.ceil(raw / self.multiple_of)
+
+    def num_params(self, *, embeddings: bool = True, active: bool = False) -> int:
+        """Parameter count; `active`: experts counted top_k times instead of n_experts (MoE compute per token)."""
+        d, hd = self.dim, self.head_dim
+        attn = d * hd * (self.n_heads * 2 + self.kv_heads * 2)
+        if self.n_experts:
+            experts = self.top_k if active else self.n_experts
+            ffn = experts * 3 * d * self.hidden + self.n_experts * d
+        else:
+            ffn = 3 * d * self.hidden
+        body = self.n_layers * (attn + ffn + 2 * d) + d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return body + head + (self.vocab_size * d if embeddings else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 · (active matmul params, LM head included) + 12 · L · H · head_dim · T."""
+        matmul = self.num_params(embeddings=False, active=True) + (self.vocab_size * self.dim if self.tie_embeddings else 0)
+        return 6 * matmul + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+
+def initial_value(name: str, shape, cfg: ModelConfig, seed: int) -> torch.Tensor:
+    """The initial value of parameter `name`: drawn from a generator seeded by (seed, name), so it is the same
+    whatever the init order, device count or sharding."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith(RESIDUAL_OUTPUTS) else cfg.init_std
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "big") & (2**63 - 1))
+    return torch.randn(shape, generator=generator) * std
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.type_as(x)
+
+
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_seq_len, head_dim) in fp32, Hugging Face's half-split layout."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim)
+    freqs = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, hd); cos/sin: (T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class KVCache:
+    """Per-layer key/value buffers for incremental decoding."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)
+            if start > 0:  # queries at positions start.. attend to every cached key up to their own position
+                causal = False
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x)), x.new_zeros((), dtype=torch.float32)
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts (softmax gates renormalised over the chosen k) with a load-balancing loss.
+
+    Tokens are grouped by expert, so each expert multiplies only the tokens routed to it: cost O(tokens · top_k).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k, self.hidden = cfg.n_experts, cfg.top_k, cfg.hidden
+        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.experts_w13 = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.hidden, cfg.dim))  # gate ‖ up
+        self.experts_w2 = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.hidden))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)  # (N, D)
+        probs = F.softmax(self.gate(flat).float(), dim=-1)  # (N, E)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        order = experts.flatten().argsort(stable=True)  # routed (token, slot) pairs, grouped by expert
+        counts = torch.bincount(experts.flatten(), minlength=self.n_experts).tolist()  # one host sync
+        token_groups = (order // self.top_k).split(counts)
+        weight_groups = weights.flatten()[order].split(counts)
+        out = torch.zeros_like(flat)
+        for e, (idx, w) in enumerate(zip(token_groups, weight_groups)):
+            if idx.numel() == 0:
+                continue
+            gate, up = F.linear(flat[idx], self.experts_w13[e]).chunk(2, dim=-1)  # (n_e, H) each
+            y = F.linear(F.silu(gate) * up, self.experts_w2[e])  # (n_e, D)
+            out.index_add_(0, idx, (y * w[:, None]).type_as(out))
+        return out.view(B, T, D), self.balance_loss(probs, experts)
+
+    def balance_loss(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Switch/Mixtral loss E · Σ_e f_e · P_e: f_e share of routed slots, P_e mean router probability."""
+        routed = F.one_hot(experts, self.n_experts).float().mean(dim=(0, 1))  # (E,)
+        return self.n_experts * (routed * probs.mean(dim=0)).sum()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = MoE(cfg) if cfg.n_experts else FeedForward(cfg.dim, cfg.hidden)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer, start)  # (B, T, D)
+        ffn, aux = self.feed_forward(self.ffn_norm(h))
+        return h + ffn, aux
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def init_buffers(self) -> None:
+        """Recompute the RoPE tables (after `to_empty()` they hold garbage)."""
+        self.rope_cos, self.rope_sin = rope_tables(self.cfg, device=self.tok_embeddings.weight.device)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Standard init, one seeded generator per parameter (see `initial_value`)."""
+        for name, param in self.named_parameters():
+            param.copy_(initial_value(name, param.shape, self.cfg, seed))
+        self.init_buffers()
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, T) → (logits (B, T, vocab), MoE load-balancing loss averaged over blocks (0 if dense)).
+
+        With `cache`, tokens sit at positions start..start+T-1 and their keys/values are stored for later steps.
+        """
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        T = tokens.shape[1]
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        aux = torch.zeros((), device=h.device, dtype=torch.float32)
+        for block in self.layers:
+            h, block_aux = block(h, cos, sin, cache, start)
+            aux = aux + block_aux
+        h = self.norm(h)
+        logits = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+        return logits, aux / len(self.layers)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        w = self.tok_embeddings.weight
+        return KVCache(self.cfg, batch, max_len, w.device, w.dtype if w.is_floating_point() else torch.float32)
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        drop = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1) > top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, *, generator: torch.Generator | None = None,
+             use_cache: bool = True) -> list[int]:
+    """Continue `prompt_ids` by up to `max_new_tokens` tokens (stops at the context limit). With the KV cache each new
+    token costs one single-position forward; without it, a full forward over the sequence so far."""
+    device = model.tok_embeddings.weight.device
+    max_len = min(model.cfg.max_seq_len, len(prompt_ids) + max_new_tokens)
+    ids = torch.tensor([prompt_ids], device=device)
+    cache = model.new_cache(1, max_len) if use_cache else None
+    logits, _ = model(ids, cache, 0)
+    out = list(prompt_ids)
+    while len(out) < max_len:
+        nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        out.append(int(nxt))
+        if len(out) == max_len:
+            break
+        step_ids = nxt.view(1, 1) if use_cache else torch.tensor([out], device=device)
+        logits, _ = model(step_ids, cache, len(out) - 1) if use_cache else model(step_ids)
+    return out
