@@ -70,6 +70,9 @@ def test_bad_batch_plans_name_the_fields():
 
 
 def test_validation_slice_is_fixed_and_split_across_ranks(split):
-    whole = torch.cat(val_batches(split, rows=10, micro_batch=4, rank=0, world=1))
-    parts = [torch.cat(val_batches(split, rows=10, micro_batch=4, rank=r, world=3)) for r in range(3)]
-    assert torch.equal(whole, torch.cat(parts)) and whole[:, 0].tolist() == list(range(10))
+    whole = torch.cat(val_batches(split, rows=12, micro_batch=4, rank=0, world=1))
+    parts = [val_batches(split, rows=12, micro_batch=3, rank=r, world=2) for r in range(2)]
+    assert [len(p) for p in parts] == [2, 2], "every rank must run the same number of forward passes"
+    assert torch.equal(whole, torch.cat([torch.cat(p) for p in parts])) and whole[:, 0].tolist() == list(range(12))
+    thirds = [torch.cat(val_batches(split, rows=10, micro_batch=4, rank=r, world=3)) for r in range(3)]
+    assert torch.cat(thirds)[:, 0].tolist() == list(range(9))

@@ -111,14 +111,11 @@ class StepLoader:
 def val_batches(split: Split, *, rows: int, micro_batch: int, rank: int, world: int) -> list[torch.Tensor]:
     """This rank's share of the fixed validation slice (the first `rows` rows of val/), in micro-batches.
 
-    The slice is the same on every run and world size; ranks take contiguous, nearly equal parts.
+    Ranks take equal contiguous parts (the slice is cut to a multiple of `world`), so every rank runs the same
+    number of forward passes, which FSDP's collectives require.
     """
-    rows = min(rows, len(split))
-    if rows == 0:
+    per_rank = min(rows, len(split)) // world
+    if per_rank == 0:
         return []
-    bounds = np.linspace(0, rows, world + 1).astype(int)
-    mine = np.arange(bounds[rank], bounds[rank + 1])
-    if len(mine) == 0:
-        return []
-    data = torch.from_numpy(split.rows(mine).astype(np.int64))
+    data = torch.from_numpy(split.rows(np.arange(rank * per_rank, (rank + 1) * per_rank)).astype(np.int64))
     return list(data.split(micro_batch))
