@@ -1,0 +1,69 @@
+"""Config: defaults < TOML < CLI, one-line errors naming the field, --help listing every field, TOML round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from dataprep.errors import ConfigError
+from trainer.config import config_help, dump_toml, load_config, sections
+from trainer.job import JobConfig
+
+
+def test_precedence_cli_over_toml_over_defaults(tmp_path):
+    toml = tmp_path / "x.toml"
+    toml.write_text("[model]\ndim = 96\nn_heads = 4\n[optim]\nlr = 0.002\n")
+    job = load_config(JobConfig, str(toml), ["--optim.lr=0.01", "--train.steps", "7", "--model.tie_embeddings=true"])
+    assert (job.model.dim, job.model.n_heads, job.optim.lr, job.train.steps, job.model.tie_embeddings) == (96, 4, 0.01, 7, True)
+    assert job.optim.warmup_steps == JobConfig().optim.warmup_steps
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--optim.lr=abc"], "--optim.lr='abc' is not a valid float"),
+    (["--model.dim=-1"], "model.dim=-1 must be > 0"),
+    (["--model.n_kv_heads=3"], "model.n_kv_heads=3 must divide n_heads=8"),
+    (["--nope.x=1"], "unknown option --nope.x"),
+    (["--train.bogus=1"], "unknown option --train.bogus"),
+    (["--train.steps"], "--train.steps needs a value"),
+    (["stray"], "unexpected argument 'stray'"),
+    (["--parallel.mixed_precision=fp16"], "parallel.mixed_precision must be 'fp32' or 'bf16'"),
+    (["--ray.use_gpu=maybe"], "--ray.use_gpu='maybe' is not a valid bool"),
+])
+def test_bad_values_are_one_line_errors_naming_the_field(args, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(JobConfig, None, args)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_toml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(JobConfig, str(tmp_path / "missing.toml"), [])
+    (tmp_path / "a.toml").write_text("[modle]\ndim = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[modle\]"):
+        load_config(JobConfig, str(tmp_path / "a.toml"), [])
+    (tmp_path / "b.toml").write_text("[model]\ndimm = 3\n")
+    with pytest.raises(ConfigError, match="unknown field model.dimm"):
+        load_config(JobConfig, str(tmp_path / "b.toml"), [])
+    (tmp_path / "c.toml").write_text("[model]\ndim = 'wide'\n")
+    with pytest.raises(ConfigError, match="c.toml: model.dim='wide' is not a valid int"):
+        load_config(JobConfig, str(tmp_path / "c.toml"), [])
+
+
+def test_help_lists_every_field_with_default_and_doc():
+    text = config_help(JobConfig)
+    for name, cls in sections(JobConfig).items():
+        for field in dataclasses.fields(cls):
+            assert f"--{name}.{field.name} (" in text
+    assert "--optim.lr (float, default 0.0003)" in text and "Peak learning rate" in text
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    job = load_config(JobConfig, "configs/moe.toml", ["--train.steps=3", "--data.path=s3://b/d"])
+    (tmp_path / "config.toml").write_text(dump_toml(job))
+    assert load_config(JobConfig, str(tmp_path / "config.toml"), []) == job
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "125m", "350m", "1b", "llama3-8b", "moe"])
+def test_presets_load(preset):
+    assert load_config(JobConfig, f"configs/{preset}.toml", []).model.dim > 0

@@ -1,0 +1,87 @@
+"""The root config of a training job: one section per component, loaded from TOML, overridden as --section.field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dataprep.errors import ConfigError
+from trainer.model import ModelConfig
+from trainer.optim import OptimConfig
+from trainer.parallelize import ParallelConfig
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = "data/stdlib"
+    """Dataset directory written by `python -m dataprep` (local or s3://)."""
+    seed: int = 0
+    """Seeds the per-epoch permutation of training rows (the data order)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 300
+    """Optimizer steps to train."""
+    global_batch: int = 16
+    """Sequences per optimizer step, on any number of workers (grad accumulation adapts)."""
+    micro_batch: int = 4
+    """Sequences per forward/backward on one worker."""
+    seed: int = 0
+    """Seeds the initial weights (the same on any world size)."""
+    log_every: int = 10
+    """Steps between metric logs (each a host sync)."""
+    eval_every: int = 100
+    """Steps between validation passes (and at the end); 0 = only at the end."""
+    eval_rows: int = 32
+    """Rows of val/ in the fixed validation slice."""
+    sample_prompt: str = "def "
+    """Prompt of the greedy sample generated at the end ('' to skip)."""
+    sample_tokens: int = 48
+    """Tokens generated for the final sample."""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cuda' or 'cpu'."""
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch", "micro_batch", "log_every", "sample_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_rows"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"train.device must be auto, cuda or cpu, got {self.device!r}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    dir: str = "runs/demo"
+    """Run directory (local or s3://): config.toml, metrics.jsonl, tb/, checkpoints/."""
+    name: str = "raylm"
+    """Run name shown in the Ray dashboard."""
+
+
+@dataclass(kw_only=True)
+class RayConfig:
+    num_workers: int = 2
+    """Training workers (one process each; one GPU each with use_gpu)."""
+    use_gpu: bool = False
+    """Train on GPUs with NCCL (the GPU switch); CPU workers use gloo."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ConfigError(f"ray.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"ray.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
