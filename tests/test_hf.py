@@ -1,0 +1,78 @@
+"""Export to a Hugging Face folder that transformers loads with no custom code, and import back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_captured
+from dataprep.tokenizer import encode_exact, load_tokenizer, train_tokenizer
+from trainer.model import ModelConfig, Transformer, generate
+from trainer.weights import Weights, load_weights, save_weights
+
+transformers = pytest.importorskip("transformers")
+from trainer import export as export_cli  # noqa: E402
+from trainer import generate as generate_cli  # noqa: E402
+
+TEXT = ["def add(a, b):\n\treturn a + b  # sum\n", "Hello, world! Καλημέρα κόσμε. 你好，世界 🎉\n", "    for i in range(10):\n        print(i)\n"]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> bytes:
+    lines = [l for t in TEXT * 40 for l in t.split("\n") if l]
+    return train_tokenizer(lines, vocab_size=360, num_threads=1)
+
+
+def weights_file(tmp_path, sp_model: bytes, **model) -> str:
+    cfg = ModelConfig(vocab_size=load_tokenizer(sp_model).vocab_size(), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                      ffn_hidden=128, max_seq_len=128, **model)
+    m = Transformer(cfg)
+    m.init_weights(7)
+    path = str(tmp_path / "w.pt")
+    save_weights(path, Weights(cfg, m.state_dict(), sp_model))
+    return path
+
+
+@pytest.mark.parametrize("model", [dict(tie_embeddings=True), dict(n_experts=4, top_k=2)], ids=["llama-tied", "mixtral"])
+def test_export_loads_in_transformers_and_generates_the_same(tmp_path, sp_model, model):
+    path = weights_file(tmp_path, sp_model, **model)
+    out = tmp_path / "hf"
+    code, stdout, err = run_captured(export_cli.main, ["--checkpoint", path, "--out", out])
+    assert code == 0, err
+    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(hf).__name__ == ("MixtralForCausalLM" if model.get("n_experts") else "LlamaForCausalLM")
+    ours = load_weights(path).model()
+    prompt = encode_exact(load_tokenizer(sp_model), ["def add("])[0]
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
+                         eos_token_id=None, pad_token_id=0)[0].tolist()
+    assert generate(ours, prompt, 24) == theirs
+
+
+def test_hf_tokenizer_matches_sentencepiece(tmp_path, sp_model):
+    path = weights_file(tmp_path, sp_model)
+    run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "hf"])
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    sp = load_tokenizer(sp_model)
+    for text in TEXT + ["  leading spaces", "tabs\tand\nnewlines\n\n"]:
+        assert tok.encode(text, add_special_tokens=False) == encode_exact(sp, [text])[0], text
+        assert tok.decode(encode_exact(sp, [text])[0]) == text
+
+
+@pytest.mark.parametrize("model", [dict(), dict(n_experts=4, top_k=2), dict(tie_embeddings=True)], ids=["llama", "mixtral", "tied"])
+def test_import_of_export_is_identity(tmp_path, sp_model, model):
+    path = weights_file(tmp_path, sp_model, **model)
+    assert run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "hf"])[0] == 0
+    assert run_captured(export_cli.main, ["--from-hf", tmp_path / "hf", "--out", tmp_path / "back.pt"])[0] == 0
+    before, after = load_weights(path), load_weights(str(tmp_path / "back.pt"))
+    assert before.cfg == after.cfg and before.tokenizer == after.tokenizer
+    assert before.state.keys() == after.state.keys()
+    assert all(torch.equal(before.state[k], after.state[k]) for k in before.state)
+
+
+def test_generate_cli_and_its_errors(tmp_path, sp_model):
+    path = weights_file(tmp_path, sp_model)
+    code, out, _ = run_captured(generate_cli.main, ["--checkpoint", path, "--prompt", "def ", "--max_new_tokens", "8"])
+    assert code == 0 and out.startswith("def ")
+    code, _, err = run_captured(generate_cli.main, ["--checkpoint", tmp_path / "nope.pt", "--prompt", "x"])
+    assert code == 2 and err.strip() == f"error: checkpoint {tmp_path / 'nope.pt'} does not exist; pass a Hugging Face folder or a raylm .pt weights file"

@@ -1,0 +1,45 @@
+"""python -m trainer.generate --checkpoint WEIGHTS --prompt TEXT: sample from a model with a KV cache."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from dataprep.errors import DataError, run_cli
+from dataprep.tokenizer import encode_exact, load_tokenizer
+from trainer.model import generate
+from trainer.weights import load_weights
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a Hugging Face folder or raylm .pt weights")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    weights = load_weights(args.checkpoint)
+    sp_bytes = open(args.tokenizer, "rb").read() if args.tokenizer else weights.tokenizer
+    if sp_bytes is None:
+        raise DataError(f"{args.checkpoint} carries no tokenizer; pass --tokenizer tokenizer.model")
+    sp = load_tokenizer(sp_bytes, where=args.tokenizer or args.checkpoint)
+    prompt = encode_exact(sp, [args.prompt])[0]
+    out = generate(weights.model(), prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                   generator=torch.Generator().manual_seed(args.seed))
+    print(args.prompt + sp.decode(out[len(prompt):]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,57 @@
+"""Loading model weights for inference and export: a Hugging Face folder or a raylm weights file (`.pt`).
+
+A raylm weights file holds the ModelConfig, the state dict and the SentencePiece model bytes, so it is enough on
+its own to generate text or export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dataprep.errors import DataError
+from trainer.model import ModelConfig, Transformer
+
+FORMAT = "raylm-weights-v1"
+
+
+@dataclass
+class Weights:
+    cfg: ModelConfig
+    state: dict[str, torch.Tensor]
+    tokenizer: bytes | None
+    """SentencePiece model bytes, when known."""
+
+    def model(self) -> Transformer:
+        with torch.device("meta"):
+            model = Transformer(self.cfg)
+        model.load_state_dict(self.state, assign=True)
+        model.init_buffers()
+        return model.eval()
+
+
+def save_weights(path: str, weights: Weights) -> None:
+    torch.save({"format": FORMAT, "model": dataclasses.asdict(weights.cfg), "state_dict": weights.state,
+                "tokenizer": weights.tokenizer}, path)
+
+
+def load_weights(path: str) -> Weights:
+    """Weights from a Hugging Face folder (config.json) or a raylm `.pt` weights file."""
+    if os.path.isdir(path):
+        from trainer.hf import import_folder
+
+        cfg, state = import_folder(path)
+        sp_path = os.path.join(path, "tokenizer.model")
+        return Weights(cfg, state, open(sp_path, "rb").read() if os.path.exists(sp_path) else None)
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint {path} does not exist; pass a Hugging Face folder or a raylm .pt weights file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our file"
+        raise DataError(f"{path} is not a raylm weights file ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise DataError(f"{path} is not a raylm weights file (expected format {FORMAT})")
+    return Weights(ModelConfig(**data["model"]), data["state_dict"], data.get("tokenizer"))
