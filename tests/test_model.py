@@ -118,3 +118,27 @@ def test_param_and_flop_counts():
     assert moe.num_params() == sum(p.numel() for p in Transformer(moe).parameters())
     assert moe.num_params(active=True) == moe.num_params() - 2 * 6 * 3 * 64 * 96
     assert cfg.flops_per_token(seq_len=64) == 6 * cfg.num_params(embeddings=False) + 12 * 2 * 4 * 16 * 64
+
+
+def test_kv_cache_keeps_per_token_work_flat_in_prompt_length():
+    """Counted, not timed: FLOPs of the forward that produces one new token, after a short and a long prompt."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build(n_kv_heads=2)
+
+    def step_flops(prompt_len: int, use_cache: bool) -> int:
+        ids = torch.randint(0, 211, (1, prompt_len))
+        cache = model.new_cache(1, prompt_len + 1) if use_cache else None
+        with torch.no_grad():
+            model(ids, cache, 0)
+            with FlopCounterMode(display=False) as counter:
+                if use_cache:
+                    model(ids[:, -1:], cache, prompt_len)
+                else:
+                    model(torch.cat([ids, ids[:, -1:]], dim=1))
+        return counter.get_total_flops()
+
+    cached = step_flops(8, True), step_flops(56, True)
+    full = step_flops(8, False), step_flops(56, False)
+    assert cached[1] / cached[0] < 1.2  # only attention over the longer cache grows
+    assert full[1] / full[0] > 5  # the whole model re-runs over 57 positions instead of 9

@@ -220,11 +220,14 @@ class MoE(nn.Module):
         token_groups = (order // self.top_k).split(counts)
         weight_groups = weights.flatten()[order].split(counts)
         out = torch.zeros_like(flat)
+        # unbind once: indexing the stacked weights per expert would make backward allocate a full-size
+        # gradient per expert (O(E²) memory traffic); unbind's backward stacks them once
+        w13, w2 = self.experts_w13.unbind(0), self.experts_w2.unbind(0)
         for e, (idx, w) in enumerate(zip(token_groups, weight_groups)):
             if idx.numel() == 0:
                 continue
-            gate, up = F.linear(flat[idx], self.experts_w13[e]).chunk(2, dim=-1)  # (n_e, H) each
-            y = F.linear(F.silu(gate) * up, self.experts_w2[e])  # (n_e, D)
+            gate, up = F.linear(flat[idx], w13[e]).chunk(2, dim=-1)  # (n_e, H) each
+            y = F.linear(F.silu(gate) * up, w2[e])  # (n_e, D)
             out.index_add_(0, idx, (y * w[:, None]).type_as(out))
         return out.view(B, T, D), self.balance_loss(probs, experts)
 
