@@ -1,0 +1,123 @@
+"""Where a log step's metrics go: one stdout line, metrics.jsonl, TensorBoard, Ray Train, Ray's Prometheus gauges.
+
+Also the hardware peak that MFU divides by: a table for known GPUs; on CPU, the dense fp32 matmul FLOP/s of this
+very process, measured once at start (so MFU is against what this machine can actually do).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import tempfile
+import time
+import torch
+
+from dataprep import storage
+
+log = logging.getLogger(__name__)
+
+GPU_PEAK_BF16 = {  # dense bf16 tensor-core FLOP/s per device
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "V100": 125e12,
+}
+GAUGES = {"loss": "raylm_loss", "tokens_per_s": "raylm_tokens_per_second", "mfu": "raylm_mfu"}
+
+
+def measure_matmul_flops(n: int = 2048, seconds: float = 1.0) -> float:
+    """Dense fp32 n×n matmul FLOP/s on this process's threads: the CPU 'peak' for MFU."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - t0)
+
+
+def device_peak_flops(device: torch.device) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak
+        log.warning("no peak FLOP/s known for %s; MFU is against an A100's 312 TFLOP/s", name)
+        return GPU_PEAK_BF16["A100"]
+    return measure_matmul_flops()
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def format_line(m: dict) -> str:
+    val = f"val {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f})" if "val_loss" in m else None
+    if "loss" not in m:  # an evaluation-only line (step 0)
+        return f"step {m['step']:>6d} | {val}"
+    parts = [f"step {m['step']:>6d}", f"loss {m['loss']:.4f}"] + ([val] if val else [])
+    parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.2f}", f"{m['tokens_per_s']:,.0f} tok/s",
+              f"mfu {100 * m['mfu']:.1f}%", f"step {1000 * m['step_time_s']:.0f}ms",
+              f"data {100 * m['data_wait_share']:.1f}%", f"mem {m['peak_mem_gib']:.2f}GiB"]
+    return " | ".join(parts)
+
+
+class MetricsLog:
+    """Rank 0's sinks. metrics.jsonl keeps the lines of earlier segments up to the resume step, so after a
+    resume the file reads as one run; TensorBoard events are written locally and copied to an s3:// run dir."""
+
+    def __init__(self, run_dir: str, *, start_step: int):
+        self.path = storage.join(run_dir, "metrics.jsonl")
+        self.lines = [l for l in self._existing() if json.loads(l)["step"] <= start_step]
+        self.tb_remote = storage.join(run_dir, "tb") if storage.is_s3(run_dir) else None
+        self.tb_dir = tempfile.mkdtemp(prefix="raylm-tb-") if self.tb_remote else storage.filesystem(
+            storage.join(run_dir, "tb"))[1]
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(self.tb_dir)
+        self.gauges = self._gauges()
+
+    def _existing(self) -> list[str]:
+        if not storage.exists(self.path):
+            return []
+        return [l for l in storage.read_bytes(self.path).decode().splitlines() if l.strip()]
+
+    @staticmethod
+    def _gauges() -> dict:
+        import ray
+
+        if not ray.is_initialized():
+            return {}
+        from ray.util.metrics import Gauge
+
+        return {k: Gauge(name, description=f"raylm {k} of the latest log step") for k, name in GAUGES.items()}
+
+    def write(self, m: dict) -> None:
+        print(format_line(m), flush=True)
+        self.lines.append(json.dumps(m, sort_keys=True))
+        storage.write_bytes(self.path, ("\n".join(self.lines) + "\n").encode())
+        for key, value in m.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, m["step"])
+        self.tb.flush()
+        if self.tb_remote:
+            self._upload_tb()
+        for key, gauge in self.gauges.items():
+            if key in m:
+                gauge.set(m[key])
+
+    def _upload_tb(self) -> None:
+        for name in os.listdir(self.tb_dir):
+            with open(os.path.join(self.tb_dir, name), "rb") as f:
+                storage.write_bytes(storage.join(self.tb_remote, name), f.read())
+
+    def close(self) -> None:
+        self.tb.close()

@@ -1,0 +1,79 @@
+"""Ray Train: the same training loop in a TorchTrainer, one worker per process (GPU or CPU), metrics to Ray.
+
+Every worker reports at each log step (`ray.train.report`), so the run's metrics show in the Ray dashboard's
+Train view; Ray's own run state goes to RUN_DIR/ray through the storage helper's filesystem (local or s3://).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from dataprep import storage
+from dataprep.errors import RaylmError
+from trainer.config import from_dict, to_dict
+from trainer.job import JobConfig
+
+log = logging.getLogger(__name__)
+
+
+def quiet_report_log() -> None:
+    """Ray 2.60 logs every `ray.train.report` call at INFO under a logger named by its file path, which
+    LoggingConfig does not reach; with a report per log step that would double the console output."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def train_worker(config: dict) -> None:
+    """Runs on each Ray Train worker."""
+    import ray.train
+
+    from trainer.train import run
+
+    quiet_report_log()
+    run(from_dict(JobConfig, config["job"]), report=ray.train.report)
+
+
+def user_error_of(exc: BaseException) -> RaylmError | None:
+    """The RaylmError a worker raised, if that is what failed the run (Ray wraps worker errors)."""
+    from dataprep.errors import find_user_error
+
+    failures = getattr(exc, "worker_failures", None) or getattr(getattr(exc, "__cause__", None), "worker_failures", None)
+    for failure in (failures or {}).values():
+        if (found := find_user_error(failure)) is not None:
+            return found
+    return find_user_error(exc)
+
+
+def launch(job: JobConfig):
+    """Train with Ray Train on `job.ray.num_workers` workers; returns Ray's Result."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # else report() can block ~2 s per call
+    import ray
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    resources = {"CPU": job.ray.cpus_per_worker, **({"GPU": 1} if job.ray.use_gpu else {})}
+    fs, path = storage.filesystem(storage.join(job.run.dir, "ray"))
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": to_dict(job)},
+        scaling_config=ScalingConfig(num_workers=job.ray.num_workers, use_gpu=job.ray.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=job.run.name, storage_path=path, storage_filesystem=fs,
+            logging_config=LoggingConfig(log_level="WARNING"),
+            # Train's print patch tees each print to stdout and to its logger: every line would show twice
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+        torch_config=TorchConfig(backend="nccl" if job.ray.use_gpu else "gloo"),
+    )
+    try:
+        return trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - a worker's user error is re-raised as itself
+        user_error = user_error_of(exc)
+        if user_error is not None:
+            raise user_error from None
+        raise

@@ -1,0 +1,261 @@
+"""The training loop. It needs only torch.distributed: Ray Train, torchrun and a single process run this same code.
+
+One step: the step's micro-batches from the loader (the step is the data cursor), forward/backward with gradient
+accumulation (gradient sync only on the last micro-batch), global-norm clipping, a stop on a non-finite norm before
+the update, AdamW, schedule. Metrics are synced to the host only at log steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from dataprep import open_dataset
+from dataprep.errors import RaylmError
+from trainer.data import BatchPlan, StepLoader, val_batches
+from trainer.job import JobConfig
+from trainer.metrics import MetricsLog, device_peak_flops, peak_memory_gib
+from trainer.model import Transformer, generate, initial_value
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.parallelize import materialize, parallelize
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RaylmError):
+    """The loss or gradient norm became non-finite: a user-facing stop, not a crash."""
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the process group set up by Ray Train or torchrun, or make a one-process group (FSDP2 needs a mesh)."""
+    device = pick_device(device_name)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "WORLD_SIZE" in os.environ:  # torchrun
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def build_model(job: JobConfig, d: Dist) -> nn.Module:
+    """Meta → AC/compile/FSDP2 → materialise with world-size-independent initial values."""
+    with torch.device("meta"):
+        model = Transformer(job.model)
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    model = parallelize(model, mesh=mesh, parallel=job.parallel)
+    materialize(model, device=d.device,
+                initial_value=lambda name, shape: initial_value(name, shape, job.model, job.train.seed))
+    model.init_buffers()
+    return model
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global gradient norm over all shards (and clip to max_norm if > 0)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, norm)
+    return norm
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token cross-entropy in fp32, MoE auxiliary loss) for rows of seq_len + 1 tokens."""
+    logits, aux = model(batch[:, :-1])  # (B, T, V)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+    return loss, aux
+
+
+def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight: float, step: int) -> tuple:
+    """One optimizer step over the rank's micro-batches; returns (mean loss, grad norm) as device tensors."""
+    total = torch.zeros((), device=micro_batches[0].device)
+    for i, batch in enumerate(micro_batches):
+        model.set_requires_gradient_sync(i == len(micro_batches) - 1)  # reduce-scatter once per step
+        loss, aux = lm_loss(model, batch)
+        ((loss + aux_weight * aux) / len(micro_batches)).backward()
+        total += loss.detach()
+    norm = clip_grad_norm(model, grad_clip)
+    if not torch.isfinite(norm):  # a host sync, but it must stop before a NaN update
+        raise TrainingDiverged(f"gradient norm is {norm.item()} at step {step} (loss {total.item() / len(micro_batches):.4f}); "
+                               "lower --optim.lr, raise --optim.warmup_steps or check the data")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / len(micro_batches), norm
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[torch.Tensor], device: torch.device) -> float:
+    """Token-weighted mean validation loss over all ranks' parts of the fixed val slice."""
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        loss, _ = lm_loss(model, batch.to(device))
+        tokens = batch[:, 1:].numel()
+        sums += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+
+
+def resolve_model(job: JobConfig, dataset) -> None:
+    """The dataset decides the vocabulary; the context must hold its sequences."""
+    job.model.vocab_size = dataset.vocab_size
+    job.model.max_seq_len = max(job.model.max_seq_len, dataset.seq_len)
+
+
+class Trainer:
+    """Holds what the loop needs, so the loop itself stays short. `report` is called on every rank at each log step
+    with the same keys (Ray Train requires every worker to report)."""
+
+    def __init__(self, job: JobConfig, *, report: Callable[[dict], None] | None = None):
+        self.job, self.report = job, report
+        self.d = init_distributed(job.train.device)
+        self.dataset = open_dataset(job.data.path)
+        resolve_model(job, self.dataset)
+        self.plan = BatchPlan(job.train.global_batch, job.train.micro_batch, self.d.world)
+        torch.manual_seed(job.train.seed)
+        self.model = build_model(job, self.d)
+        self.optimizer = build_optimizer(self.model, optim=job.optim, device_type=self.d.device.type)
+        self.scheduler = build_scheduler(self.optimizer, optim=job.optim, total_steps=job.train.steps)
+        self.start_step = 0
+        self.loader = StepLoader(self.dataset.train, plan=self.plan, rank=self.d.rank, seed=job.data.seed)
+        self.val = val_batches(self.dataset.val, rows=job.train.eval_rows, micro_batch=job.train.micro_batch,
+                               rank=self.d.rank, world=self.d.world)
+        self.tokens_per_step = self.plan.global_batch * self.dataset.seq_len
+        self.flops_per_token = job.model.flops_per_token(self.dataset.seq_len)
+        self.peak_flops = self._mean_over_ranks(device_peak_flops(self.d.device))
+        self.sink = MetricsLog(job.run.dir, start_step=self.start_step) if self.d.rank == 0 else None
+        if self.d.rank == 0:
+            log.info("model %.1fM params (%.1fM active), %d workers x %d micro-batches of %d, %s tokens/step, "
+                     "peak %.0f GFLOP/s per worker", job.model.num_params() / 1e6, job.model.num_params(active=True) / 1e6,
+                     self.d.world, self.plan.grad_accum, self.plan.micro_batch, f"{self.tokens_per_step:,}", self.peak_flops / 1e9)
+
+    def _mean_over_ranks(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.d.device)
+        dist.all_reduce(t)
+        return t.item() / self.d.world
+
+    def fit(self) -> list[dict]:
+        history = [self.initial_eval()] if self.start_step == 0 and self.val else []
+        window, last_logged = time.perf_counter(), self.start_step
+        for step in range(self.start_step, self.job.train.steps):
+            batches = [b.to(self.d.device, non_blocking=True) for b in self.loader.batches(step)]
+            loss, norm = train_step(self.model, self.optimizer, batches, grad_clip=self.job.optim.grad_clip,
+                                    aux_weight=self.job.model.aux_loss_weight, step=step)
+            self.scheduler.step()
+            done = step + 1
+            if done % self.job.train.log_every == 0 or self.is_eval_step(done):
+                history.append(self.log_step(done, loss, norm, time.perf_counter() - window, done - last_logged))
+                window, last_logged = time.perf_counter(), done
+        self.loader.close()
+        return history
+
+    def initial_eval(self) -> dict:
+        """Validation loss of the untrained model: the baseline the falling curve starts from."""
+        loss = evaluate(self.model, self.val, self.d.device)
+        m = {"step": 0, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        if self.sink:
+            self.sink.write(m)
+        if self.report:
+            self.report(m)
+        return m
+
+    def is_eval_step(self, step: int) -> bool:
+        every = self.job.train.eval_every
+        return step == self.job.train.steps or (every > 0 and step % every == 0)
+
+    def log_step(self, step: int, loss: torch.Tensor, norm: torch.Tensor, elapsed: float, steps: int) -> dict:
+        dist.all_reduce(loss)  # SUM: gloo has no AVG
+        mean_loss = loss.item() / self.d.world
+        step_time = elapsed / steps
+        tokens_per_s = self.tokens_per_step / step_time
+        m = {
+            "step": step, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": norm.item(),
+            "tokens": step * self.tokens_per_step, "tokens_per_s": tokens_per_s, "step_time_s": step_time,
+            "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.d.world),
+            "data_wait_share": self.loader.take_wait() / elapsed, "peak_mem_gib": peak_memory_gib(self.d.device),
+        }
+        if self.is_eval_step(step) and self.val:
+            m["val_loss"] = evaluate(self.model, self.val, self.d.device)
+            m["val_ppl"] = math.exp(min(m["val_loss"], 50.0))
+        if self.sink:
+            self.sink.write(m)
+        if self.report:
+            self.report(m)
+        return m
+
+    def sample(self) -> str | None:
+        """Greedy continuation of the configured prompt; every rank runs it (FSDP forwards are collective)."""
+        prompt = self.job.train.sample_prompt
+        if not prompt:
+            return None
+        from dataprep.tokenizer import encode_exact
+
+        sp = self.dataset.tokenizer()
+        ids = encode_exact(sp, [prompt])[0]
+        self.model.eval()
+        out = generate(self.model, ids, self.job.train.sample_tokens)
+        self.model.train()
+        text = prompt + sp.decode(out[len(ids):])
+        if self.d.rank == 0:
+            print(f"sample (greedy, step {self.job.train.steps}):\n{text}", flush=True)
+        return text
+
+    def close(self) -> None:
+        if self.sink:
+            self.sink.close()
+
+
+def write_resolved_config(job: JobConfig) -> None:
+    from dataprep import storage
+    from trainer.config import dump_toml
+
+    storage.write_bytes(storage.join(job.run.dir, "config.toml"), dump_toml(job).encode())
+
+
+def run(job: JobConfig, *, report: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train as configured; returns the metrics of every log step. Called on every rank."""
+    trainer = Trainer(job, report=report)
+    try:
+        if trainer.d.rank == 0:
+            write_resolved_config(job)
+        history = trainer.fit()
+        trainer.sample()
+        return history
+    finally:
+        trainer.close()
