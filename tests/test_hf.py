@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -54,9 +56,14 @@ def test_hf_tokenizer_matches_sentencepiece(tmp_path, sp_model):
     run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "hf"])
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     sp = load_tokenizer(sp_model)
-    for text in TEXT + ["  leading spaces", "tabs\tand\nnewlines\n\n"]:
+    for text in TEXT + ["  leading spaces", " 1234567 digits", "tabs\tand\nnewlines\n\n", "<s> and </s> are text"]:
         assert tok.encode(text, add_special_tokens=False) == encode_exact(sp, [text])[0], text
         assert tok.decode(encode_exact(sp, [text])[0]) == text
+    # the one known difference: SentencePiece's space marker typed as text. raylm encodes it as its UTF-8 bytes so it
+    # decodes back exactly; transformers' pipeline turns it into the space piece. Decoding raylm's ids stays exact.
+    marker = "a\u2581b"
+    assert tok.encode(marker, add_special_tokens=False) != encode_exact(sp, [marker])[0]
+    assert tok.decode(encode_exact(sp, [marker])[0]) == marker
 
 
 @pytest.mark.parametrize("model", [dict(), dict(n_experts=4, top_k=2), dict(tie_embeddings=True)], ids=["llama", "mixtral", "tied"])
@@ -76,3 +83,28 @@ def test_generate_cli_and_its_errors(tmp_path, sp_model):
     assert code == 0 and out.startswith("def ")
     code, _, err = run_captured(generate_cli.main, ["--checkpoint", tmp_path / "nope.pt", "--prompt", "x"])
     assert code == 2 and err.strip() == f"error: checkpoint {tmp_path / 'nope.pt'} does not exist; pass a Hugging Face folder or a raylm .pt weights file"
+    code, _, err = run_captured(generate_cli.main, ["--checkpoint", path, "--prompt", "x" * 400])
+    assert code == 2 and err.startswith("error: --prompt is ") and "max_seq_len=128" in err
+    code, _, err = run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "o", "--tokenizer", tmp_path / "no.model"])
+    assert code == 2 and err.startswith(f"error: cannot read tokenizer {tmp_path / 'no.model'}")
+
+
+def test_import_refuses_what_raylm_cannot_represent(tmp_path, sp_model):
+    path = weights_file(tmp_path, sp_model)
+    run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "hf"])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
+    code, _, err = run_captured(export_cli.main, ["--from-hf", tmp_path / "hf", "--out", tmp_path / "w.pt"])
+    assert code == 2 and "attention_bias=True is not supported" in err
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    code, _, err = run_captured(export_cli.main, ["--from-hf", tmp_path / "hf", "--out", tmp_path / "w.pt"])
+    assert code == 2 and "weights do not match its config.json" in err and err.count("\n") == 1
+
+
+def test_bf16_export_loads_and_matches_rounded_weights(tmp_path, sp_model):
+    path = weights_file(tmp_path, sp_model, n_experts=2, top_k=1)
+    assert run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "hf", "--dtype", "bfloat16"])[0] == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.dtype == torch.bfloat16
+    ours = load_weights(path).state["layers.1.feed_forward.experts_w13"].to(torch.bfloat16)
+    assert torch.equal(hf.model.layers[1].mlp.experts.gate_up_proj, ours)

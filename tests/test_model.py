@@ -8,7 +8,7 @@ import torch
 from trainer.model import ModelConfig, Transformer, generate, initial_value
 
 transformers = pytest.importorskip("transformers")
-from trainer.hf import hf_model  # noqa: E402
+from trainer.hf import export  # noqa: E402
 
 torch.set_num_threads(2)
 BASE = dict(vocab_size=211, dim=64, n_layers=2, n_heads=4, max_seq_len=64, ffn_hidden=96)
@@ -20,9 +20,17 @@ def build(seed=0, **overrides) -> Transformer:
     return model.eval()
 
 
-def max_logit_diff(model: Transformer) -> float:
+def hf_copy(model: Transformer, folder):
+    """transformers' own model class loaded from `model`'s weights, written as a Hugging Face folder."""
+    export(model.state_dict(), model.cfg, str(folder))
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def max_logit_diff(model: Transformer, folder) -> float:
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
-    hf = hf_model(model.cfg, model.state_dict())
+    hf = hf_copy(model, folder)
+    assert type(hf).__name__ == ("MixtralForCausalLM" if model.cfg.n_experts else "LlamaForCausalLM")
+    assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == model.cfg.tie_embeddings
     with torch.no_grad():
         ours, _ = model(tokens)
         theirs = hf(tokens).logits
@@ -35,14 +43,19 @@ def max_logit_diff(model: Transformer) -> float:
     dict(n_kv_heads=1, tie_embeddings=True, rope_theta=10000.0),
     dict(n_kv_heads=4, tie_embeddings=False, rope_theta=500000.0),
 ], ids=["gqa-untied-1e4", "mha-tied-5e5", "mqa-tied-1e4", "mha-untied-5e5"])
-def test_logits_match_llama(overrides):
-    assert max_logit_diff(build(**overrides)) <= 1e-4
+def test_logits_match_llama(overrides, tmp_path):
+    assert max_logit_diff(build(**overrides), tmp_path) <= 1e-4
 
 
-def test_logits_match_mixtral():
-    model = build(n_kv_heads=2, n_experts=4, top_k=2)
-    assert type(hf_model(model.cfg, model.state_dict())).__name__ == "MixtralForCausalLM"
-    assert max_logit_diff(model) <= 1e-4
+@pytest.mark.parametrize("preset", ["moe"])
+def test_logits_match_mixtral(preset, tmp_path):
+    """The MoE preset's routing (8 experts, top-2) and GQA, at a test-sized width."""
+    from trainer.config import load_config
+    from trainer.size import SizeConfig
+
+    moe = load_config(SizeConfig, f"configs/{preset}.toml", []).model
+    model = build(n_kv_heads=2, n_experts=moe.n_experts, top_k=moe.top_k)
+    assert max_logit_diff(model, tmp_path) <= 1e-4
 
 
 @pytest.mark.parametrize("overrides", [dict(n_kv_heads=2), dict(n_experts=4, top_k=2)], ids=["dense", "moe"])

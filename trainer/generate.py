@@ -1,4 +1,4 @@
-"""python -m trainer.generate --checkpoint WEIGHTS --prompt TEXT: sample from a model with a KV cache."""
+"""python -m trainer.generate --checkpoint WEIGHTS --prompt TEXT: continue a prompt with a KV cache (stops at EOS)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import sys
 
 import torch
 
-from dataprep.errors import DataError, run_cli
+from dataprep.errors import ConfigError, DataError, run_cli
 from dataprep.tokenizer import encode_exact, load_tokenizer
 from trainer.model import generate
-from trainer.weights import load_weights
+from trainer.weights import load_weights, read_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,13 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     weights = load_weights(args.checkpoint)
-    sp_bytes = open(args.tokenizer, "rb").read() if args.tokenizer else weights.tokenizer
+    sp_bytes = read_tokenizer(args.tokenizer) if args.tokenizer else weights.tokenizer
     if sp_bytes is None:
         raise DataError(f"{args.checkpoint} carries no tokenizer; pass --tokenizer tokenizer.model")
     sp = load_tokenizer(sp_bytes, where=args.tokenizer or args.checkpoint)
     prompt = encode_exact(sp, [args.prompt])[0]
+    if not 0 < len(prompt) <= weights.cfg.max_seq_len:
+        raise ConfigError(f"--prompt is {len(prompt)} tokens; it must hold 1 to max_seq_len={weights.cfg.max_seq_len}")
     out = generate(weights.model(), prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                   generator=torch.Generator().manual_seed(args.seed))
+                   eos_id=sp.eos_id(), generator=torch.Generator().manual_seed(args.seed))
     print(args.prompt + sp.decode(out[len(prompt):]))
     return 0
 

@@ -1,8 +1,12 @@
-"""raylm ⇄ Hugging Face: Llama for dense models, Mixtral for MoE. Weights map 1:1 (same RoPE layout), names differ.
+"""raylm ⇄ Hugging Face folders: Llama for dense models, Mixtral for MoE.
 
-Export writes a folder that `AutoModelForCausalLM` / `AutoTokenizer` load with no custom code; import reads a Llama
-(or Mixtral) folder back into a `ModelConfig` + raylm state dict, to continue pretraining a published checkpoint.
-`transformers` is needed only here (`pip install transformers`).
+The tensors map 1:1 (same rotate-half RoPE layout, so q/k need no permutation); only names differ, and MoE experts
+are stored per expert (`block_sparse_moe.experts.{e}.w1/w2/w3`, the layout of published Mixtral checkpoints and of
+transformers' own `save_pretrained`) while raylm keeps them stacked. Export writes config.json, generation_config.json,
+safetensors and the SentencePiece tokenizer, which `AutoModelForCausalLM` / `AutoTokenizer` load with no custom code.
+Import reads such a folder (e.g. a published Llama) into a ModelConfig and a raylm state dict, to continue pretraining.
+Weights go straight between safetensors and state dicts: no transformers model is ever instantiated, so an 8B export
+needs one copy of the weights in memory. `transformers` is needed for the config classes (`pip install raylm[hf]`).
 """
 
 from __future__ import annotations
@@ -10,13 +14,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 
 import torch
 
 from dataprep.errors import ConfigError, DataError
-from trainer.model import ModelConfig
+from trainer.model import ModelConfig, Transformer
 
+_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}
 _LAYER = {
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
@@ -27,128 +32,189 @@ _LAYER = {
     "feed_forward.w1.weight": "mlp.gate_proj.weight",
     "feed_forward.w3.weight": "mlp.up_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.gate.weight": "mlp.gate.weight",
-    "feed_forward.experts_w13": "mlp.experts.gate_up_proj",
-    "feed_forward.experts_w2": "mlp.experts.down_proj",
+    "feed_forward.gate.weight": "block_sparse_moe.gate.weight",
 }
-_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight"}
-_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HF_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_LAYER_INV = {v: k for k, v in _LAYER.items()}
+_TOP_INV = {v: k for k, v in _TOP.items()}
+_RAYLM_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_HF_EXPERT = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+SUPPORTED = ("llama", "mixtral")
 
 
 def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ConfigError("Hugging Face export/import needs transformers: pip install transformers") from None
+        raise ConfigError("Hugging Face export/import needs transformers: pip install 'raylm[hf]'") from None
     return transformers
 
 
-def hf_name(name: str) -> str:
-    if name in _TOP:
-        return _TOP[name]
-    layer, rest = _LAYER_KEY.match(name).groups()
-    return f"model.layers.{layer}.{_LAYER[rest]}"
-
-
-def raylm_name(name: str) -> str:
-    inverse_top = {v: k for k, v in _TOP.items()}
-    if name in inverse_top:
-        return inverse_top[name]
-    match = _HF_LAYER_KEY.match(name)
-    inverse = {v: k for k, v in _LAYER.items()}
-    if not match or match.group(2) not in inverse:
-        raise DataError(f"unexpected Hugging Face weight {name!r}; only Llama and Mixtral checkpoints can be imported")
-    return f"layers.{match.group(1)}.{inverse[match.group(2)]}"
-
-
 def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {hf_name(k): v for k, v in state.items()}
-
-
-def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {raylm_name(k): v for k, v in state.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    """raylm names → Hugging Face checkpoint names; stacked experts split into per-expert w1 (gate), w3 (up), w2."""
+    out = {}
+    for name, value in state.items():
+        if name in _TOP:
+            out[_TOP[name]] = value
+            continue
+        layer, rest = _RAYLM_LAYER.match(name).groups()
+        prefix = f"model.layers.{layer}."
+        # per-expert copies, not views: safetensors rejects tensors that share memory
+        if rest == "feed_forward.experts_w13":  # (E, 2H, D): gate ‖ up
+            for e, (w1, w3) in enumerate(t.chunk(2, dim=0) for t in value.unbind(0)):
+                out[f"{prefix}block_sparse_moe.experts.{e}.w1.weight"] = w1.clone()
+                out[f"{prefix}block_sparse_moe.experts.{e}.w3.weight"] = w3.clone()
+        elif rest == "feed_forward.experts_w2":  # (E, D, H)
+            for e, w2 in enumerate(value.unbind(0)):
+                out[f"{prefix}block_sparse_moe.experts.{e}.w2.weight"] = w2.clone()
+        else:
+            out[prefix + _LAYER[rest]] = value
     return out
 
 
-def hf_config(cfg: ModelConfig, *, bos_id: int = 1, eos_id: int = 2):
-    """The transformers config object for `cfg`: LlamaConfig, or MixtralConfig when it has experts."""
+def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face checkpoint names → raylm names, per-expert weights stacked (inverse of `to_hf_state_dict`)."""
+    out, experts = {}, {}
+    for name, value in state.items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # some tied checkpoints store the shared tensor twice
+        match = _HF_LAYER.match(name)
+        expert = match and _HF_EXPERT.match(match.group(2))
+        if name in _TOP_INV:
+            out[_TOP_INV[name]] = value
+        elif expert:
+            experts[(int(match.group(1)), int(expert.group(1)), expert.group(2))] = value
+        elif match and match.group(2) in _LAYER_INV:
+            out[f"layers.{match.group(1)}.{_LAYER_INV[match.group(2)]}"] = value
+        else:
+            raise DataError(f"unexpected Hugging Face weight {name!r}; only Llama and Mixtral checkpoints can be imported")
+    for layer in range(cfg.n_layers if experts else 0):
+        def stack(w: str) -> torch.Tensor:
+            return torch.stack([experts.pop((layer, e, w)) for e in range(cfg.n_experts)])
+        out[f"layers.{layer}.feed_forward.experts_w13"] = torch.cat([stack("w1"), stack("w3")], dim=1)
+        out[f"layers.{layer}.feed_forward.experts_w2"] = stack("w2")
+    return out
+
+
+def check_state(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
+    """DataError unless `state` has exactly the names and shapes of a raylm model with `cfg`."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != expected:
+        diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
+        raise DataError(f"{where}: weights do not match its config.json (first differences: {diff})")
+
+
+def hf_config(cfg: ModelConfig, *, bos_id: int = 1, eos_id: int = 2, dtype: torch.dtype = torch.float32):
+    """The transformers config for `cfg`: LlamaConfig, or MixtralConfig when it has experts."""
     tf = _transformers()
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, bos_token_id=bos_id,
-        eos_token_id=eos_id, hidden_act="silu", torch_dtype="float32",
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        bos_token_id=bos_id, eos_token_id=eos_id, hidden_act="silu", dtype=dtype,
     )
     if cfg.n_experts:
         return tf.MixtralConfig(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
                                 router_aux_loss_coef=cfg.aux_loss_weight, **common)
-    return tf.LlamaConfig(attention_bias=False, mlp_bias=False, head_dim=cfg.head_dim, **common)
+    return tf.LlamaConfig(attention_bias=False, mlp_bias=False, **common)
 
 
-def model_config_from_hf(hf) -> ModelConfig:
-    """A ModelConfig equivalent to a transformers Llama/Mixtral config."""
-    rope = getattr(hf, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-    if rope.get("rope_type", "default") != "default":
-        raise DataError(f"RoPE scaling {rope.get('rope_type')!r} is not supported by raylm's model")
+def model_config_from_hf(hf, where: str) -> ModelConfig:
+    """A ModelConfig computing the same function as a transformers Llama/Mixtral config, or a DataError saying why
+    there is none."""
+    rope = getattr(hf, "rope_parameters", None) or {"rope_theta": getattr(hf, "rope_theta", 10000.0)}
+    unsupported = {
+        "model_type": (hf.model_type, hf.model_type not in SUPPORTED),
+        "rope_type": (rope.get("rope_type"), rope.get("rope_type", "default") != "default"),
+        "hidden_act": (hf.hidden_act, hf.hidden_act != "silu"),
+        "attention_bias": (True, bool(getattr(hf, "attention_bias", False))),
+        "mlp_bias": (True, bool(getattr(hf, "mlp_bias", False))),
+        "head_dim": (getattr(hf, "head_dim", None), (getattr(hf, "head_dim", None) or 0) not in
+                     (0, hf.hidden_size // hf.num_attention_heads)),
+        "sliding_window": (getattr(hf, "sliding_window", None), getattr(hf, "sliding_window", None) is not None),
+    }
+    for key, (value, bad) in unsupported.items():
+        if bad:
+            raise DataError(f"{where}: {key}={value!r} is not supported by raylm's model (Llama/Mixtral with "
+                            f"default RoPE, SiLU, no biases)")
     return ModelConfig(
         vocab_size=hf.vocab_size, dim=hf.hidden_size, n_layers=hf.num_hidden_layers, n_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads, ffn_hidden=hf.intermediate_size, norm_eps=hf.rms_norm_eps,
-        rope_theta=theta, max_seq_len=hf.max_position_embeddings, tie_embeddings=bool(hf.tie_word_embeddings),
-        n_experts=getattr(hf, "num_local_experts", 0) or 0, top_k=getattr(hf, "num_experts_per_tok", 2) or 2,
+        n_kv_heads=hf.num_key_value_heads or 0, ffn_hidden=hf.intermediate_size, norm_eps=hf.rms_norm_eps,
+        rope_theta=float(rope["rope_theta"]), max_seq_len=hf.max_position_embeddings,
+        tie_embeddings=bool(hf.tie_word_embeddings), n_experts=getattr(hf, "num_local_experts", 0),
+        top_k=getattr(hf, "num_experts_per_tok", 2), aux_loss_weight=getattr(hf, "router_aux_loss_coef", 0.01),
     )
 
 
-def hf_model(cfg: ModelConfig, state: dict[str, torch.Tensor]):
-    """A transformers model holding raylm weights `state` (fp32, eval mode)."""
-    tf = _transformers()
-    config = hf_config(cfg)
-    cls = tf.MixtralForCausalLM if cfg.n_experts else tf.LlamaForCausalLM
-    model = cls(config)
-    missing, unexpected = model.load_state_dict(to_hf_state_dict(state), strict=False)
-    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
-    if cfg.tie_embeddings:
-        model.tie_weights()
-    return model.eval()
+def write_tokenizer(sp_model: bytes, out_dir: str, *, max_len: int) -> None:
+    """Write the SentencePiece model and configs that transformers' LlamaTokenizer reads as raylm encodes: no dummy
+    prefix, no BOS/EOS added, and `<s>`-like text in a document is text, not a control token."""
+    from dataprep.tokenizer import load_tokenizer
 
-
-def write_tokenizer(tokenizer_model: str, out_dir: str, *, bos_id: int, eos_id: int, max_len: int) -> None:
-    """Copy the SentencePiece model and write the configs for transformers' LlamaTokenizer (sentencepiece-based,
-    no dummy prefix, no BOS/EOS added: raylm's encoding)."""
-    shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
+    sp = load_tokenizer(sp_model)
+    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+        f.write(sp_model)
     config = {
         "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "add_prefix_space": False,
-        "legacy": False,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "model_max_length": max_len,
-        "clean_up_tokenization_spaces": False,
-        "sp_model_kwargs": {},
+        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False, "legacy": False,
+        "split_special_tokens": True,
+        "bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()),
+        "unk_token": sp.id_to_piece(sp.unk_id()),
+        "model_max_length": max_len, "clean_up_tokenization_spaces": False,
     }
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=1)
 
 
-def export(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str, *, tokenizer_model: str | None = None) -> None:
-    """Write a Hugging Face folder: config.json, model.safetensors and (if given) the tokenizer."""
+def export(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str, *, tokenizer: bytes | None = None,
+           dtype: torch.dtype = torch.float32) -> None:
+    """Write a Hugging Face folder: config.json, generation_config.json, model.safetensors (sharded at 5 GB, with an
+    index, like `save_pretrained`) and, if given, the SentencePiece tokenizer."""
+    tf = _transformers()
+    from huggingface_hub import save_torch_state_dict
+
     os.makedirs(out_dir, exist_ok=True)
-    hf_model(cfg, state).save_pretrained(out_dir, safe_serialization=True)
-    if tokenizer_model:
-        write_tokenizer(tokenizer_model, out_dir, bos_id=1, eos_id=2, max_len=cfg.max_seq_len)
+    bos, eos = (1, 2)
+    if tokenizer is not None:
+        from dataprep.tokenizer import load_tokenizer
+
+        sp = load_tokenizer(tokenizer)
+        bos, eos = sp.bos_id(), sp.eos_id()
+        write_tokenizer(tokenizer, out_dir, max_len=cfg.max_seq_len)
+    config = hf_config(cfg, bos_id=bos, eos_id=eos, dtype=dtype)
+    config.save_pretrained(out_dir)
+    tf.GenerationConfig.from_model_config(config).save_pretrained(out_dir)
+    weights = {k: v.to(dtype) for k, v in to_hf_state_dict(state).items()}
+    save_torch_state_dict(weights, out_dir, metadata={"format": "pt"})
+
+
+def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face folder: model.safetensors, or the shards its index lists."""
+    from safetensors.torch import load_file
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise DataError(f"{folder} has no model.safetensors (or index); only safetensors checkpoints can be imported")
+    return {k: v for name in files for k, v in load_file(os.path.join(folder, name)).items()}
 
 
 def import_folder(folder: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(ModelConfig, raylm state dict) from a Hugging Face Llama/Mixtral folder."""
+    """(ModelConfig, fp32 raylm state dict) from a Hugging Face Llama/Mixtral folder."""
     tf = _transformers()
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise DataError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    model = tf.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
-    cfg = model_config_from_hf(model.config)
-    return cfg, from_hf_state_dict(model.state_dict(), cfg)
+    cfg = model_config_from_hf(tf.AutoConfig.from_pretrained(folder), folder)
+    try:
+        state = from_hf_state_dict(read_safetensors(folder), cfg)
+    except KeyError as missing:
+        raise DataError(f"{folder}: expert weight {missing} is missing") from None
+    check_state(state, cfg, folder)
+    return cfg, {k: v.float() for k, v in state.items()}

@@ -77,17 +77,20 @@ class ModelConfig:
 
     @property
     def kv_heads(self) -> int:
+        """Key/value heads actually used (n_kv_heads, or n_heads when it is 0)."""
         return self.n_kv_heads or self.n_heads
 
     @property
     def hidden(self) -> int:
+        """SwiGLU hidden size of the dense FFN and of each expert."""
         if self.ffn_hidden:
             return self.ffn_hidden
         raw = int(self.ffn_multiplier * 8 * self.dim / 3)
         return self.multiple_of * math.ceil(raw / self.multiple_of)
 
     def num_params(self, *, embeddings: bool = True, active: bool = False) -> int:
-        """Parameter count; `active`: experts counted top_k times instead of n_experts (MoE compute per token)."""
+        """Parameter count, with or without the token embedding (an untied LM head always counts). `active`: experts
+        counted top_k times instead of n_experts, the parameters one token's forward actually uses."""
         d, hd = self.dim, self.head_dim
         attn = d * hd * (self.n_heads * 2 + self.kv_heads * 2)
         if self.n_experts:
@@ -293,7 +296,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         w = self.tok_embeddings.weight
-        return KVCache(self.cfg, batch, max_len, w.device, w.dtype if w.is_floating_point() else torch.float32)
+        return KVCache(self.cfg, batch, max_len, w.device, w.dtype)
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
@@ -313,21 +316,25 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: 
 
 @torch.no_grad()
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, *, generator: torch.Generator | None = None,
-             use_cache: bool = True) -> list[int]:
-    """Continue `prompt_ids` by up to `max_new_tokens` tokens (stops at the context limit). With the KV cache each new
-    token costs one single-position forward; without it, a full forward over the sequence so far."""
+             top_k: int = 0, top_p: float = 1.0, *, eos_id: int | None = None,
+             generator: torch.Generator | None = None, use_cache: bool = True) -> list[int]:
+    """prompt_ids followed by up to `max_new_tokens` tokens; stops after `eos_id` or at the context limit
+    (max_seq_len). With the KV cache each new token costs one single-position forward; without it, a full forward
+    over the sequence so far (the reference the cache is tested against)."""
+    if not 0 < len(prompt_ids) <= model.cfg.max_seq_len:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens; it must hold 1 to max_seq_len={model.cfg.max_seq_len}")
     device = model.tok_embeddings.weight.device
     max_len = min(model.cfg.max_seq_len, len(prompt_ids) + max_new_tokens)
-    ids = torch.tensor([prompt_ids], device=device)
     cache = model.new_cache(1, max_len) if use_cache else None
-    logits, _ = model(ids, cache, 0)
     out = list(prompt_ids)
+    logits, _ = model(torch.tensor([out], device=device), cache, 0)  # (1, T, V)
     while len(out) < max_len:
         nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         out.append(int(nxt))
-        if len(out) == max_len:
+        if out[-1] == eos_id or len(out) == max_len:
             break
-        step_ids = nxt.view(1, 1) if use_cache else torch.tensor([out], device=device)
-        logits, _ = model(step_ids, cache, len(out) - 1) if use_cache else model(step_ids)
+        if use_cache:
+            logits, _ = model(nxt.view(1, 1), cache, len(out) - 1)
+        else:
+            logits, _ = model(torch.tensor([out], device=device))
     return out

@@ -33,6 +33,15 @@ class Weights:
         return model.eval()
 
 
+def read_tokenizer(path: str) -> bytes:
+    """The bytes of a SentencePiece model file named on a command line."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise DataError(f"cannot read tokenizer {path}: {exc.strerror}") from None
+
+
 def save_weights(path: str, weights: Weights) -> None:
     torch.save({"format": FORMAT, "model": dataclasses.asdict(weights.cfg), "state_dict": weights.state,
                 "tokenizer": weights.tokenizer}, path)
@@ -45,7 +54,7 @@ def load_weights(path: str) -> Weights:
 
         cfg, state = import_folder(path)
         sp_path = os.path.join(path, "tokenizer.model")
-        return Weights(cfg, state, open(sp_path, "rb").read() if os.path.exists(sp_path) else None)
+        return Weights(cfg, state, read_tokenizer(sp_path) if os.path.exists(sp_path) else None)
     if not os.path.isfile(path):
         raise DataError(f"checkpoint {path} does not exist; pass a Hugging Face folder or a raylm .pt weights file")
     try:
