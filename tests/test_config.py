@@ -67,3 +67,60 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
 @pytest.mark.parametrize("preset", ["tiny", "demo", "125m", "350m", "1b", "llama3-8b", "moe"])
 def test_presets_load(preset):
     assert load_config(JobConfig, f"configs/{preset}.toml", []).model.dim > 0
+
+
+@dataclasses.dataclass(kw_only=True)
+class Knobs:
+    ratio: float = 0.5
+    """A float."""
+    flag: bool = False
+    name: str = "x"
+    limit: int | None = None
+    """Optional int."""
+    sizes: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+    tags: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(kw_only=True)
+class Root:
+    knobs: Knobs = dataclasses.field(default_factory=Knobs)
+
+
+def test_values_are_coerced_from_the_annotation(tmp_path):
+    toml = tmp_path / "k.toml"
+    toml.write_text("[knobs]\nratio = 2\nlimit = 7\nsizes = [3, 4]\n")
+    root = load_config(Root, str(toml), ["--knobs.flag", "on", "--knobs.name=12", "--knobs.tags=a, b",
+                                         "--knobs.sizes=5,6,7"])
+    assert root.knobs == Knobs(ratio=2.0, flag=True, name="12", limit=7, sizes=[5, 6, 7], tags=("a", "b"))
+    assert load_config(Root, str(toml), ["--knobs.limit=none"]).knobs.limit is None
+    (tmp_path / "round.toml").write_text(dump_toml(root))
+    assert load_config(Root, str(tmp_path / "round.toml"), []) == root
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[knobs]\nratio = 'high'\n", "k.toml: knobs.ratio='high' is not a valid float"),
+    ("[knobs]\nlimit = true\n", "k.toml: knobs.limit=True is not a valid int"),
+    ("[knobs]\nname = 5\n", "k.toml: knobs.name=5 is not a valid str"),
+    ("[knobs]\nsizes = [1, 'a']\n", "k.toml: knobs.sizes='a' is not a valid int"),
+    ("knobs = 3\n", "k.toml: knobs must be a [knobs] table"),
+])
+def test_toml_values_must_have_the_field_type(tmp_path, toml, message):
+    (tmp_path / "k.toml").write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(Root, str(tmp_path / "k.toml"), [])
+    assert str(info.value).endswith(message)
+
+
+def test_partial_root_reads_its_sections_of_a_full_preset(tmp_path):
+    (tmp_path / "full.toml").write_text("[knobs]\nratio = 0.25\n[optim]\nlr = 1.0\n")
+    assert load_config(Root, str(tmp_path / "full.toml"), [], partial=True).knobs.ratio == 0.25
+    with pytest.raises(ConfigError, match=r"unknown section \[optim\]"):
+        load_config(Root, str(tmp_path / "full.toml"), [])
+    with pytest.raises(ConfigError, match="unknown option --optim.lr"):
+        load_config(Root, str(tmp_path / "full.toml"), ["--optim.lr=1"], partial=True)
+
+
+def test_help_line_format():
+    assert "  --knobs.ratio (float, default 0.5): A float." in config_help(Root).splitlines()
+    assert "  --knobs.flag (bool, default False)" in config_help(Root).splitlines()
+    assert "  --knobs.limit (int | None, default None): Optional int." in config_help(Root).splitlines()

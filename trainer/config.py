@@ -1,8 +1,11 @@
 """Config loading: dataclass defaults < TOML file < `--section.field=value` on the command line.
 
-A root config is a dataclass whose fields are section dataclasses (e.g. `JobConfig(model=ModelConfig, …)`). Every
-mistake (unknown section or field, a value of the wrong type, a failed check in a section's `__post_init__`) is a
-`ConfigError` naming the field, the value and where it came from.
+A root config is a dataclass whose fields are section dataclasses (`JobConfig(model=ModelConfig, optim=…)`); a TOML
+file has one table per section. Every mistake (unknown section or field, a value of the wrong type, a failed check in
+a section's `__post_init__`) is a one-line `ConfigError` naming the field, the value and the file or option.
+Values are coerced from the field's annotation: int, float, str, bool (true/false/1/0/yes/no/on/off), `X | None`
+(`none` on the command line; TOML has no null, so None fields are left out of written files), and lists/tuples of
+those (comma-separated on the command line, arrays in TOML).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import dataclasses
 import inspect
 import sys
 import textwrap
+import types
 import typing
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -30,40 +34,49 @@ _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
 def sections(root_cls) -> dict[str, type]:
-    hints = typing.get_type_hints(root_cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(root_cls)}
+    """Section name → section dataclass of a root config."""
+    return field_types(root_cls)
 
 
-def field_types(section_cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(section_cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+def field_types(cls) -> dict[str, Any]:
+    """Field name → resolved annotation of a dataclass (string annotations evaluated)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """`value` (from TOML or a CLI string) as type `tp`, or a ConfigError naming `where`."""
+    """`value` (from TOML or a command-line string) as type `tp`, or a ConfigError naming `where`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() == "none"):
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), where)
     if origin in (list, tuple):
-        items = value.split(",") if isinstance(value, str) else list(value)
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{where}={value!r} is not a list")
         items = [_coerce(v.strip() if isinstance(v, str) else v, args[0], where) for v in items if v != ""]
         return items if origin is list else tuple(items)
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in _TRUE | _FALSE:
-                return str(value).lower() in _TRUE
-            raise ValueError
-        if tp is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        if tp is float and isinstance(value, bool) or tp is int and isinstance(value, bool):
-            raise ValueError
-        return tp(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}={value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    return _scalar(value, tp, where)
+
+
+def _scalar(value: Any, tp: type, where: str) -> Any:
+    """A string (command line, or quoted in TOML) is parsed; any other TOML value must have the field's type
+    (an int is also a float)."""
+    if isinstance(value, str) and tp is not str:
+        text = value.strip()
+        if tp is bool and text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        if tp is not bool:
+            try:
+                return tp(text)
+            except ValueError:
+                pass
+    elif type(value) is tp:  # `type(...) is`: a TOML `true` must not pass as an int
+        return value
+    elif tp is float and type(value) is int:
+        return float(value)  # TOML `rope_theta = 500000`
+    raise ConfigError(f"{where}={value!r} is not a valid {_type_name(tp)}")
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
@@ -93,35 +106,45 @@ def _read_toml(path: str) -> dict:
         raise ConfigError(f"config file {path} is not valid TOML ({exc})") from None
 
 
-def load_config(root_cls: type[T], toml_path: str | None = None, overrides: list[str] | None = None) -> T:
-    """Build `root_cls` from its defaults, then the TOML file, then CLI overrides."""
+def load_config(root_cls: type[T], toml_path: str | None = None, overrides: list[str] | None = None, *,
+                partial: bool = False) -> T:
+    """Build `root_cls` from its defaults, then the TOML file, then command-line overrides.
+
+    `partial=True` lets a tool whose root holds only some sections read a full preset: TOML sections the root does not
+    define are skipped (e.g. `python -m trainer.size` reads only `[model]`); otherwise they are an error, so a typo'd
+    `[optm]` never goes unnoticed. Overrides of unknown sections or fields are always an error.
+    """
     toml = _read_toml(toml_path) if toml_path else {}
     cli = parse_overrides(overrides or [])
     known = sections(root_cls)
-    for name in toml:
-        if name not in known:
+    for name, table in toml.items():
+        if name not in known and not partial:
             raise ConfigError(f"{toml_path}: unknown section [{name}] (sections: {', '.join(known)})")
+        if name in known and not isinstance(table, dict):
+            raise ConfigError(f"{toml_path}: {name} must be a [{name}] table")
     for key in cli:
         section, _, fname = key.partition(".")
         if section not in known or fname not in field_types(known[section]):
             raise ConfigError(f"unknown option --{key} (see --help for the fields of each section)")
-    built = {}
-    for name, cls in known.items():
-        values: dict[str, Any] = {}
-        types = field_types(cls)
-        for fname, value in toml.get(name, {}).items():
-            if fname not in types:
-                raise ConfigError(f"{toml_path}: unknown field {name}.{fname}")
-            values[fname] = _coerce(value, types[fname], f"{toml_path}: {name}.{fname}")
-        for key, value in cli.items():
-            if key.startswith(name + "."):
-                fname = key.split(".", 1)[1]
-                values[fname] = _coerce(value, types[fname], f"--{key}")
-        try:
-            built[name] = cls(**values)
-        except ValueError as exc:  # a section's own __post_init__ check (plain ValueError in the model file)
-            raise ConfigError(str(exc)) from None
-    return root_cls(**built)
+    return root_cls(**{name: _build_section(name, cls, toml.get(name, {}), cli, toml_path)
+                       for name, cls in known.items()})
+
+
+def _build_section(name: str, cls: type, table: dict, cli: dict[str, str], toml_path: str | None):
+    types_ = field_types(cls)
+    values = {}
+    for fname, value in table.items():
+        if fname not in types_:
+            raise ConfigError(f"{toml_path}: unknown field {name}.{fname}")
+        values[fname] = _coerce(value, types_[fname], f"{toml_path}: {name}.{fname}")
+    for key, value in cli.items():
+        section, _, fname = key.partition(".")
+        if section == name:
+            values[fname] = _coerce(value, types_[fname], f"--{key}")
+    try:
+        return cls(**values)
+    except ValueError as exc:  # the section's __post_init__ check (the model file raises plain ValueError)
+        raise ConfigError(str(exc)) from None
 
 
 def to_dict(cfg) -> dict:
@@ -131,41 +154,41 @@ def to_dict(cfg) -> dict:
 
 
 def from_dict(root_cls: type[T], data: dict) -> T:
+    """Inverse of `to_dict` (values already typed, e.g. a config shipped to Ray workers)."""
     return root_cls(**{name: cls(**data.get(name, {})) for name, cls in sections(root_cls).items()})
 
 
 def dump_toml(cfg) -> str:
+    """The resolved config as TOML that `load_config` reads back to an equal config."""
     return tomli_w.dumps(to_dict(cfg))
 
 
 @lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (the string right under a field) of a dataclass, read from its source."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    body, docs = tree.body[0].body, {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    """Attribute docstrings (the string right under a field) of a dataclass and its bases, read from the source."""
+    docs = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):
+            continue
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+    return tp.__name__ if isinstance(tp, type) and not typing.get_args(tp) else str(tp).replace("typing.", "")
 
 
 def config_help(root_cls) -> str:
-    """Every field as `--section.field (type, default X): doc`, grouped by section."""
-    lines = []
-    defaults = root_cls()
+    """Every field as `--section.field (type, default X): doc`, one line each, grouped by section."""
+    lines, defaults = [], root_cls()
     for name, cls in sections(root_cls).items():
         lines.append(f"[{name}]")
         docs = field_docs(cls)
         for fname, tp in field_types(cls).items():
             default = getattr(getattr(defaults, name), fname)
-            lines.append(f"  --{name}.{fname} ({_type_name(tp)}, default {default!r})")
-            if fname in docs:
-                lines.append(f"      {docs[fname]}")
+            lines.append(f"  --{name}.{fname} ({_type_name(tp)}, default {default!r}): {docs.get(fname, '')}".rstrip(": "))
     return "\n".join(lines)
