@@ -47,15 +47,17 @@ def test_logits_match_llama(overrides, tmp_path):
     assert max_logit_diff(build(**overrides), tmp_path) <= 1e-4
 
 
-@pytest.mark.parametrize("preset", ["moe"])
-def test_logits_match_mixtral(preset, tmp_path):
-    """The MoE preset's routing (8 experts, top-2) and GQA, at a test-sized width."""
+@pytest.mark.parametrize("preset", ["moe", "demo"])
+def test_logits_match_for_preset_shaped_blocks(preset, tmp_path):
+    """A preset's block shape (width, heads, GQA, FFN, experts/top-k, tying), with 2 layers and a small vocabulary."""
     from trainer.config import load_config
     from trainer.size import SizeConfig
 
-    moe = load_config(SizeConfig, f"configs/{preset}.toml", []).model
-    model = build(n_kv_heads=2, n_experts=moe.n_experts, top_k=moe.top_k)
-    assert max_logit_diff(model, tmp_path) <= 1e-4
+    cfg = load_config(SizeConfig, f"configs/{preset}.toml", ["--model.n_layers=2", "--model.vocab_size=256",
+                                                             "--model.max_seq_len=64"], partial=True).model
+    model = Transformer(cfg)
+    model.init_weights(3)
+    assert max_logit_diff(model.eval(), tmp_path) <= 1e-4
 
 
 @pytest.mark.parametrize("overrides", [dict(n_kv_heads=2), dict(n_experts=4, top_k=2)], ids=["dense", "moe"])

@@ -202,7 +202,9 @@ class FeedForward(nn.Module):
 class MoE(nn.Module):
     """Top-k routed SwiGLU experts (softmax gates renormalised over the chosen k) with a load-balancing loss.
 
-    Tokens are grouped by expert, so each expert multiplies only the tokens routed to it: cost O(tokens · top_k).
+    Routed (token, slot) pairs are sorted by expert and gathered once, so each expert multiplies only its own
+    contiguous group of tokens and every gather/scatter (and its backward) touches N·k rows: cost O(tokens · top_k),
+    never O(tokens · n_experts). Experts are stacked (E, …) tensors, split per expert in Hugging Face export.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -218,21 +220,21 @@ class MoE(nn.Module):
         probs = F.softmax(self.gate(flat).float(), dim=-1)  # (N, E)
         weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        order = experts.flatten().argsort(stable=True)  # routed (token, slot) pairs, grouped by expert
-        counts = torch.bincount(experts.flatten(), minlength=self.n_experts).tolist()  # one host sync
-        token_groups = (order // self.top_k).split(counts)
-        weight_groups = weights.flatten()[order].split(counts)
-        out = torch.zeros_like(flat)
-        # unbind once: indexing the stacked weights per expert would make backward allocate a full-size
-        # gradient per expert (O(E²) memory traffic); unbind's backward stacks them once
+        order = experts.flatten().argsort(stable=True)  # (N·k,) routed slots, grouped by expert
+        token = order // self.top_k  # (N·k,) the token of each routed slot
+        counts = torch.bincount(experts.flatten(), minlength=self.n_experts).tolist()  # one host sync: group sizes
+        # unbind, not w[e]: indexing the stacked weights would give each expert a full-size (E, …) gradient in backward
         w13, w2 = self.experts_w13.unbind(0), self.experts_w2.unbind(0)
-        for e, (idx, w) in enumerate(zip(token_groups, weight_groups)):
-            if idx.numel() == 0:
-                continue
-            gate, up = F.linear(flat[idx], w13[e]).chunk(2, dim=-1)  # (n_e, H) each
-            y = F.linear(F.silu(gate) * up, w2[e])  # (n_e, D)
-            out.index_add_(0, idx, (y * w[:, None]).type_as(out))
+        groups = flat[token].split(counts)  # E × (n_e, D)
+        y = torch.cat([self.expert(g, w13[e], w2[e]) for e, g in enumerate(groups)])  # (N·k, D)
+        y = y * weights.flatten()[order, None]
+        out = torch.zeros_like(flat).index_add(0, token, y.type_as(flat))  # sum each token's k expert outputs
         return out.view(B, T, D), self.balance_loss(probs, experts)
+
+    @staticmethod
+    def expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, w13).chunk(2, dim=-1)  # (n_e, H) each
+        return F.linear(F.silu(gate) * up, w2)  # (n_e, D)
 
     def balance_loss(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Switch/Mixtral loss E · Σ_e f_e · P_e: f_e share of routed slots, P_e mean router probability."""
