@@ -66,7 +66,8 @@ def test_hf_tokenizer_matches_sentencepiece(tmp_path, sp_model):
     assert tok.decode(encode_exact(sp, [marker])[0]) == marker
 
 
-@pytest.mark.parametrize("model", [dict(), dict(n_experts=4, top_k=2), dict(tie_embeddings=True)], ids=["llama", "mixtral", "tied"])
+@pytest.mark.parametrize("model", [dict(), dict(n_experts=4, top_k=2), dict(tie_embeddings=True, rope_scaling=8.0)],
+                         ids=["llama", "mixtral", "tied-llama3-rope"])
 def test_import_of_export_is_identity(tmp_path, sp_model, model):
     path = weights_file(tmp_path, sp_model, **model)
     assert run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "hf"])[0] == 0

@@ -42,7 +42,8 @@ def max_logit_diff(model: Transformer, folder) -> float:
     dict(n_kv_heads=0, tie_embeddings=True, rope_theta=500000.0),
     dict(n_kv_heads=1, tie_embeddings=True, rope_theta=10000.0),
     dict(n_kv_heads=4, tie_embeddings=False, rope_theta=500000.0),
-], ids=["gqa-untied-1e4", "mha-tied-5e5", "mqa-tied-1e4", "mha-untied-5e5"])
+    dict(n_kv_heads=2, tie_embeddings=True, rope_theta=500000.0, rope_scaling=8.0, rope_original_max_seq_len=16),
+], ids=["gqa-untied-1e4", "mha-tied-5e5", "mqa-tied-1e4", "mha-untied-5e5", "gqa-tied-llama3-scaled"])
 def test_logits_match_llama(overrides, tmp_path):
     assert max_logit_diff(build(**overrides), tmp_path) <= 1e-4
 

@@ -113,13 +113,32 @@ def hf_config(cfg: ModelConfig, *, bos_id: int = 1, eos_id: int = 2, dtype: torc
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
         head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        bos_token_id=bos_id, eos_token_id=eos_id, hidden_act="silu", dtype=dtype,
+        tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope_parameters(cfg), bos_token_id=bos_id,
+        eos_token_id=eos_id, hidden_act="silu", dtype=dtype,
     )
     if cfg.n_experts:
         return tf.MixtralConfig(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
                                 router_aux_loss_coef=cfg.aux_loss_weight, **common)
     return tf.LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+
+
+def rope_parameters(cfg: ModelConfig) -> dict:
+    """transformers' `rope_parameters` for raylm's RoPE: "default", or "llama3" frequency scaling."""
+    if not cfg.rope_scaling:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": cfg.rope_scaling,
+            "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_seq_len}
+
+
+def rope_fields(rope: dict) -> dict:
+    """The ModelConfig RoPE fields for transformers' `rope_parameters` (inverse of `rope_parameters`)."""
+    fields = {"rope_theta": float(rope["rope_theta"])}
+    if rope.get("rope_type", "default") == "llama3":
+        fields.update(rope_scaling=float(rope["factor"]), rope_low_freq_factor=float(rope["low_freq_factor"]),
+                      rope_high_freq_factor=float(rope["high_freq_factor"]),
+                      rope_original_max_seq_len=int(rope["original_max_position_embeddings"]))
+    return fields
 
 
 def model_config_from_hf(hf, where: str) -> ModelConfig:
@@ -128,7 +147,7 @@ def model_config_from_hf(hf, where: str) -> ModelConfig:
     rope = getattr(hf, "rope_parameters", None) or {"rope_theta": getattr(hf, "rope_theta", 10000.0)}
     unsupported = {
         "model_type": (hf.model_type, hf.model_type not in SUPPORTED),
-        "rope_type": (rope.get("rope_type"), rope.get("rope_type", "default") != "default"),
+        "rope_type": (rope.get("rope_type"), rope.get("rope_type", "default") not in ("default", "llama3")),
         "hidden_act": (hf.hidden_act, hf.hidden_act != "silu"),
         "attention_bias": (True, bool(getattr(hf, "attention_bias", False))),
         "mlp_bias": (True, bool(getattr(hf, "mlp_bias", False))),
@@ -139,11 +158,11 @@ def model_config_from_hf(hf, where: str) -> ModelConfig:
     for key, (value, bad) in unsupported.items():
         if bad:
             raise DataError(f"{where}: {key}={value!r} is not supported by raylm's model (Llama/Mixtral with "
-                            f"default RoPE, SiLU, no biases)")
+                            f"default or llama3 RoPE, SiLU, no biases)")
     return ModelConfig(
         vocab_size=hf.vocab_size, dim=hf.hidden_size, n_layers=hf.num_hidden_layers, n_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_key_value_heads or 0, ffn_hidden=hf.intermediate_size, norm_eps=hf.rms_norm_eps,
-        rope_theta=float(rope["rope_theta"]), max_seq_len=hf.max_position_embeddings,
+        max_seq_len=hf.max_position_embeddings, **rope_fields(rope),
         tie_embeddings=bool(hf.tie_word_embeddings), n_experts=getattr(hf, "num_local_experts", 0),
         top_k=getattr(hf, "num_experts_per_tok", 2), aux_loss_weight=getattr(hf, "router_aux_loss_coef", 0.01),
     )

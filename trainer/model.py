@@ -40,6 +40,14 @@ class ModelConfig:
     """RMSNorm epsilon."""
     rope_theta: float = 10000.0
     """RoPE base."""
+    rope_scaling: float = 0.0
+    """Llama-3.1 RoPE scaling factor (8 in Llama-3.1/3.2; 0 = none): long wavelengths slowed by this factor."""
+    rope_low_freq_factor: float = 1.0
+    """Llama-3.1 RoPE scaling: wavelengths above original_max_seq_len / this are fully scaled."""
+    rope_high_freq_factor: float = 4.0
+    """Llama-3.1 RoPE scaling: wavelengths below original_max_seq_len / this are kept; smooth in between."""
+    rope_original_max_seq_len: int = 8192
+    """Llama-3.1 RoPE scaling: the context length the unscaled model was trained at."""
     max_seq_len: int = 2048
     """Longest sequence (RoPE table size and KV-cache limit); the trainer raises it to the dataset's seq_len."""
     tie_embeddings: bool = False
@@ -65,6 +73,10 @@ class ModelConfig:
             (self.n_experts >= 0, "n_experts", self.n_experts, "must be >= 0"),
             (not self.n_experts or 1 <= self.top_k <= self.n_experts, "top_k", self.top_k, "must be in [1, n_experts]"),
             (self.max_seq_len > 0, "max_seq_len", self.max_seq_len, "must be > 0"),
+            (self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0"),
+            (self.rope_scaling == 0 or self.rope_scaling >= 1, "rope_scaling", self.rope_scaling, "must be 0 or >= 1"),
+            (self.rope_high_freq_factor > self.rope_low_freq_factor > 0, "rope_high_freq_factor",
+             self.rope_high_freq_factor, f"must be > rope_low_freq_factor={self.rope_low_freq_factor} > 0"),
             (self.ffn_hidden >= 0 and self.multiple_of > 0, "ffn_hidden", self.ffn_hidden, "must be >= 0"),
         ]
         for ok, name, value, rule in checks:
@@ -131,10 +143,24 @@ class RMSNorm(nn.Module):
         return self.weight * h.type_as(x)
 
 
+def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,) in fp32, computed exactly as transformers does (default or "llama3")."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim)
+    if not cfg.rope_scaling:
+        return inv_freq
+    factor, low, high, context = (cfg.rope_scaling, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                                  cfg.rope_original_max_seq_len)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
 def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (max_seq_len, head_dim) in fp32, Hugging Face's half-split layout."""
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim)
-    freqs = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    freqs = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), rope_frequencies(cfg, device))
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
