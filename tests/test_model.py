@@ -144,7 +144,7 @@ def test_kv_cache_keeps_per_token_work_flat_in_prompt_length():
 
     def step_flops(prompt_len: int, use_cache: bool) -> int:
         ids = torch.randint(0, 211, (1, prompt_len))
-        cache = model.new_cache(1, prompt_len + 1) if use_cache else None
+        cache = model.new_cache(prompt_len + 1) if use_cache else None
         with torch.no_grad():
             model(ids, cache, 0)
             with FlopCounterMode(display=False) as counter:
@@ -158,3 +158,11 @@ def test_kv_cache_keeps_per_token_work_flat_in_prompt_length():
     full = step_flops(8, False), step_flops(56, False)
     assert cached[1] / cached[0] < 1.2  # only attention over the longer cache grows
     assert full[1] / full[0] > 5  # the whole model re-runs over 57 positions instead of 9
+
+
+def test_kv_cache_takes_the_compute_dtype_under_mixed_precision():
+    """FSDP's bf16 policy computes in bf16 over fp32 parameters; autocast reproduces that without a process group."""
+    model = build(n_kv_heads=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, [5, 17, 42], max_new_tokens=6)
+    assert len(out) == 9 and model.tok_embeddings.weight.dtype == torch.float32

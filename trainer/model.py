@@ -1,8 +1,8 @@
 """Llama-style decoder in plain PyTorch: RoPE, grouped-query attention, SwiGLU or top-k MoE, RMSNorm.
 
 No distributed code here: FSDP2, activation checkpointing and compile are applied from `trainer/parallelize.py`.
-Layouts follow Hugging Face (rotate-half RoPE; MoE experts as Mixtral's fused `gate_up`/`down` tensors), so weights
-map 1:1 to `LlamaForCausalLM` / `MixtralForCausalLM` (`trainer/hf.py`).
+Layouts follow Hugging Face (rotate-half RoPE, so q/k need no permutation; MoE experts stacked as (E, 2H, D) gate‖up and
+(E, D, H) down tensors), so weights map 1:1 to `LlamaForCausalLM` / `MixtralForCausalLM` (`trainer/hf.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ RESIDUAL_OUTPUTS = ("attention.wo.weight", "feed_forward.w2.weight", "feed_forwa
 
 @dataclass(kw_only=True)
 class ModelConfig:
+    """The [model] section: architecture and init. Invalid values raise ValueError naming the field (this file imports
+    only torch; `trainer.config` turns it into a ConfigError)."""
+
     vocab_size: int = 32000
     """Vocabulary size; the trainer sets it from the dataset's tokenizer."""
     dim: int = 512
@@ -77,7 +80,12 @@ class ModelConfig:
             (self.rope_scaling == 0 or self.rope_scaling >= 1, "rope_scaling", self.rope_scaling, "must be 0 or >= 1"),
             (self.rope_high_freq_factor > self.rope_low_freq_factor > 0, "rope_high_freq_factor",
              self.rope_high_freq_factor, f"must be > rope_low_freq_factor={self.rope_low_freq_factor} > 0"),
-            (self.ffn_hidden >= 0 and self.multiple_of > 0, "ffn_hidden", self.ffn_hidden, "must be >= 0"),
+            (self.ffn_hidden >= 0, "ffn_hidden", self.ffn_hidden, "must be >= 0"),
+            (self.ffn_multiplier > 0, "ffn_multiplier", self.ffn_multiplier, "must be > 0"),
+            (self.multiple_of > 0, "multiple_of", self.multiple_of, "must be > 0"),
+            (self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0"),
+            (self.aux_loss_weight >= 0, "aux_loss_weight", self.aux_loss_weight, "must be >= 0"),
+            (self.init_std > 0, "init_std", self.init_std, "must be > 0"),
         ]
         for ok, name, value, rule in checks:
             if not ok:
@@ -115,7 +123,12 @@ class ModelConfig:
         return body + head + (self.vocab_size * d if embeddings else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 · (active matmul params, LM head included) + 12 · L · H · head_dim · T."""
+        """Training FLOPs per token (forward + backward), for MFU: 6 · N + 12 · L · H · head_dim · T.
+
+        N: the active non-embedding parameters plus the LM head (a tied head still does its matmul), as torchtitan
+        and PaLM count them; the embedding lookup is free. 12·L·H·head_dim·T: QKᵀ and attention·V over T keys,
+        3 passes × 2 FLOPs × 2 matmuls, not halved for the causal mask (the usual convention).
+        """
         matmul = self.num_params(embeddings=False, active=True) + (self.vocab_size * self.dim if self.tie_embeddings else 0)
         return 6 * matmul + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
@@ -173,14 +186,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Per-layer key/value buffers for incremental decoding."""
+    """Per-layer key/value buffers for incremental decoding. Each layer's buffer is allocated at its first write with
+    the dtype and device attention computes in: under a mixed-precision policy (FSDP bf16) that is not the
+    parameters' dtype."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+    def __init__(self, n_layers: int, max_len: int):
+        self.max_len = max_len
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, KV, T, hd) at positions start..start+T-1; return all keys/values up to there."""
+        if self.k[layer] is None:
+            B, KV, _, hd = k.shape
+            self.k[layer], self.v[layer] = k.new_zeros(B, KV, self.max_len, hd), v.new_zeros(B, KV, self.max_len, hd)
         end = start + k.shape[2]
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
@@ -322,9 +341,9 @@ class Transformer(nn.Module):
         logits = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
         return logits, aux / len(self.layers)
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        w = self.tok_embeddings.weight
-        return KVCache(self.cfg, batch, max_len, w.device, w.dtype)
+    def new_cache(self, max_len: int) -> KVCache:
+        """An empty KV cache for up to `max_len` positions (any batch size)."""
+        return KVCache(self.cfg.n_layers, max_len)
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
@@ -353,7 +372,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
         raise ValueError(f"prompt of {len(prompt_ids)} tokens; it must hold 1 to max_seq_len={model.cfg.max_seq_len}")
     device = model.tok_embeddings.weight.device
     max_len = min(model.cfg.max_seq_len, len(prompt_ids) + max_new_tokens)
-    cache = model.new_cache(1, max_len) if use_cache else None
+    cache = model.new_cache(max_len) if use_cache else None
     out = list(prompt_ids)
     logits, _ = model(torch.tensor([out], device=device), cache, 0)  # (1, T, V)
     while len(out) < max_len:
