@@ -97,6 +97,9 @@ def test_import_refuses_what_raylm_cannot_represent(tmp_path, sp_model):
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
     code, _, err = run_captured(export_cli.main, ["--from-hf", tmp_path / "hf", "--out", tmp_path / "w.pt"])
     assert code == 2 and "attention_bias=True is not supported" in err
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, _, err = run_captured(export_cli.main, ["--from-hf", tmp_path / "hf", "--out", tmp_path / "w.pt"])
+    assert code == 2 and "model_type='gpt2'; raylm imports llama and mixtral models" in err
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     code, _, err = run_captured(export_cli.main, ["--from-hf", tmp_path / "hf", "--out", tmp_path / "w.pt"])
     assert code == 2 and "weights do not match its config.json" in err and err.count("\n") == 1
@@ -109,3 +112,13 @@ def test_bf16_export_loads_and_matches_rounded_weights(tmp_path, sp_model):
     assert hf.dtype == torch.bfloat16
     ours = load_weights(path).state["layers.1.feed_forward.experts_w13"].to(torch.bfloat16)
     assert torch.equal(hf.model.layers[1].mlp.experts.gate_up_proj, ours)
+
+
+def test_import_of_a_sharded_folder_written_by_transformers(tmp_path, sp_model):
+    """What a published checkpoint looks like: transformers' own save_pretrained, several shards and an index."""
+    path = weights_file(tmp_path, sp_model, n_experts=4, top_k=2)
+    run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "hf"])
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "pub", max_shard_size="100KB")
+    assert (tmp_path / "pub" / "model.safetensors.index.json").exists()
+    before, after = load_weights(path), load_weights(str(tmp_path / "pub"))
+    assert before.cfg == after.cfg and all(torch.equal(before.state[k], after.state[k]) for k in before.state)

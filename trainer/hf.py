@@ -144,9 +144,10 @@ def rope_fields(rope: dict) -> dict:
 def model_config_from_hf(hf, where: str) -> ModelConfig:
     """A ModelConfig computing the same function as a transformers Llama/Mixtral config, or a DataError saying why
     there is none."""
+    if hf.model_type not in SUPPORTED:
+        raise DataError(f"{where}: model_type={hf.model_type!r}; raylm imports {' and '.join(SUPPORTED)} models")
     rope = getattr(hf, "rope_parameters", None) or {"rope_theta": getattr(hf, "rope_theta", 10000.0)}
     unsupported = {
-        "model_type": (hf.model_type, hf.model_type not in SUPPORTED),
         "rope_type": (rope.get("rope_type"), rope.get("rope_type", "default") not in ("default", "llama3")),
         "hidden_act": (hf.hidden_act, hf.hidden_act != "silu"),
         "attention_bias": (True, bool(getattr(hf, "attention_bias", False))),
@@ -196,7 +197,7 @@ def export(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str, *, to
     from huggingface_hub import save_torch_state_dict
 
     os.makedirs(out_dir, exist_ok=True)
-    bos, eos = (1, 2)
+    bos, eos = 1, 2  # raylm's SentencePiece ids when no tokenizer is shipped
     if tokenizer is not None:
         from dataprep.tokenizer import load_tokenizer
 
