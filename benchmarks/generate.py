@@ -29,7 +29,8 @@ def ms_per_token(model, prompt_len: int, new_tokens: int, use_cache: bool) -> fl
     """Decode time per new token, the prompt's prefill excluded (difference of a long and a 1-token run)."""
     prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     seconds(model, prompt, 2, use_cache)  # warm-up
-    return 1000 * (seconds(model, prompt, new_tokens + 1, use_cache) - seconds(model, prompt, 1, use_cache)) / new_tokens
+    decode = seconds(model, prompt, new_tokens + 1, use_cache) - seconds(model, prompt, 1, use_cache)
+    return 1000 * decode / new_tokens
 
 
 def main() -> None:
@@ -37,15 +38,18 @@ def main() -> None:
     ap.add_argument("--config", default="configs/demo.toml")
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args()
-    cfg = load_config(SizeConfig, args.config, ["--model.vocab_size=8000", "--model.max_seq_len=1024"], partial=True).model
+    overrides = ["--model.vocab_size=8000", "--model.max_seq_len=1024"]
+    cfg = load_config(SizeConfig, args.config, overrides, partial=True).model
     model = Transformer(cfg)
     model.init_weights(0)
     model.eval()
     print(f"{args.config}: {cfg.num_params() / 1e6:.1f}M params, {torch.get_num_threads()} threads, "
           f"{args.new_tokens} new tokens, decode ms/token (prefill excluded)")
-    rows = {n: (ms_per_token(model, n, args.new_tokens, True), ms_per_token(model, n, args.new_tokens, False)) for n in (32, 512)}
+    rows = {n: (ms_per_token(model, n, args.new_tokens, True), ms_per_token(model, n, args.new_tokens, False))
+            for n in (32, 512)}
     for n, (cached, full) in rows.items():
-        print(f"  prompt {n:4d}: KV cache {cached:7.2f} ms/token   no cache {full:8.2f} ms/token   ({full / cached:.1f}x)")
+        print(f"  prompt {n:4d}: KV cache {cached:7.2f} ms/token   no cache {full:8.2f} ms/token"
+              f"   ({full / cached:.1f}x)")
     print(f"  prompt 512 vs 32: KV cache {rows[512][0] / rows[32][0]:.2f}x, no cache {rows[512][1] / rows[32][1]:.2f}x")
 
 

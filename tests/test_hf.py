@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 from trainer import export as export_cli  # noqa: E402
 from trainer import generate as generate_cli  # noqa: E402
 
-TEXT = ["def add(a, b):\n\treturn a + b  # sum\n", "Hello, world! Καλημέρα κόσμε. 你好，世界 🎉\n", "    for i in range(10):\n        print(i)\n"]
+TEXT = ["def add(a, b):\n\treturn a + b  # sum\n", "Hello, world! Καλημέρα κόσμε. 你好，世界 🎉\n",
+        "    for i in range(10):\n        print(i)\n"]
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +36,15 @@ def weights_file(tmp_path, sp_model: bytes, **model) -> str:
     return path
 
 
-@pytest.mark.parametrize("model", [dict(tie_embeddings=True), dict(n_experts=4, top_k=2)], ids=["llama-tied", "mixtral"])
+@pytest.mark.parametrize("model", [dict(tie_embeddings=True), dict(n_experts=4, top_k=2)],
+                         ids=["llama-tied", "mixtral"])
 def test_export_loads_in_transformers_and_generates_the_same(tmp_path, sp_model, model):
     path = weights_file(tmp_path, sp_model, **model)
     out = tmp_path / "hf"
     code, stdout, err = run_captured(export_cli.main, ["--checkpoint", path, "--out", out])
     assert code == 0, err
-    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= files
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert type(hf).__name__ == ("MixtralForCausalLM" if model.get("n_experts") else "LlamaForCausalLM")
     ours = load_weights(path).model()
@@ -86,7 +89,8 @@ def test_generate_cli_and_its_errors(tmp_path, sp_model):
     assert code == 2 and err.strip() == f"error: checkpoint {tmp_path / 'nope.pt'} does not exist; pass a Hugging Face folder or a raylm .pt weights file"
     code, _, err = run_captured(generate_cli.main, ["--checkpoint", path, "--prompt", "x" * 400])
     assert code == 2 and err.startswith("error: --prompt is ") and "max_seq_len=128" in err
-    code, _, err = run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "o", "--tokenizer", tmp_path / "no.model"])
+    code, _, err = run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "o",
+                                                  "--tokenizer", tmp_path / "no.model"])
     assert code == 2 and err.startswith(f"error: cannot read tokenizer {tmp_path / 'no.model'}")
 
 
@@ -107,7 +111,8 @@ def test_import_refuses_what_raylm_cannot_represent(tmp_path, sp_model):
 
 def test_bf16_export_loads_and_matches_rounded_weights(tmp_path, sp_model):
     path = weights_file(tmp_path, sp_model, n_experts=2, top_k=1)
-    assert run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "hf", "--dtype", "bfloat16"])[0] == 0
+    code, _, _ = run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "hf", "--dtype", "bfloat16"])
+    assert code == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert hf.dtype == torch.bfloat16
     ours = load_weights(path).state["layers.1.feed_forward.experts_w13"].to(torch.bfloat16)
@@ -118,7 +123,8 @@ def test_import_of_a_sharded_folder_written_by_transformers(tmp_path, sp_model):
     """What a published checkpoint looks like: transformers' own save_pretrained, several shards and an index."""
     path = weights_file(tmp_path, sp_model, n_experts=4, top_k=2)
     run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "hf"])
-    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "pub", max_shard_size="100KB")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    hf.save_pretrained(tmp_path / "pub", max_shard_size="100KB")
     assert (tmp_path / "pub" / "model.safetensors.index.json").exists()
     before, after = load_weights(path), load_weights(str(tmp_path / "pub"))
     assert before.cfg == after.cfg and all(torch.equal(before.state[k], after.state[k]) for k in before.state)

@@ -190,5 +190,6 @@ def config_help(root_cls) -> str:
         docs = field_docs(cls)
         for fname, tp in field_types(cls).items():
             default = getattr(getattr(defaults, name), fname)
-            lines.append(f"  --{name}.{fname} ({_type_name(tp)}, default {default!r}): {docs.get(fname, '')}".rstrip(": "))
+            line = f"  --{name}.{fname} ({_type_name(tp)}, default {default!r})"
+            lines.append(f"{line}: {docs[fname]}" if fname in docs else line)
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """Llama-style decoder in plain PyTorch: RoPE, grouped-query attention, SwiGLU or top-k MoE, RMSNorm.
 
 No distributed code here: FSDP2, activation checkpointing and compile are applied from `trainer/parallelize.py`.
-Layouts follow Hugging Face (rotate-half RoPE, so q/k need no permutation; MoE experts stacked as (E, 2H, D) gate‖up and
-(E, D, H) down tensors), so weights map 1:1 to `LlamaForCausalLM` / `MixtralForCausalLM` (`trainer/hf.py`).
+Layouts follow Hugging Face (rotate-half RoPE, so q/k need no permutation; MoE experts stacked as (E, 2H, D)
+gate‖up and (E, D, H) down tensors), so weights map 1:1 to `LlamaForCausalLM` / `MixtralForCausalLM` (`trainer/hf.py`).
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ class ModelConfig:
         and PaLM count them; the embedding lookup is free. 12·L·H·head_dim·T: QKᵀ and attention·V over T keys,
         3 passes × 2 FLOPs × 2 matmuls, not halved for the causal mask (the usual convention).
         """
-        matmul = self.num_params(embeddings=False, active=True) + (self.vocab_size * self.dim if self.tie_embeddings else 0)
+        tied_head = self.vocab_size * self.dim if self.tie_embeddings else 0
+        matmul = self.num_params(embeddings=False, active=True) + tied_head
         return 6 * matmul + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
 
@@ -158,7 +159,8 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
     """Inverse frequencies (head_dim / 2,) in fp32, computed exactly as transformers does (default or "llama3")."""
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim)
+    exponents = torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** exponents
     if not cfg.rope_scaling:
         return inv_freq
     factor, low, high, context = (cfg.rope_scaling, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
@@ -173,7 +175,8 @@ def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
 
 def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (max_seq_len, head_dim) in fp32, Hugging Face's half-split layout."""
-    freqs = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), rope_frequencies(cfg, device))
+    positions = torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(positions, rope_frequencies(cfg, device))  # (max_seq_len, head_dim / 2)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
@@ -227,7 +230,8 @@ class Attention(nn.Module):
             if start > 0:  # queries at positions start.. attend to every cached key up to their own position
                 causal = False
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.n_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=self.kv_heads != self.n_heads)  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
@@ -268,7 +272,7 @@ class MoE(nn.Module):
         order = experts.flatten().argsort(stable=True)  # (N·k,) routed slots, grouped by expert
         token = order // self.top_k  # (N·k,) the token of each routed slot
         counts = torch.bincount(experts.flatten(), minlength=self.n_experts).tolist()  # one host sync: group sizes
-        # unbind, not w[e]: indexing the stacked weights would give each expert a full-size (E, …) gradient in backward
+        # unbind, not w[e]: indexing the stacked weights gives each expert a full-size (E, …) gradient in backward
         w13, w2 = self.experts_w13.unbind(0), self.experts_w2.unbind(0)
         groups = flat[token].split(counts)  # E × (n_e, D)
         y = torch.cat([self.expert(g, w13[e], w2[e]) for e, g in enumerate(groups)])  # (N·k, D)
@@ -325,7 +329,8 @@ class Transformer(nn.Module):
             param.copy_(initial_value(name, param.shape, self.cfg, seed))
         self.init_buffers()
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, T) → (logits (B, T, vocab), MoE load-balancing loss averaged over blocks (0 if dense)).
 
         With `cache`, tokens sit at positions start..start+T-1 and their keys/values are stored for later steps.
