@@ -166,3 +166,16 @@ def test_kv_cache_takes_the_compute_dtype_under_mixed_precision():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = generate(model, [5, 17, 42], max_new_tokens=6)
     assert len(out) == 9 and model.tok_embeddings.weight.dtype == torch.float32
+
+
+def test_llama3_8b_preset_has_llama3_8b_parameter_count_and_size_cli_reports_it():
+    from conftest import run_captured
+    from trainer import size
+
+    code, out, err = run_captured(size.main, ["--config", "configs/llama3-8b.toml"])
+    assert code == 0, err
+    assert "8,030.3M total" in out  # Meta's Llama-3-8B: 8,030,261,248 parameters
+    code, out, _ = run_captured(size.main, ["--config", "configs/moe.toml", "--model.top_k=1", "--seq_len", "512"])
+    assert "active per token (top-1 of 8 experts)" in out and "at seq_len 512" in out
+    code, _, err = run_captured(size.main, ["--config", "configs/moe.toml", "--model.top_k=9"])
+    assert code == 2 and err == "error: model.top_k=9 must be in [1, n_experts]\n"
