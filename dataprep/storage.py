@@ -45,12 +45,18 @@ def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSyste
     )
 
 
+def absolute(path: str) -> str:
+    """An s3:// URL as is; a local path made absolute here, so another process (a Ray worker with its own working
+    directory) reads the same place."""
+    return path if is_s3(path) else os.path.abspath(os.path.expanduser(path))
+
+
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for a local path or an s3:// URL."""
     if is_s3(path):
         fs = _s3_filesystem(os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_DEFAULT_REGION"))
         return fs, path[len("s3://"):].rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    return pafs.LocalFileSystem(), absolute(path)
 
 
 def fsspec_filesystem(path: str):

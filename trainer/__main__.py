@@ -13,7 +13,7 @@ from dataprep import open_dataset
 from dataprep.errors import configure_logging, run_cli
 from trainer.cli import parse_job_args
 from trainer.data import BatchPlan
-from trainer.job import JobConfig
+from trainer.job import JobConfig, make_paths_absolute
 
 FLAGS = {"--no-ray": "run the loop in this process (or under torchrun) instead of Ray Train"}
 
@@ -27,18 +27,30 @@ def check_before_launch(job: JobConfig, *, world: int) -> None:
 def main(argv: list[str]) -> int:
     job, flags = parse_job_args(argv, prog="python -m trainer", description=__doc__, flags=FLAGS)
     configure_logging("trainer")
+    make_paths_absolute(job)
     if "--no-ray" in flags:
         from trainer.train import run
 
         check_before_launch(job, world=int(os.environ.get("WORLD_SIZE", 1)))
-        run(job)
+        summary = run(job)
+        if os.environ.get("RANK", "0") == "0":
+            print_summary(job, summary)
     else:
         from trainer.ray_launch import launch
 
         check_before_launch(job, world=job.ray.num_workers)
-        result = launch(job)
-        print(f"run {job.run.name}: finished; metrics in {job.run.dir}/metrics.jsonl, Ray state in {result.path}")
+        print_summary(job, launch(job).return_value)
     return 0
+
+
+def print_summary(job: JobConfig, summary: dict) -> None:
+    evals = [m for m in summary["history"] if "val_loss" in m]
+    if evals:
+        curve = " -> ".join(f"{m['val_loss']:.3f} (step {m['step']})" for m in evals)
+        print(f"validation loss: {curve}")
+    if summary["sample"] is not None:
+        print(f"sample:\n{summary['sample']}")
+    print(f"finished; config, metrics.jsonl and TensorBoard events (tb/) in {job.run.dir}")
 
 
 if __name__ == "__main__":

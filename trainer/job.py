@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dataprep import storage
 from dataprep.errors import ConfigError
 from trainer.model import ModelConfig
 from trainer.optim import OptimConfig
@@ -35,9 +36,11 @@ class TrainConfig:
     eval_rows: int = 32
     """Rows of val/ in the fixed validation slice."""
     sample_prompt: str = "def "
-    """Prompt of the greedy sample generated at the end ('' to skip)."""
-    sample_tokens: int = 48
+    """Prompt of the sample generated at the end ('' to skip)."""
+    sample_tokens: int = 64
     """Tokens generated for the final sample."""
+    sample_temperature: float = 0.8
+    """Temperature of the final sample (top-50, seeded by train.seed; 0 = greedy)."""
     device: str = "auto"
     """'auto' (cuda if available), 'cuda' or 'cpu'."""
 
@@ -45,7 +48,7 @@ class TrainConfig:
         for name in ("steps", "global_batch", "micro_batch", "log_every", "sample_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_rows"):
+        for name in ("eval_every", "eval_rows", "sample_temperature"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cuda", "cpu"):
@@ -85,3 +88,9 @@ class JobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+
+def make_paths_absolute(job: JobConfig) -> None:
+    """Local paths resolved against the launching directory: Ray workers run elsewhere."""
+    job.data.path = storage.absolute(job.data.path)
+    job.run.dir = storage.absolute(job.run.dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from dataprep import storage
 from dataprep.errors import RaylmError
@@ -25,14 +26,31 @@ def quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def train_worker(config: dict) -> None:
-    """Runs on each Ray Train worker."""
+class _DropUserErrorTraceback(logging.Filter):
+    """Ray Train logs the traceback of any exception leaving the train function. A user mistake (a RaylmError) is
+    printed by the driver as one `error:` line instead; its traceback would only bury that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from dataprep.errors import find_user_error
+
+        return find_user_error(sys.exc_info()[1]) is None  # Ray logs from inside its `except` block
+
+
+def quiet_user_error_tracebacks() -> None:
+    from ray.train.v2._internal import util
+
+    logging.getLogger(util.__name__).addFilter(_DropUserErrorTraceback())
+
+
+def train_worker(config: dict) -> dict:
+    """Runs on each Ray Train worker; rank 0's return value becomes `Result.return_value`."""
     import ray.train
 
     from trainer.train import run
 
     quiet_report_log()
-    run(from_dict(JobConfig, config["job"]), report=ray.train.report)
+    quiet_user_error_tracebacks()
+    return run(from_dict(JobConfig, config["job"]), report=ray.train.report)
 
 
 def user_error_of(exc: BaseException) -> RaylmError | None:

@@ -220,7 +220,7 @@ class Trainer:
         return m
 
     def sample(self) -> str | None:
-        """Greedy continuation of the configured prompt; every rank runs it (FSDP forwards are collective)."""
+        """A seeded continuation of the configured prompt; every rank runs it (FSDP forwards are collective)."""
         prompt = self.job.train.sample_prompt
         if not prompt:
             return None
@@ -229,12 +229,10 @@ class Trainer:
         sp = self.dataset.tokenizer()
         ids = encode_exact(sp, [prompt])[0]
         self.model.eval()
-        out = generate(self.model, ids, self.job.train.sample_tokens)
+        out = generate(self.model, ids, self.job.train.sample_tokens, self.job.train.sample_temperature, top_k=50,
+                       eos_id=sp.eos_id(), generator=torch.Generator().manual_seed(self.job.train.seed))
         self.model.train()
-        text = prompt + sp.decode(out[len(ids):])
-        if self.d.rank == 0:
-            print(f"sample (greedy, step {self.job.train.steps}):\n{text}", flush=True)
-        return text
+        return prompt + sp.decode(out[len(ids):])
 
     def close(self) -> None:
         if self.sink:
@@ -248,14 +246,13 @@ def write_resolved_config(job: JobConfig) -> None:
     storage.write_bytes(storage.join(job.run.dir, "config.toml"), dump_toml(job).encode())
 
 
-def run(job: JobConfig, *, report: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train as configured; returns the metrics of every log step. Called on every rank."""
+def run(job: JobConfig, *, report: Callable[[dict], None] | None = None) -> dict:
+    """Train as configured; called on every rank. Returns {"history": metrics of every log step, "sample": text}."""
     trainer = Trainer(job, report=report)
     try:
         if trainer.d.rank == 0:
             write_resolved_config(job)
         history = trainer.fit()
-        trainer.sample()
-        return history
+        return {"history": history, "sample": trainer.sample()}
     finally:
         trainer.close()
