@@ -9,6 +9,9 @@ from dataprep.errors import ConfigError, configure_logging, run_cli
 from dataprep.pipeline import DEMO_EXCLUDE, DataprepConfig, demo_inputs, run
 
 DEMO_OUTPUT = "data/stdlib"
+DEFAULTS = {"vocab_size": 32000, "seq_len": 2048}
+DEMO_DEFAULTS = {"vocab_size": 8000, "seq_len": 256}
+"""The demo corpus gets CPU-sized defaults, so `python -m trainer --config configs/demo.toml` trains in minutes."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -30,16 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m dataprep",
         description="Tokenize a text corpus with SentencePiece on Ray Data and pack it into fixed-length Arrow "
         "shards for `python -m trainer`. With no --input, the demo corpus is this Python's standard library "
-        f"(*.py, invalid UTF-8 replaced), written to {DEMO_OUTPUT}.",
+        f"(*.py, invalid UTF-8 replaced), written to {DEMO_OUTPUT} with --vocab-size {DEMO_DEFAULTS['vocab_size']} "
+        f"--seq-len {DEMO_DEFAULTS['seq_len']} unless given.",
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--input", nargs="+", metavar="PATH", help="files, directories (recursive), globs or s3:// "
                    "prefixes; .txt/.md/.py/… (one file = one document), .jsonl, .parquet, optionally .gz/.zst")
     p.add_argument("--output", metavar="DIR", help=f"dataset directory, local or s3:// (demo: {DEMO_OUTPUT})")
     p.add_argument("--tokenizer", metavar="FILE", help="an existing SentencePiece .model to use instead of training one")
-    p.add_argument("--vocab-size", type=int, metavar="N", default=32000, help="vocabulary of the trained BPE tokenizer (byte fallback)")
+    p.add_argument("--vocab-size", type=int, metavar="N", help="vocabulary of the trained BPE tokenizer (byte fallback; "
+                   f"default {DEFAULTS['vocab_size']})")
     p.add_argument("--tokenizer-sample-mb", type=float, metavar="MB", default=64.0, help="text sampled (seeded) to train the tokenizer")
-    p.add_argument("--seq-len", type=int, metavar="N", default=2048, help="tokens per training sequence; rows hold seq_len + 1")
+    p.add_argument("--seq-len", type=int, metavar="N", help="tokens per training sequence; rows hold seq_len + 1 "
+                   f"(default {DEFAULTS['seq_len']})")
     p.add_argument("--val-fraction", type=float, metavar="F", default=0.005, help="share of documents sent to val/ (by hash of their path/line)")
     p.add_argument("--text-field", metavar="NAME", default="text", help="field (.jsonl) or column (.parquet) holding the text")
     p.add_argument("--shard-size", dest="shard_size_mb", type=float, metavar="MB", default=128.0, help="target shard size in MB")
@@ -65,6 +71,8 @@ def main(argv: list[str]) -> int:
         args["encoding_errors"] = "replace"
     elif not args["output"]:
         raise ConfigError("--output DIR is required with --input (a local directory or s3:// prefix)")
+    for name, default in (DEMO_DEFAULTS if demo else DEFAULTS).items():
+        args[name] = default if args[name] is None else args[name]
     configure_logging("dataprep")
     cfg = DataprepConfig(inputs=args.pop("input"), **args)
     run(cfg, exclude=DEMO_EXCLUDE if demo else None)
