@@ -124,3 +124,22 @@ def run_captured(main, argv) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = run_cli(main, [str(a) for a in argv])
     return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def stdlib_dataset(local_ray, tmp_path_factory) -> str:
+    """A small real dataset: 150 stdlib files, 1000-token vocabulary, 64-token sequences."""
+    from dataprep.__main__ import main
+
+    out = tmp_path_factory.mktemp("datasets") / "stdlib"
+    code, _, err = run_captured(main, ["--max-files", "150", "--vocab-size", "1000", "--seq-len", "64",
+                                       "--val-fraction", "0.05", "--output", out])
+    assert code == 0, err
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def s3_stdlib_dataset(stdlib_dataset, s3_server) -> str:
+    url = f"{s3_server}/datasets/stdlib"
+    upload_dir(stdlib_dataset, url)
+    return url
