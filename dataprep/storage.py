@@ -155,3 +155,33 @@ def exists(path: str) -> bool:
         return fs.get_file_info(p).type != pafs.FileType.NotFound
     except OSError as exc:
         raise StorageError(describe_os_error(exc, path)) from None
+
+
+def size(path: str) -> int | None:
+    """Size in bytes of a file, or None if it does not exist."""
+    fs, p = filesystem(path)
+    try:
+        info = fs.get_file_info(p)
+    except OSError as exc:
+        raise StorageError(describe_os_error(exc, path)) from None
+    return None if info.type == pafs.FileType.NotFound else info.size
+
+
+def list_dirs(path: str) -> list[str]:
+    """The sub-directories directly under `path` (none if it does not exist), as paths or s3:// URLs."""
+    fs, p = filesystem(path)
+    try:
+        found = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(describe_os_error(exc, path)) from None
+    return sorted(_url(path, f.path) for f in found if f.type == pafs.FileType.Directory)
+
+
+def delete_dir(path: str) -> None:
+    fs, p = filesystem(path)
+    try:
+        fs.delete_dir(p)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StorageError(describe_os_error(exc, path)) from None

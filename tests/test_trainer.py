@@ -84,6 +84,8 @@ def test_ray_train_from_s3_to_s3_learns_and_repeats_exactly(local_ray, s3_stdlib
     assert [m["step"] for m in first if "val_loss" in m] == [0, 100, 200]
     assert vals[-1] < vals[0] - 1.0, vals  # log(1000) ≈ 6.9 at init; the tiny model learns > 1 nat
     assert result.error is None and result.return_value["history"] == first  # rank 0 returns what it logged
+    assert result.metrics["step"] == 200 and result.metrics["loss"] == losses(f"{s3_server}/runs/a")[-1]
+    assert result.checkpoint.path.endswith("runs/a/checkpoints/step-000200")  # reported where it lies
     train(f"{s3_server}/runs/b")
     assert losses(f"{s3_server}/runs/a") == losses(f"{s3_server}/runs/b")
     assert [m["val_loss"] for m in metrics(f"{s3_server}/runs/b") if "val_loss" in m] == vals

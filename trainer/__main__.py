@@ -18,10 +18,12 @@ from trainer.job import JobConfig, make_paths_absolute
 FLAGS = {"--no-ray": "run the loop in this process (or under torchrun) instead of Ray Train"}
 
 
-def check_before_launch(job: JobConfig, *, world: int) -> None:
-    """Catch user mistakes on the driver, before workers start: dataset present, batch divisible by workers."""
+def check_before_launch(job: JobConfig, *, worlds: range) -> None:
+    """Catch user mistakes on the driver, before workers start: dataset present, batch divisible by any world size
+    the run may have (an elastic run's too)."""
     open_dataset(job.data.path)
-    BatchPlan(global_batch=job.train.global_batch, micro_batch=job.train.micro_batch, world=world)
+    for world in worlds:
+        BatchPlan(global_batch=job.train.global_batch, micro_batch=job.train.micro_batch, world=world)
 
 
 def main(argv: list[str]) -> int:
@@ -31,14 +33,15 @@ def main(argv: list[str]) -> int:
     if "--no-ray" in flags:
         from trainer.train import run
 
-        check_before_launch(job, world=int(os.environ.get("WORLD_SIZE", 1)))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        check_before_launch(job, worlds=range(world, world + 1))
         summary = run(job)
         if os.environ.get("RANK", "0") == "0":
             print_summary(job, summary)
     else:
         from trainer.ray_launch import launch
 
-        check_before_launch(job, world=job.ray.num_workers)
+        check_before_launch(job, worlds=range(job.ray.min_workers or job.ray.num_workers, job.ray.num_workers + 1))
         print_summary(job, launch(job).return_value)
     return 0
 

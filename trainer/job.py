@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from dataprep import storage
 from dataprep.errors import ConfigError
+from trainer.checkpoint import CheckpointConfig, FaultConfig
 from trainer.model import ModelConfig
 from trainer.optim import OptimConfig
 from trainer.parallelize import ParallelConfig
@@ -58,9 +59,8 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class RunConfig:
     dir: str = "runs/demo"
-    """Run directory (local or s3://): config.toml, metrics.jsonl, tb/, checkpoints/."""
-    name: str = "raylm"
-    """Run name shown in the Ray dashboard."""
+    """Run directory (local or s3://): config.toml, metrics.jsonl, tb/, checkpoints/ and Ray Train's run state; the
+    Ray run is named after its last path component."""
 
 
 @dataclass(kw_only=True)
@@ -69,12 +69,22 @@ class RayConfig:
     """Training workers (one process each; one GPU each with use_gpu)."""
     use_gpu: bool = False
     """Train on GPUs with NCCL (the GPU switch); CPU workers use gloo."""
+    min_workers: int = 0
+    """Elastic training: start with as few as this many workers and grow to num_workers (0 = a fixed num_workers).
+    train.global_batch must divide evenly for every count in between."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker."""
+    max_failures: int = 3
+    """Restarts of the worker group after a worker or node dies (-1 = unlimited); each resumes from the last
+    committed checkpoint."""
 
     def __post_init__(self):
         if self.num_workers < 1:
             raise ConfigError(f"ray.num_workers must be >= 1, got {self.num_workers}")
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise ConfigError(f"ray.min_workers must be in [0, ray.num_workers={self.num_workers}], got {self.min_workers}")
+        if self.max_failures < -1:
+            raise ConfigError(f"ray.max_failures must be >= -1, got {self.max_failures}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"ray.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
 
@@ -86,11 +96,15 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 def make_paths_absolute(job: JobConfig) -> None:
     """Local paths resolved against the launching directory: Ray workers run elsewhere."""
     job.data.path = storage.absolute(job.data.path)
     job.run.dir = storage.absolute(job.run.dir)
+    if job.checkpoint.resume_from:
+        job.checkpoint.resume_from = storage.absolute(job.checkpoint.resume_from)

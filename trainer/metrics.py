@@ -76,7 +76,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: str, *, start_step: int):
         self.path = storage.join(run_dir, "metrics.jsonl")
-        self.lines = [l for l in self._existing() if json.loads(l)["step"] <= start_step]
+        self.lines = [l for l in self._existing() if json.loads(l)["step"] <= start_step] if start_step else []
         self.tb_remote = storage.join(run_dir, "tb") if storage.is_s3(run_dir) else None
         self.tb_dir = tempfile.mkdtemp(prefix="raylm-tb-") if self.tb_remote else storage.filesystem(
             storage.join(run_dir, "tb"))[1]

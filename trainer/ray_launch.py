@@ -1,13 +1,16 @@
 """Ray Train: the same training loop in a TorchTrainer, one worker per process (GPU or CPU), metrics to Ray.
 
 Every worker reports at each log step (`ray.train.report`), so the run's metrics show in the Ray dashboard's
-Train view; Ray's own run state goes to RUN_DIR/ray through the storage helper's filesystem (local or s3://).
+Train view. RUN_DIR itself is Ray's run directory (storage_path = its parent, name = its last component), so the
+checkpoints committed under it are reported to Ray where they lie. A dead worker restarts the group
+(FailureConfig), and the loop resumes from the newest committed checkpoint by itself.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import sys
 
 from dataprep import storage
@@ -42,15 +45,25 @@ def quiet_user_error_tracebacks() -> None:
     logging.getLogger(util.__name__).addFilter(_DropUserErrorTraceback())
 
 
-def train_worker(config: dict) -> dict:
-    """Runs on each Ray Train worker; rank 0's return value becomes `Result.return_value`."""
+def report_to_ray(metrics: dict, checkpoint: str | None) -> None:
+    """Every worker's report; a committed checkpoint is registered where it lies (RUN_DIR is Ray's run directory),
+    never uploaded a second time."""
     import ray.train
 
+    ckpt = None
+    if checkpoint:
+        fs, path = storage.filesystem(checkpoint)
+        ckpt = ray.train.Checkpoint(path=path, filesystem=fs)
+    ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+
+
+def train_worker(config: dict) -> dict:
+    """Runs on each Ray Train worker; rank 0's return value becomes `Result.return_value`."""
     from trainer.train import run
 
     quiet_report_log()
     quiet_user_error_tracebacks()
-    return run(from_dict(JobConfig, config["job"]), report=ray.train.report)
+    return run(from_dict(JobConfig, config["job"]), report=report_to_ray)
 
 
 def user_error_of(exc: BaseException) -> RaylmError | None:
@@ -68,20 +81,21 @@ def launch(job: JobConfig):
     """Train with Ray Train on `job.ray.num_workers` workers; returns Ray's Result."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # else report() can block ~2 s per call
     import ray
-    from ray.train import LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
     resources = {"CPU": job.ray.cpus_per_worker, **({"GPU": 1} if job.ray.use_gpu else {})}
-    fs, path = storage.filesystem(storage.join(job.run.dir, "ray"))
+    fs, path = storage.filesystem(job.run.dir)
+    workers = (job.ray.min_workers, job.ray.num_workers) if job.ray.min_workers else job.ray.num_workers
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": to_dict(job)},
-        scaling_config=ScalingConfig(num_workers=job.ray.num_workers, use_gpu=job.ray.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=job.ray.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=job.run.name, storage_path=path, storage_filesystem=fs,
+            name=posixpath.basename(path), storage_path=posixpath.dirname(path), storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=job.ray.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),
             # Train's print patch tees each print to stdout and to its logger: every line would show twice
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},

@@ -7,6 +7,7 @@ the update, AdamW, schedule. Metrics are synced to the host only at log steps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -22,8 +23,10 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from dataprep import open_dataset
-from dataprep.errors import RaylmError
+from dataprep import open_dataset, storage
+from dataprep.errors import ConfigError, RaylmError
+from trainer import checkpoint
+from trainer.checkpoint import Checkpointer, inject_fault
 from trainer.data import BatchPlan, StepLoader, val_batches
 from trainer.job import JobConfig
 from trainer.metrics import MetricsLog, device_peak_flops, peak_memory_gib
@@ -139,10 +142,11 @@ def resolve_model(job: JobConfig, dataset) -> None:
 
 
 class Trainer:
-    """Holds what the loop needs, so the loop itself stays short. `report` is called on every rank at each log step
-    with the same keys (Ray Train requires every worker to report)."""
+    """Holds what the loop needs, so the loop itself stays short. `report(metrics, checkpoint)` is called on every rank
+    at each log step (Ray Train requires every worker to report); `checkpoint` is the path of a checkpoint committed
+    since the last report, on rank 0 only."""
 
-    def __init__(self, job: JobConfig, *, report: Callable[[dict], None] | None = None):
+    def __init__(self, job: JobConfig, *, report: Callable[[dict, str | None], None] | None = None):
         self.job, self.report = job, report
         self.d = init_distributed(job.train.device)
         self.dataset = open_dataset(job.data.path)
@@ -152,7 +156,8 @@ class Trainer:
         self.model = build_model(job, self.d)
         self.optimizer = build_optimizer(self.model, optim=job.optim, device_type=self.d.device.type)
         self.scheduler = build_scheduler(self.optimizer, optim=job.optim, total_steps=job.train.steps)
-        self.start_step = 0
+        self.ckpt = Checkpointer(job.run.dir, job.checkpoint, rank=self.d.rank, device=self.d.device)
+        self.start_step = self.resume()
         self.loader = StepLoader(self.dataset.train, plan=self.plan, rank=self.d.rank, seed=job.data.seed)
         self.val = val_batches(self.dataset.val, rows=job.train.eval_rows, micro_batch=job.train.micro_batch,
                                rank=self.d.rank, world=self.d.world)
@@ -164,6 +169,55 @@ class Trainer:
             log.info("model %.1fM params (%.1fM active), %d workers x %d micro-batches of %d, %s tokens/step, "
                      "peak %.0f GFLOP/s per worker", job.model.num_params() / 1e6, job.model.num_params(active=True) / 1e6,
                      self.d.world, self.plan.grad_accum, self.plan.micro_batch, f"{self.tokens_per_step:,}", self.peak_flops / 1e9)
+
+    def resume(self) -> int:
+        """Load the run's newest committed checkpoint (or checkpoint.resume_from when the run has none); returns the
+        step to continue from. Rank 0 picks the checkpoint, so every rank loads the same one."""
+        cfg = self.job.checkpoint
+        choice: list = [None]
+        if self.d.rank == 0:
+            try:
+                own = checkpoint.latest_committed(self.job.run.dir)
+                choice = [(own, True) if own else (checkpoint.resolve(cfg.resume_from), False) if cfg.resume_from
+                          else None]
+            except RaylmError as exc:  # raised on every rank below, not only here (the others would wait forever)
+                choice = [exc]
+        dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], RaylmError):
+            raise choice[0]
+        if choice[0] is None:
+            return 0
+        path, own = choice[0]
+        warm_start = cfg.load_weights_only and not own
+        state = checkpoint.load(path, self.model, None if warm_start else self.optimizer)
+        if warm_start:
+            log.info("warm start from the weights of %s", path)
+            return 0
+        self.check_same_data_order(state, path)
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(torch.tensor(bytearray.fromhex(state["rng"]), dtype=torch.uint8))
+        if self.d.rank == 0:
+            log.info("resumed from %s at step %d (saved by %d workers, now %d)", path, state["step"], state["world"],
+                     self.d.world)
+        return state["step"]
+
+    def check_same_data_order(self, state: dict, path: str) -> None:
+        """A resumed run must see the batches the interrupted one would have: same global batch and data seed."""
+        for key, now in (("global_batch", self.plan.global_batch), ("data_seed", self.job.data.seed)):
+            if state[key] != now:
+                raise ConfigError(f"{path} was trained with {key}={state[key]}, this run has {now}: the data order "
+                                  "would change; keep it, or warm-start a new run with --checkpoint.resume_from and "
+                                  "--checkpoint.load_weights_only")
+
+    def train_state(self, step: int) -> dict:
+        return {"step": step, "tokens": step * self.tokens_per_step, "world": self.d.world,
+                "global_batch": self.plan.global_batch, "data_seed": self.job.data.seed,
+                "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state().numpy().tobytes().hex(),
+                "model": dataclasses.asdict(self.job.model)}
+
+    def is_save_step(self, step: int) -> bool:
+        every = self.job.checkpoint.every
+        return step == self.job.train.steps or (every > 0 and step % every == 0)
 
     def _mean_over_ranks(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.d.device)
@@ -179,9 +233,14 @@ class Trainer:
                                     aux_weight=self.job.model.aux_loss_weight, step=step)
             self.scheduler.step()
             done = step + 1
+            if self.is_save_step(done):
+                self.ckpt.save(done, self.model, self.optimizer, self.train_state(done))
+                if done == self.job.train.steps:
+                    self.ckpt.finish()  # the last checkpoint is committed before the last report carries it
             if done % self.job.train.log_every == 0 or self.is_eval_step(done):
                 history.append(self.log_step(done, loss, norm, time.perf_counter() - window, done - last_logged))
                 window, last_logged = time.perf_counter(), done
+            inject_fault(self.job.fault, run_dir=self.job.run.dir, step=done, rank=self.d.rank)
         self.loader.close()
         return history
 
@@ -189,11 +248,17 @@ class Trainer:
         """Validation loss of the untrained model: the baseline the falling curve starts from."""
         loss = evaluate(self.model, self.val, self.d.device)
         m = {"step": 0, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        self.publish(m)
+        return m
+
+    def publish(self, m: dict) -> None:
+        """To rank 0's sinks, and Ray from every rank (with the checkpoint committed since the last report)."""
+        self.ckpt.poll()
+        committed = self.ckpt.take_committed()
         if self.sink:
             self.sink.write(m)
         if self.report:
-            self.report(m)
-        return m
+            self.report(m, committed if self.d.rank == 0 else None)
 
     def is_eval_step(self, step: int) -> bool:
         every = self.job.train.eval_every
@@ -213,10 +278,7 @@ class Trainer:
         if self.is_eval_step(step) and self.val:
             m["val_loss"] = evaluate(self.model, self.val, self.d.device)
             m["val_ppl"] = math.exp(min(m["val_loss"], 50.0))
-        if self.sink:
-            self.sink.write(m)
-        if self.report:
-            self.report(m)
+        self.publish(m)
         return m
 
     def sample(self) -> str | None:
@@ -235,23 +297,26 @@ class Trainer:
         return prompt + sp.decode(out[len(ids):])
 
     def close(self) -> None:
+        self.ckpt.close()
         if self.sink:
             self.sink.close()
 
 
-def write_resolved_config(job: JobConfig) -> None:
-    from dataprep import storage
+def write_run_files(job: JobConfig, dataset) -> None:
+    """The resolved config, and the tokenizer, so a run directory is enough to generate from or export."""
     from trainer.config import dump_toml
 
     storage.write_bytes(storage.join(job.run.dir, "config.toml"), dump_toml(job).encode())
+    tokenizer = storage.join(dataset.directory, dataset.manifest["tokenizer"]["file"])
+    storage.write_bytes(storage.join(job.run.dir, "tokenizer.model"), storage.read_bytes(tokenizer))
 
 
-def run(job: JobConfig, *, report: Callable[[dict], None] | None = None) -> dict:
+def run(job: JobConfig, *, report: Callable[[dict, str | None], None] | None = None) -> dict:
     """Train as configured; called on every rank. Returns {"history": metrics of every log step, "sample": text}."""
     trainer = Trainer(job, report=report)
     try:
         if trainer.d.rank == 0:
-            write_resolved_config(job)
+            write_run_files(job, trainer.dataset)
         history = trainer.fit()
         return {"history": history, "sample": trainer.sample()}
     finally:

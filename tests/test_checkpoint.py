@@ -1,0 +1,128 @@
+"""Elastic checkpoints: a killed worker, a resize and damaged checkpoints, with RUN_DIR local and in moto S3."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_captured
+from dataprep import storage
+from test_trainer import TINY, losses, metrics
+from trainer.checkpoint import COMMITTED, list_checkpoints
+
+COMMON = [*TINY, "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=5", "--ray.num_workers=2"]
+
+
+@pytest.fixture(params=["local", "s3"])
+def runs(request, tmp_path):
+    """Where run dirs go: a local directory or a moto S3 prefix (with a dataset on the same kind of storage)."""
+    if request.param == "local":
+        return str(tmp_path), request.getfixturevalue("stdlib_dataset")
+    return f"{request.getfixturevalue('s3_server')}/{tmp_path.name}", request.getfixturevalue("s3_stdlib_dataset")
+
+
+def launch(dataset: str, run_dir: str, *args: str):
+    from trainer.config import load_config
+    from trainer.job import JobConfig
+    from trainer.ray_launch import launch as ray_launch
+
+    toml, overrides = COMMON[1], COMMON[2:]  # COMMON starts with --config FILE
+    return ray_launch(load_config(JobConfig, toml, [*overrides, "--data.path", dataset, "--run.dir", run_dir, *args]))
+
+
+@pytest.fixture(scope="module")
+def reference(local_ray, stdlib_dataset, tmp_path_factory) -> dict[int, list[float]]:
+    """Per-step losses of uninterrupted 2-worker runs of 20 and 30 steps."""
+    out = {}
+    for steps in (20, 30):
+        run_dir = str(tmp_path_factory.mktemp("reference") / f"steps{steps}")
+        launch(stdlib_dataset, run_dir, f"--train.steps={steps}")
+        out[steps] = losses(run_dir)
+    return out
+
+
+def only_committed(run_dir: str) -> list[int]:
+    found = list_checkpoints(run_dir)
+    assert all(ok for _, _, ok in found), found
+    return [step for step, _, _ in found]
+
+
+def test_killed_worker_resumes_to_the_same_losses(local_ray, runs, reference):
+    root, dataset = runs
+    run_dir = storage.join(root, "fault")
+    result = launch(dataset, run_dir, "--train.steps=30", "--fault.kill_at_step=12", "--fault.rank=1")
+    assert storage.exists(storage.join(run_dir, "fault-injected-step-000012")), "the fault never fired"
+    assert losses(run_dir) == reference[30]  # exactly: the same batches, weights and optimizer state after resume
+    assert only_committed(run_dir) == [25, 30]
+    assert result.checkpoint is not None and result.checkpoint.path.endswith("checkpoints/step-000030")
+    assert result.metrics["step"] == 30 and result.metrics["loss"] == reference[30][-1]
+
+
+def test_resize_two_workers_to_one_keeps_the_data_order(local_ray, runs, reference):
+    root, dataset = runs
+    run_dir = storage.join(root, "resize")
+    with pytest.raises(Exception):  # the only worker group dies at step 10 and may not restart
+        launch(dataset, run_dir, "--train.steps=20", "--checkpoint.async_save=false", "--fault.kill_at_step=10",
+               "--ray.max_failures=0")
+    assert only_committed(run_dir) == [5, 10]
+    launch(dataset, run_dir, "--train.steps=20", "--ray.num_workers=1")
+    resumed = [m for m in metrics(run_dir) if "loss" in m]
+    assert [m["step"] for m in resumed] == list(range(1, 21))
+    assert max(abs(a - b) / b for a, b in zip(losses(run_dir), reference[20])) <= 1e-5
+    assert losses(run_dir)[:10] == reference[20][:10]
+
+
+def train_in_process(dataset: str, run_dir: str, *args: str) -> tuple[int, str]:
+    from trainer.__main__ import main
+
+    code, out, err = run_captured(main, ["--no-ray", *COMMON, "--data.path", dataset, "--run.dir", run_dir, *args])
+    return code, out + err
+
+
+def test_uncommitted_checkpoint_is_never_loaded_and_damaged_shards_are_named(runs, caplog):
+    root, dataset = runs
+    run_dir = storage.join(root, "damaged")
+    assert train_in_process(dataset, run_dir, "--train.steps=10")[0] == 0
+    step10 = storage.join(run_dir, "checkpoints", "step-000010")
+    committed = storage.read_bytes(storage.join(step10, COMMITTED))
+    storage.filesystem(step10)[0].delete_file(storage.filesystem(storage.join(step10, COMMITTED))[1])
+    caplog.set_level("INFO", logger="trainer")
+    code, _ = train_in_process(dataset, run_dir, "--train.steps=12")  # an upload cut off before its commit
+    assert code == 0 and "skipping" in caplog.text and "resumed from" in caplog.text
+    assert "step-000005 at step 5" in caplog.text
+    assert [m["step"] for m in metrics(run_dir) if "loss" in m] == list(range(1, 13))
+
+    step12 = storage.join(run_dir, "checkpoints", "step-000012")
+    shard = storage.join(step12, "__0_0.distcp")
+    data = storage.read_bytes(shard)
+    storage.write_bytes(shard, data[: len(data) // 2])
+    code, out = train_in_process(dataset, run_dir, "--train.steps=14")
+    assert code == 2 and f"error: checkpoint shard {shard} is cut short" in out
+    storage.filesystem(shard)[0].delete_file(storage.filesystem(shard)[1])
+    code, out = train_in_process(dataset, run_dir, "--train.steps=14")
+    assert code == 2 and f"error: checkpoint shard {shard} is missing" in out
+    assert committed == b"10\n"
+
+
+def test_resume_from_another_run_and_warm_start(stdlib_dataset, tmp_path, caplog):
+    source = str(tmp_path / "source")
+    assert train_in_process(stdlib_dataset, source, "--train.steps=5")[0] == 0
+    caplog.set_level("INFO", logger="trainer")
+    code, _ = train_in_process(stdlib_dataset, str(tmp_path / "warm"), "--train.steps=3",
+                               f"--checkpoint.resume_from={source}", "--checkpoint.load_weights_only=true")
+    assert code == 0 and "warm start from the weights of" in caplog.text and len(losses(str(tmp_path / "warm"))) == 3
+    code, _ = train_in_process(stdlib_dataset, str(tmp_path / "cont"), "--train.steps=7",
+                               f"--checkpoint.resume_from={source}/checkpoints/step-000005")
+    assert code == 0 and [m["step"] for m in metrics(str(tmp_path / "cont")) if "loss" in m] == [6, 7]
+    code, out = train_in_process(stdlib_dataset, str(tmp_path / "bad"), "--train.global_batch=16",
+                                 f"--checkpoint.resume_from={source}")
+    assert code == 2 and "was trained with global_batch=8, this run has 16" in out
+    code, out = train_in_process(stdlib_dataset, str(tmp_path / "none"), f"--checkpoint.resume_from={tmp_path}")
+    assert code == 2 and "holds no committed checkpoint" in out
+
+
+def test_a_checkpoint_that_cannot_be_written_is_an_error_after_retries(stdlib_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-000005").write_text("a file where the checkpoint directory must go")
+    code, out = train_in_process(stdlib_dataset, str(run_dir), "--train.steps=5", "--checkpoint.retries=2")
+    assert code == 2 and "step-000005 could not be written in 2 attempts" in out

@@ -1,0 +1,283 @@
+"""Sharded, asynchronous, atomically committed checkpoints in RUN_DIR/checkpoints/step-NNNNNN/ (local or s3://).
+
+Save: the loop waits only while the model and optimizer shards are copied to host memory; a background thread
+writes them with torch.distributed.checkpoint (each rank its own shards, rank 0 the metadata), retrying with
+backoff, on a process group of its own so its collectives never interleave with training's. At a later log step
+the ranks agree that every write finished; rank 0 then writes train_state.json and, last, COMMITTED, and prunes
+older checkpoints. Only a directory with COMMITTED is ever loaded, and DCP reshards it to any world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+
+from dataprep import storage
+from dataprep.errors import ConfigError, DataError, StorageError
+
+log = logging.getLogger(__name__)
+
+COMMITTED = "COMMITTED"
+TRAIN_STATE = "train_state.json"
+STEP_DIR = re.compile(r"step-(\d+)$")
+DCP_ERRORS = (Exception, CheckpointException)
+"""What a failed DCP save or load raises: CheckpointException (every rank's errors, gathered) is a BaseException."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 100
+    """Steps between checkpoints; one is always written at the end (0 = only at the end)."""
+    keep: int = 2
+    """Committed checkpoints kept; older ones are deleted once a newer one is committed."""
+    resume_from: str = ""
+    """Start from this checkpoint (a step-NNNNNN directory, or a run directory's newest) when RUN_DIR has none."""
+    load_weights_only: bool = False
+    """With resume_from: take only the model weights (a warm start at step 0 with a fresh optimizer)."""
+    async_save: bool = True
+    """Write in the background (the loop waits only for the copy to host memory); False waits for the commit."""
+    retries: int = 3
+    """Attempts at writing a checkpoint, with exponential backoff, before the run stops with an error."""
+
+    def __post_init__(self):
+        for name in ("every", "keep", "retries"):
+            if getattr(self, name) < (1 if name != "every" else 0):
+                raise ConfigError(f"checkpoint.{name} must be >= {1 if name != 'every' else 0}, got {getattr(self, name)}")
+        if self.load_weights_only and not self.resume_from:
+            raise ConfigError("checkpoint.load_weights_only needs checkpoint.resume_from (the checkpoint to warm-start from)")
+
+
+def step_dir(run_dir: str, step: int) -> str:
+    return storage.join(run_dir, "checkpoints", f"step-{step:06d}")
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str, bool]]:
+    """(step, path, committed) of every checkpoint directory under run_dir, oldest first."""
+    found = []
+    for path in storage.list_dirs(storage.join(run_dir, "checkpoints")):
+        if match := STEP_DIR.search(path):
+            found.append((int(match.group(1)), path, storage.exists(storage.join(path, COMMITTED))))
+    return sorted(found)
+
+
+def latest_committed(run_dir: str) -> str | None:
+    """The newest committed checkpoint of a run; newer uncommitted ones (saves cut off) are skipped with a log line."""
+    for _, path, committed in reversed(list_checkpoints(run_dir)):
+        if committed:
+            return path
+        log.warning("skipping %s: it has no %s (its save was cut off)", path, COMMITTED)
+    return None
+
+
+def resolve(path: str) -> str:
+    """A committed step directory, given one or a run directory (whose newest committed checkpoint is taken)."""
+    if STEP_DIR.search(path.rstrip("/")):
+        if not storage.exists(storage.join(path, COMMITTED)):
+            raise DataError(f"checkpoint {path} has no {COMMITTED}: its save was cut off; pick another step")
+        return path
+    found = latest_committed(path)
+    if found is None:
+        raise DataError(f"{path} holds no committed checkpoint (checkpoints/step-*/{COMMITTED}); check the path")
+    return found
+
+
+def _writer(path: str):
+    if storage.is_s3(path):  # endpoint and credentials from the AWS environment, as everywhere in raylm
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        return FsspecWriter(path)
+    return dcp.FileSystemWriter(storage.absolute(path))
+
+
+def _reader(path: str):
+    if storage.is_s3(path):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        return FsspecReader(path)
+    return dcp.FileSystemReader(storage.absolute(path))
+
+
+def _first_line(exc: BaseException) -> str:
+    """One line saying what went wrong; for DCP's gathered errors, the first failing rank's own error."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (exc, _) = min(exc.failures.items())
+        return f"rank {rank}: {_first_line(exc)}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def verify(path: str) -> None:
+    """Every shard file the metadata names exists and is long enough, so a missing or cut-short shard is named here
+    instead of failing deep inside DCP (or, for a short read, silently)."""
+    try:
+        metadata = _reader(path).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - any failure to read it means the same to the user
+        raise DataError(f"checkpoint {path}: cannot read its metadata ({_first_line(exc)}); "
+                        "resume from another checkpoint") from None
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, length in sorted(needed.items()):
+        actual = storage.size(storage.join(path, name))
+        if actual is None or actual < length:
+            state = "is missing" if actual is None else f"is cut short ({actual:,} of {length:,} bytes)"
+            raise DataError(f"checkpoint shard {storage.join(path, name)} {state}; resume from another checkpoint "
+                            "(--checkpoint.resume_from) or delete this one")
+
+
+def read_train_state(path: str) -> dict:
+    return json.loads(storage.read_bytes(storage.join(path, TRAIN_STATE)))
+
+
+def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Load a committed checkpoint into the (sharded) model and, unless None, the optimizer; returns its train state.
+
+    Collective. The shards are resharded to this world size by DCP."""
+    verify(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer or [])
+    state = {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state, storage_reader=_reader(path))
+    except DCP_ERRORS as exc:  # a damaged checkpoint, whatever DCP raises for it
+        raise DataError(f"checkpoint {path} could not be loaded ({_first_line(exc)}); resume from another one") from None
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return read_train_state(path)
+
+
+@dataclass
+class _Save:
+    step: int
+    path: str
+    train_state: dict
+    future: Future
+
+
+class Checkpointer:
+    """Saves of one run, at most one in flight. `save` and `poll`/`finish` are collective: every rank calls them at
+    the same steps."""
+
+    def __init__(self, run_dir: str, cfg: CheckpointConfig, *, rank: int, device: torch.device):
+        self.run_dir, self.cfg, self.rank, self.device = run_dir, cfg, rank, device
+        self.group = dist.new_group(backend="gloo")  # the background writes' collectives, apart from training's
+        self.stager = DefaultStager(StagingOptions(use_pinned_memory=device.type == "cuda", use_shared_memory=False,
+                                                   use_async_staging=False, use_non_blocking_copy=False))
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-checkpoint")
+        self.pending: _Save | None = None
+        self.committed: str | None = None
+        """The newest checkpoint committed and not yet handed out by `take_committed` (reported to Ray)."""
+        self.blocked_seconds = 0.0
+        """Time the loop spent inside `save` (host copy; the whole write when not async)."""
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> None:
+        t0 = time.perf_counter()
+        self.finish()  # at most one save in flight
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        path = step_dir(self.run_dir, step)
+        if self.cfg.async_save:
+            future = self.pool.submit(self._write, self.stager.stage(state), path)
+        else:
+            future = Future()
+            future.set_result(self._write(state, path))
+        self.pending = _Save(step, path, train_state, future)
+        if not self.cfg.async_save:
+            self.finish()
+        self.blocked_seconds += time.perf_counter() - t0
+
+    def _write(self, state: dict, path: str) -> None:
+        """dcp.save with retries. A failure on any rank fails the save on every rank (DCP gathers the errors), so
+        the ranks retry together."""
+        for attempt in range(1, self.cfg.retries + 1):
+            try:
+                dcp.save(state, storage_writer=_writer(path), process_group=self.group)
+                return
+            except DCP_ERRORS as exc:  # storage errors come in many types; all are retried
+                if attempt == self.cfg.retries:
+                    raise StorageError(f"checkpoint {path} could not be written in {attempt} attempts "
+                                       f"({_first_line(exc)}); check the run directory's storage") from None
+                delay = 2.0 ** (attempt - 1)
+                log.warning("checkpoint %s: write failed (%s); retrying in %.0fs", path, _first_line(exc), delay)
+                time.sleep(delay)
+
+    def poll(self) -> None:
+        """Commit the save in flight if every rank's write has finished; never waits for it."""
+        if self.pending is None:
+            return
+        done = torch.tensor([int(self.pending.future.done())], device=self.device)
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if done.item():
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for the save in flight (re-raising its error) and commit it."""
+        if self.pending is None:
+            return
+        save, self.pending = self.pending, None
+        save.future.result()
+        if self.rank == 0:
+            storage.write_bytes(storage.join(save.path, TRAIN_STATE), json.dumps(save.train_state).encode())
+            storage.write_bytes(storage.join(save.path, COMMITTED), f"{save.step}\n".encode())  # last: the commit
+            self.prune()
+            log.info("checkpoint %s committed", save.path)
+        self.committed = save.path
+
+    def take_committed(self) -> str | None:
+        path, self.committed = self.committed, None
+        return path
+
+    def prune(self) -> None:
+        """Delete all but the newest `keep` committed checkpoints, and cut-off saves older than the newest commit."""
+        found = list_checkpoints(self.run_dir)
+        committed = [path for _, path, ok in found if ok]
+        if not committed:
+            return
+        keep = set(committed[-self.cfg.keep:])
+        newest = max(step for step, path, ok in found if ok)
+        for step, path, _ in found:
+            if path not in keep and step < newest:
+                storage.delete_dir(path)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.stager.close()
+
+
+@dataclass(kw_only=True)
+class FaultConfig:
+    kill_at_step: int = 0
+    """Tests and demos: rank fault.rank dies hard (os._exit) after this step, once per run dir (0 = never)."""
+    rank: int = 0
+    """The rank that dies."""
+
+    def __post_init__(self):
+        if self.kill_at_step < 0 or self.rank < 0:
+            raise ConfigError(f"fault.kill_at_step and fault.rank must be >= 0, got {self.kill_at_step}, {self.rank}")
+
+
+def inject_fault(fault: FaultConfig, *, run_dir: str, step: int, rank: int) -> None:
+    """Die like a lost node at the configured step, once: a marker in the run dir stops it after the restart."""
+    if fault.kill_at_step != step or fault.rank != rank:
+        return
+    marker = storage.join(run_dir, f"fault-injected-step-{step:06d}")
+    if storage.exists(marker):
+        return
+    storage.write_bytes(marker, f"rank {rank} killed at step {step}\n".encode())
+    log.warning("fault injection: rank %d exits at step %d", rank, step)
+    logging.shutdown()
+    os._exit(1)
