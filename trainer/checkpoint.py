@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import re
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -27,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_st
 
 from dataprep import storage
 from dataprep.errors import ConfigError, DataError, StorageError
+from trainer.model import ModelConfig, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +163,33 @@ def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -
     return read_train_state(path)
 
 
+def is_checkpoint_path(path: str) -> bool:
+    """A step directory or a run directory with checkpoints/ (as opposed to a weights file or a HF folder)."""
+    return bool(STEP_DIR.search(path.rstrip("/"))) or bool(storage.list_dirs(storage.join(path, "checkpoints")))
+
+
+def run_dir_of(step_path: str) -> str:
+    return posixpath.dirname(posixpath.dirname(step_path.rstrip("/")))
+
+
+def read_model(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, full state dict) of a committed checkpoint, gathered from its shards in this one process
+    (no process group needed): for generation and export."""
+    verify(path)
+    cfg = ModelConfig(**read_train_state(path)["model"])
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    state = model.state_dict()
+    try:
+        with warnings.catch_warnings():  # DCP warns that it loads in a single process, which is the intent here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": state}, storage_reader=_reader(path), no_dist=True)
+    except DCP_ERRORS as exc:
+        raise DataError(f"checkpoint {path} could not be loaded ({_first_line(exc)}); use another one") from None
+    return cfg, state
+
+
 @dataclass
 class _Save:
     step: int
@@ -182,7 +212,7 @@ class Checkpointer:
         self.committed: str | None = None
         """The newest checkpoint committed and not yet handed out by `take_committed` (reported to Ray)."""
         self.blocked_seconds = 0.0
-        """Time the loop spent inside `save` (host copy; the whole write when not async)."""
+        """Time the loop spent in saves since `take_blocked` (the host copy; the whole write when not async)."""
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> None:
         t0 = time.perf_counter()
@@ -236,6 +266,10 @@ class Checkpointer:
             self.prune()
             log.info("checkpoint %s committed", save.path)
         self.committed = save.path
+
+    def take_blocked(self) -> float:
+        seconds, self.blocked_seconds = self.blocked_seconds, 0.0
+        return seconds
 
     def take_committed(self) -> str | None:
         path, self.committed = self.committed, None

@@ -1,6 +1,6 @@
 """python -m trainer.export: raylm weights → a Hugging Face folder (Llama or Mixtral), or back with --from-hf.
 
-    python -m trainer.export --checkpoint WEIGHTS --out HF_DIR        # AutoModelForCausalLM/AutoTokenizer load it
+    python -m trainer.export --checkpoint RUN_DIR --out HF_DIR        # AutoModelForCausalLM/AutoTokenizer load it
     python -m trainer.export --from-hf HF_DIR --out WEIGHTS.pt         # continue pretraining a published model
 """
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="WEIGHTS", help="raylm weights (.pt) or a Hugging Face folder to export")
+    src.add_argument("--checkpoint", metavar="PATH", help="a run or step-NNNNNN directory, raylm .pt weights or a Hugging Face folder to export")
     src.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face Llama/Mixtral folder to import")
     p.add_argument("--out", required=True, help="output: a Hugging Face folder (export) or a .pt file (import)")
     p.add_argument("--tokenizer", metavar="FILE", help="SentencePiece model to ship (default: the one in the weights)")

@@ -1,4 +1,4 @@
-"""python -m trainer.generate --checkpoint WEIGHTS --prompt TEXT: continue a prompt with a KV cache (stops at EOS)."""
+"""python -m trainer.generate --checkpoint RUN_DIR|STEP_DIR|WEIGHTS --prompt TEXT: continue a prompt with a KV cache (stops at EOS)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from trainer.weights import load_weights, read_tokenizer
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a Hugging Face folder or raylm .pt weights")
+    p.add_argument("--checkpoint", required=True, help="a run or step-NNNNNN directory (local or s3://), a Hugging Face folder or raylm .pt weights")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -1,4 +1,5 @@
-"""Loading model weights for inference and export: a Hugging Face folder or a raylm weights file (`.pt`).
+"""Loading model weights for inference and export: a raylm run/checkpoint directory, a Hugging Face folder or a
+raylm weights file (`.pt`).
 
 A raylm weights file holds the ModelConfig, the state dict and the SentencePiece model bytes, so it is enough on
 its own to generate text or export.
@@ -12,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from dataprep import storage
 from dataprep.errors import DataError
+from trainer import checkpoint
 from trainer.model import ModelConfig, Transformer
 
 FORMAT = "raylm-weights-v1"
@@ -48,7 +51,13 @@ def save_weights(path: str, weights: Weights) -> None:
 
 
 def load_weights(path: str) -> Weights:
-    """Weights from a Hugging Face folder (config.json) or a raylm `.pt` weights file."""
+    """Weights from a raylm run or checkpoint directory (local or s3://), a Hugging Face folder (config.json) or a
+    raylm `.pt` weights file."""
+    if checkpoint.is_checkpoint_path(path):
+        step = checkpoint.resolve(path)
+        cfg, state = checkpoint.read_model(step)
+        sp_path = storage.join(checkpoint.run_dir_of(step), "tokenizer.model")
+        return Weights(cfg, state, storage.read_bytes(sp_path) if storage.exists(sp_path) else None)
     if os.path.isdir(path):
         from trainer.hf import import_folder
 
@@ -56,7 +65,8 @@ def load_weights(path: str) -> Weights:
         sp_path = os.path.join(path, "tokenizer.model")
         return Weights(cfg, state, read_tokenizer(sp_path) if os.path.exists(sp_path) else None)
     if not os.path.isfile(path):
-        raise DataError(f"checkpoint {path} does not exist; pass a Hugging Face folder or a raylm .pt weights file")
+        raise DataError(f"checkpoint {path} does not exist; pass a run or checkpoint directory, a Hugging Face folder "
+                        "or a raylm .pt weights file")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our file"
