@@ -9,7 +9,6 @@ checkpoints committed under it are reported to Ray where they lie. A dead worker
 from __future__ import annotations
 
 import logging
-import os
 import posixpath
 import sys
 
@@ -77,9 +76,12 @@ def user_error_of(exc: BaseException) -> RaylmError | None:
     return find_user_error(exc)
 
 
-def launch(job: JobConfig):
-    """Train with Ray Train on `job.ray.num_workers` workers; returns Ray's Result."""
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # else report() can block ~2 s per call
+def launch(job: JobConfig, *, callbacks: list | None = None):
+    """Train with Ray Train on `job.ray.num_workers` workers; returns Ray's Result.
+
+    Ray's controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and a report waits
+    until the previous one was polled: log steps closer together than that block the loop (lower it, as the tests
+    do, for runs that log every fraction of a second); a shorter poll costs CPU on every run."""
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -95,7 +97,7 @@ def launch(job: JobConfig):
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=job.ray.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=posixpath.basename(path), storage_path=posixpath.dirname(path), storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=job.ray.max_failures),
+            failure_config=FailureConfig(max_failures=job.ray.max_failures), callbacks=callbacks,
             logging_config=LoggingConfig(log_level="WARNING"),
             # Train's print patch tees each print to stdout and to its logger: every line would show twice
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},

@@ -247,7 +247,7 @@ class Trainer:
     def initial_eval(self) -> dict:
         """Validation loss of the untrained model: the baseline the falling curve starts from."""
         loss = evaluate(self.model, self.val, self.d.device)
-        m = {"step": 0, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        m = {"step": 0, "tokens": 0, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
         self.publish(m)
         return m
 
@@ -267,6 +267,9 @@ class Trainer:
     def log_step(self, step: int, loss: torch.Tensor, norm: torch.Tensor, elapsed: float, steps: int) -> dict:
         dist.all_reduce(loss)  # SUM: gloo has no AVG
         mean_loss = loss.item() / self.d.world
+        if self.job.train.max_loss and not mean_loss <= self.job.train.max_loss:  # `not <=`: NaN too
+            raise TrainingDiverged(f"training loss {mean_loss:.4g} at step {step} exceeds train.max_loss="
+                                   f"{self.job.train.max_loss:g}; lower --optim.lr or raise --optim.warmup_steps")
         step_time = elapsed / steps
         tokens_per_s = self.tokens_per_step / step_time
         m = {
@@ -274,6 +277,7 @@ class Trainer:
             "tokens": step * self.tokens_per_step, "tokens_per_s": tokens_per_s, "step_time_s": step_time,
             "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.d.world),
             "data_wait_share": self.loader.take_wait() / elapsed, "peak_mem_gib": peak_memory_gib(self.d.device),
+            "checkpoint_blocked_s": self.ckpt.take_blocked(),
         }
         if self.is_eval_step(step) and self.val:
             m["val_loss"] = evaluate(self.model, self.val, self.d.device)
