@@ -9,8 +9,9 @@ from trainer.config import config_help, load_config
 from trainer.job import JobConfig
 
 
-def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[str, str] | None = None):
-    """(JobConfig, set of plain flags given). Prints help and exits 0 on -h/--help."""
+def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[str, str] | None = None,
+                   root: type = JobConfig):
+    """(root config, set of plain flags given). Prints help and exits 0 on -h/--help."""
     flags = flags or {}
     if "-h" in argv or "--help" in argv:
         print(f"usage: {prog} [--config FILE] {' '.join(f'[{f}]' for f in flags)} [--section.field=value ...]\n")
@@ -18,7 +19,7 @@ def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[
         print("  --config FILE  TOML preset (see configs/); command-line values override it")
         for flag, text in flags.items():
             print(f"  {flag}  {text}")
-        print("\nFields (CLI > TOML > default):\n" + config_help(JobConfig))
+        print("\nFields (CLI > TOML > default):\n" + config_help(root))
         sys.exit(0)
     toml_path, given, rest, i = None, set(), [], 0
     while i < len(argv):
@@ -35,4 +36,4 @@ def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[
         else:
             rest.append(arg)
         i += 1
-    return load_config(JobConfig, toml_path, rest), given
+    return load_config(root, toml_path, rest), given

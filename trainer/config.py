@@ -79,8 +79,12 @@ def _scalar(value: Any, tp: type, where: str) -> Any:
     raise ConfigError(f"{where}={value!r} is not a valid {_type_name(tp)}")
 
 
+FLAG = "\0flag"
+"""The value of a bare `--section.field`: true for a bool field, an error for any other."""
+
+
 def parse_overrides(args: list[str]) -> dict[str, str]:
-    """`--section.field=value` / `--section.field value` → {'section.field': 'value'}."""
+    """`--section.field=value` / `--section.field value` / bare `--section.field` → {'section.field': value}."""
     out, i = {}, 0
     while i < len(args):
         arg = args[i]
@@ -89,8 +93,9 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raise ConfigError(f"--{key} needs a value")
-            value, i = args[i + 1], i + 1
+                value = FLAG
+            else:
+                value, i = args[i + 1], i + 1
         out[key] = value
         i += 1
     return out
@@ -139,7 +144,11 @@ def _build_section(name: str, cls: type, table: dict, cli: dict[str, str], toml_
         values[fname] = _coerce(value, types_[fname], f"{toml_path}: {name}.{fname}")
     for key, value in cli.items():
         section, _, fname = key.partition(".")
-        if section == name:
+        if section == name and value == FLAG:
+            if types_[fname] is not bool:
+                raise ConfigError(f"--{key} needs a value")
+            values[fname] = True
+        elif section == name:
             values[fname] = _coerce(value, types_[fname], f"--{key}")
     try:
         return cls(**values)

@@ -42,6 +42,8 @@ class TrainConfig:
     """Tokens generated for the final sample."""
     sample_temperature: float = 0.8
     """Temperature of the final sample (top-50, seeded by train.seed; 0 = greedy)."""
+    max_loss: float = 0.0
+    """Stop as diverged when the training loss at a log step exceeds this (0 = only on a non-finite norm)."""
     device: str = "auto"
     """'auto' (cuda if available), 'cuda' or 'cpu'."""
 
@@ -49,7 +51,7 @@ class TrainConfig:
         for name in ("steps", "global_batch", "micro_batch", "log_every", "sample_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_rows", "sample_temperature"):
+        for name in ("eval_every", "eval_rows", "sample_temperature", "max_loss"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cuda", "cpu"):

@@ -1,0 +1,113 @@
+"""Ray Tune studies of the tiny preset on the stdlib test dataset: ASHA, divergence, outputs, resume, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_captured
+from test_trainer import TINY, losses
+from trainer.checkpoint import list_checkpoints
+
+# 64-token rows: 8 sequences = 512 tokens a step; 4 marks of 5,120 tokens (10 steps at batch 8, 5 at batch 16)
+STUDY = [*TINY, "--tune.batch=8,16", "--tune.budget_tokens=20480", "--tune.marks=4"]
+
+
+def read_results(tune_dir) -> list[dict]:
+    with open(os.path.join(tune_dir, "results.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.ray
+def test_random_study_stops_trials_early_and_writes_a_config_the_trainer_accepts(local_ray, stdlib_dataset, tmp_path):
+    from trainer.__main__ import main as train_main
+    from tune.__main__ import main
+
+    tune_dir = tmp_path / "study"
+    code, out, err = run_captured(main, [*STUDY, "--data.path", stdlib_dataset, "--tune.dir", tune_dir,
+                                         "--tune.samples=6", "--tune.lr=1e-4:3e-2"])
+    assert code == 0, err[-3000:]
+    rows = read_results(tune_dir)
+    assert len(rows) == 6 and {r["status"] for r in rows} <= {"completed", "stopped early", "diverged"}
+    assert any(r["status"] == "stopped early" for r in rows), rows  # ASHA cut at least one trial at a mark
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert completed and all(int(r["tokens"]) == 20480 for r in completed)  # equal tokens, not equal steps
+    assert all(int(r["tokens"]) < 20480 for r in rows if r["status"] == "stopped early")
+    best = min(completed, key=lambda r: float(r["final_val_loss"]))
+    assert f"lr {float(best['lr']):.3g}, global batch {best['global_batch']}" in out
+    png = (tune_dir / "results.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
+    code, _, err = run_captured(train_main, ["--no-ray", "--config", tune_dir / "best.toml", "--train.steps=3",
+                                             "--train.log_every=1", "--run.dir", tmp_path / "from-best"])
+    assert code == 0, err
+    assert len(losses(str(tmp_path / "from-best"))) == 3
+
+
+def tune_cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "tune", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+
+
+def wait_for_a_finished_trial(tune_dir, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until Tune's saved experiment state records a terminated trial (so a resume knows it is done)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        for state in glob.glob(str(tune_dir / "study" / "experiment_state*.json")):
+            with open(state) as f:
+                if "TERMINATED" in f.read():
+                    return
+        time.sleep(0.5)
+    raise AssertionError(f"no trial finished (exit code {proc.poll()}): {proc.stdout.read() if proc.poll() else ''}")
+
+
+@pytest.mark.e2e
+def test_killed_grid_study_resumes_and_never_picks_a_diverged_or_tiny_lr(stdlib_dataset, tmp_path):
+    tune_dir = tmp_path / "grid"
+    args = [*STUDY, "--tune.batch=8", "--tune.lr=1e-6,3e-3,30", "--data.path", stdlib_dataset,
+            "--tune.dir", str(tune_dir), "--tune.max_concurrent=1"]
+    first = tune_cli(*args)
+    wait_for_a_finished_trial(tune_dir, first)
+    os.killpg(first.pid, signal.SIGKILL)  # the whole study, Ray included, dies at once
+    first.wait()
+    finished = {d: (d / "metrics.jsonl").read_bytes() for d in (tune_dir / "trials").iterdir()
+                if list_checkpoints(str(d)) and list_checkpoints(str(d))[-1][0] == 40}
+    assert finished, "the first trial's run is not complete"
+
+    again = tune_cli(*args, "--tune.resume")
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out[-3000:]
+    for run_dir, metrics in finished.items():
+        assert (run_dir / "metrics.jsonl").read_bytes() == metrics, f"{run_dir.name} was trained again"
+    rows = {float(r["lr"]): r for r in read_results(tune_dir)}
+    assert sorted(rows) == [1e-6, 3e-3, 30.0]
+    assert rows[30.0]["status"] == "diverged" and rows[3e-3]["status"] == "completed"
+    assert "best: lr 0.003, global batch 8" in out
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("--tune.lr=1e-2:1e-4", "tune.lr=1e-2:1e-4 must be LOW:HIGH with LOW < HIGH"),
+    ("--tune.batch=", "tune.batch=[] must list at least one global batch size"),
+    ("--tune.lr=abc", "tune.lr='abc': 'abc' is not a number"),
+    ("--tune.resume", "holds no study to resume"),
+])
+def test_bad_inputs_are_one_line_errors(stdlib_dataset, tmp_path, arg, expected):
+    from tune.__main__ import main
+
+    code, _, err = run_captured(main, ["--data.path", stdlib_dataset, "--tune.dir", tmp_path, arg])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+
+
+def test_missing_dataset_is_a_one_line_error(tmp_path):
+    from tune.__main__ import main
+
+    code, _, err = run_captured(main, ["--data.path", tmp_path / "missing", "--tune.dir", tmp_path])
+    assert code == 2 and "is not a finished raylm dataset" in err and len(err.strip().splitlines()) == 1

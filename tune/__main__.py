@@ -1,0 +1,38 @@
+"""python -m tune: search the peak learning rate and global batch size with Ray Tune over short trainer runs.
+
+    python -m tune --config configs/X.toml --data.path DATASET [--tune.samples N] [--tune.lr 1e-4:3e-2]
+                   [--tune.batch 16,32,64] [--tune.budget_tokens T] [--tune.dir DIR] [--tune.resume]
+                   [--section.field=value ...]
+
+Trials are compared at equal training tokens; ASHA stops the poor ones early; a diverging trial is recorded as
+"diverged". Writes results.csv, results.png and best.toml (a config `python -m trainer --config` accepts).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dataprep.errors import configure_logging, run_cli
+from trainer.cli import parse_job_args
+from trainer.job import make_paths_absolute
+from tune.config import TuneJobConfig
+
+
+def main(argv: list[str]) -> int:
+    job, _ = parse_job_args(argv, prog="python -m tune", description=__doc__, root=TuneJobConfig)
+    configure_logging("tune")
+    make_paths_absolute(job)
+    from dataprep import storage
+    from tune.study import format_table, run_study
+
+    job.tune.dir = storage.absolute(job.tune.dir)
+    rows, best = run_study(job)
+    print(format_table(rows, best))
+    print(f"best: lr {best['lr']:.3g}, global batch {best['global_batch']} (val loss {best['final_val_loss']:.4f}); "
+          f"wrote {job.tune.dir}/results.csv, results.png and best.toml\n"
+          f"train with it: python -m trainer --config {job.tune.dir}/best.toml")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,201 @@
+"""A Ray Tune study over short runs of the trainer: peak lr × global batch, compared at equal training tokens.
+
+Each trial is a function trainable that runs the trainer's loop (the same code as `python -m trainer`, one worker)
+and reports its log steps to Tune. A trial validates at `tune.marks`
+equal token counts whatever its batch size, and ASHA (time in tokens) stops the poor ones at those marks. A trial
+whose loss diverges ends as "diverged" instead of failing the study.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+import math
+import posixpath
+
+from dataprep import open_dataset, storage
+from dataprep.errors import ConfigError
+from trainer.config import dump_toml, from_dict, to_dict
+from trainer.job import JobConfig
+from tune.config import TuneConfig, TuneJobConfig
+
+log = logging.getLogger(__name__)
+
+STUDY = "study"
+
+COLUMNS = ("trial", "lr", "global_batch", "tokens", "final_val_loss", "best_val_loss", "status")
+
+
+def trial_steps(batch: int, seq_len: int, tune: TuneConfig) -> tuple[int, int]:
+    """(steps, steps between validation marks) of a trial: `marks` marks at equal token counts, whatever the batch."""
+    every = max(1, round(tune.budget_tokens / tune.marks / (batch * seq_len)))
+    return every * tune.marks, every
+
+
+def trial_job(config: dict, run_dir: str) -> JobConfig:
+    """The training job of one trial: the study's job with the trial's lr and batch, sized to the token budget."""
+    job, tune = from_dict(JobConfig, config["job"]), TuneConfig(**config["tune"])
+    job.optim.lr, job.train.global_batch = config["lr"], config["batch"]
+    job.train.steps, job.train.eval_every = trial_steps(config["batch"], config["seq_len"], tune)
+    job.train.log_every = job.checkpoint.every = job.train.eval_every  # every report carries val_loss
+    job.train.max_loss = tune.diverged_loss(config["vocab_size"])
+    job.train.sample_prompt = ""
+    job.checkpoint.keep = 1
+    job.ray.max_failures = 0  # a diverged trial is a result, not a failure to retry
+    job.run.dir = run_dir
+    return job
+
+
+def run_trial(config: dict) -> None:
+    """One Tune trial: the trainer's loop in this trial's own process, its log steps reported to Tune.
+
+    In-process (one worker per trial) rather than a TorchTrainer inside the trial: when ASHA stops a trial, Tune ends
+    this process and everything in it, while a stopped TorchTrainer left its workers' CPUs reserved on Ray 2.60 and
+    the next trials waited for them forever."""
+    import ray.tune
+
+    from trainer.train import TrainingDiverged, run
+
+    job = trial_job(config, storage.join(config["trials_dir"], ray.tune.get_context().get_trial_name()))
+    try:
+        run(job, report=lambda metrics, checkpoint: ray.tune.report(metrics))
+    except TrainingDiverged as exc:
+        tokens = job.train.steps * job.train.global_batch * config["seq_len"]
+        ray.tune.report({"tokens": tokens, "val_loss": math.inf, "diverged": True, "reason": str(exc)})
+
+
+def study_path(tune: TuneConfig) -> tuple:
+    fs, path = storage.filesystem(tune.dir)
+    return fs, path, posixpath.join(path, STUDY)
+
+
+def build_tuner(job: TuneJobConfig, *, seq_len: int, vocab_size: int):
+    """A new Tuner, or the restored one of an interrupted study (`tune.resume`)."""
+    from ray import tune as raytune
+    from ray.tune.schedulers import ASHAScheduler
+
+    cfg = job.tune
+    fs, path, study = study_path(cfg)
+    trainable = raytune.with_resources(run_trial, trial_resources(job))
+    exists = raytune.Tuner.can_restore(study, storage_filesystem=fs)
+    if cfg.resume:
+        if not exists:
+            raise ConfigError(f"--tune.resume: {cfg.dir} holds no study to resume; drop --tune.resume to start one")
+        return raytune.Tuner.restore(study, trainable, resume_unfinished=True, storage_filesystem=fs)
+    if exists:
+        raise ConfigError(f"{cfg.dir} already holds a study: add --tune.resume to continue it, or pick another --tune.dir")
+    grid = cfg.lr_grid
+    param_space = {
+        "lr": raytune.grid_search(grid) if grid else raytune.loguniform(*cfg.lr_range),
+        "batch": raytune.grid_search(cfg.batch) if grid else raytune.choice(cfg.batch),
+        "job": to_dict(job), "tune": dataclasses.asdict(cfg), "seq_len": seq_len, "vocab_size": vocab_size,
+        "trials_dir": storage.join(cfg.dir, "trials"),
+    }
+    mark_tokens = cfg.budget_tokens // cfg.marks
+    return raytune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=raytune.TuneConfig(
+            metric="val_loss", mode="min", num_samples=cfg.samples, search_alg=search_algorithm(cfg),
+            scheduler=ASHAScheduler(time_attr="tokens", max_t=cfg.budget_tokens,
+                                    grace_period=mark_tokens * cfg.grace_marks, reduction_factor=cfg.reduction_factor),
+            max_concurrent_trials=cfg.max_concurrent or concurrent_trials(job),
+        ),
+        run_config=raytune.RunConfig(name=STUDY, storage_path=path, storage_filesystem=fs),
+    )
+
+
+def search_algorithm(cfg: TuneConfig):
+    if cfg.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            raise ConfigError("tune.search=optuna needs optuna: pip install optuna (or raylm[optuna])") from None
+        return OptunaSearch(seed=cfg.seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=cfg.seed)
+
+
+def trial_resources(job: JobConfig) -> dict:
+    return {"CPU": job.ray.cpus_per_worker, **({"GPU": 1} if job.ray.use_gpu else {})}
+
+
+def concurrent_trials(job: JobConfig) -> int:
+    """As many one-worker trials as the cluster holds."""
+    import ray
+
+    total = ray.cluster_resources()
+    if job.ray.use_gpu:
+        return max(1, int(total.get("GPU", 0)))
+    return max(1, int(total.get("CPU", 1) // job.ray.cpus_per_worker))
+
+
+def summarize(results, cfg: TuneConfig, seq_len: int) -> list[dict]:
+    """One row per trial (with its validation curve) from Tune's results."""
+    rows = []
+    for result in results:
+        config, last = result.config, result.metrics or {}
+        frame = result.metrics_dataframe
+        curve = [] if frame is None or "val_loss" not in frame else [
+            (int(t), float(v)) for t, v in zip(frame["tokens"], frame["val_loss"]) if math.isfinite(v)]
+        planned = trial_steps(config["batch"], seq_len, cfg)[0] * config["batch"] * seq_len
+        if last.get("diverged"):
+            status = "diverged"
+        elif result.error is not None:
+            status = "error"
+        else:
+            status = "completed" if last.get("tokens", 0) >= planned else "stopped early"
+        losses = [v for _, v in curve]
+        rows.append({"trial": posixpath.basename(result.path), "lr": config["lr"], "global_batch": config["batch"],
+                     "tokens": int(last.get("tokens", 0)), "final_val_loss": losses[-1] if losses else math.nan,
+                     "best_val_loss": min(losses) if losses else math.nan, "status": status, "curve": curve})
+    return sorted(rows, key=lambda r: r["trial"])
+
+
+def best_row(rows: list[dict]) -> dict:
+    """The completed trial with the lowest final validation loss (all completed trials saw the same tokens)."""
+    completed = [r for r in rows if r["status"] == "completed"]
+    if not completed:
+        raise ConfigError("no trial completed its token budget; widen --tune.lr or lower --tune.budget_tokens")
+    return min(completed, key=lambda r: r["final_val_loss"])
+
+
+def write_outputs(job: TuneJobConfig, rows: list[dict], best: dict) -> None:
+    """results.csv, results.png and best.toml (the job with the best lr and batch) in the study directory."""
+    from tune.plot import plot_results
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_bytes(storage.join(job.tune.dir, "results.csv"), out.getvalue().encode())
+    storage.write_bytes(storage.join(job.tune.dir, "results.png"), plot_results(rows, best))
+    tuned = from_dict(JobConfig, to_dict(job))
+    tuned.optim.lr, tuned.train.global_batch = best["lr"], best["global_batch"]
+    storage.write_bytes(storage.join(job.tune.dir, "best.toml"), dump_toml(tuned).encode())
+
+
+def format_table(rows: list[dict], best: dict) -> str:
+    lines = [f"{'trial':28s} {'lr':>9s} {'batch':>5s} {'tokens':>10s} {'final val':>9s} {'best val':>9s}  status"]
+    for r in rows:
+        mark = "  <- best" if r is best else ""
+        lines.append(f"{r['trial'][:28]:28s} {r['lr']:9.2e} {r['global_batch']:5d} {r['tokens']:10,d} "
+                     f"{r['final_val_loss']:9.4f} {r['best_val_loss']:9.4f}  {r['status']}{mark}")
+    return "\n".join(lines)
+
+
+def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
+    """Run (or resume) the study; returns its rows and the best one, with the outputs written."""
+    import ray
+
+    dataset = open_dataset(job.data.path)
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    tuner = build_tuner(job, seq_len=dataset.seq_len, vocab_size=dataset.vocab_size)
+    rows = summarize(tuner.fit(), job.tune, dataset.seq_len)
+    best = best_row(rows)
+    write_outputs(job, rows, best)
+    return rows, best
