@@ -120,6 +120,19 @@ def test_resume_from_another_run_and_warm_start(stdlib_dataset, tmp_path, caplog
     assert code == 2 and "holds no committed checkpoint" in out
 
 
+def test_generate_and_export_read_a_run_directory(stdlib_dataset, tmp_path):
+    from trainer.export import main as export_main
+    from trainer.generate import main as generate_main
+
+    run_dir = str(tmp_path / "run")
+    assert train_in_process(stdlib_dataset, run_dir, "--train.steps=5")[0] == 0
+    code, out, err = run_captured(generate_main, ["--checkpoint", run_dir, "--prompt", "def ", "--max_new_tokens", "8"])
+    assert code == 0 and out.startswith("def ") and err == "", err
+    code, out, err = run_captured(export_main, ["--checkpoint", f"{run_dir}/checkpoints/step-000005",
+                                                "--out", tmp_path / "hf"])
+    assert code == 0 and (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "tokenizer.model").exists()
+
+
 def test_a_checkpoint_that_cannot_be_written_is_an_error_after_retries(stdlib_dataset, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)

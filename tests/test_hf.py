@@ -86,7 +86,8 @@ def test_generate_cli_and_its_errors(tmp_path, sp_model):
     code, out, _ = run_captured(generate_cli.main, ["--checkpoint", path, "--prompt", "def ", "--max_new_tokens", "8"])
     assert code == 0 and out.startswith("def ")
     code, _, err = run_captured(generate_cli.main, ["--checkpoint", tmp_path / "nope.pt", "--prompt", "x"])
-    assert code == 2 and err.strip() == f"error: checkpoint {tmp_path / 'nope.pt'} does not exist; pass a Hugging Face folder or a raylm .pt weights file"
+    assert code == 2 and err.strip() == (f"error: checkpoint {tmp_path / 'nope.pt'} does not exist; pass a run or "
+                                         "checkpoint directory, a Hugging Face folder or a raylm .pt weights file")
     code, _, err = run_captured(generate_cli.main, ["--checkpoint", path, "--prompt", "x" * 400])
     assert code == 2 and err.startswith("error: --prompt is ") and "max_seq_len=128" in err
     code, _, err = run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "o",
