@@ -14,6 +14,7 @@ import logging
 import os
 import sysconfig
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -170,12 +171,13 @@ def tokenizer_sample(files: list[FileEntry], cfg: DataprepConfig) -> list[str]:
     ds = ds.map_batches(_sample_lines, fn_kwargs={"read": read, "max_chars": budget}, batch_size=1,
                         batch_format="pyarrow", num_cpus=0.5)
     lines, chars = [], 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for line in batch.column("line").to_pylist():
-            if chars >= budget:
-                return lines
-            lines.append(line)
-            chars += len(line)
+    with closing(iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))) as batches:
+        for batch in batches:
+            for line in batch.column("line").to_pylist():
+                if chars >= budget:
+                    return lines
+                lines.append(line)
+                chars += len(line)
     return lines
 
 
@@ -387,7 +389,8 @@ def run(cfg: DataprepConfig, *, exclude: str | None = None) -> RunResult:
     rows_per_shard = max(1, int(cfg.shard_size_mb * 2**20) // ((cfg.seq_len + 1) * dtype.itemsize))
     packers = {s: SplitPacker(cfg.output, s, cfg.seq_len + 1, rows_per_shard, dtype) for s in ("train", "val")}
     started_at = time.time()
-    counts = pack(tokenized_batches(files, tokenizer_path, cfg), packers, cfg)
+    with closing(tokenized_batches(files, tokenizer_path, cfg)) as batches:
+        counts = pack(batches, packers, cfg)
     splits = {s: p.finish() for s, p in packers.items()}
     check_not_empty(splits, cfg)
     manifest = build_manifest(cfg, files, model, given_tokenizer is None, splits, counts, settings)
