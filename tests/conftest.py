@@ -50,7 +50,7 @@ def local_ray(s3_server):
     """A local Ray with 2 CPUs, started after the S3 environment so its workers inherit it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(num_cpus=2, logging_level=logging.WARNING, log_to_driver=False)  # with the dashboard, as users run it
     yield ray
     ray.shutdown()
 

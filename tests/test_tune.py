@@ -17,7 +17,7 @@ from test_trainer import TINY, losses
 from trainer.checkpoint import list_checkpoints
 
 # 64-token rows: 8 sequences = 512 tokens a step; 4 marks of 5,120 tokens (10 steps at batch 8, 5 at batch 16)
-STUDY = [*TINY, "--tune.batch=8,16", "--tune.budget_tokens=20480", "--tune.marks=4"]
+STUDY = [*TINY, "--tune.batch=8,16", "--tune.budget_tokens=20480", "--tune.marks=4", "--ray.num_workers=1"]
 
 
 def read_results(tune_dir) -> list[dict]:
@@ -50,8 +50,10 @@ def test_random_study_stops_trials_early_and_writes_a_config_the_trainer_accepts
     assert len(losses(str(tmp_path / "from-best"))) == 3
 
 
-def tune_cli(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def tune_cli(ray_address: str, *args: str) -> subprocess.Popen:
+    """`python -m tune` as a user runs it against a running cluster. One Ray per machine: Ray Train's
+    PlacementGroupCleaner cannot reach the State API when it finds two, and stopped trials would keep their CPUs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ray_address}
     return subprocess.Popen([sys.executable, "-m", "tune", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True)
 
@@ -69,25 +71,27 @@ def wait_for_a_finished_trial(tune_dir, proc: subprocess.Popen, timeout: float =
 
 
 @pytest.mark.e2e
-def test_killed_grid_study_resumes_and_never_picks_a_diverged_or_tiny_lr(stdlib_dataset, tmp_path):
+def test_killed_grid_study_resumes_and_never_picks_a_diverged_or_tiny_lr(local_ray, stdlib_dataset, tmp_path):
     tune_dir = tmp_path / "grid"
     args = [*STUDY, "--tune.batch=8", "--tune.lr=1e-6,3e-3,30", "--data.path", stdlib_dataset,
-            "--tune.dir", str(tune_dir), "--tune.max_concurrent=1"]
-    first = tune_cli(*args)
+            "--tune.dir", str(tune_dir), "--tune.max_concurrent=1", "--ray.num_workers=2"]  # FSDP over 2 ranks per trial
+    address = local_ray.get_runtime_context().gcs_address
+    first = tune_cli(address, *args)
     wait_for_a_finished_trial(tune_dir, first)
-    os.killpg(first.pid, signal.SIGKILL)  # the whole study, Ray included, dies at once
+    os.killpg(first.pid, signal.SIGKILL)  # the study's driver dies at once; Ray ends its trials with it
     first.wait()
     finished = {d: (d / "metrics.jsonl").read_bytes() for d in (tune_dir / "trials").iterdir()
                 if list_checkpoints(str(d)) and list_checkpoints(str(d))[-1][0] == 40}
     assert finished, "the first trial's run is not complete"
 
-    again = tune_cli(*args, "--tune.resume")
+    again = tune_cli(address, *args, "--tune.resume")
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out[-3000:]
     for run_dir, metrics in finished.items():
         assert (run_dir / "metrics.jsonl").read_bytes() == metrics, f"{run_dir.name} was trained again"
-    rows = {float(r["lr"]): r for r in read_results(tune_dir)}
-    assert sorted(rows) == [1e-6, 3e-3, 30.0]
+    results = read_results(tune_dir)
+    rows = {float(r["lr"]): r for r in results}
+    assert len(results) == 3 and sorted(rows) == [1e-6, 3e-3, 30.0]
     assert rows[30.0]["status"] == "diverged" and rows[3e-3]["status"] == "completed"
     assert "best: lr 0.003, global batch 8" in out
 
@@ -111,3 +115,17 @@ def test_missing_dataset_is_a_one_line_error(tmp_path):
 
     code, _, err = run_captured(main, ["--data.path", tmp_path / "missing", "--tune.dir", tmp_path])
     assert code == 2 and "is not a finished raylm dataset" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ray_without_dashboard_is_a_one_line_error(stdlib_dataset, tmp_path):
+    """Ray frees a stopped trial's workers through the State API: without the dashboard the study would hang."""
+    script = ("import ray, sys\n"
+              "ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR')\n"
+              "from dataprep.errors import run_cli\n"
+              "from tune.__main__ import main\n"
+              "sys.exit(run_cli(main, sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", script, "--data.path", stdlib_dataset, "--tune.dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "without its dashboard" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -14,7 +14,7 @@ SEARCHES = ("random", "optuna")
 @dataclass(kw_only=True)
 class TuneConfig:
     samples: int = 6
-    """Trials to run (with a grid of lr values: repetitions of the whole lr × batch grid)."""
+    """Trials sampled from a LOW:HIGH lr range (a comma-list grid runs each lr × batch point once)."""
     lr: str = "1e-4:3e-2"
     """Peak learning rates: LOW:HIGH samples log-uniformly, a comma list (1e-4,1e-3,1e-2) is a grid."""
     batch: list[int] = field(default_factory=lambda: [16, 32, 64])

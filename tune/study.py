@@ -1,8 +1,8 @@
 """A Ray Tune study over short runs of the trainer: peak lr × global batch, compared at equal training tokens.
 
-Each trial is a function trainable that runs the trainer's loop (the same code as `python -m trainer`, one worker)
-and reports its log steps to Tune. A trial validates at `tune.marks`
-equal token counts whatever its batch size, and ASHA (time in tokens) stops the poor ones at those marks. A trial
+Each trial is a function trainable that runs the trainer under Ray Train (the same code as `python -m trainer`, on
+`ray.num_workers` workers) and forwards its log steps to Tune. A trial validates at `tune.marks` equal token counts
+whatever its batch size, and ASHA (time in tokens) stops the poor ones at those marks. A trial
 whose loss diverges ends as "diverged" instead of failing the study.
 """
 
@@ -34,13 +34,13 @@ def trial_steps(batch: int, seq_len: int, tune: TuneConfig) -> tuple[int, int]:
     return every * tune.marks, every
 
 
-def trial_job(config: dict, run_dir: str) -> JobConfig:
+def trial_job(config: dict, study: dict, run_dir: str) -> JobConfig:
     """The training job of one trial: the study's job with the trial's lr and batch, sized to the token budget."""
-    job, tune = from_dict(JobConfig, config["job"]), TuneConfig(**config["tune"])
+    job, tune = from_dict(JobConfig, study["job"]), TuneConfig(**study["tune"])
     job.optim.lr, job.train.global_batch = config["lr"], config["batch"]
-    job.train.steps, job.train.eval_every = trial_steps(config["batch"], config["seq_len"], tune)
+    job.train.steps, job.train.eval_every = trial_steps(config["batch"], study["seq_len"], tune)
     job.train.log_every = job.checkpoint.every = job.train.eval_every  # every report carries val_loss
-    job.train.max_loss = tune.diverged_loss(config["vocab_size"])
+    job.train.max_loss = tune.diverged_loss(study["vocab_size"])
     job.train.sample_prompt = ""
     job.checkpoint.keep = 1
     job.ray.max_failures = 0  # a diverged trial is a result, not a failure to retry
@@ -48,21 +48,20 @@ def trial_job(config: dict, run_dir: str) -> JobConfig:
     return job
 
 
-def run_trial(config: dict) -> None:
-    """One Tune trial: the trainer's loop in this trial's own process, its log steps reported to Tune.
-
-    In-process (one worker per trial) rather than a TorchTrainer inside the trial: when ASHA stops a trial, Tune ends
-    this process and everything in it, while a stopped TorchTrainer left its workers' CPUs reserved on Ray 2.60 and
-    the next trials waited for them forever."""
+def run_trial(config: dict, study: dict) -> None:
+    """One Tune trial: a Ray Train run of the trainer on `ray.num_workers` workers, its rank-0 reports forwarded
+    to Tune (Ray 2.x's pattern: a TorchTrainer inside a function trainable, with TuneReportCallback)."""
     import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from trainer.train import TrainingDiverged, run
+    from trainer.ray_launch import launch
+    from trainer.train import TrainingDiverged
 
-    job = trial_job(config, storage.join(config["trials_dir"], ray.tune.get_context().get_trial_name()))
+    job = trial_job(config, study, storage.join(study["trials_dir"], ray.tune.get_context().get_trial_name()))
     try:
-        run(job, report=lambda metrics, checkpoint: ray.tune.report(metrics))
+        launch(job, callbacks=[TuneReportCallback()])
     except TrainingDiverged as exc:
-        tokens = job.train.steps * job.train.global_batch * config["seq_len"]
+        tokens = job.train.steps * job.train.global_batch * study["seq_len"]
         ray.tune.report({"tokens": tokens, "val_loss": math.inf, "diverged": True, "reason": str(exc)})
 
 
@@ -78,7 +77,9 @@ def build_tuner(job: TuneJobConfig, *, seq_len: int, vocab_size: int):
 
     cfg = job.tune
     fs, path, study = study_path(cfg)
-    trainable = raytune.with_resources(run_trial, trial_resources(job))
+    study_spec = {"job": to_dict(job), "tune": dataclasses.asdict(cfg), "seq_len": seq_len, "vocab_size": vocab_size,
+                  "trials_dir": storage.join(cfg.dir, "trials")}  # a parameter, not in the search space Tune prints
+    trainable = raytune.with_resources(raytune.with_parameters(run_trial, study=study_spec), TRIAL_DRIVER)
     exists = raytune.Tuner.can_restore(study, storage_filesystem=fs)
     if cfg.resume:
         if not exists:
@@ -90,47 +91,49 @@ def build_tuner(job: TuneJobConfig, *, seq_len: int, vocab_size: int):
     param_space = {
         "lr": raytune.grid_search(grid) if grid else raytune.loguniform(*cfg.lr_range),
         "batch": raytune.grid_search(cfg.batch) if grid else raytune.choice(cfg.batch),
-        "job": to_dict(job), "tune": dataclasses.asdict(cfg), "seq_len": seq_len, "vocab_size": vocab_size,
-        "trials_dir": storage.join(cfg.dir, "trials"),
     }
     mark_tokens = cfg.budget_tokens // cfg.marks
     return raytune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=raytune.TuneConfig(
-            metric="val_loss", mode="min", num_samples=cfg.samples, search_alg=search_algorithm(cfg),
+            metric="val_loss", mode="min", num_samples=1 if grid else cfg.samples,  # training is deterministic
+            search_alg=search_algorithm(cfg, cfg.max_concurrent or concurrent_trials(job)),
             scheduler=ASHAScheduler(time_attr="tokens", max_t=cfg.budget_tokens,
                                     grace_period=mark_tokens * cfg.grace_marks, reduction_factor=cfg.reduction_factor),
-            max_concurrent_trials=cfg.max_concurrent or concurrent_trials(job),
         ),
         run_config=raytune.RunConfig(name=STUDY, storage_path=path, storage_filesystem=fs),
     )
 
 
-def search_algorithm(cfg: TuneConfig):
+def search_algorithm(cfg: TuneConfig, concurrent: int):
+    """The searcher, limited to `concurrent` trials at once: a trial holds no CPU itself, so only this limit keeps
+    more Ray Train runs from starting than the cluster has workers for."""
     if cfg.search == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
         except ImportError:
             raise ConfigError("tune.search=optuna needs optuna: pip install optuna (or raylm[optuna])") from None
-        return OptunaSearch(seed=cfg.seed)
+        from ray.tune.search import ConcurrencyLimiter
+
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.seed), max_concurrent=concurrent)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=cfg.seed)
+    return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent)
 
 
-def trial_resources(job: JobConfig) -> dict:
-    return {"CPU": job.ray.cpus_per_worker, **({"GPU": 1} if job.ray.use_gpu else {})}
+TRIAL_DRIVER = {"CPU": 0, "node:__internal_head__": 0.001}
+"""What a trial itself holds: it only drives a Ray Train run whose workers reserve the CPUs/GPUs. Like Ray Train's
+own controller it sits on the head node; a CPU held by each trial would strand a worker's worth of every node."""
 
 
 def concurrent_trials(job: JobConfig) -> int:
-    """As many one-worker trials as the cluster holds."""
+    """As many trials as the cluster holds workers for: each trial takes `ray.num_workers` CPUs (or GPUs) sets."""
     import ray
 
     total = ray.cluster_resources()
-    if job.ray.use_gpu:
-        return max(1, int(total.get("GPU", 0)))
-    return max(1, int(total.get("CPU", 1) // job.ray.cpus_per_worker))
+    per_trial = job.ray.num_workers * (1 if job.ray.use_gpu else job.ray.cpus_per_worker)
+    return max(1, int(total.get("GPU" if job.ray.use_gpu else "CPU", 0) // per_trial))
 
 
 def summarize(results, cfg: TuneConfig, seq_len: int) -> list[dict]:
@@ -187,6 +190,25 @@ def format_table(rows: list[dict], best: dict) -> str:
     return "\n".join(lines)
 
 
+def require_state_api() -> None:
+    """Ray Train frees the workers of a trial ASHA stopped through Ray's State API (its PlacementGroupCleaner asks
+    it whether the run's controller died); without the dashboard that serves it they stay reserved and the study
+    hangs waiting for CPUs that never come back."""
+    from ray._private.worker import get_dashboard_url
+    from ray.util.state import list_nodes
+    from ray.util.state.exception import RayStateApiException
+
+    url = get_dashboard_url()  # this cluster's: with two local clusters, Ray's own lookup may find the other one
+    try:
+        if url:
+            list_nodes(address=f"http://{url}", limit=1, timeout=30)
+    except RayStateApiException:
+        url = ""
+    if not url:
+        raise ConfigError("this Ray cluster runs without its dashboard, which Tune needs to free stopped trials: "
+                          "start it with ray[default] installed and without --include-dashboard=false")
+
+
 def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
     """Run (or resume) the study; returns its rows and the best one, with the outputs written."""
     import ray
@@ -194,6 +216,7 @@ def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
     dataset = open_dataset(job.data.path)
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
+    require_state_api()
     tuner = build_tuner(job, seq_len=dataset.seq_len, vocab_size=dataset.vocab_size)
     rows = summarize(tuner.fit(), job.tune, dataset.seq_len)
     best = best_row(rows)
