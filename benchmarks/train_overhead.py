@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from trainer.data import BatchPlan, StepLoader
 from trainer.metrics import measure_matmul_flops
 from trainer.model import ModelConfig, Transformer
 from trainer.optim import OptimConfig, build_optimizer
-from trainer.train import lm_loss
+from trainer.train import free_port, lm_loss
 
 DATASET = "data/bench-stdlib-512"
 MODEL = {"dim": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 4, "ffn_hidden": 1408}
@@ -66,12 +65,6 @@ def plain_loop(steps: int, skip: int) -> dict:
     tokens_per_s = GLOBAL_BATCH * ds.seq_len / step_time
     return {"step_time_s": step_time, "mfu": tokens_per_s * cfg.flops_per_token(ds.seq_len) / peak,
             "tokens_per_s": tokens_per_s, "params": cfg.num_params()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def raylm_run(launcher: list[str], run_dir: str, steps: int, log_every: int) -> dict:

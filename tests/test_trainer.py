@@ -13,6 +13,7 @@ from pyarrow.fs import FileSelector
 
 from conftest import run_captured
 from dataprep import storage
+from trainer.train import free_port
 
 TINY = ["--config", "configs/tiny.toml", "--train.global_batch=8", "--train.micro_batch=2", "--optim.lr=3e-3",
         "--optim.warmup_steps=5", "--train.sample_prompt=", "--train.eval_rows=16"]
@@ -24,14 +25,6 @@ def metrics(run_dir: str) -> list[dict]:
 
 def losses(run_dir: str) -> list[float]:
     return [m["loss"] for m in metrics(run_dir) if "loss" in m]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def trainer_cli(*args, torchrun: int = 0) -> subprocess.CompletedProcess:

@@ -56,7 +56,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -70,7 +70,7 @@ def init_distributed(device_name: str) -> Dist:
         if "WORLD_SIZE" in os.environ:  # torchrun
             dist.init_process_group(backend)
         else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return Dist(dist.get_rank(), dist.get_world_size(), device)

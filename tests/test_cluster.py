@@ -1,0 +1,230 @@
+"""cluster/: the YAMLs pass Ray's own validation (and AWS bootstrap against moto), the KubeRay manifests read as Ray
+reads them, the README's job commands parse, and the stages run as Ray jobs on a `ray start --head` cluster."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.train import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "cluster"
+TINY_TRAIN = ["--config", "configs/tiny.toml", "--train.global_batch=8", "--train.micro_batch=4",
+              "--train.sample_prompt=", "--train.eval_rows=16", "--checkpoint.every=0"]
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def node_types(config: dict) -> dict:
+    return config["available_node_types"]
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_cluster_yaml_passes_rays_validation(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(load(name))
+    validate_config(config)
+    types = node_types(config)
+    assert set(types) == {"head", "cpu-worker", "gpu-worker"} and config["head_node_type"] == "head"
+    assert types["gpu-worker"]["min_workers"] == 0 < types["gpu-worker"]["max_workers"]
+    assert types["cpu-worker"]["min_workers"] == 0 < types["cpu-worker"]["max_workers"]
+    assert 0 < config["idle_timeout_minutes"] <= 30
+    assert "pip install -q -e /home/ubuntu/raylm" in " ".join(config["setup_commands"])
+    text = (CLUSTER / name).read_text()
+    assert "YOUR-BUCKET" in text and not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|private_key", text, re.I)
+
+
+def test_aws_yaml_bootstraps_against_moto(tmp_path, monkeypatch):
+    """Ray's own AWS bootstrap (IAM role, key pair, subnets, security group, AMI) run against moto's mocked AWS."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # the bootstrap writes the new key pair under ~/.ssh
+    monkeypatch.setenv("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # moto's in-process mock, not the S3 test server
+    from moto import mock_aws
+    from ray.autoscaler._private.commands import _bootstrap_config
+
+    with mock_aws():
+        import boto3
+
+        config = _bootstrap_config(load("aws.yaml"), no_config_cache=True)
+        profile = config["head_node"]["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1]
+        role = boto3.client("iam", region_name="us-west-2").get_instance_profile(
+            InstanceProfileName=profile)["InstanceProfile"]["Roles"][0]["RoleName"]
+        policies = boto3.client("iam", region_name="us-west-2").list_attached_role_policies(RoleName=role)
+    assert "arn:aws:iam::aws:policy/AmazonS3FullAccess" in {p["PolicyArn"] for p in policies["AttachedPolicies"]}
+    for name, node_type in node_types(config).items():
+        node = node_type["node_config"]
+        assert node["ImageId"].startswith("ami-") and node["SubnetIds"] and node["SecurityGroupIds"], name
+        if name != "head":  # workers reach S3 with the instance profile the bootstrap created for the head
+            assert node["IamInstanceProfile"] == {"Name": profile}, name
+    assert Path(config["auth"]["ssh_private_key"]).is_file()
+
+
+def test_kuberay_raycluster_reads_as_ray_reads_it():
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+    from ray.autoscaler._private.util import validate_config
+
+    cluster = load("kuberay/raycluster.yaml")
+    assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    config = _derive_autoscaling_config_from_ray_cr(cluster)
+    validate_config(config)
+    types = node_types(config)
+    assert types["gpu-worker"]["resources"]["GPU"] == 8 and types["gpu-worker"]["min_workers"] == 0
+    assert types["cpu-worker"]["min_workers"] == 0 and types["cpu-worker"]["resources"]["CPU"] > 0
+    assert types["headgroup"]["resources"]["CPU"] == 0
+    assert config["idle_timeout_minutes"] == 10
+
+
+def test_kuberay_rayjob_targets_the_cluster_and_its_entrypoint_parses(monkeypatch):
+    from trainer.__main__ import FLAGS
+    from trainer.cli import parse_job_args
+
+    monkeypatch.chdir(ROOT)  # the image's working directory is a checkout
+    job, cluster = load("kuberay/rayjob.yaml"), load("kuberay/raycluster.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    assert job["spec"]["shutdownAfterJobFinishes"] is False and job["spec"]["ttlSecondsAfterFinished"] > 0
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "trainer"]
+    parsed, _ = parse_job_args(argv[3:], prog="python -m trainer", description="", flags=FLAGS)
+    assert parsed.ray.use_gpu and parsed.ray.num_workers == 16 and parsed.parallel.mixed_precision == "bf16"
+
+
+def readme_jobs() -> list[list[str]]:
+    """Every `ray job submit … -- python -m X …` command of cluster/README.md, as the argv after `--`."""
+    text = (CLUSTER / "README.md").read_text()
+    return [shlex.split(m) for m in re.findall(r"^ray job submit --working-dir \. -- (.+)$", text, re.M)]
+
+
+def test_cluster_readme_job_commands_parse(monkeypatch):
+    from dataprep.__main__ import build_parser
+    from trainer.__main__ import FLAGS
+    from trainer.cli import parse_job_args
+    from tune.config import TuneJobConfig
+
+    monkeypatch.chdir(ROOT)  # jobs run in the uploaded working directory
+    jobs = {argv[2]: argv[3:] for argv in readme_jobs()}
+    assert sorted(jobs) == ["dataprep", "trainer", "tune"]
+    build_parser().parse_args(jobs["dataprep"])
+    train, _ = parse_job_args(jobs["trainer"], prog="trainer", description="", flags=FLAGS)
+    assert train.ray.use_gpu and train.run.dir.startswith("s3://")
+    study, _ = parse_job_args(jobs["tune"], prog="tune", description="", root=TuneJobConfig)
+    assert study.tune.max_concurrent == 2 and study.tune.dir.startswith("s3://")
+    for path in re.findall(r"(cluster/[\w./-]+\.(?:yaml|py)|configs/\w+\.toml)", (CLUSTER / "README.md").read_text()):
+        assert (ROOT / path).exists(), path
+
+
+# ----------------------------------------------------------------------------------- a real `ray start --head`
+class Head:
+    """`ray start --head --block` on free ports with its own temp dir, in its own process group, so the test stops
+    exactly the cluster it started (`ray stop` would stop every Ray on the machine)."""
+
+    def __init__(self, tmp: Path):
+        self.dashboard, self.metrics = free_port(), free_port()
+        bin_dir = os.path.dirname(sys.executable)  # as a user with raylm's environment activated
+        self.env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+                    "RAY_ADDRESS": f"http://127.0.0.1:{self.dashboard}", "RAY_metrics_report_interval_ms": "1000"}
+        self.proc = subprocess.Popen(
+            [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--num-cpus=2", "--disable-usage-stats",
+             f"--port={free_port()}", f"--dashboard-port={self.dashboard}", f"--metrics-export-port={self.metrics}",
+             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+             "--dashboard-host=127.0.0.1", f"--temp-dir={tmp}"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.wait_until_up()
+
+    def wait_until_up(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.dashboard}/api/version", timeout=2)
+                return
+            except OSError:
+                assert self.proc.poll() is None, "ray start --head exited"
+                time.sleep(1)
+        raise AssertionError("the head's dashboard did not come up")
+
+    def submit(self, *argv: str, wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
+        """`ray job submit --working-dir . -- ARGV`, run from the repository root as the README says."""
+        cmd = ["ray", "job", "submit", "--working-dir", ".", "--", *argv]
+        if wait:
+            return subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=600)
+        return subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.env["RAY_ADDRESS"])
+
+    def job_logs(self, job_id: str) -> str:
+        return self.client().get_job_logs(job_id)
+
+    def raylm_gauges(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5) as response:
+            return "\n".join(l for l in response.read().decode().splitlines() if l.startswith("ray_raylm_"))
+
+    def stop(self) -> None:
+        """Every process of this cluster (GCS, raylet, dashboard, workers) is in the head's process group."""
+        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=grace)
+                return
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+
+
+@pytest.fixture
+def head(tmp_path_factory):
+    head = Head(Path(tmp_path_factory.mktemp("ray-head")))
+    yield head
+    head.stop()
+
+
+def job_statuses(head: Head) -> dict:
+    """submission id -> (status, entrypoint) of every job the head ran."""
+    return {j.submission_id: (j.status.value, j.entrypoint) for j in head.client().list_jobs()}
+
+
+@pytest.mark.e2e
+def test_stages_run_as_ray_jobs_with_metrics_on_the_heads_endpoint(head, tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    prep = head.submit("python", "-m", "dataprep", "--max-files", "60", "--vocab-size", "500", "--seq-len", "64",
+                       "--output", str(data))
+    assert prep.returncode == 0, prep.stdout[-3000:] + prep.stderr[-3000:]
+    assert "succeeded" in prep.stdout and "dataset:" in prep.stdout
+
+    train = head.submit("python", "-m", "trainer", *TINY_TRAIN, "--train.steps=400", "--train.log_every=10",
+                        "--train.eval_every=200", "--data.path", str(data), "--run.dir", str(run), wait=False)
+    gauges = ""
+    while train.poll() is None and "ray_raylm_tokens_per_second" not in gauges:
+        time.sleep(1)
+        gauges = head.raylm_gauges()
+    out, _ = train.communicate(timeout=600)
+    assert train.returncode == 0, out[-3000:]
+    for name in ("ray_raylm_tokens_per_second", "ray_raylm_loss", "ray_raylm_mfu"):
+        assert re.search(rf"^{name}\{{.*\}} [0-9.e+-]+$", gauges, re.M), f"{name} not served while training:\n{gauges}"
+    assert re.search(r"step +400 \| loss", out) and "finished; config, metrics.jsonl" in out
+
+    bad = head.submit("python", "-m", "trainer", *TINY_TRAIN, "--optim.lr=abc", "--data.path", str(data))
+    assert bad.returncode != 0 and "failed" in bad.stderr + bad.stdout
+    jobs = job_statuses(head)
+    assert sorted(status for status, _ in jobs.values()) == ["FAILED", "SUCCEEDED", "SUCCEEDED"], jobs
+    failed = next(job_id for job_id, (status, _) in jobs.items() if status == "FAILED")
+    logs = head.job_logs(failed)
+    assert [l for l in logs.splitlines() if l.startswith("error:")] == ["error: --optim.lr='abc' is not a valid float"]
+    assert "Traceback" not in logs
