@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, metavar="F", default=0.005, help="share of documents sent to val/ (by hash of their path/line)")
     p.add_argument("--text-field", metavar="NAME", default="text", help="field (.jsonl) or column (.parquet) holding the text")
     p.add_argument("--shard-size", dest="shard_size_mb", type=float, metavar="MB", default=128.0, help="target shard size in MB")
-    p.add_argument("--num-workers", type=int, metavar="N", help="tokenizer actors (default: the cluster's CPU count)")
+    p.add_argument("--num-workers", type=int, metavar="N", help="tokenizer actors, one CPU each, started as the cluster has CPUs for them (default: one per CPU present)")
     p.add_argument("--seed", type=int, metavar="N", default=0, help="seeds the tokenizer sample and the train/val split")
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error",
                    help="a bad file/line (not JSON, missing field, corrupt, binary): stop with its name, or skip and count")

@@ -259,6 +259,10 @@ def tokenized_batches(files: list[FileEntry], tokenizer_path: str, cfg: Dataprep
 
     cpus = ray.cluster_resources().get("CPU", 1)
     workers = cfg.num_workers or max(1, int(cpus))
+    # Sized to the CPUs present, actors share them; asked for explicitly, each holds one CPU and the pool grows as
+    # an autoscaling cluster adds nodes (Ray Data asks the autoscaler for them), without waiting for all of them.
+    pool = (ray.data.ActorPoolStrategy(min_size=1, max_size=workers) if cfg.num_workers
+            else ray.data.ActorPoolStrategy(size=workers))
     groups = group_files(files, workers)
     ds = ray.data.from_items(groups, override_num_blocks=len(groups))
     ds = ds.map_batches(
@@ -267,8 +271,8 @@ def tokenized_batches(files: list[FileEntry], tokenizer_path: str, cfg: Dataprep
                                "seed": cfg.seed, "val_fraction": cfg.val_fraction},
         batch_size=1,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=min(1.0, cpus / workers),
+        compute=pool,
+        num_cpus=1.0 if cfg.num_workers else min(1.0, cpus / workers),
     )
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 

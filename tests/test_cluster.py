@@ -67,7 +67,8 @@ def test_aws_yaml_bootstraps_against_moto(tmp_path, monkeypatch):
     assert "arn:aws:iam::aws:policy/AmazonS3FullAccess" in {p["PolicyArn"] for p in policies["AttachedPolicies"]}
     for name, node_type in node_types(config).items():
         node = node_type["node_config"]
-        assert node["ImageId"].startswith("ami-") and node["SubnetIds"] and node["SecurityGroupIds"], name
+        assert node["SubnetIds"] and node["SecurityGroupIds"] and node["KeyName"], name
+        assert node["ImageId"] == "YOUR-DLAMI", name  # set on every type: Ray's default AMI is CUDA 11
         if name != "head":  # workers reach S3 with the instance profile the bootstrap created for the head
             assert node["IamInstanceProfile"] == {"Name": profile}, name
     assert Path(config["auth"]["ssh_private_key"]).is_file()
@@ -97,11 +98,21 @@ def test_kuberay_rayjob_targets_the_cluster_and_its_entrypoint_parses(monkeypatc
     job, cluster = load("kuberay/rayjob.yaml"), load("kuberay/raycluster.yaml")
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
-    assert job["spec"]["shutdownAfterJobFinishes"] is False and job["spec"]["ttlSecondsAfterFinished"] > 0
+    # a job on a shared cluster never deletes it: KubeRay refuses a TTL there, and backoffLimit retries delete it
+    assert job["spec"]["shutdownAfterJobFinishes"] is False
+    assert "ttlSecondsAfterFinished" not in job["spec"] and "backoffLimit" not in job["spec"]
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", "trainer"]
     parsed, _ = parse_job_args(argv[3:], prog="python -m trainer", description="", flags=FLAGS)
     assert parsed.ray.use_gpu and parsed.ray.num_workers == 16 and parsed.parallel.mixed_precision == "bf16"
+    assert_batch_fits(parsed, parsed.train.global_batch)
+
+
+def assert_batch_fits(job, global_batch: int) -> None:
+    """The launch check the trainer runs before starting workers: the batch splits over the workers."""
+    from trainer.data import BatchPlan
+
+    BatchPlan(global_batch=global_batch, micro_batch=job.train.micro_batch, world=job.ray.num_workers)
 
 
 def readme_jobs() -> list[list[str]]:
@@ -122,8 +133,13 @@ def test_cluster_readme_job_commands_parse(monkeypatch):
     build_parser().parse_args(jobs["dataprep"])
     train, _ = parse_job_args(jobs["trainer"], prog="trainer", description="", flags=FLAGS)
     assert train.ray.use_gpu and train.run.dir.startswith("s3://")
+    assert_batch_fits(train, train.train.global_batch)
     study, _ = parse_job_args(jobs["tune"], prog="tune", description="", root=TuneJobConfig)
     assert study.tune.max_concurrent == 2 and study.tune.dir.startswith("s3://")
+    for batch in study.tune.batch:
+        assert_batch_fits(study, batch)
+    train_line = next(l for l in (CLUSTER / "README.md").read_text().splitlines() if "-- python -m trainer" in l)
+    assert train_line in (ROOT / "README.md").read_text()  # the main README quotes the same command
     for path in re.findall(r"(cluster/[\w./-]+\.(?:yaml|py)|configs/\w+\.toml)", (CLUSTER / "README.md").read_text()):
         assert (ROOT / path).exists(), path
 
