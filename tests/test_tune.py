@@ -101,6 +101,7 @@ def test_killed_grid_study_resumes_and_never_picks_a_diverged_or_tiny_lr(local_r
     ("--tune.batch=", "tune.batch=[] must list at least one global batch size"),
     ("--tune.lr=abc", "tune.lr='abc': 'abc' is not a number"),
     ("--tune.resume", "holds no study to resume"),
+    ("--tune.batch=8,6", "train.global_batch=6 must be a multiple of world size 2"),
 ])
 def test_bad_inputs_are_one_line_errors(stdlib_dataset, tmp_path, arg, expected):
     from tune.__main__ import main

@@ -18,6 +18,7 @@ import posixpath
 from dataprep import open_dataset, storage
 from dataprep.errors import ConfigError
 from trainer.config import dump_toml, from_dict, to_dict
+from trainer.data import BatchPlan
 from trainer.job import JobConfig
 from tune.config import TuneConfig, TuneJobConfig
 
@@ -128,7 +129,8 @@ own controller it sits on the head node; a CPU held by each trial would strand a
 
 
 def concurrent_trials(job: JobConfig) -> int:
-    """As many trials as the cluster holds workers for: each trial takes `ray.num_workers` CPUs (or GPUs) sets."""
+    """As many trials as the cluster holds workers for: a trial takes `ray.num_workers` × `ray.cpus_per_worker` CPUs
+    (or `ray.num_workers` GPUs)."""
     import ray
 
     total = ray.cluster_resources()
@@ -214,6 +216,11 @@ def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
     import ray
 
     dataset = open_dataset(job.data.path)
+    for batch in job.tune.batch:  # checked here, as the trainer checks at launch, not trial by trial in the workers
+        try:
+            BatchPlan(global_batch=batch, micro_batch=job.train.micro_batch, world=job.ray.num_workers)
+        except ConfigError as exc:
+            raise ConfigError(f"--tune.batch {batch}: {exc}") from None
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
     require_state_api()
