@@ -3,6 +3,7 @@ reads them, the README's job commands parse, and the stages run as Ray jobs on a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -48,23 +49,32 @@ def test_cluster_yaml_passes_rays_validation(name):
     assert "YOUR-BUCKET" in text and not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|private_key", text, re.I)
 
 
-def test_aws_yaml_bootstraps_against_moto(tmp_path, monkeypatch):
-    """Ray's own AWS bootstrap (IAM role, key pair, subnets, security group, AMI) run against moto's mocked AWS."""
-    monkeypatch.setenv("HOME", str(tmp_path))  # the bootstrap writes the new key pair under ~/.ssh
-    monkeypatch.setenv("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # moto's in-process mock, not the S3 test server
-    from moto import mock_aws
-    from ray.autoscaler._private.commands import _bootstrap_config
+BOOTSTRAP = """
+import json, sys, boto3, yaml
+from moto import mock_aws
+from ray.autoscaler._private.commands import _bootstrap_config
 
-    with mock_aws():
-        import boto3
+with mock_aws():
+    config = _bootstrap_config(yaml.safe_load(open(sys.argv[1])), no_config_cache=True)
+    iam = boto3.client("iam", region_name="us-west-2")
+    profile = config["head_node"]["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1]
+    role = iam.get_instance_profile(InstanceProfileName=profile)["InstanceProfile"]["Roles"][0]["RoleName"]
+    policies = [p["PolicyArn"] for p in iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"]]
+print(json.dumps({"config": config, "profile": profile, "policies": policies}))
+"""
 
-        config = _bootstrap_config(load("aws.yaml"), no_config_cache=True)
-        profile = config["head_node"]["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1]
-        role = boto3.client("iam", region_name="us-west-2").get_instance_profile(
-            InstanceProfileName=profile)["InstanceProfile"]["Roles"][0]["RoleName"]
-        policies = boto3.client("iam", region_name="us-west-2").list_attached_role_policies(RoleName=role)
-    assert "arn:aws:iam::aws:policy/AmazonS3FullAccess" in {p["PolicyArn"] for p in policies["AttachedPolicies"]}
+
+def test_aws_yaml_bootstraps_against_moto(tmp_path):
+    """Ray's own AWS bootstrap (IAM role, key pair, subnets, security group, AMI) against moto's mocked AWS, in a
+    process of its own: leaving `mock_aws()` resets every moto backend, the session's S3 server's buckets too."""
+    env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}  # the in-process mock, not the server
+    env.update(HOME=str(tmp_path), MOTO_IAM_LOAD_MANAGED_POLICIES="true")  # the new key pair goes to ~/.ssh
+    proc = subprocess.run([sys.executable, "-c", BOOTSTRAP, str(CLUSTER / "aws.yaml")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    config, profile = out["config"], out["profile"]
+    assert "arn:aws:iam::aws:policy/AmazonS3FullAccess" in out["policies"]
     for name, node_type in node_types(config).items():
         node = node_type["node_config"]
         assert node["SubnetIds"] and node["SecurityGroupIds"] and node["KeyName"], name
