@@ -258,11 +258,12 @@ def tokenized_batches(files: list[FileEntry], tokenizer_path: str, cfg: Dataprep
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1)
-    workers = cfg.num_workers or max(1, int(cpus))
-    # Sized to the CPUs present, actors share them; asked for explicitly, each holds one CPU and the pool grows as
-    # an autoscaling cluster adds nodes (Ray Data asks the autoscaler for them), without waiting for all of them.
-    pool = (ray.data.ActorPoolStrategy(min_size=1, max_size=workers) if cfg.num_workers
-            else ray.data.ActorPoolStrategy(size=workers))
+    if cfg.num_workers:  # asked for: one CPU each, the pool growing as an autoscaling cluster adds nodes for them
+        workers, actor_cpus = cfg.num_workers, 1.0
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=workers)
+    else:  # one per CPU present (a fraction of one on a cluster with less than a CPU)
+        workers = max(1, int(cpus))
+        actor_cpus, pool = min(1.0, cpus / workers), ray.data.ActorPoolStrategy(size=workers)
     groups = group_files(files, workers)
     ds = ray.data.from_items(groups, override_num_blocks=len(groups))
     ds = ds.map_batches(
@@ -272,7 +273,7 @@ def tokenized_batches(files: list[FileEntry], tokenizer_path: str, cfg: Dataprep
         batch_size=1,
         batch_format="pyarrow",
         compute=pool,
-        num_cpus=1.0 if cfg.num_workers else min(1.0, cpus / workers),
+        num_cpus=actor_cpus,
     )
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
