@@ -78,6 +78,6 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
             raise
         print(f"error: {user_error}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C; a CLI may say in its message how to continue
+        print(f"interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
         return 130

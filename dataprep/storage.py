@@ -178,9 +178,18 @@ def list_dirs(path: str) -> list[str]:
 
 
 def delete_dir(path: str) -> None:
+    _delete(path, directory=True)
+
+
+def delete_file(path: str) -> None:
+    _delete(path, directory=False)
+
+
+def _delete(path: str, *, directory: bool) -> None:
+    """Delete a file or a directory tree; one already gone is no error."""
     fs, p = filesystem(path)
     try:
-        fs.delete_dir(p)
+        fs.delete_dir(p) if directory else fs.delete_file(p)
     except FileNotFoundError:
         pass
     except OSError as exc:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
 from conftest import run_captured
@@ -115,7 +121,7 @@ def test_resume_from_another_run_and_warm_start(stdlib_dataset, tmp_path, caplog
     assert code == 0 and [m["step"] for m in metrics(str(tmp_path / "cont")) if "loss" in m] == [6, 7]
     code, out = train_in_process(stdlib_dataset, str(tmp_path / "bad"), "--train.global_batch=16",
                                  f"--checkpoint.resume_from={source}")
-    assert code == 2 and "was trained with global_batch=8, this run has 16" in out
+    assert code == 2 and "was trained with train.global_batch=8; this run has train.global_batch=16" in out
     code, out = train_in_process(stdlib_dataset, str(tmp_path / "none"), f"--checkpoint.resume_from={tmp_path}")
     assert code == 2 and "holds no committed checkpoint" in out
 
@@ -139,3 +145,86 @@ def test_a_checkpoint_that_cannot_be_written_is_an_error_after_retries(stdlib_da
     (run_dir / "checkpoints" / "step-000005").write_text("a file where the checkpoint directory must go")
     code, out = train_in_process(stdlib_dataset, str(run_dir), "--train.steps=5", "--checkpoint.retries=2")
     assert code == 2 and "step-000005 could not be written in 2 attempts" in out
+
+
+# Re-running the same command continues the run, whatever stopped it (checkpoints every 5, keep 2).
+
+def trainer_driver(run_dir: str, dataset: str, ray_address: str, *args: str) -> subprocess.Popen:
+    """`python -m trainer` as a user starts it against a running cluster, in a process of its own to kill."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ray_address}
+    return subprocess.Popen([sys.executable, "-m", "trainer", *COMMON, "--train.steps=30", "--data.path", dataset,
+                             "--run.dir", run_dir, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+
+
+def wait_for_step(run_dir: str, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if storage.exists(storage.join(run_dir, "metrics.jsonl")) and any(
+                m.get("step", 0) >= step for m in metrics(run_dir)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} never came (exit code {proc.poll()})")
+
+
+def rerun_finishes_with_the_same_losses(run_dir: str, dataset: str, reference: list[float]) -> None:
+    """The same command again: it continues from the newest committed checkpoint, although Ray's own record in
+    RUN_DIR may still name checkpoints pruned since."""
+    code, out = train_with_ray(dataset, run_dir, "--train.steps=30")
+    assert code == 0, out[-3000:]
+    assert losses(run_dir) == reference
+    assert only_committed(run_dir) == [25, 30]
+
+
+def train_with_ray(dataset: str, run_dir: str, *args: str) -> tuple[int, str]:
+    from trainer.__main__ import main
+
+    code, out, err = run_captured(main, [*COMMON, "--data.path", dataset, "--run.dir", run_dir, *args])
+    return code, out + err
+
+
+def test_rerun_after_a_crash_with_retries_spent(local_ray, runs, reference):
+    root, dataset = runs
+    run_dir = storage.join(root, "crashed")
+    code, out = train_with_ray(dataset, run_dir, "--train.steps=30", "--fault.kill_at_step=23", "--ray.max_failures=0")
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "a worker died" in errors[0] and "run the same command" in errors[0]
+    assert storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
+    assert only_committed(run_dir) == [15, 20]  # step-000005 and -000010 pruned; Ray's record still names them
+    rerun_finishes_with_the_same_losses(run_dir, dataset, reference[30])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_rerun_after_the_driver_is_killed_or_interrupted(local_ray, stdlib_dataset, tmp_path, reference, sig):
+    run_dir = str(tmp_path / "run")
+    driver = trainer_driver(run_dir, stdlib_dataset, local_ray.get_runtime_context().gcs_address)
+    wait_for_step(run_dir, 23, driver)
+    sent = time.monotonic()
+    os.killpg(driver.pid, sig) if sig == signal.SIGKILL else driver.send_signal(sig)
+    out, err = driver.communicate(timeout=60)
+    if sig == signal.SIGINT:  # Ctrl-C: a clean stop that says how to continue
+        assert time.monotonic() - sent < 15 and driver.returncode == 130
+        assert "Traceback" not in out + err
+        assert err.strip().splitlines()[-1].startswith("interrupted: run the same command again to continue from ")
+    rerun_finishes_with_the_same_losses(run_dir, stdlib_dataset, reference[30])
+
+
+def test_a_run_directory_of_another_model_is_one_line_and_left_untouched(stdlib_dataset, tmp_path):
+    run_dir = str(tmp_path / "run")
+    assert train_in_process(stdlib_dataset, run_dir, "--train.steps=5")[0] == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").rglob("*") if p.is_file()}
+    for arg, field in (("--model.dim=128", "model.dim=64"), ("--data.seed=1", "data.seed=0")):
+        code, out = train_with_ray(stdlib_dataset, run_dir, arg)  # refused on the driver, before Ray starts
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and field in errors[0] and "use a new --run.dir" in errors[0], out
+    assert {p: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").rglob("*") if p.is_file()} == before
+
+
+def test_a_finished_run_says_so_and_a_longer_one_continues(local_ray, stdlib_dataset, tmp_path):
+    run_dir = str(tmp_path / "run")
+    assert train_with_ray(stdlib_dataset, run_dir, "--train.steps=10")[0] == 0
+    code, out = train_with_ray(stdlib_dataset, run_dir, "--train.steps=10")
+    assert code == 0 and "already finished: its newest checkpoint is at step 10 and train.steps=10" in out
+    code, out = train_with_ray(stdlib_dataset, run_dir, "--train.steps=15")
+    assert code == 0 and [m["step"] for m in metrics(run_dir) if "loss" in m] == list(range(1, 16))

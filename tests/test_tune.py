@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -32,7 +33,7 @@ def test_random_study_stops_trials_early_and_writes_a_config_the_trainer_accepts
 
     tune_dir = tmp_path / "study"
     code, out, err = run_captured(main, [*STUDY, "--data.path", stdlib_dataset, "--tune.dir", tune_dir,
-                                         "--tune.samples=6", "--tune.lr=1e-4:3e-2"])
+                                         "--tune.samples=6", "--tune.lr=1e-4:3e-2", "--train.steps=3", "--train.log_every=1"])
     assert code == 0, err[-3000:]
     rows = read_results(tune_dir)
     assert len(rows) == 6 and {r["status"] for r in rows} <= {"completed", "stopped early", "diverged"}
@@ -44,10 +45,11 @@ def test_random_study_stops_trials_early_and_writes_a_config_the_trainer_accepts
     assert f"lr {float(best['lr']):.3g}, global batch {best['global_batch']}" in out
     png = (tune_dir / "results.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
-    code, _, err = run_captured(train_main, ["--no-ray", "--config", tune_dir / "best.toml", "--train.steps=3",
-                                             "--train.log_every=1", "--run.dir", tmp_path / "from-best"])
+    command = out.strip().splitlines()[-1].split("train with it: ")[1].split()  # the command the study prints
+    assert command[:3] == ["python", "-m", "trainer"], command
+    code, _, err = run_captured(train_main, command[3:])  # on this Ray, into a run directory of its own
     assert code == 0, err
-    assert len(losses(str(tmp_path / "from-best"))) == 3
+    assert len(losses(str(tune_dir / "best-run"))) == 3
 
 
 def tune_cli(ray_address: str, *args: str) -> subprocess.Popen:
@@ -70,6 +72,25 @@ def wait_for_a_finished_trial(tune_dir, proc: subprocess.Popen, timeout: float =
     raise AssertionError(f"no trial finished (exit code {proc.poll()}): {proc.stdout.read() if proc.poll() else ''}")
 
 
+def wait_for_a_stale_ray_record(tune_dir, proc: subprocess.Popen, last_step: int, timeout: float = 300) -> None:
+    """Until a running trial's Ray Train record names a checkpoint raylm has pruned since (with keep=1, from its
+    second commit on): the moment a killed study used to leave unresumable."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        for record in glob.glob(str(tune_dir / "trials" / "*" / "checkpoint_manager_snapshot.json")):
+            if os.path.exists(os.path.join(os.path.dirname(record), "checkpoints", f"step-{last_step:06d}")):
+                continue  # a finished trial's
+            try:
+                with open(record) as f:
+                    names = [r["checkpoint_dir_name"] for r in json.load(f)["checkpoint_results"]]
+            except (OSError, ValueError):
+                continue  # being written
+            if any(not os.path.exists(os.path.join(os.path.dirname(record), n)) for n in names):
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"no trial's record named a pruned checkpoint (exit code {proc.poll()})")
+
+
 @pytest.mark.e2e
 def test_killed_grid_study_resumes_and_never_picks_a_diverged_or_tiny_lr(local_ray, stdlib_dataset, tmp_path):
     tune_dir = tmp_path / "grid"
@@ -78,6 +99,7 @@ def test_killed_grid_study_resumes_and_never_picks_a_diverged_or_tiny_lr(local_r
     address = local_ray.get_runtime_context().gcs_address
     first = tune_cli(address, *args)
     wait_for_a_finished_trial(tune_dir, first)
+    wait_for_a_stale_ray_record(tune_dir, first, last_step=40)
     os.killpg(first.pid, signal.SIGKILL)  # the study's driver dies at once; Ray ends its trials with it
     first.wait()
     finished = {d: (d / "metrics.jsonl").read_bytes() for d in (tune_dir / "trials").iterdir()

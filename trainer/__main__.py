@@ -11,38 +11,66 @@ import sys
 
 from dataprep import open_dataset
 from dataprep.errors import configure_logging, run_cli
+from trainer import checkpoint
 from trainer.cli import parse_job_args
 from trainer.data import BatchPlan
 from trainer.job import JobConfig, make_paths_absolute
+from trainer.train import resolve_model
 
 FLAGS = {"--no-ray": "run the loop in this process (or under torchrun) instead of Ray Train"}
 
 
-def check_before_launch(job: JobConfig, *, worlds: range) -> None:
+def check_before_launch(job: JobConfig, *, worlds: range) -> int:
     """Catch user mistakes on the driver, before workers start: dataset present, batch divisible by any world size
-    the run may have (an elastic run's too)."""
-    open_dataset(job.data.path)
+    the run may have (an elastic run's too), and RUN_DIR's checkpoints (if any) of this very model, dataset and
+    data order. Returns the step the run would continue from (0 for a new run)."""
+    dataset = open_dataset(job.data.path)
     for world in worlds:
         BatchPlan(global_batch=job.train.global_batch, micro_batch=job.train.micro_batch, world=world)
+    resolve_model(job, dataset)
+    newest = checkpoint.latest_committed(job.run.dir)
+    if newest is None:
+        return 0
+    state = checkpoint.read_train_state(newest)
+    identity = checkpoint.run_identity(job.model, dataset, data_seed=job.data.seed,
+                                       global_batch=job.train.global_batch)
+    checkpoint.check_continues(state, identity, newest, own=True)
+    return state["step"]
+
+
+def how_to_continue(job: JobConfig) -> str:
+    newest = checkpoint.latest_committed(job.run.dir, quiet=True)
+    if newest is None:
+        return "no checkpoint was committed yet: the same command starts the run again"
+    return f"run the same command again to continue from {newest}"
 
 
 def main(argv: list[str]) -> int:
     job, flags = parse_job_args(argv, prog="python -m trainer", description=__doc__, flags=FLAGS)
     configure_logging("trainer")
     make_paths_absolute(job)
-    if "--no-ray" in flags:
-        from trainer.train import run
-
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        check_before_launch(job, worlds=range(world, world + 1))
-        summary = run(job)
+    no_ray = "--no-ray" in flags
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    start = check_before_launch(job, worlds=range(world, world + 1) if no_ray else
+                                range(job.ray.min_workers or job.ray.num_workers, job.ray.num_workers + 1))
+    if start >= job.train.steps:
         if os.environ.get("RANK", "0") == "0":
-            print_summary(job, summary)
-    else:
-        from trainer.ray_launch import launch
+            print(f"{job.run.dir} already finished: its newest checkpoint is at step {start} and train.steps="
+                  f"{job.train.steps}; raise --train.steps to train on, or use a new --run.dir for a new run")
+        return 0
+    try:
+        if no_ray:
+            from trainer.train import run
 
-        check_before_launch(job, worlds=range(job.ray.min_workers or job.ray.num_workers, job.ray.num_workers + 1))
-        print_summary(job, launch(job).return_value)
+            summary = run(job)
+        else:
+            from trainer.ray_launch import launch
+
+            summary = launch(job).return_value
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(how_to_continue(job)) from None
+    if os.environ.get("RANK", "0") == "0":
+        print_summary(job, summary)
     return 0
 
 

@@ -9,6 +9,7 @@ older checkpoints. Only a directory with COMMITTED is ever loaded, and DCP resha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -76,12 +77,14 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str, bool]]:
     return sorted(found)
 
 
-def latest_committed(run_dir: str) -> str | None:
-    """The newest committed checkpoint of a run; newer uncommitted ones (saves cut off) are skipped with a log line."""
+def latest_committed(run_dir: str, *, quiet: bool = False) -> str | None:
+    """The newest committed checkpoint of a run; newer uncommitted ones (saves cut off) are skipped with a log line
+    (unless quiet)."""
     for _, path, committed in reversed(list_checkpoints(run_dir)):
         if committed:
             return path
-        log.warning("skipping %s: it has no %s (its save was cut off)", path, COMMITTED)
+        if not quiet:
+                log.warning("skipping %s: it has no %s (its save was cut off)", path, COMMITTED)
     return None
 
 
@@ -143,6 +146,35 @@ def verify(path: str) -> None:
 
 def read_train_state(path: str) -> dict:
     return json.loads(storage.read_bytes(storage.join(path, TRAIN_STATE)))
+
+
+def run_identity(model: ModelConfig, dataset, *, data_seed: int, global_batch: int) -> dict:
+    """What a checkpoint shares with any run that continues it, keyed as the user sets each value: the model, the
+    dataset it reads (tokenizer, sequence length, rows) and the data order. train.steps and the lr schedule are not
+    in it: raising them is how a run is extended."""
+    identity = {f"model.{key}": value for key, value in dataclasses.asdict(model).items()}
+    return identity | {
+        "dataset tokenizer sha256": dataset.manifest["tokenizer"]["sha256"], "dataset seq_len": dataset.seq_len,
+        "dataset train rows": len(dataset.train), "data.seed": data_seed, "train.global_batch": global_batch,
+    }
+
+
+def check_continues(state: dict, identity: dict, path: str, *, own: bool, weights_only: bool = False) -> None:
+    """Refuse, in one line naming every differing field, to continue a checkpoint of another model, dataset or data
+    order (with `weights_only`, only the model must match): loading would fail deep in DCP or, worse, succeed.
+    `own`: the checkpoint is the run directory's own (else it came from checkpoint.resume_from)."""
+    saved = state.get("identity", {})
+    keys = [k for k in identity if k in saved and saved[k] != identity[k] and (k.startswith("model.") or not weights_only)]
+    if not keys:
+        return
+    show = lambda value: f"{value[:12]}…" if isinstance(value, str) and len(value) > 16 else value  # noqa: E731
+    advice = "use a new --run.dir" if own else "resume from a checkpoint of this model, dataset and data order"
+    if not any(k.startswith("model.") for k in keys):
+        advice += (f", or start a new run from its weights with --checkpoint.resume_from={run_dir_of(path)} "
+                   "--checkpoint.load_weights_only=true")
+    subject = f"run directory {run_dir_of(path)} holds checkpoints" if own else f"checkpoint {path} was"
+    raise ConfigError(f"{subject} trained with {', '.join(f'{k}={show(saved[k])}' for k in keys)}; this run has "
+                      f"{', '.join(f'{k}={show(identity[k])}' for k in keys)}: {advice}")
 
 
 def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:

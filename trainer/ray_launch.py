@@ -8,12 +8,14 @@ checkpoints committed under it are reported to Ray where they lie. A dead worker
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 import sys
 
 from dataprep import storage
 from dataprep.errors import RaylmError
+from trainer.checkpoint import COMMITTED
 from trainer.config import from_dict, to_dict
 from trainer.job import JobConfig
 
@@ -76,6 +78,49 @@ def user_error_of(exc: BaseException) -> RaylmError | None:
     return find_user_error(exc)
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of the checkpoints reported in a run directory; Ray refuses to start a run whose record names
+a checkpoint that no longer exists."""
+
+
+def forget_pruned_checkpoints(run_dir: str) -> None:
+    """raylm owns checkpoint retention (`checkpoint.keep`, pruned after each commit, with or without Ray) and
+    resumes from its own COMMITTED markers, never from Ray's record. Ray writes its record only when a checkpoint is
+    reported, so after a crash, a Ctrl-C or a kill it may still name checkpoints raylm has pruned since, or be from
+    another Ray version: such a record is dropped before Ray reads it, and Ray starts a new one."""
+    path = storage.join(run_dir, RAY_SNAPSHOT)
+    if not storage.exists(path):
+        return
+    import ray
+
+    try:
+        record = json.loads(storage.read_bytes(path))
+        names = [entry["checkpoint_dir_name"] for entry in record["checkpoint_results"]]
+        current = record["ray_version"] == ray.__version__
+    except (ValueError, KeyError, TypeError):
+        names, current = [], False
+    gone = [name for name in names if not storage.exists(storage.join(run_dir, name, COMMITTED))]
+    if gone or not current:
+        log.info("dropping Ray Train's record of this run's checkpoints (%s): raylm resumes from its own",
+                 f"it names pruned {', '.join(gone)}" if gone else "another Ray version's")
+        storage.delete_file(path)
+
+
+class WorkerLost(RaylmError):
+    """A worker process or its node died and the run's restarts (ray.max_failures) are spent."""
+
+
+def lost_worker(exc: BaseException) -> str | None:
+    """Ray's word for a dead worker, if a worker's death (not an error it raised) failed the run."""
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    for failure in (getattr(exc, "worker_failures", None) or {}).values():
+        if isinstance(failure, WorkerHealthCheckFailedError):
+            lines = [line for line in str(failure).splitlines() if "actor died" in line or "exit" in line.lower()]
+            return (lines or [str(failure).splitlines()[0]])[0].strip()
+    return None
+
+
 def launch(job: JobConfig, *, callbacks: list | None = None):
     """Train with Ray Train on `job.ray.num_workers` workers; returns Ray's Result.
 
@@ -104,10 +149,17 @@ def launch(job: JobConfig, *, callbacks: list | None = None):
         ),
         torch_config=TorchConfig(backend="nccl" if job.ray.use_gpu else "gloo"),
     )
+    forget_pruned_checkpoints(job.run.dir)
     try:
         return trainer.fit()
+    except SystemExit:  # Ray's Ctrl-C handler aborts the run, then exits the driver this way
+        raise KeyboardInterrupt() from None
     except Exception as exc:  # noqa: BLE001 - a worker's user error is re-raised as itself
         user_error = user_error_of(exc)
         if user_error is not None:
             raise user_error from None
+        if (death := lost_worker(exc)) is not None:
+            raise WorkerLost(f"a worker died ({death}) and the run's restarts are spent "
+                             f"(ray.max_failures={job.ray.max_failures}); run the same command again to continue "
+                             "from the newest committed checkpoint") from None
         raise

@@ -189,11 +189,12 @@ class Trainer:
             return 0
         path, own = choice[0]
         warm_start = cfg.load_weights_only and not own
+        checkpoint.check_continues(checkpoint.read_train_state(path), self.identity(), path, own=own,
+                                   weights_only=warm_start)
         state = checkpoint.load(path, self.model, None if warm_start else self.optimizer)
         if warm_start:
             log.info("warm start from the weights of %s", path)
             return 0
-        self.check_same_data_order(state, path)
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(torch.tensor(bytearray.fromhex(state["rng"]), dtype=torch.uint8))
         if self.d.rank == 0:
@@ -201,19 +202,14 @@ class Trainer:
                      self.d.world)
         return state["step"]
 
-    def check_same_data_order(self, state: dict, path: str) -> None:
-        """A resumed run must see the batches the interrupted one would have: same global batch and data seed."""
-        for key, now in (("global_batch", self.plan.global_batch), ("data_seed", self.job.data.seed)):
-            if state[key] != now:
-                raise ConfigError(f"{path} was trained with {key}={state[key]}, this run has {now}: the data order "
-                                  "would change; keep it, or warm-start a new run with --checkpoint.resume_from and "
-                                  "--checkpoint.load_weights_only")
+    def identity(self) -> dict:
+        return checkpoint.run_identity(self.job.model, self.dataset, data_seed=self.job.data.seed,
+                                       global_batch=self.plan.global_batch)
 
     def train_state(self, step: int) -> dict:
         return {"step": step, "tokens": step * self.tokens_per_step, "world": self.d.world,
-                "global_batch": self.plan.global_batch, "data_seed": self.job.data.seed,
                 "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state().numpy().tobytes().hex(),
-                "model": dataclasses.asdict(self.job.model)}
+                "model": dataclasses.asdict(self.job.model), "identity": self.identity()}
 
     def is_save_step(self, step: int) -> bool:
         every = self.job.checkpoint.every

@@ -168,8 +168,13 @@ def best_row(rows: list[dict]) -> dict:
     return min(completed, key=lambda r: r["final_val_loss"])
 
 
-def write_outputs(job: TuneJobConfig, rows: list[dict], best: dict) -> None:
-    """results.csv, results.png and best.toml (the job with the best lr and batch) in the study directory."""
+BEST_RUN = "best-run"
+"""best.toml's run directory, in the study directory: the next run never lands in an existing run's directory."""
+
+
+def write_outputs(job: TuneJobConfig, rows: list[dict], best: dict, *, vocab_size: int) -> None:
+    """results.csv, results.png and best.toml (the job with the best lr and batch, the dataset's vocabulary and a
+    run directory of its own) in the study directory."""
     from tune.plot import plot_results
 
     out = io.StringIO()
@@ -180,6 +185,7 @@ def write_outputs(job: TuneJobConfig, rows: list[dict], best: dict) -> None:
     storage.write_bytes(storage.join(job.tune.dir, "results.png"), plot_results(rows, best))
     tuned = from_dict(JobConfig, to_dict(job))
     tuned.optim.lr, tuned.train.global_batch = best["lr"], best["global_batch"]
+    tuned.model.vocab_size, tuned.run.dir = vocab_size, storage.join(job.tune.dir, BEST_RUN)
     storage.write_bytes(storage.join(job.tune.dir, "best.toml"), dump_toml(tuned).encode())
 
 
@@ -227,5 +233,5 @@ def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
     tuner = build_tuner(job, seq_len=dataset.seq_len, vocab_size=dataset.vocab_size)
     rows = summarize(tuner.fit(), job.tune, dataset.seq_len)
     best = best_row(rows)
-    write_outputs(job, rows, best)
+    write_outputs(job, rows, best, vocab_size=dataset.vocab_size)
     return rows, best
