@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
 from dataprep.errors import ConfigError, configure_logging, run_cli
@@ -25,7 +26,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own usage errors become raylm's one-line error, exit 2
-        raise ConfigError(f"{message} (see python -m dataprep --help)")
+        raise ConfigError(f"{message}{self.did_you_mean(message)} (see python -m dataprep --help)")
+
+    def did_you_mean(self, message: str) -> str:
+        """'; did you mean --x?' for the first unrecognized option that is close to a real one."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        options = [o for action in self._actions for o in action.option_strings]
+        for arg in message.split(":", 1)[1].split():
+            if close := difflib.get_close_matches(arg.split("=")[0], options, n=1, cutoff=0.8):
+                return f"; did you mean {close[0]}?"
+        return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,12 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-files", type=int, metavar="N", help="use only the first N files in path order (quick runs)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished dataset made with other settings")
     p.add_argument("--debug", action="store_true", help="full tracebacks for errors")
+    p.add_argument("--verbose", action="store_true", help="Ray's own lines too (start-up, Ray Data's INFO, worker prefixes)")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = vars(build_parser().parse_args(argv))
-    args.pop("debug")
+    args.pop("debug"), args.pop("verbose")  # handled by run_cli
     demo = not args["input"]
     if demo:
         args["input"] = demo_inputs()

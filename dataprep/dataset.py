@@ -127,6 +127,7 @@ def open_dataset(directory: str) -> PackedDataset:
     manifest = read_manifest(directory)
     if manifest is None:
         raise DataError(
-            f"{directory} is not a finished raylm dataset (no {MANIFEST}); run `python -m dataprep --output {directory}`"
+            f"{directory} is not a finished raylm dataset (no {MANIFEST}); make one with "
+            f"`python -m dataprep --input CORPUS --output {directory}` (or `python -m dataprep` for the demo's data/stdlib)"
         )
     return PackedDataset(directory, manifest)

@@ -8,8 +8,11 @@ keeps its traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable, Sequence
+
+from raylm.ray_session import VERBOSE_ENV
 
 
 class RaylmError(Exception):
@@ -64,14 +67,17 @@ def configure_logging(package: str) -> None:
 def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Run `main(argv)`; a user mistake becomes one `error:` line on stderr and exit code 2.
 
-    `--debug` anywhere in argv keeps the full traceback for user mistakes too.
+    `--debug` anywhere in argv keeps the full traceback for user mistakes too; `--verbose` shows Ray's own lines
+    (start-up, Ray Data's progress INFO, worker prefixes) that raylm otherwise folds away.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    if not debug:
+    if "--verbose" in argv:
+        os.environ[VERBOSE_ENV] = "1"
+    else:
         logging.getLogger("ray").setLevel(logging.WARNING)
     try:
-        return int(main([a for a in argv if a != "--debug"]) or 0)
+        return int(main([a for a in argv if a not in ("--debug", "--verbose")]) or 0)
     except Exception as exc:  # noqa: BLE001 - sorted into user mistakes and bugs below
         user_error = find_user_error(exc)
         if user_error is None or debug:

@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import posixpath
 import sysconfig
 import time
 from contextlib import closing
@@ -20,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from dataprep import storage
 from dataprep.dataset import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest
@@ -28,6 +30,7 @@ from dataprep.shards import SplitPacker, rows_per_batch
 from dataprep.sources import BadRecord, Document, file_format, read_documents
 from dataprep.storage import FileEntry
 from dataprep.tokenizer import encode_exact, load_tokenizer, sha256, token_dtype, train_tokenizer
+from raylm.ray_session import init_ray, quiet_ray_data
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +309,10 @@ def pack(batches: Iterator[pa.Table], packers: dict[str, SplitPacker], cfg: Data
     return counts
 
 
+DATASET_ENTRIES = {"train", "val", TOKENIZER, MANIFEST}
+"""What a dataset directory holds; dataprep writes into nothing else."""
+
+
 def prepare_output(cfg: DataprepConfig, settings: dict) -> bool:
     """Make the output ready for a fresh write; False if it already holds this exact dataset (nothing to do)."""
     old = read_manifest(cfg.output)
@@ -319,6 +326,11 @@ def prepare_output(cfg: DataprepConfig, settings: dict) -> bool:
         )
     fs, root = storage.filesystem(cfg.output)
     try:
+        strangers = sorted(posixpath.basename(f.path) for f in fs.get_file_info(
+            pafs.FileSelector(root, allow_not_found=True)) if posixpath.basename(f.path) not in DATASET_ENTRIES)
+        if strangers:
+            raise ConfigError(f"{cfg.output} is not empty and not a raylm dataset (it holds {', '.join(strangers[:3])}"
+                              f"{', …' if len(strangers) > 3 else ''}); choose a new or empty --output")
         fs.create_dir(root, recursive=True)
         if old is not None:  # the manifest goes first, so an interrupted overwrite is never taken as a dataset
             fs.delete_file(storage.join(root, MANIFEST))
@@ -380,13 +392,31 @@ def run(cfg: DataprepConfig, *, exclude: str | None = None) -> RunResult:
     log.info("corpus: %d files, %.1f MB", len(files), sum(f.size for f in files) / 1e6)
     given_tokenizer = read_given_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     settings = cfg_settings(cfg, files, given_tokenizer)
+    existed = storage.exists(cfg.output)
     if not prepare_output(cfg, settings):
         print(f"dataprep: {cfg.output} already holds this dataset (same inputs and settings); nothing to do")
         return RunResult(read_manifest(cfg.output))
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+    init_ray()
+    quiet_ray_data()
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    try:
+        return make_dataset(cfg, files, given_tokenizer, settings)
+    except BaseException:
+        remove_partial_output(cfg.output, existed=existed)
+        raise
 
+
+def remove_partial_output(output: str, *, existed: bool) -> None:
+    """A failed run leaves the output as it found it: absent, or without the tokenizer and shards begun here."""
+    if not existed:
+        storage.delete_dir(output)
+        return
+    for name in ("train", "val"):
+        storage.delete_dir(storage.join(output, name))
+    storage.delete_file(storage.join(output, TOKENIZER))
+
+
+def make_dataset(cfg: DataprepConfig, files: list[FileEntry], given_tokenizer: bytes | None, settings: dict):
     model = given_tokenizer or train_on_sample(files, cfg)
     tokenizer_path = storage.join(cfg.output, TOKENIZER)
     storage.write_bytes(tokenizer_path, model)

@@ -56,7 +56,7 @@ def test_bad_record_is_one_line_naming_the_file(local_ray, tmp_path, name, data,
     out = tmp_path / "ds"
     line = run([corpus_with(tmp_path, name, data)], out)
     assert expect in line
-    assert list((out / "train").glob("*.arrow")), "the failure should come after shards were written"
+    assert not out.exists(), "a failed run leaves the output as it found it (absent), shards begun or not"
 
 
 def test_skip_and_replace_are_counted(local_ray, tmp_path):
@@ -128,3 +128,21 @@ def test_cli_help_and_error_in_a_fresh_process(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: input {tmp_path / 'nope'} does not exist; check the path"]
     proc = subprocess.run([sys.executable, "-m", "dataprep", "--seq-len", "abc"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: argument --seq-len: invalid int value: 'abc'")
+
+
+def test_an_unrelated_folder_is_refused_and_an_empty_one_left_as_found(local_ray, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    line = run([corpus_with(tmp_path, "a.jsonl", GOOD.encode())], notes)
+    assert f"{notes} is not empty and not a raylm dataset (it holds todo.txt)" in line
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run([corpus_with(tmp_path, "zz.jsonl", b'{"text": "fine"}\n{not json\n')], empty)
+    assert list(empty.iterdir()) == []
+
+
+def test_an_unknown_option_suggests_the_nearest():
+    code, _, err = run_captured(main, ["--vocab-szie", "300"])
+    assert code == 2 and "did you mean --vocab-size?" in err

@@ -1,6 +1,12 @@
 """The README's two commands are the ones that work: CI runs the test command verbatim."""
 
+import os
 import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -17,3 +23,42 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
     assert test_cmd.endswith(".venv/bin/python -m pytest") and "'.[test]'" in test_cmd
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_cmd in ci_lines
+
+
+RAY_LINE = re.compile(
+    r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\]"  # Ray's C++ logging, any level
+    r"|^\d{4}-\d\d-\d\d [\d:,]+\s+(DEBUG|INFO)\s"  # Ray's Python logging below WARNING (Ray Data, Tune, Train)
+    r"|\((raylet|RayTrainWorker|TrainController|MapWorker)[^)]*\)"  # a worker's process prefix
+    r"|token authentication"
+)
+
+
+@pytest.mark.e2e
+def test_main_job_output_is_raylm_lines_only(tmp_path):
+    """The main job at a reduced size, as a newcomer runs it (its own local Ray, output to a file): raylm's story
+    only, no Ray chatter below WARNING, no colour codes; and the demo's sample prompt is one a trained model
+    continues (no lone '▁', which training rarely sees)."""
+    from dataprep import open_dataset
+    from dataprep.tokenizer import encode_exact
+    from trainer.config import load_config
+    from trainer.job import JobConfig
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    data, run = tmp_path / "data", tmp_path / "run"
+    dataprep = subprocess.run([sys.executable, "-m", "dataprep", "--max-files", "40", "--vocab-size", "1000",
+                               "--seq-len", "64", "--val-fraction", "0.1", "--output", str(data)], capture_output=True, text=True, env=env,
+                              timeout=300)
+    train = subprocess.run([sys.executable, "-m", "trainer", "--config", "configs/demo.toml", "--data.path", str(data),
+                            "--run.dir", str(run), "--model.dim=64", "--model.n_layers=2", "--model.ffn_hidden=128",
+                            "--train.steps=4", "--train.log_every=2", "--train.eval_every=2",
+                            "--train.sample_tokens=8"], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert dataprep.returncode == 0 and train.returncode == 0, (dataprep.stderr + train.stderr)[-3000:]
+    output = dataprep.stdout + dataprep.stderr + train.stdout + train.stderr
+    assert "\x1b[" not in output
+    assert [line for line in output.splitlines() if RAY_LINE.search(line)] == []
+    for expected in ("dataprep: 40 files", "step      4 | loss", "validation loss:", "sample:\ndef", "finished;"):
+        assert expected in output, output
+
+    prompt = load_config(JobConfig, str(ROOT / "configs" / "demo.toml")).train.sample_prompt
+    sp = open_dataset(str(data)).tokenizer()
+    assert prompt and "▁" not in [sp.id_to_piece(i) for i in encode_exact(sp, [prompt])[0]]

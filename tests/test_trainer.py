@@ -119,3 +119,18 @@ def test_bf16_activation_checkpointing_and_compile_run_on_cpu(stdlib_dataset, tm
                            "--train.log_every=2", *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert all(math.isfinite(l) for l in losses(str(run_dir))) and len(losses(str(run_dir))) == 2
+
+
+def test_logged_loss_is_the_mean_over_the_window(stdlib_dataset, tmp_path):
+    """One step's loss swings; each log line carries the mean of the steps since the previous one."""
+    from trainer.__main__ import main
+
+    common = ["--no-ray", *TINY, "--data.path", stdlib_dataset, "--train.steps=6", "--train.eval_every=0",
+              "--ray.num_workers=1"]
+    for every in (1, 3):
+        code, _, err = run_captured(main, [*common, f"--train.log_every={every}", "--run.dir", tmp_path / str(every)])
+        assert code == 0, err
+    per_step, windowed = losses(str(tmp_path / "1")), losses(str(tmp_path / "3"))
+    assert len(per_step) == 6 and len(windowed) == 2
+    for i, mean in enumerate(windowed):
+        assert mean == pytest.approx(sum(per_step[3 * i: 3 * i + 3]) / 3, rel=1e-6)

@@ -33,6 +33,8 @@ from dataprep.errors import ConfigError, DataError, StorageError
 from trainer.model import ModelConfig, Transformer
 
 log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", message="Detected an existing checkpoint", category=UserWarning)
+"""DCP warns when it writes over a directory: raylm does that on purpose to a save cut off before its commit."""
 
 COMMITTED = "COMMITTED"
 TRAIN_STATE = "train_state.json"

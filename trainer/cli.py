@@ -9,6 +9,11 @@ from trainer.config import config_help, load_config
 from trainer.job import JobConfig
 
 
+COMMON_FLAGS = {"--verbose": "Ray's own lines too (start-up, worker prefixes, Tune's status)",
+                "--debug": "full tracebacks for errors"}
+"""Taken by run_cli on every raylm command."""
+
+
 def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[str, str] | None = None,
                    root: type = JobConfig):
     """(root config, set of plain flags given). Prints help and exits 0 on -h/--help."""
@@ -17,7 +22,7 @@ def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[
         print(f"usage: {prog} [--config FILE] {' '.join(f'[{f}]' for f in flags)} [--section.field=value ...]\n")
         print(description + "\n")
         print("  --config FILE  TOML preset (see configs/); command-line values override it")
-        for flag, text in flags.items():
+        for flag, text in {**flags, **COMMON_FLAGS}.items():
             print(f"  {flag}  {text}")
         print("\nFields (CLI > TOML > default):\n" + config_help(root))
         sys.exit(0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import sys
 import textwrap
@@ -130,9 +131,16 @@ def load_config(root_cls: type[T], toml_path: str | None = None, overrides: list
     for key in cli:
         section, _, fname = key.partition(".")
         if section not in known or fname not in field_types(known[section]):
-            raise ConfigError(f"unknown option --{key} (see --help for the fields of each section)")
+            raise ConfigError(f"unknown option --{key}{did_you_mean(key, known)} (see --help for every field)")
     return root_cls(**{name: _build_section(name, cls, toml.get(name, {}), cli, toml_path)
                        for name, cls in known.items()})
+
+
+def did_you_mean(key: str, known: dict[str, type]) -> str:
+    """'; did you mean --section.field?' for the nearest field name, or ''."""
+    fields = [f"{name}.{fname}" for name, cls in known.items() for fname in field_types(cls)]
+    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
+    return f"; did you mean --{close[0]}?" if close else ""
 
 
 def _build_section(name: str, cls: type, table: dict, cli: dict[str, str], toml_path: str | None):

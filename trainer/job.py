@@ -36,7 +36,7 @@ class TrainConfig:
     """Steps between validation passes (and at the end); 0 = only at the end."""
     eval_rows: int = 32
     """Rows of val/ in the fixed validation slice."""
-    sample_prompt: str = "def "
+    sample_prompt: str = "def"
     """Prompt of the sample generated at the end ('' to skip)."""
     sample_tokens: int = 64
     """Tokens generated for the final sample."""

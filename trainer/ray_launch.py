@@ -15,6 +15,7 @@ import sys
 
 from dataprep import storage
 from dataprep.errors import RaylmError
+from raylm.ray_session import init_ray
 from trainer.checkpoint import COMMITTED
 from trainer.config import from_dict, to_dict
 from trainer.job import JobConfig
@@ -131,8 +132,7 @@ def launch(job: JobConfig, *, callbacks: list | None = None):
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+    init_ray()
     resources = {"CPU": job.ray.cpus_per_worker, **({"GPU": 1} if job.ray.use_gpu else {})}
     fs, path = storage.filesystem(job.run.dir)
     workers = (job.ray.min_workers, job.ray.num_workers) if job.ray.min_workers else job.ray.num_workers

@@ -223,19 +223,21 @@ class Trainer:
     def fit(self) -> list[dict]:
         history = [self.initial_eval()] if self.start_step == 0 and self.val else []
         window, last_logged = time.perf_counter(), self.start_step
+        window_loss = torch.zeros((), device=self.d.device)  # summed on device: no host sync between log steps
         for step in range(self.start_step, self.job.train.steps):
             batches = [b.to(self.d.device, non_blocking=True) for b in self.loader.batches(step)]
             loss, norm = train_step(self.model, self.optimizer, batches, grad_clip=self.job.optim.grad_clip,
                                     aux_weight=self.job.model.aux_loss_weight, step=step)
+            window_loss += loss
             self.scheduler.step()
             done = step + 1
             if self.is_save_step(done):
                 self.ckpt.save(done, self.model, self.optimizer, self.train_state(done))
-                if done == self.job.train.steps:
-                    self.ckpt.finish()  # the last checkpoint is committed before the last report carries it
             if done % self.job.train.log_every == 0 or self.is_eval_step(done):
-                history.append(self.log_step(done, loss, norm, time.perf_counter() - window, done - last_logged))
+                steps = done - last_logged
+                history.append(self.log_step(done, window_loss / steps, norm, time.perf_counter() - window, steps))
                 window, last_logged = time.perf_counter(), done
+                window_loss.zero_()
             inject_fault(self.job.fault, run_dir=self.job.run.dir, step=done, rank=self.d.rank)
         self.loader.close()
         return history
@@ -247,12 +249,16 @@ class Trainer:
         self.publish(m)
         return m
 
-    def publish(self, m: dict) -> None:
-        """To rank 0's sinks, and Ray from every rank (with the checkpoint committed since the last report)."""
-        self.ckpt.poll()
-        committed = self.ckpt.take_committed()
+    def publish(self, m: dict, *, final: bool = False) -> None:
+        """To rank 0's sinks, then to Ray from every rank with the checkpoint committed since the last report. The
+        final checkpoint is committed here, after its step's line, so the last report carries it."""
         if self.sink:
             self.sink.write(m)
+        if final:
+            self.ckpt.finish()
+        else:
+            self.ckpt.poll()
+        committed = self.ckpt.take_committed()
         if self.report:
             self.report(m, committed if self.d.rank == 0 else None)
 
@@ -261,6 +267,8 @@ class Trainer:
         return step == self.job.train.steps or (every > 0 and step % every == 0)
 
     def log_step(self, step: int, loss: torch.Tensor, norm: torch.Tensor, elapsed: float, steps: int) -> dict:
+        """Metrics of the `steps` steps since the last log step: `loss` is their mean training loss (one step's loss
+        swings far more than the trend it is read for), the rates are over the window, grad_norm is the last step's."""
         dist.all_reduce(loss)  # SUM: gloo has no AVG
         mean_loss = loss.item() / self.d.world
         if self.job.train.max_loss and not mean_loss <= self.job.train.max_loss:  # `not <=`: NaN too
@@ -278,7 +286,7 @@ class Trainer:
         if self.is_eval_step(step) and self.val:
             m["val_loss"] = evaluate(self.model, self.val, self.d.device)
             m["val_ppl"] = math.exp(min(m["val_loss"], 50.0))
-        self.publish(m)
+        self.publish(m, final=step == self.job.train.steps)
         return m
 
     def sample(self) -> str | None:

@@ -13,10 +13,14 @@ import dataclasses
 import io
 import logging
 import math
+import os
 import posixpath
+
+from ray.tune import Callback
 
 from dataprep import open_dataset, storage
 from dataprep.errors import ConfigError
+from raylm.ray_session import init_ray, verbose
 from trainer.config import dump_toml, from_dict, to_dict
 from trainer.data import BatchPlan
 from trainer.job import JobConfig
@@ -66,6 +70,30 @@ def run_trial(config: dict, study: dict) -> None:
         ray.tune.report({"tokens": tokens, "val_loss": math.inf, "diverged": True, "reason": str(exc)})
 
 
+class StudyProgress(Callback):
+    """raylm's own lines for a study, instead of Tune's status table (whose CPU column counts only what the trials
+    hold themselves, nothing: their Ray Train workers reserve the CPUs) and its TensorBoard hint into Ray's session
+    directory: a line when a trial starts and one when it ends, with what it reached."""
+
+    def __init__(self, study: dict):
+        self.tune, self.seq_len = TuneConfig(**study["tune"]), study["seq_len"]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        print(f"trial {trial}: started, lr {trial.config['lr']:.2e}, global batch {trial.config['batch']}",
+              flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last, batch = trial.last_result or {}, trial.config["batch"]
+        planned = trial_steps(batch, self.seq_len, self.tune)[0] * batch * self.seq_len
+        status = ("diverged" if last.get("diverged") else "completed" if last.get("tokens", 0) >= planned
+                  else "stopped early by ASHA")
+        print(f"trial {trial}: {status} at {last.get('tokens', 0):,} tokens, val loss "
+              f"{last.get('val_loss', math.nan):.4f}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"trial {trial}: failed; its logs are under {trial.path}", flush=True)
+
+
 def study_path(tune: TuneConfig) -> tuple:
     fs, path = storage.filesystem(tune.dir)
     return fs, path, posixpath.join(path, STUDY)
@@ -88,6 +116,8 @@ def build_tuner(job: TuneJobConfig, *, seq_len: int, vocab_size: int):
         return raytune.Tuner.restore(study, trainable, resume_unfinished=True, storage_filesystem=fs)
     if exists:
         raise ConfigError(f"{cfg.dir} already holds a study: add --tune.resume to continue it, or pick another --tune.dir")
+    if not verbose():  # Tune's newer console output prints its header and a TensorBoard hint even when silent
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid = cfg.lr_grid
     param_space = {
         "lr": raytune.grid_search(grid) if grid else raytune.loguniform(*cfg.lr_range),
@@ -103,7 +133,8 @@ def build_tuner(job: TuneJobConfig, *, seq_len: int, vocab_size: int):
             scheduler=ASHAScheduler(time_attr="tokens", max_t=cfg.budget_tokens,
                                     grace_period=mark_tokens * cfg.grace_marks, reduction_factor=cfg.reduction_factor),
         ),
-        run_config=raytune.RunConfig(name=STUDY, storage_path=path, storage_filesystem=fs),
+        run_config=raytune.RunConfig(name=STUDY, storage_path=path, storage_filesystem=fs,
+                                     **({} if verbose() else {"verbose": 0, "callbacks": [StudyProgress(study_spec)]})),
     )
 
 
@@ -219,18 +250,17 @@ def require_state_api() -> None:
 
 def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
     """Run (or resume) the study; returns its rows and the best one, with the outputs written."""
-    import ray
-
     dataset = open_dataset(job.data.path)
     for batch in job.tune.batch:  # checked here, as the trainer checks at launch, not trial by trial in the workers
         try:
             BatchPlan(global_batch=batch, micro_batch=job.train.micro_batch, world=job.ray.num_workers)
         except ConfigError as exc:
             raise ConfigError(f"--tune.batch {batch}: {exc}") from None
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+    init_ray(log_to_driver=verbose())  # trials' lines would interleave; the study prints a line per trial
     require_state_api()
     tuner = build_tuner(job, seq_len=dataset.seq_len, vocab_size=dataset.vocab_size)
+    print(f"study in {job.tune.dir}; each trial's curves: tensorboard --logdir {storage.join(job.tune.dir, 'trials')}",
+          flush=True)
     rows = summarize(tuner.fit(), job.tune, dataset.seq_len)
     best = best_row(rows)
     write_outputs(job, rows, best, vocab_size=dataset.vocab_size)

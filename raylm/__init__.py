@@ -1,0 +1,1 @@
+"""What raylm's three tools (dataprep, trainer, tune) share."""
