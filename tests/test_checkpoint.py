@@ -221,10 +221,11 @@ def test_a_run_directory_of_another_model_is_one_line_and_left_untouched(stdlib_
     assert {p: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").rglob("*") if p.is_file()} == before
 
 
-def test_a_finished_run_says_so_and_a_longer_one_continues(local_ray, stdlib_dataset, tmp_path):
+def test_a_finished_run_says_so_and_a_longer_one_continues(stdlib_dataset, tmp_path):
+    """The check runs in the driver before Ray or the loop starts, so the in-process path shows it as well."""
     run_dir = str(tmp_path / "run")
-    assert train_with_ray(stdlib_dataset, run_dir, "--train.steps=10")[0] == 0
-    code, out = train_with_ray(stdlib_dataset, run_dir, "--train.steps=10")
+    assert train_in_process(stdlib_dataset, run_dir, "--train.steps=10")[0] == 0
+    code, out = train_in_process(stdlib_dataset, run_dir, "--train.steps=10")
     assert code == 0 and "already finished: its newest checkpoint is at step 10 and train.steps=10" in out
-    code, out = train_with_ray(stdlib_dataset, run_dir, "--train.steps=15")
+    code, out = train_in_process(stdlib_dataset, run_dir, "--train.steps=15")
     assert code == 0 and [m["step"] for m in metrics(run_dir) if "loss" in m] == list(range(1, 16))

@@ -103,7 +103,7 @@ def forget_pruned_checkpoints(run_dir: str) -> None:
     gone = [name for name in names if not storage.exists(storage.join(run_dir, name, COMMITTED))]
     if gone or not current:
         log.info("dropping Ray Train's record of this run's checkpoints (%s): raylm resumes from its own",
-                 f"it names pruned {', '.join(gone)}" if gone else "another Ray version's")
+                 f"it names pruned {', '.join(gone)}" if gone else "unreadable, or another Ray version's")
         storage.delete_file(path)
 
 
