@@ -128,7 +128,6 @@ def launch(job: JobConfig, *, callbacks: list | None = None):
     Ray's controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and a report waits
     until the previous one was polled: log steps closer together than that block the loop (lower it, as the tests
     do, for runs that log every fraction of a second); a shorter poll costs CPU on every run."""
-    import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

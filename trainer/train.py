@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from dataprep import open_dataset, storage
-from dataprep.errors import ConfigError, RaylmError
+from dataprep.errors import RaylmError
 from trainer import checkpoint
 from trainer.checkpoint import Checkpointer, inject_fault
 from trainer.data import BatchPlan, StepLoader, val_batches
