@@ -47,7 +47,7 @@ def init_ray(*, log_to_driver: bool = True) -> None:
 
     if ray.is_initialized():
         return
-    if starts_its_own_cluster():  # on 127.0.0.1, for this one command: Ray's token would only print a warning
+    if starts_its_own_cluster():  # lives for this one command; Ray <= 2.59's default. RAY_AUTH_MODE=token wins
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if verbose():
         ray.init(logging_level=logging.INFO, log_to_driver=log_to_driver)
