@@ -49,6 +49,8 @@ def init_ray(*, log_to_driver: bool = True) -> None:
         return
     if starts_its_own_cluster():  # lives for this one command; Ray <= 2.59's default. RAY_AUTH_MODE=token wins
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not sys.stdout.isatty():  # Ray colours the worker prefixes it prints (with --verbose)
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if verbose():
         ray.init(logging_level=logging.INFO, log_to_driver=log_to_driver)
         return
@@ -83,16 +85,12 @@ def fold_worker_lines() -> None:
     (Ray's dedup note carries colour codes). Ray binds its printer when ray.init connects, so this runs before."""
     from ray._private import worker
 
-    plain = not sys.stdout.isatty()
-
     def raylm_print(data: dict, ignore_prefix: bool) -> None:
         lines = [line for line in data.get("lines", []) if not KNOWN_NOISE.search(line)]
         if lines:
             worker.print_worker_logs({**data, "lines": lines}, sys.stderr if data["is_err"] else sys.stdout,
                                      ignore_prefix=True)
 
-    if plain:
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     worker.print_to_stdstream = raylm_print
 
 

@@ -213,12 +213,15 @@ def test_rerun_after_the_driver_is_killed_or_interrupted(local_ray, stdlib_datas
 def test_a_run_directory_of_another_model_is_one_line_and_left_untouched(stdlib_dataset, tmp_path):
     run_dir = str(tmp_path / "run")
     assert train_in_process(stdlib_dataset, run_dir, "--train.steps=5")[0] == 0
-    before = {p: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").rglob("*") if p.is_file()}
+    def checkpoint_files() -> dict:
+        return {p: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").rglob("*") if p.is_file()}
+
+    before = checkpoint_files()
     for arg, field in (("--model.dim=128", "model.dim=64"), ("--data.seed=1", "data.seed=0")):
         code, out = train_with_ray(stdlib_dataset, run_dir, arg)  # refused on the driver, before Ray starts
         errors = [line for line in out.splitlines() if line.startswith("error:")]
         assert code == 2 and len(errors) == 1 and field in errors[0] and "use a new --run.dir" in errors[0], out
-    assert {p: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").rglob("*") if p.is_file()} == before
+    assert checkpoint_files() == before
 
 
 def test_a_finished_run_says_so_and_a_longer_one_continues(stdlib_dataset, tmp_path):

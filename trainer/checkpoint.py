@@ -179,8 +179,8 @@ def check_continues(state: dict, identity: dict, path: str, *, own: bool, weight
                       f"{', '.join(f'{k}={show(identity[k])}' for k in keys)}: {advice}")
 
 
-def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Load a committed checkpoint into the (sharded) model and, unless None, the optimizer; returns its train state.
+def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a committed checkpoint into the (sharded) model and, unless None, the optimizer.
 
     Collective. The shards are resharded to this world size by DCP."""
     verify(path)
@@ -194,7 +194,6 @@ def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -
         set_model_state_dict(model, state["model"])
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return read_train_state(path)
 
 
 def is_checkpoint_path(path: str) -> bool:

@@ -100,10 +100,11 @@ def forget_pruned_checkpoints(run_dir: str) -> None:
         current = record["ray_version"] == ray.__version__
     except (ValueError, KeyError, TypeError):
         names, current = [], False
-    gone = [name for name in names if not storage.exists(storage.join(run_dir, name, COMMITTED))]
+    # the first one missing decides: a long run's record names every checkpoint it ever reported
+    gone = next((name for name in names if not storage.exists(storage.join(run_dir, name, COMMITTED))), None)
     if gone or not current:
         log.info("dropping Ray Train's record of this run's checkpoints (%s): raylm resumes from its own",
-                 f"it names pruned {', '.join(gone)}" if gone else "unreadable, or another Ray version's")
+                 f"it names pruned {gone}" if gone else "unreadable, or another Ray version's")
         storage.delete_file(path)
 
 

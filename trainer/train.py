@@ -189,9 +189,9 @@ class Trainer:
             return 0
         path, own = choice[0]
         warm_start = cfg.load_weights_only and not own
-        checkpoint.check_continues(checkpoint.read_train_state(path), self.identity(), path, own=own,
-                                   weights_only=warm_start)
-        state = checkpoint.load(path, self.model, None if warm_start else self.optimizer)
+        state = checkpoint.read_train_state(path)
+        checkpoint.check_continues(state, self.identity(), path, own=own, weights_only=warm_start)
+        checkpoint.load(path, self.model, None if warm_start else self.optimizer)
         if warm_start:
             log.info("warm start from the weights of %s", path)
             return 0
