@@ -19,7 +19,7 @@ import tempfile
 import time
 
 from benchmarks.train_overhead import DATASET, MODEL, prepare_dataset
-from dataprep import storage
+from raylm import storage
 
 STEPS, EVERY = 15, 5
 

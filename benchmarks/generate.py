@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from trainer.config import load_config
+from raylm.config import load_config
 from trainer.model import Transformer, generate
 from trainer.size import SizeConfig
 

@@ -22,7 +22,7 @@ import argparse  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-from dataprep import storage
+from raylm import storage
 from dataprep.pipeline import DEMO_EXCLUDE, DataprepConfig, demo_inputs, list_corpus, run
 from dataprep.tokenizer import load_tokenizer, train_tokenizer
 

@@ -6,7 +6,8 @@ import argparse
 import difflib
 import sys
 
-from dataprep.errors import ConfigError, configure_logging, run_cli
+from raylm.cli import configure_logging, run_cli
+from raylm.errors import ConfigError
 from dataprep.pipeline import DEMO_EXCLUDE, DataprepConfig, demo_inputs, run
 
 DEMO_OUTPUT = "data/stdlib"

@@ -14,8 +14,8 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
-from dataprep import storage
-from dataprep.errors import DataError, StorageError
+from raylm import storage
+from raylm.errors import DataError, StorageError
 
 MANIFEST = "manifest.json"
 FORMAT = "raylm-packed-tokens"

@@ -23,12 +23,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from dataprep import storage
+from raylm import storage
 from dataprep.dataset import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest
-from dataprep.errors import ConfigError, DataError, StorageError
+from raylm.errors import ConfigError, DataError, StorageError
 from dataprep.shards import SplitPacker, rows_per_batch
 from dataprep.sources import BadRecord, Document, file_format, read_documents
-from dataprep.storage import FileEntry
+from raylm.storage import FileEntry
 from dataprep.tokenizer import encode_exact, load_tokenizer, sha256, token_dtype, train_tokenizer
 from raylm.ray_session import init_ray, quiet_ray_data
 

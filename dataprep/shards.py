@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from dataprep import storage
+from raylm import storage
 
 BATCH_BYTES = 1 << 20
 """Target size of one record batch: the unit of a ranged read on S3."""

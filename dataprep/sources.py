@@ -16,7 +16,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataprep.storage import FileEntry, filesystem
+from raylm.storage import FileEntry, filesystem
 
 TEXT_SUFFIXES = frozenset(
     ".txt .text .md .markdown .rst .tex .py .pyi .c .h .cc .cpp .hpp .cu .java .kt .scala .go .rs .js .ts .jsx .tsx "

@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 
-from dataprep.errors import DataError
+from raylm.errors import DataError
 
 SPACE_MARKER = "\u2581"
 TRAINER_OPTIONS = dict(

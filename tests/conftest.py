@@ -57,7 +57,7 @@ def local_ray(s3_server):
 
 def upload_dir(local_dir, url: str) -> None:
     """Copy a local directory tree to an s3:// prefix."""
-    from dataprep import storage
+    from raylm import storage
 
     for root, _, names in os.walk(local_dir):
         for name in names:
@@ -118,7 +118,7 @@ def run_captured(main, argv) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from dataprep.errors import run_cli
+    from raylm.cli import run_cli
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

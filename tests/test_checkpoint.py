@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import run_captured
-from dataprep import storage
+from raylm import storage
 from test_trainer import TINY, losses, metrics
 from trainer.checkpoint import COMMITTED, list_checkpoints
 
@@ -27,7 +27,7 @@ def runs(request, tmp_path):
 
 
 def launch(dataset: str, run_dir: str, *args: str):
-    from trainer.config import load_config
+    from raylm.config import load_config
     from trainer.job import JobConfig
     from trainer.ray_launch import launch as ray_launch
 

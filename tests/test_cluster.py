@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from trainer.train import free_port
+from trainer.job import JobConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
@@ -102,7 +103,7 @@ def test_kuberay_raycluster_reads_as_ray_reads_it():
 
 def test_kuberay_rayjob_targets_the_cluster_and_its_entrypoint_parses(monkeypatch):
     from trainer.__main__ import FLAGS
-    from trainer.cli import parse_job_args
+    from raylm.cli import parse_job_args
 
     monkeypatch.chdir(ROOT)  # the image's working directory is a checkout
     job, cluster = load("kuberay/rayjob.yaml"), load("kuberay/raycluster.yaml")
@@ -113,7 +114,7 @@ def test_kuberay_rayjob_targets_the_cluster_and_its_entrypoint_parses(monkeypatc
     assert "ttlSecondsAfterFinished" not in job["spec"] and "backoffLimit" not in job["spec"]
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", "trainer"]
-    parsed, _ = parse_job_args(argv[3:], prog="python -m trainer", description="", flags=FLAGS)
+    parsed, _ = parse_job_args(argv[3:], prog="python -m trainer", description="", flags=FLAGS, root=JobConfig)
     assert parsed.ray.use_gpu and parsed.ray.num_workers == 16 and parsed.parallel.mixed_precision == "bf16"
     assert_batch_fits(parsed, parsed.train.global_batch)
 
@@ -134,14 +135,14 @@ def readme_jobs() -> list[list[str]]:
 def test_cluster_readme_job_commands_parse(monkeypatch):
     from dataprep.__main__ import build_parser
     from trainer.__main__ import FLAGS
-    from trainer.cli import parse_job_args
+    from raylm.cli import parse_job_args
     from tune.config import TuneJobConfig
 
     monkeypatch.chdir(ROOT)  # jobs run in the uploaded working directory
     jobs = {argv[2]: argv[3:] for argv in readme_jobs()}
     assert sorted(jobs) == ["dataprep", "trainer", "tune"]
     build_parser().parse_args(jobs["dataprep"])
-    train, _ = parse_job_args(jobs["trainer"], prog="trainer", description="", flags=FLAGS)
+    train, _ = parse_job_args(jobs["trainer"], prog="trainer", description="", flags=FLAGS, root=JobConfig)
     assert train.ray.use_gpu and train.run.dir.startswith("s3://")
     assert_batch_fits(train, train.train.global_batch)
     study, _ = parse_job_args(jobs["tune"], prog="tune", description="", root=TuneJobConfig)

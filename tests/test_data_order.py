@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dataprep.dataset import Split
-from dataprep.errors import ConfigError
+from raylm.errors import ConfigError
 from dataprep.shards import shard_bytes
 from trainer.data import BatchPlan, EpochOrder, StepLoader, val_batches
 

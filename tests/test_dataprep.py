@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import run_captured, upload_dir
-from dataprep import open_dataset, storage
+from dataprep import open_dataset
+from raylm import storage
 from dataprep.__main__ import main
 
 pytestmark = pytest.mark.ray
@@ -108,7 +109,7 @@ def test_given_tokenizer_is_used_and_stamped(local_ray, mixed_corpus, tmp_path):
 
 
 def test_open_dataset_without_manifest_is_an_error(tmp_path):
-    from dataprep.errors import DataError
+    from raylm.errors import DataError
 
     (tmp_path / "train").mkdir()
     with pytest.raises(DataError, match="not a finished raylm dataset"):

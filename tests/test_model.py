@@ -51,7 +51,7 @@ def test_logits_match_llama(overrides, tmp_path):
 @pytest.mark.parametrize("preset", ["moe", "demo"])
 def test_logits_match_for_preset_shaped_blocks(preset, tmp_path):
     """A preset's block shape (width, heads, GQA, FFN, experts/top-k, tying), with 2 layers and a small vocabulary."""
-    from trainer.config import load_config
+    from raylm.config import load_config
     from trainer.size import SizeConfig
 
     cfg = load_config(SizeConfig, f"configs/{preset}.toml", ["--model.n_layers=2", "--model.vocab_size=256",

@@ -40,7 +40,7 @@ def test_main_job_output_is_raylm_lines_only(tmp_path):
     continues (no lone '▁', which training rarely sees)."""
     from dataprep import open_dataset
     from dataprep.tokenizer import encode_exact
-    from trainer.config import load_config
+    from raylm.config import load_config
     from trainer.job import JobConfig
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}

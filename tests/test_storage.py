@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import upload_dir
-from dataprep import storage
-from dataprep.errors import DataError
+from raylm import storage
+from raylm.errors import DataError
 
 
 def make_tree(root):

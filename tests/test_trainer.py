@@ -12,7 +12,7 @@ import pytest
 from pyarrow.fs import FileSelector
 
 from conftest import run_captured
-from dataprep import storage
+from raylm import storage
 from trainer.train import free_port
 
 TINY = ["--config", "configs/tiny.toml", "--train.global_batch=8", "--train.micro_batch=2", "--optim.lr=3e-3",
@@ -60,7 +60,7 @@ def tensorboard_scalars(tb_dir: str) -> dict[str, list[float]]:
 
 @pytest.mark.s3
 def test_ray_train_from_s3_to_s3_learns_and_repeats_exactly(local_ray, s3_stdlib_dataset, s3_server, tmp_path):
-    from trainer.config import load_config
+    from raylm.config import load_config
     from trainer.job import JobConfig
     from trainer.ray_launch import launch
 

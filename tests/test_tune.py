@@ -144,7 +144,7 @@ def test_ray_without_dashboard_is_a_one_line_error(stdlib_dataset, tmp_path):
     """Ray frees a stopped trial's workers through the State API: without the dashboard the study would hang."""
     script = ("import ray, sys\n"
               "ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR')\n"
-              "from dataprep.errors import run_cli\n"
+              "from raylm.cli import run_cli\n"
               "from tune.__main__ import main\n"
               "sys.exit(run_cli(main, sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", script, "--data.path", stdlib_dataset, "--tune.dir", str(tmp_path)],

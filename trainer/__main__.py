@@ -10,9 +10,9 @@ import os
 import sys
 
 from dataprep import open_dataset
-from dataprep.errors import configure_logging, run_cli
+from raylm.cli import configure_logging, run_cli
 from trainer import checkpoint
-from trainer.cli import parse_job_args
+from raylm.cli import parse_job_args
 from trainer.data import BatchPlan
 from trainer.job import JobConfig, make_paths_absolute
 from trainer.train import resolve_model
@@ -46,7 +46,7 @@ def how_to_continue(job: JobConfig) -> str:
 
 
 def main(argv: list[str]) -> int:
-    job, flags = parse_job_args(argv, prog="python -m trainer", description=__doc__, flags=FLAGS)
+    job, flags = parse_job_args(argv, prog="python -m trainer", description=__doc__, flags=FLAGS, root=JobConfig)
     configure_logging("trainer")
     make_paths_absolute(job)
     no_ray = "--no-ray" in flags

@@ -28,8 +28,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
 
-from dataprep import storage
-from dataprep.errors import ConfigError, DataError, StorageError
+from raylm import storage
+from raylm.errors import ConfigError, DataError, StorageError
 from trainer.model import ModelConfig, Transformer
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dataprep.dataset import Split
-from dataprep.errors import ConfigError
+from raylm.errors import ConfigError
 
 
 @dataclass(frozen=True)

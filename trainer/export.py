@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from dataprep.errors import ConfigError, run_cli
+from raylm.cli import run_cli
+from raylm.errors import ConfigError
 from trainer.hf import export
 from trainer.weights import load_weights, read_tokenizer, save_weights
 

@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from dataprep.errors import ConfigError, DataError, run_cli
+from raylm.cli import run_cli
+from raylm.errors import ConfigError, DataError
 from dataprep.tokenizer import encode_exact, load_tokenizer
 from trainer.model import generate
 from trainer.weights import load_weights, read_tokenizer

@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from dataprep.errors import ConfigError, DataError
+from raylm.errors import ConfigError, DataError
 from trainer.model import ModelConfig, Transformer
 
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",

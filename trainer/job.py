@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dataprep import storage
-from dataprep.errors import ConfigError
+from raylm import storage
+from raylm.errors import ConfigError
 from trainer.checkpoint import CheckpointConfig, FaultConfig
 from trainer.model import ModelConfig
 from trainer.optim import OptimConfig

@@ -14,7 +14,7 @@ import tempfile
 import time
 import torch
 
-from dataprep import storage
+from raylm import storage
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ RESIDUAL_OUTPUTS = ("attention.wo.weight", "feed_forward.w2.weight", "feed_forwa
 @dataclass(kw_only=True)
 class ModelConfig:
     """The [model] section: architecture and init. Invalid values raise ValueError naming the field (this file imports
-    only torch; `trainer.config` turns it into a ConfigError)."""
+    only torch; `raylm.config` turns it into a ConfigError)."""
 
     vocab_size: int = 32000
     """Vocabulary size; the trainer sets it from the dataset's tokenizer."""

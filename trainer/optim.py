@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dataprep.errors import ConfigError
+from raylm.errors import ConfigError
 
 SCHEDULES = ("cosine", "wsd", "constant")
 

@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from dataprep.errors import ConfigError
+from raylm.errors import ConfigError
 
 AC_MODES = ("none", "full", "selective")
 WRAPPER_PREFIX = "_checkpoint_wrapped_module."

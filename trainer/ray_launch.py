@@ -13,11 +13,11 @@ import logging
 import posixpath
 import sys
 
-from dataprep import storage
-from dataprep.errors import RaylmError
+from raylm import storage
+from raylm.errors import RaylmError
 from raylm.ray_session import init_ray
 from trainer.checkpoint import COMMITTED
-from trainer.config import from_dict, to_dict
+from raylm.config import from_dict, to_dict
 from trainer.job import JobConfig
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class _DropUserErrorTraceback(logging.Filter):
     printed by the driver as one `error:` line instead; its traceback would only bury that line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from dataprep.errors import find_user_error
+        from raylm.errors import find_user_error
 
         return find_user_error(sys.exc_info()[1]) is None  # Ray logs from inside its `except` block
 
@@ -70,7 +70,7 @@ def train_worker(config: dict) -> dict:
 
 def user_error_of(exc: BaseException) -> RaylmError | None:
     """The RaylmError a worker raised, if that is what failed the run (Ray wraps worker errors)."""
-    from dataprep.errors import find_user_error
+    from raylm.errors import find_user_error
 
     failures = getattr(exc, "worker_failures", None) or getattr(getattr(exc, "__cause__", None), "worker_failures", None)
     for failure in (failures or {}).values():

@@ -9,8 +9,8 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 
-from dataprep.errors import run_cli
-from trainer.config import config_help, load_config
+from raylm.cli import run_cli
+from raylm.config import config_help, load_config
 from trainer.model import ModelConfig
 
 

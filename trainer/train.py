@@ -23,8 +23,9 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from dataprep import open_dataset, storage
-from dataprep.errors import RaylmError
+from dataprep import open_dataset
+from raylm import storage
+from raylm.errors import RaylmError
 from trainer import checkpoint
 from trainer.checkpoint import Checkpointer, inject_fault
 from trainer.data import BatchPlan, StepLoader, val_batches
@@ -312,7 +313,7 @@ class Trainer:
 
 def write_run_files(job: JobConfig, dataset) -> None:
     """The resolved config, and the tokenizer, so a run directory is enough to generate from or export."""
-    from trainer.config import dump_toml
+    from raylm.config import dump_toml
 
     storage.write_bytes(storage.join(job.run.dir, "config.toml"), dump_toml(job).encode())
     tokenizer = storage.join(dataset.directory, dataset.manifest["tokenizer"]["file"])

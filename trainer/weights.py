@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dataprep import storage
-from dataprep.errors import DataError
+from raylm import storage
+from raylm.errors import DataError
 from trainer import checkpoint
 from trainer.model import ModelConfig, Transformer
 

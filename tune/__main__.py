@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from dataprep.errors import configure_logging, run_cli
-from trainer.cli import parse_job_args
+from raylm.cli import configure_logging, run_cli
+from raylm.cli import parse_job_args
 from trainer.job import make_paths_absolute
 from tune.config import TuneJobConfig
 
@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     job, _ = parse_job_args(argv, prog="python -m tune", description=__doc__, root=TuneJobConfig)
     configure_logging("tune")
     make_paths_absolute(job)
-    from dataprep import storage
+    from raylm import storage
     from tune.study import format_table, run_study
 
     job.tune.dir = storage.absolute(job.tune.dir)

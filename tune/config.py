@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from dataprep.errors import ConfigError
+from raylm.errors import ConfigError
 from trainer.job import JobConfig
 
 SEARCHES = ("random", "optuna")

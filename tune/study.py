@@ -18,10 +18,11 @@ import posixpath
 
 from ray.tune import Callback
 
-from dataprep import open_dataset, storage
-from dataprep.errors import ConfigError
+from dataprep import open_dataset
+from raylm import storage
+from raylm.errors import ConfigError
 from raylm.ray_session import init_ray, verbose
-from trainer.config import dump_toml, from_dict, to_dict
+from raylm.config import dump_toml, from_dict, to_dict
 from trainer.data import BatchPlan
 from trainer.job import JobConfig
 from tune.config import TuneConfig, TuneJobConfig

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-from dataprep.errors import DataError, StorageError
+from raylm.errors import DataError, StorageError
 
 _GLOB_CHARS = set("*?[")
 

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import tomli_w
 
-from dataprep.errors import ConfigError
+from raylm.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -1,9 +1,5 @@
-"""The one exception family for user mistakes, and the CLI wrapper that prints them as one line.
-
-Every raylm entry point (`python -m dataprep`, `python -m trainer`, `python -m tune`) runs its main through
-`run_cli`, so a bad path, field or value ends as `error: <message>` and exit code 2, while a programming error
-keeps its traceback.
-"""
+"""The command-line runner every raylm tool shares: `--config FILE`, `--help`, `--section.field=value` overrides,
+`--debug`/`--verbose`, and user mistakes printed as one `error:` line with exit code 2."""
 
 from __future__ import annotations
 
@@ -12,34 +8,44 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from raylm.config import config_help, load_config
+from raylm.errors import ConfigError, find_user_error
 from raylm.ray_session import VERBOSE_ENV
 
 
-class RaylmError(Exception):
-    """A user mistake: the message says what is wrong, where (file, field, value) and what to do."""
+COMMON_FLAGS = {"--verbose": "Ray's own lines too (start-up, worker prefixes, Tune's status)",
+                "--debug": "full tracebacks for errors"}
+"""Taken by run_cli on every raylm command."""
 
 
-class ConfigError(RaylmError):
-    """A bad option, config field or value."""
-
-
-class DataError(RaylmError):
-    """A bad, missing or unreadable input or dataset."""
-
-
-class StorageError(RaylmError):
-    """Object storage unreachable, misconfigured or not writable."""
-
-
-def find_user_error(exc: BaseException | None) -> RaylmError | None:
-    """The RaylmError behind `exc`, looking through Ray's task/actor wrappers and exception chains."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, RaylmError):
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-    return None
+def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[str, str] | None = None,
+                   root: type):
+    """(root config, set of plain flags given). Prints help and exits 0 on -h/--help."""
+    flags = flags or {}
+    if "-h" in argv or "--help" in argv:
+        print(f"usage: {prog} [--config FILE] {' '.join(f'[{f}]' for f in flags)} [--section.field=value ...]\n")
+        print(description + "\n")
+        print("  --config FILE  TOML preset (see configs/); command-line values override it")
+        for flag, text in {**flags, **COMMON_FLAGS}.items():
+            print(f"  {flag}  {text}")
+        print("\nFields (CLI > TOML > default):\n" + config_help(root))
+        sys.exit(0)
+    toml_path, given, rest, i = None, set(), [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" or arg.startswith("--config="):
+            if "=" in arg:
+                toml_path = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                toml_path, i = argv[i + 1], i + 1
+            else:
+                raise ConfigError("--config needs a TOML file")
+        elif arg in flags:
+            given.add(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return load_config(root, toml_path, rest), given
 
 
 class _StderrHandler(logging.StreamHandler):
