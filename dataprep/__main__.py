@@ -1,94 +1,56 @@
-"""python -m dataprep: corpus (local or s3://) → tokenizer + packed Arrow shards + manifest (local or s3://)."""
+"""python -m dataprep: a text corpus (local or s3://) → tokenizer + packed Arrow shards + manifest (local or s3://).
+
+    python -m dataprep [--config dataprep.toml] --input PATH [PATH ...] --output DIR [--section.field=value ...]
+
+Ray Data runs one task per work unit (consecutive input files up to pack.unit_mb): it reads, tokenizes, packs and
+writes its own shards; the manifest is written last. Killed and run again with the same command, it keeps the
+finished units. With no input, the demo corpus is this Python's standard library (*.py, invalid UTF-8 replaced),
+written to data/stdlib with CPU-sized defaults (vocab 8000, seq_len 256, 2 MB units) unless given.
+"""
 
 from __future__ import annotations
 
-import argparse
-import difflib
+import dataclasses
 import sys
 
-from raylm.cli import configure_logging, run_cli
+from dataprep.config import DataprepConfig, alias_help, expand_aliases
+from raylm.cli import configure_logging, parse_job_args, run_cli
 from raylm.errors import ConfigError
-from dataprep.pipeline import DEMO_EXCLUDE, DataprepConfig, demo_inputs, run
 
-DEMO_OUTPUT = "data/stdlib"
-DEFAULTS = {"vocab_size": 32000, "seq_len": 2048}
-DEMO_DEFAULTS = {"vocab_size": 8000, "seq_len": 256}
-"""The demo corpus gets CPU-sized defaults, so `python -m trainer --config configs/demo.toml` trains in minutes."""
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where there is one worth reading."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
+DEMO_PRESET = {
+    "input": {"encoding_errors": "replace"},
+    "tokenizer": {"vocab_size": 8000},
+    "pack": {"seq_len": 256, "unit_mb": 2.0},
+    "output": {"dir": "data/stdlib"},
+}
+"""The demo's own defaults: a dataset `python -m trainer --config configs/demo.toml` trains on in minutes."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own usage errors become raylm's one-line error, exit 2
-        raise ConfigError(f"{message}{self.did_you_mean(message)} (see python -m dataprep --help)")
+def parse_args(argv: list[str]) -> tuple[DataprepConfig, bool]:
+    """(config, whether it is the demo). The demo preset sits under the TOML file and the command line."""
+    argv, paths = expand_aliases(argv)
+    description = f"{__doc__}\nShort options (the first version's flags):\n{alias_help()}"
+    cfg, _ = parse_job_args(argv, prog="python -m dataprep", description=description, root=DataprepConfig)
+    demo = not (paths or cfg.input.paths)
+    if demo:
+        from dataprep.pipeline import demo_inputs
 
-    def did_you_mean(self, message: str) -> str:
-        """'; did you mean --x?' for the first unrecognized option that is close to a real one."""
-        if not message.startswith("unrecognized arguments:"):
-            return ""
-        options = [o for action in self._actions for o in action.option_strings]
-        for arg in message.split(":", 1)[1].split():
-            if close := difflib.get_close_matches(arg.split("=")[0], options, n=1, cutoff=0.8):
-                return f"; did you mean {close[0]}?"
-        return ""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m dataprep",
-        description="Tokenize a text corpus with SentencePiece on Ray Data and pack it into fixed-length Arrow "
-        "shards for `python -m trainer`. With no --input, the demo corpus is this Python's standard library "
-        f"(*.py, invalid UTF-8 replaced), written to {DEMO_OUTPUT} with --vocab-size {DEMO_DEFAULTS['vocab_size']} "
-        f"--seq-len {DEMO_DEFAULTS['seq_len']} unless given.",
-        formatter_class=_HelpFormatter,
-    )
-    p.add_argument("--input", nargs="+", metavar="PATH", help="files, directories (recursive), globs or s3:// "
-                   "prefixes; .txt/.md/.py/… (one file = one document), .jsonl, .parquet, optionally .gz/.zst")
-    p.add_argument("--output", metavar="DIR", help=f"dataset directory, local or s3:// (demo: {DEMO_OUTPUT})")
-    p.add_argument("--tokenizer", metavar="FILE", help="an existing SentencePiece .model to use instead of training one")
-    p.add_argument("--vocab-size", type=int, metavar="N", help="vocabulary of the trained BPE tokenizer (byte fallback; "
-                   f"default {DEFAULTS['vocab_size']})")
-    p.add_argument("--tokenizer-sample-mb", type=float, metavar="MB", default=64.0, help="text sampled (seeded) to train the tokenizer")
-    p.add_argument("--seq-len", type=int, metavar="N", help="tokens per training sequence; rows hold seq_len + 1 "
-                   f"(default {DEFAULTS['seq_len']})")
-    p.add_argument("--val-fraction", type=float, metavar="F", default=0.005, help="share of documents sent to val/ (by hash of their path/line)")
-    p.add_argument("--text-field", metavar="NAME", default="text", help="field (.jsonl) or column (.parquet) holding the text")
-    p.add_argument("--shard-size", dest="shard_size_mb", type=float, metavar="MB", default=128.0, help="target shard size in MB")
-    p.add_argument("--num-workers", type=int, metavar="N", help="tokenizer actors, one CPU each, started as the cluster has CPUs for them (default: one per CPU present)")
-    p.add_argument("--seed", type=int, metavar="N", default=0, help="seeds the tokenizer sample and the train/val split")
-    p.add_argument("--on-bad-record", choices=["error", "skip"], default="error",
-                   help="a bad file/line (not JSON, missing field, corrupt, binary): stop with its name, or skip and count")
-    p.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict",
-                   help="invalid UTF-8: stop with the file and byte offset, or replace the bytes and count the document")
-    p.add_argument("--max-files", type=int, metavar="N", help="use only the first N files in path order (quick runs)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished dataset made with other settings")
-    p.add_argument("--debug", action="store_true", help="full tracebacks for errors")
-    p.add_argument("--verbose", action="store_true", help="Ray's own lines too (start-up, Ray Data's INFO, worker prefixes)")
-    return p
+        cfg, _ = parse_job_args(argv, prog="python -m dataprep", description=description, root=DataprepConfig,
+                                preset=DEMO_PRESET)
+        cfg.input = dataclasses.replace(cfg.input, paths=demo_inputs())
+    elif paths:
+        cfg.input = dataclasses.replace(cfg.input, paths=paths)
+    if not cfg.output.dir:
+        raise ConfigError("--output DIR (output.dir) is required with --input: a local directory or s3:// prefix")
+    return cfg, demo
 
 
 def main(argv: list[str]) -> int:
-    args = vars(build_parser().parse_args(argv))
-    args.pop("debug"), args.pop("verbose")  # handled by run_cli
-    demo = not args["input"]
-    if demo:
-        args["input"] = demo_inputs()
-        args["output"] = args["output"] or DEMO_OUTPUT
-        args["encoding_errors"] = "replace"
-    elif not args["output"]:
-        raise ConfigError("--output DIR is required with --input (a local directory or s3:// prefix)")
-    for name, default in (DEMO_DEFAULTS if demo else DEFAULTS).items():
-        args[name] = default if args[name] is None else args[name]
+    cfg, demo = parse_args(argv)
     configure_logging("dataprep")
-    cfg = DataprepConfig(inputs=args.pop("input"), **args)
-    run(cfg, exclude=DEMO_EXCLUDE if demo else None)
+    from dataprep.pipeline import run
+
+    run(cfg, demo=demo)
     return 0
 
 

@@ -19,7 +19,7 @@ from raylm.errors import DataError, StorageError
 
 MANIFEST = "manifest.json"
 FORMAT = "raylm-packed-tokens"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def read_manifest(directory: str) -> dict | None:
@@ -34,7 +34,7 @@ def read_manifest(directory: str) -> dict | None:
     except ValueError:
         raise DataError(f"{path} is not valid JSON; re-run dataprep with --overwrite") from None
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path} is not a raylm v{FORMAT_VERSION} dataset manifest; re-run dataprep")
+        raise DataError(f"{path} is not a raylm v{FORMAT_VERSION} dataset manifest; re-run dataprep with --overwrite")
     return manifest
 
 

@@ -1,12 +1,16 @@
-"""Packing documents into fixed-length rows and writing them as Arrow IPC shards.
+"""Packing a unit's documents into fixed-length rows, streamed into Arrow IPC shard files.
 
-Rows are `seq_len + 1` tokens so a row gives both inputs and shifted targets. Documents are packed end to end
-(each already ends in EOS), with no padding; the trailing partial row of a split is dropped and counted.
+Rows are `seq_len + 1` tokens so a row gives both inputs and shifted targets. Documents are packed end to end (each
+ends in EOS), with no padding; the unit's partial last row of each split is dropped and counted. Shards are written
+as they fill, a record batch at a time, so a unit's memory is one batch of rows however big its input is. A shard
+appears under its final name only when complete (local: written under a temporary name and renamed; S3: the object
+exists once its upload completes); its sha256 is computed on the bytes as they are written.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import posixpath
 
 import numpy as np
 import pyarrow as pa
@@ -25,62 +29,114 @@ def rows_per_batch(row_len: int, dtype: np.dtype) -> int:
     return max(1, BATCH_BYTES // (row_len * dtype.itemsize))
 
 
-def shard_bytes(rows: np.ndarray, per_batch: int) -> bytes:
-    """An Arrow IPC file (random-access format, uncompressed so it can be memory-mapped) holding `rows` in record
-    batches of `per_batch` rows."""
-    n, row_len = rows.shape
-    schema = shard_schema(rows.dtype, row_len)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, schema) as writer:
-        for start in range(0, n, per_batch):
-            flat = pa.array(rows[start:start + per_batch].reshape(-1))
-            writer.write_batch(pa.record_batch([pa.FixedSizeListArray.from_arrays(flat, row_len)], schema=schema))
-    return sink.getvalue().to_pybytes()
+class _HashingSink:
+    """A writable file that hashes and counts what passes through it to the real output stream."""
+
+    def __init__(self, raw):
+        self.raw, self.sha, self.size, self.closed = raw, hashlib.sha256(), 0, False
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
 
 
-@dataclass
+class ShardWriter:
+    """One Arrow IPC file (random-access format, uncompressed so it can be memory-mapped), written batch by batch."""
+
+    def __init__(self, out_dir: str, name: str, dtype: np.dtype, row_len: int):
+        self.name, self.rows, self.row_len = name, 0, row_len
+        self.schema = shard_schema(dtype, row_len)
+        path = storage.join(out_dir, name)
+        self._fs, self._path = storage.filesystem(path)
+        self._tmp = self._path if storage.is_s3(path) else self._path + ".tmp"
+        self._fs.create_dir(posixpath.dirname(self._path), recursive=True)
+        self._raw = self._fs.open_output_stream(self._tmp, compression=None)
+        self._sink = _HashingSink(self._raw)
+        self._file = pa.PythonFile(self._sink, mode="w")
+        self._writer = pa.ipc.new_file(self._file, self.schema)
+
+    def write(self, rows: np.ndarray) -> None:
+        """Append one record batch of rows (shape (n, row_len))."""
+        flat = pa.array(rows.reshape(-1))
+        self._writer.write_batch(pa.record_batch([pa.FixedSizeListArray.from_arrays(flat, self.row_len)],
+                                                 schema=self.schema))
+        self.rows += len(rows)
+
+    def close(self) -> dict:
+        """Finish the file and return its manifest entry."""
+        self._writer.close()
+        self._file.close()
+        self._raw.close()
+        if self._tmp != self._path:
+            self._fs.move(self._tmp, self._path)
+        return {"file": self.name, "rows": self.rows, "bytes": self._sink.size, "sha256": self._sink.sha.hexdigest()}
+
+
 class SplitPacker:
-    """Accumulates one split's token stream and writes a shard each time enough full rows are buffered."""
+    """One split's rows of one unit: token streams in, full record batches out to shards of `rows_per_shard` rows.
 
-    out_dir: str
-    split: str
-    row_len: int
-    rows_per_shard: int
-    dtype: np.dtype
-    shards: list[dict] = field(default_factory=list)
-    documents: int = 0
-    tokens: int = 0
-    _pending: list[np.ndarray] = field(default_factory=list)
-    _pending_len: int = 0
+    Every batch of a shard holds `rows_per_batch` rows except its last, which is what readers index by."""
+
+    def __init__(self, out_dir: str, stem: str, row_len: int, rows_per_shard: int, dtype: np.dtype):
+        self.out_dir, self.stem, self.row_len, self.dtype = out_dir, stem, row_len, dtype
+        self.rows_per_shard, self.rows_per_batch = rows_per_shard, rows_per_batch(row_len, dtype)
+        self.shards: list[dict] = []
+        self.documents = self.tokens = 0
+        self._pending: list[np.ndarray] = []
+        self._pending_len = 0
+        self._writer: ShardWriter | None = None
 
     def add(self, tokens: np.ndarray, documents: int) -> None:
         self.documents += documents
         self.tokens += len(tokens)
         self._pending.append(tokens)
         self._pending_len += len(tokens)
-        while self._pending_len >= self.rows_per_shard * self.row_len:
-            self._write(self.rows_per_shard)
+        while self._pending_len >= self._rows_next() * self.row_len:
+            self._write(self._rows_next())
 
     def finish(self) -> dict:
-        """Write the last (smaller) shard, drop the partial row, and return this split's manifest entry."""
-        full_rows = self._pending_len // self.row_len
-        if full_rows:
-            self._write(full_rows)
+        """Write the remaining full rows, drop the partial one, and return this split's entry for the unit."""
+        while (full := self._pending_len // self.row_len) > 0:
+            self._write(min(full, self._rows_next()))
+        self._close_shard()
         rows = sum(s["rows"] for s in self.shards)
-        return {
-            "shards": self.shards,
-            "rows": rows,
-            "documents": self.documents,
-            "tokens": self.tokens,
-            "dropped_tokens": self.tokens - rows * self.row_len,
-        }
+        return {"shards": self.shards, "rows": rows, "documents": self.documents, "tokens": self.tokens,
+                "dropped_tokens": self.tokens - rows * self.row_len}
+
+    def abort(self) -> None:
+        """Stop without finishing the open shard (it never gets its final name on local disk)."""
+        self._writer = None
+
+    def _rows_next(self) -> int:
+        """Rows of the next batch: a full batch, or what is left of the current shard."""
+        written = self._writer.rows if self._writer else 0
+        return min(self.rows_per_batch, self.rows_per_shard - written)
 
     def _write(self, n_rows: int) -> None:
         stream = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
         take = n_rows * self.row_len
-        rows = stream[:take].astype(self.dtype, copy=False).reshape(n_rows, self.row_len)
         self._pending, self._pending_len = [stream[take:]], len(stream) - take
-        name = f"{self.split}/shard-{len(self.shards):05d}.arrow"
-        data = shard_bytes(rows, rows_per_batch(self.row_len, self.dtype))
-        storage.write_bytes(storage.join(self.out_dir, name), data)
-        self.shards.append({"file": name, "rows": n_rows, "bytes": len(data)})
+        if self._writer is None:
+            name = f"{self.stem}-{len(self.shards):03d}.arrow"
+            self._writer = ShardWriter(self.out_dir, name, self.dtype, self.row_len)
+        self._writer.write(stream[:take].astype(self.dtype, copy=False).reshape(n_rows, self.row_len))
+        if self._writer.rows == self.rows_per_shard:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self.shards.append(self._writer.close())
+            self._writer = None

@@ -19,8 +19,8 @@ COMMON_FLAGS = {"--verbose": "Ray's own lines too (start-up, worker prefixes, Tu
 
 
 def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[str, str] | None = None,
-                   root: type):
-    """(root config, set of plain flags given). Prints help and exits 0 on -h/--help."""
+                   root: type, preset: dict[str, dict] | None = None):
+    """(root config, set of plain flags given). Prints help and exits 0 on -h/--help. `preset`: see load_config."""
     flags = flags or {}
     if "-h" in argv or "--help" in argv:
         print(f"usage: {prog} [--config FILE] {' '.join(f'[{f}]' for f in flags)} [--section.field=value ...]\n")
@@ -45,7 +45,7 @@ def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[
         else:
             rest.append(arg)
         i += 1
-    return load_config(root, toml_path, rest), given
+    return load_config(root, toml_path, rest, preset=preset), given
 
 
 class _StderrHandler(logging.StreamHandler):

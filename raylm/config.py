@@ -113,14 +113,17 @@ def _read_toml(path: str) -> dict:
 
 
 def load_config(root_cls: type[T], toml_path: str | None = None, overrides: list[str] | None = None, *,
-                partial: bool = False) -> T:
-    """Build `root_cls` from its defaults, then the TOML file, then command-line overrides.
+                partial: bool = False, preset: dict[str, dict] | None = None) -> T:
+    """Build `root_cls` from its defaults, then `preset` (a tool's own defaults for a mode, e.g. dataprep's demo),
+    then the TOML file, then command-line overrides.
 
     `partial=True` lets a tool whose root holds only some sections read a full preset: TOML sections the root does not
     define are skipped (e.g. `python -m trainer.size` reads only `[model]`); otherwise they are an error, so a typo'd
     `[optm]` never goes unnoticed. Overrides of unknown sections or fields are always an error.
     """
     toml = _read_toml(toml_path) if toml_path else {}
+    for name, table in (preset or {}).items():
+        toml[name] = {**table, **toml.get(name, {})}
     cli = parse_overrides(overrides or [])
     known = sections(root_cls)
     for name, table in toml.items():

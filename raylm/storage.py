@@ -7,10 +7,10 @@ work unchanged and no credential ever passes through raylm's configs, logs or er
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import os
 import posixpath
+import re
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -104,6 +104,54 @@ def _split_glob(path: str) -> tuple[str, str | None]:
     return path, None
 
 
+def _component_regex(part: str) -> str:
+    """Regex for one path component of a glob: `*`, `?` and `[...]` as in fnmatch, but never matching '/'."""
+    out, i = [], 0
+    while i < len(part):
+        c, i = part[i], i + 1
+        end = part.find("]", i + 1 + part.startswith("!", i)) if c == "[" else -1  # a ']' first in [...] is literal
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif end > 0:
+            body, i = part[i:end], end + 1
+            negate = body.startswith("!")
+            out.append("(?!/)[" + "^" * negate + re.sub(r"([\\\[\]^&~|])", r"\\\1", body[negate:]) + "]")
+        else:
+            out.append(re.escape(c))
+    return "".join(out)
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A compiled regex for a glob relative to its base directory, with shell semantics.
+
+    fnmatch's `*` crosses '/', so `corpus/*.txt` would silently take nested files, and Python 3.11 has no
+    `glob.translate`; hence this: wildcards stay inside one folder, and `**` as a whole component spans zero or more
+    folders (`a/**/*.txt` takes `a/x.txt` and `a/b/c/x.txt`; a trailing `**` takes every file below).
+    """
+    *folders, name = pattern.split("/")
+    regex = "".join("(?:[^/]+/)*" if part == "**" else _component_regex(part) + "/" for part in folders)
+    return re.compile(regex + (".+" if name == "**" else _component_regex(name)))
+
+
+def _listing(fs: pafs.FileSystem, fs_base: str, pattern: str | None) -> list[pafs.FileInfo]:
+    """Everything under `fs_base` that `pattern` could match.
+
+    Without `**`, only as deep as the pattern has components and only into folders matching theirs, so `corpus/*.txt`
+    lists one folder rather than corpus's whole tree (pyarrow's Python FileSelector takes no depth limit).
+    """
+    if pattern is None or "**" in pattern.split("/"):
+        return fs.get_file_info(pafs.FileSelector(fs_base, recursive=True, allow_not_found=True))
+    found, dirs = [], [fs_base]
+    for part in pattern.split("/"):
+        level = [f for d in dirs for f in fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))]
+        found += level
+        folder = re.compile(_component_regex(part))
+        dirs = [f.path for f in level if f.type == pafs.FileType.Directory and folder.fullmatch(f.base_name)]
+    return found
+
+
 def list_files(path: str) -> list[FileEntry]:
     """Every file a user means by `path`: the file itself, all files under a directory or prefix, or a glob's matches.
 
@@ -117,15 +165,16 @@ def list_files(path: str) -> list[FileEntry]:
             return [FileEntry(_url(path, info.path), info.size, posixpath.basename(info.path), named=True)]
         if info.type == pafs.FileType.NotFound and not is_s3(path):
             raise DataError(f"input {path} does not exist; check the path")
-        found = fs.get_file_info(pafs.FileSelector(fs_base, recursive=True, allow_not_found=True))
+        found = _listing(fs, fs_base, pattern)
     except OSError as exc:
         raise StorageError(describe_os_error(exc, path)) from None
+    regex = _glob_regex(pattern) if pattern else None
     entries = []
     for f in found:
         if f.type != pafs.FileType.File:
             continue
         rel = f.path[len(fs_base):].lstrip("/")
-        if pattern is None or fnmatch.fnmatch(rel, pattern) or fnmatch.fnmatch(rel, pattern.replace("**/", "")):
+        if regex is None or regex.fullmatch(rel):
             entries.append(FileEntry(_url(path, f.path), f.size, rel))
     if not entries:
         raise DataError(f"input {path} matches no files; check the path, glob or s3:// prefix")

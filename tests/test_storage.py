@@ -37,12 +37,51 @@ def test_local_file_dir_and_glob(tree):
         storage.list_files(str(tree / "*.rst"))
 
 
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "corpus"
+    for rel in ["a.txt", "b.txt", "c.md", "x/a.txt", "x/y/a.txt", "y/x.txt", "z/x.txt", "z/w/x.txt"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(rel)
+    return root
+
+
+def test_glob_wildcards_stay_inside_one_folder(corpus):
+    assert keys(storage.list_files(str(corpus / "*.txt"))) == ["a.txt", "b.txt"]
+    assert keys(storage.list_files(str(corpus / "*"))) == ["a.txt", "b.txt", "c.md"]
+    assert keys(storage.list_files(str(corpus / "x" / "*a*"))) == ["a.txt"]
+
+
+def test_globstar_spans_zero_or_more_folders(corpus):
+    assert keys(storage.list_files(str(corpus / "**" / "a.txt"))) == ["a.txt", "x/a.txt", "x/y/a.txt"]
+    assert keys(storage.list_files(str(corpus / "**" / "y" / "*.txt"))) == ["x/y/a.txt", "y/x.txt"]
+    assert keys(storage.list_files(str(corpus / "x" / "**"))) == ["a.txt", "y/a.txt"]
+    assert len(storage.list_files(str(corpus / "**"))) == 8
+
+
+def test_question_mark_and_brackets(corpus):
+    assert keys(storage.list_files(str(corpus / "?.txt"))) == ["a.txt", "b.txt"]
+    assert keys(storage.list_files(str(corpus / "[ab].*"))) == ["a.txt", "b.txt"]
+    assert keys(storage.list_files(str(corpus / "[!a].*"))) == ["b.txt", "c.md"]
+    with pytest.raises(DataError, match="matches no files"):
+        storage.list_files(str(corpus / "??.txt"))
+
+
+def test_wildcard_in_a_folder_component(corpus):
+    entries = storage.list_files(str(corpus / "*" / "x.txt"))
+    assert keys(entries) == ["y/x.txt", "z/x.txt"]
+    assert [e.path for e in entries] == [str(corpus / "y" / "x.txt"), str(corpus / "z" / "x.txt")]
+    assert keys(storage.list_files(str(corpus / "[xz]" / "*" / "*.txt"))) == ["x/y/a.txt", "z/w/x.txt"]
+
+
 @pytest.mark.s3
 def test_s3_prefix_and_glob_give_the_same_keys(tree, s3_server):
     url = f"{s3_server}/listing"
     upload_dir(tree, url)
     assert keys(storage.list_files(url + "/")) == keys(storage.list_files(str(tree)))
     assert keys(storage.list_files(url + "/a/**/*.parquet")) == ["b/z.parquet"]
+    assert keys(storage.list_files(url + "/*/x.txt")) == ["a/x.txt"]
+    assert keys(storage.list_files(url + "/*")) == ["c.md"]
     [single] = storage.list_files(url + "/c.md")
     assert single.named and single.path == url + "/c.md"
     assert storage.read_bytes(url + "/a/x.txt") == b"a/x.txt"

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from raylm.cli import configure_logging, run_cli
-from raylm.cli import parse_job_args
+from raylm.cli import configure_logging, parse_job_args, run_cli
 from trainer.job import make_paths_absolute
 from tune.config import TuneJobConfig
 

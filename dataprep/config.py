@@ -1,0 +1,182 @@
+"""The config of `python -m dataprep`: one section per concern, loaded like every raylm config (defaults < preset <
+TOML < `--section.field=value`), plus the short flags of the first version (`--input`, `--vocab-size`, …) as aliases.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field
+
+from raylm.errors import ConfigError
+
+BAD_RECORD = ("error", "skip")
+ENCODING_ERRORS = ("strict", "replace")
+
+
+def _check(rules: list[tuple[bool, str, object, str]]) -> None:
+    for ok, name, value, rule in rules:
+        if not ok:
+            raise ConfigError(f"{name}={value!r}: {rule}")
+
+
+@dataclass(kw_only=True)
+class InputConfig:
+    paths: list[str] = field(default_factory=list)
+    """Files, directories (recursive), globs (`*` stays in one folder, `**` crosses folders) or s3:// prefixes;
+    .txt/.md/.py/… (one file = one document), .jsonl, .parquet, optionally .gz/.zst. None: the demo corpus."""
+    text_field: str = "text"
+    """Field (.jsonl) or column (.parquet) holding the text."""
+    on_bad_record: str = "error"
+    """A bad file/line (not JSON, missing field, corrupt, binary): 'error' stops with its name, 'skip' counts it."""
+    encoding_errors: str = "strict"
+    """Invalid UTF-8: 'strict' stops with the file and byte offset, 'replace' replaces the bytes and counts it."""
+    max_files: int | None = None
+    """Use only the first N files in path order (quick runs)."""
+
+    def __post_init__(self):
+        _check([
+            (self.on_bad_record in BAD_RECORD, "input.on_bad_record", self.on_bad_record, "must be error or skip"),
+            (self.encoding_errors in ENCODING_ERRORS, "input.encoding_errors", self.encoding_errors,
+             "must be strict or replace"),
+            (self.max_files is None or self.max_files >= 1, "input.max_files", self.max_files, "must be >= 1"),
+        ])
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    file: str | None = None
+    """An existing SentencePiece .model (local or s3://) to use instead of training one."""
+    vocab_size: int = 32000
+    """Vocabulary of the trained BPE tokenizer (byte fallback, so any text encodes)."""
+    sample_mb: float = 64.0
+    """Text sampled (seeded, spread over files) to train the tokenizer."""
+    sample_file_mb: float = 1.0
+    """Most text the sample takes from one file (raised to sample_mb / files when the corpus has few files)."""
+
+    def __post_init__(self):
+        _check([
+            (300 <= self.vocab_size <= 1 << 32, "tokenizer.vocab_size", self.vocab_size,
+             "must be in [300, 2**32] (bytes + specials, uint32 ids)"),
+            (self.sample_mb > 0, "tokenizer.sample_mb", self.sample_mb, "must be > 0"),
+            (self.sample_file_mb > 0, "tokenizer.sample_file_mb", self.sample_file_mb, "must be > 0"),
+        ])
+
+
+@dataclass(kw_only=True)
+class PackConfig:
+    seq_len: int = 2048
+    """Tokens per training sequence; rows hold seq_len + 1."""
+    val_fraction: float = 0.005
+    """Share of documents sent to val/ (by a seeded hash of their file and position)."""
+    seed: int = 0
+    """Seeds the tokenizer sample and the train/val split."""
+    unit_mb: float = 256.0
+    """Input bytes per work unit: consecutive files (or byte ranges / row groups of one big file) up to this size.
+    Fixed by the input, never by the cluster; each unit's partial last row is dropped."""
+    shard_mb: float = 128.0
+    """Largest shard file a unit writes (a unit's rows go to one or more shards)."""
+
+    def __post_init__(self):
+        _check([
+            (self.seq_len >= 1, "pack.seq_len", self.seq_len, "must be >= 1"),
+            (0 <= self.val_fraction < 1, "pack.val_fraction", self.val_fraction, "must be in [0, 1)"),
+            (self.unit_mb > 0, "pack.unit_mb", self.unit_mb, "must be > 0"),
+            (self.shard_mb > 0, "pack.shard_mb", self.shard_mb, "must be > 0"),
+        ])
+
+
+@dataclass(kw_only=True)
+class OutputConfig:
+    dir: str = ""
+    """Dataset directory, local or s3:// (the demo writes data/stdlib)."""
+    overwrite: bool = False
+    """Replace a finished dataset, or an unfinished run, made with other inputs or settings."""
+
+
+@dataclass(kw_only=True)
+class WorkersConfig:
+    num_workers: int | None = None
+    """Tokenizer actors, one CPU each, started as the cluster has CPUs for them (default: one per CPU present)."""
+
+    def __post_init__(self):
+        _check([(self.num_workers is None or self.num_workers >= 1, "workers.num_workers", self.num_workers,
+                 "must be >= 1")])
+
+
+@dataclass(kw_only=True)
+class DataprepConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+
+    def settings(self) -> dict:
+        """What determines the output bytes: a dataset or unfinished run with other settings is never reused."""
+        return {**{k: v for k, v in asdict(self.input).items() if k != "paths"},
+                **{k: v for k, v in asdict(self.tokenizer).items() if k != "file"},
+                **asdict(self.pack)}
+
+
+ALIASES = {
+    "--input": "input.paths",
+    "--output": "output.dir",
+    "--tokenizer": "tokenizer.file",
+    "--vocab-size": "tokenizer.vocab_size",
+    "--tokenizer-sample-mb": "tokenizer.sample_mb",
+    "--seq-len": "pack.seq_len",
+    "--val-fraction": "pack.val_fraction",
+    "--text-field": "input.text_field",
+    "--shard-size": "pack.shard_mb",
+    "--num-workers": "workers.num_workers",
+    "--seed": "pack.seed",
+    "--on-bad-record": "input.on_bad_record",
+    "--encoding-errors": "input.encoding_errors",
+    "--max-files": "input.max_files",
+    "--overwrite": "output.overwrite",
+}
+"""The first version's flags, kept so every command written for it still runs."""
+
+
+def expand_aliases(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """(argv in `--section.field=value` form, the paths of `--input PATH [PATH ...]` or None).
+
+    `--input` takes several values, so its paths come back as a list rather than one comma-joined override (a path
+    may hold a comma)."""
+    out, paths, i = [], None, 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag not in ALIASES:
+            check_not_a_typo(flag)
+            out.append(argv[i])
+        elif flag == "--input":
+            paths = [value] if eq else []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                paths.append(argv[i + 1])
+                i += 1
+            if not paths:
+                raise ConfigError("--input needs at least one PATH")
+        elif flag == "--overwrite" and not eq:
+            out.append(f"--{ALIASES[flag]}=true")
+        elif eq:
+            out.append(f"--{ALIASES[flag]}={value}")
+        elif i + 1 < len(argv):
+            out.append(f"--{ALIASES[flag]}={argv[i + 1]}")
+            i += 1
+        else:
+            raise ConfigError(f"{flag} needs a value")
+        i += 1
+    return out, paths
+
+
+def check_not_a_typo(flag: str) -> None:
+    """A `--word` that is neither a short option nor `--section.field` is refused here, naming the nearest option."""
+    if flag.startswith("--") and "." not in flag and flag != "--config":
+        close = difflib.get_close_matches(flag, ALIASES, n=1, cutoff=0.8)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"unknown option {flag}{hint} (see python -m dataprep --help)")
+
+
+def alias_help() -> str:
+    width = max(map(len, ALIASES))
+    return "\n".join(f"  {flag:{width}}  = --{field}" for flag, field in ALIASES.items())

@@ -1,0 +1,143 @@
+"""The dataset directory's life: made fresh, resumed, or left alone; finished by the manifest, written last.
+
+While a run is under way the directory holds `_progress/run.json` (the run's settings stamp and tokenizer) and one
+commit record per finished unit. A re-run with the same settings keeps the tokenizer and every committed unit;
+other settings are refused unless `--overwrite`. Finishing writes `sources.jsonl`, removes files no unit committed
+(shards of interrupted attempts), writes `manifest.json` and then removes `_progress/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow.fs as pafs
+
+from dataprep.dataset import MANIFEST, read_manifest
+from dataprep.units import Unit
+from dataprep.worker import PROGRESS, SPLITS, progress_path
+from raylm import storage
+from raylm.errors import ConfigError, StorageError
+from raylm.storage import FileEntry
+
+log = logging.getLogger(__name__)
+TOKENIZER = "tokenizer.model"
+SOURCES = "sources.jsonl"
+RUN_RECORD = "run.json"
+DATASET_ENTRIES = {*SPLITS, TOKENIZER, MANIFEST, SOURCES, PROGRESS}
+"""What a dataset directory holds; dataprep writes into nothing else."""
+
+
+def _changed(new: dict, old: dict) -> str:
+    return ", ".join(sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k)))
+
+
+def read_run_record(output: str) -> dict | None:
+    path = storage.join(output, PROGRESS, RUN_RECORD)
+    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
+
+
+def prepare_output(output: str, settings: dict, *, overwrite: bool) -> str:
+    """'finished' (this exact dataset is there), 'resume' (an unfinished run with these settings) or 'fresh'."""
+    old = None if overwrite else read_manifest(output)
+    if old is not None and old["settings"] == settings:
+        storage.delete_dir(storage.join(output, PROGRESS))  # a run killed between its manifest and this cleanup
+        return "finished"
+    if old is not None:
+        raise ConfigError(f"{output} already holds a dataset made with other settings ({_changed(settings, old['settings'])} "
+                          "differ); pass --overwrite to replace it or choose another --output")
+    check_only_dataset_entries(output)
+    run = None if overwrite else read_run_record(output)
+    if run is not None and run["settings"] == settings:
+        return "resume"
+    if run is not None:
+        raise ConfigError(f"{output} holds an unfinished dataprep run with other settings ({_changed(settings, run['settings'])} "
+                          "differ); run it again with its own settings to finish it, or pass --overwrite to start over")
+    try:
+        clear(output)
+        storage.write_bytes(storage.join(output, ".raylm-write-check"), b"")
+        storage.delete_file(storage.join(output, ".raylm-write-check"))
+    except OSError as exc:
+        raise StorageError(f"cannot write the output: {storage.describe_os_error(exc, output)}") from None
+    return "fresh"
+
+
+def check_only_dataset_entries(output: str) -> None:
+    fs, root = storage.filesystem(output)
+    try:
+        found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(f"cannot read the output: {storage.describe_os_error(exc, output)}") from None
+    strangers = sorted(posixpath.basename(f.path) for f in found if posixpath.basename(f.path) not in DATASET_ENTRIES)
+    if strangers:
+        raise ConfigError(f"{output} is not empty and not a raylm dataset (it holds {', '.join(strangers[:3])}"
+                          f"{', …' if len(strangers) > 3 else ''}); choose a new or empty --output")
+
+
+def clear(output: str) -> None:
+    """Remove every dataset entry; the manifest goes first, so an interrupted clear is never taken as a dataset."""
+    storage.delete_file(storage.join(output, MANIFEST))
+    for name in (*SPLITS, PROGRESS):
+        storage.delete_dir(storage.join(output, name))
+    for name in (TOKENIZER, SOURCES):
+        storage.delete_file(storage.join(output, name))
+
+
+def has_committed_units(output: str) -> bool:
+    """Whether an unfinished run here has finished any unit (then a failed run keeps its output to resume)."""
+    fs, root = storage.filesystem(storage.join(output, PROGRESS))
+    return any(posixpath.basename(f.path) != RUN_RECORD
+               for f in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)))
+
+
+def write_run_record(output: str, settings: dict, tokenizer_sha256: str) -> None:
+    record = {"settings": settings, "tokenizer_sha256": tokenizer_sha256}
+    storage.write_bytes(storage.join(output, PROGRESS, RUN_RECORD), json.dumps(record, sort_keys=True).encode())
+
+
+def committed_units(output: str, units: list[Unit], run_stamp: str) -> dict[int, dict]:
+    """Stats of the units a previous attempt finished and committed with this run's stamp (read 32 at a time)."""
+    fs, root = storage.filesystem(storage.join(output, PROGRESS))
+    names = {posixpath.basename(f.path) for f in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))}
+    candidates = [u for u in units if f"{u.name}.json" in names]
+
+    def read(unit: Unit) -> tuple[int, dict | None]:
+        record = json.loads(storage.read_bytes(progress_path(output, unit)))
+        return unit.index, record["stats"] if record["stamp"] == unit.stamp(run_stamp) else None
+
+    with ThreadPoolExecutor(32) as pool:
+        return {index: stats for index, stats in pool.map(read, candidates) if stats is not None}
+
+
+def write_sources(output: str, files: list[FileEntry]) -> None:
+    """The full source list, one JSON line a file, beside the manifest (provenance; `open_dataset` never reads it)."""
+    lines = "".join(json.dumps({"path": f.path, "size": f.size}) + "\n" for f in files)
+    storage.write_bytes(storage.join(output, SOURCES), lines.encode())
+
+
+def remove_strays(output: str, kept: set[str]) -> int:
+    """Delete the files under train/ and val/ that no committed unit wrote (interrupted attempts); their count."""
+    strays = []
+    for split in SPLITS:
+        fs, root = storage.filesystem(storage.join(output, split))
+        for f in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+            if f.type == pafs.FileType.File and f"{split}/{posixpath.basename(f.path)}" not in kept:
+                strays.append(storage.join(output, split, posixpath.basename(f.path)))
+    for path in strays:
+        storage.delete_file(path)
+    return len(strays)
+
+
+def write_manifest(output: str, manifest: dict) -> None:
+    storage.write_bytes(storage.join(output, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    storage.delete_dir(storage.join(output, PROGRESS))
+
+
+def remove_unfinished(output: str, *, existed: bool) -> None:
+    """After a failed run with nothing worth resuming: the output as the run found it."""
+    if existed:
+        clear(output)
+    else:
+        storage.delete_dir(output)

@@ -1,0 +1,91 @@
+"""Work units: the corpus cut into pieces of about `pack.unit_mb` input bytes, fixed by the input alone.
+
+A unit is a run of consecutive files of the sorted listing; a file bigger than a unit that can be cut (uncompressed
+.jsonl by bytes, .parquet by row groups) becomes several units of its own. Nothing here looks at the cluster, so
+the same corpus and settings give the same units, and so the same shards, on a laptop and on 100 nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from dataprep.sources import Part, file_format, open_parquet, splittable
+from raylm.storage import FileEntry
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int
+    parts: tuple[Part, ...]
+    input_bytes: int
+
+    @property
+    def name(self) -> str:
+        """Stem of the unit's shard files and of its commit record."""
+        return f"unit-{self.index:06d}"
+
+    def to_json(self) -> str:
+        return json.dumps({"index": self.index, "parts": [asdict(p) for p in self.parts], "input_bytes": self.input_bytes})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Unit":
+        data = json.loads(text)
+        return cls(data["index"], tuple(Part(**p) for p in data["parts"]), data["input_bytes"])
+
+    def stamp(self, run_stamp: str) -> str:
+        """What a finished unit must match to be reused: the run's settings and tokenizer, and this unit's parts."""
+        return hashlib.sha256(f"{run_stamp}\0{self.to_json()}".encode()).hexdigest()
+
+
+def _byte_ranges(f: FileEntry, unit_bytes: int) -> list[tuple[Part, int]]:
+    return [(Part(f.path, f.size, f.key, start, min(start + unit_bytes, f.size)), min(unit_bytes, f.size - start))
+            for start in range(0, f.size, unit_bytes)]
+
+
+def _row_group_ranges(f: FileEntry, unit_bytes: int) -> list[tuple[Part, int]]:
+    """Consecutive row groups of a big .parquet file, up to `unit_bytes` of column data each."""
+    meta = open_parquet(f.path).metadata
+    parts, start, first_row, rows, size = [], 0, 0, 0, 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        rows, size = rows + group.num_rows, size + group.total_byte_size
+        if size >= unit_bytes or g == meta.num_row_groups - 1:
+            parts.append((Part(f.path, f.size, f.key, start, g + 1, first_row), size))
+            start, first_row, rows, size = g + 1, first_row + rows, 0, 0
+    return parts
+
+
+def pieces(f: FileEntry, unit_bytes: int) -> list[tuple[Part, int]]:
+    """(part, its input bytes) of a file: itself, or byte ranges / row-group ranges when it is big and cuttable."""
+    if f.size <= unit_bytes or not splittable(f.path):
+        return [(Part(f.path, f.size, f.key), f.size)]
+    if file_format(f.path) == "jsonl":
+        return _byte_ranges(f, unit_bytes)
+    return _row_group_ranges(f, unit_bytes)
+
+
+def plan_units(files: list[FileEntry], unit_bytes: int) -> list[Unit]:
+    """Consecutive files grouped up to `unit_bytes`; a big cuttable file's pieces are units of their own."""
+    units: list[Unit] = []
+    current: list[Part] = []
+    size = 0
+
+    def close() -> None:
+        nonlocal current, size
+        if current:
+            units.append(Unit(len(units), tuple(current), size))
+            current, size = [], 0
+
+    for f in files:
+        parts = pieces(f, unit_bytes)
+        if len(parts) > 1 or (current and size + f.size > unit_bytes):
+            close()
+        for part, part_bytes in parts:
+            current.append(part)
+            size += part_bytes
+            if len(parts) > 1:
+                close()
+    close()
+    return units
