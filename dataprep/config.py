@@ -14,9 +14,11 @@ ENCODING_ERRORS = ("strict", "replace")
 
 
 def _check(rules: list[tuple[bool, str, object, str]]) -> None:
+    """The first failed rule as one line naming the field (and its short flag, if it has one) and the value."""
     for ok, name, value, rule in rules:
         if not ok:
-            raise ConfigError(f"{name}={value!r}: {rule}")
+            flag = next((f" ({flag})" for flag, field in ALIASES.items() if field == name), "")
+            raise ConfigError(f"{name}={value!r}{flag}: {rule}")
 
 
 @dataclass(kw_only=True)
@@ -112,10 +114,11 @@ class DataprepConfig:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
 
     def settings(self) -> dict:
-        """What determines the output bytes: a dataset or unfinished run with other settings is never reused."""
-        return {**{k: v for k, v in asdict(self.input).items() if k != "paths"},
-                **{k: v for k, v in asdict(self.tokenizer).items() if k != "file"},
-                **asdict(self.pack)}
+        """What determines the output bytes: a dataset or unfinished run with other settings is never reused.
+        Training options count only when the tokenizer is trained (a given one counts by its content, added by the
+        run); the input paths count as the files they list."""
+        tokenizer = {} if self.tokenizer.file else {k: v for k, v in asdict(self.tokenizer).items() if k != "file"}
+        return {**{k: v for k, v in asdict(self.input).items() if k != "paths"}, **tokenizer, **asdict(self.pack)}
 
 
 ALIASES = {
@@ -171,7 +174,7 @@ def expand_aliases(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 def check_not_a_typo(flag: str) -> None:
     """A `--word` that is neither a short option nor `--section.field` is refused here, naming the nearest option."""
-    if flag.startswith("--") and "." not in flag and flag != "--config":
+    if flag.startswith("--") and "." not in flag and flag not in ("--config", "--help"):
         close = difflib.get_close_matches(flag, ALIASES, n=1, cutoff=0.8)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise ConfigError(f"unknown option {flag}{hint} (see python -m dataprep --help)")

@@ -61,6 +61,8 @@ def prepare_output(output: str, settings: dict, *, overwrite: bool) -> str:
         storage.delete_file(storage.join(output, ".raylm-write-check"))
     except OSError as exc:
         raise StorageError(f"cannot write the output: {storage.describe_os_error(exc, output)}") from None
+    except StorageError as exc:
+        raise StorageError(f"cannot write the output: {exc}") from None
     return "fresh"
 
 
@@ -87,9 +89,7 @@ def clear(output: str) -> None:
 
 def has_committed_units(output: str) -> bool:
     """Whether an unfinished run here has finished any unit (then a failed run keeps its output to resume)."""
-    fs, root = storage.filesystem(storage.join(output, PROGRESS))
-    return any(posixpath.basename(f.path) != RUN_RECORD
-               for f in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)))
+    return any(name != RUN_RECORD for name in _file_sizes(storage.join(output, PROGRESS)))
 
 
 def write_run_record(output: str, settings: dict, tokenizer_sha256: str) -> None:
@@ -97,18 +97,27 @@ def write_run_record(output: str, settings: dict, tokenizer_sha256: str) -> None
     storage.write_bytes(storage.join(output, PROGRESS, RUN_RECORD), json.dumps(record, sort_keys=True).encode())
 
 
+def _file_sizes(directory: str) -> dict[str, int]:
+    """Name → size of the files directly under `directory` (one listing call, paginated on S3)."""
+    fs, root = storage.filesystem(directory)
+    return {posixpath.basename(f.path): f.size for f in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+            if f.type == pafs.FileType.File}
+
+
 def committed_units(output: str, units: list[Unit], run_stamp: str) -> dict[int, dict]:
-    """Stats of the units a previous attempt finished and committed with this run's stamp (read 32 at a time)."""
-    fs, root = storage.filesystem(storage.join(output, PROGRESS))
-    names = {posixpath.basename(f.path) for f in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))}
-    candidates = [u for u in units if f"{u.name}.json" in names]
+    """Stats of the units a previous attempt committed with this run's stamp and whose shards are all there, at
+    their recorded sizes (records read 32 at a time; shards checked against one listing per split)."""
+    records = _file_sizes(storage.join(output, PROGRESS))
+    shards = {f"{split}/{name}": size for split in SPLITS for name, size in _file_sizes(storage.join(output, split)).items()}
 
     def read(unit: Unit) -> tuple[int, dict | None]:
         record = json.loads(storage.read_bytes(progress_path(output, unit)))
-        return unit.index, record["stats"] if record["stamp"] == unit.stamp(run_stamp) else None
+        written = all(shards.get(s["file"]) == s["bytes"] for split in SPLITS for s in record["stats"]["splits"][split]["shards"])
+        return unit.index, record["stats"] if record["stamp"] == unit.stamp(run_stamp) and written else None
 
     with ThreadPoolExecutor(32) as pool:
-        return {index: stats for index, stats in pool.map(read, candidates) if stats is not None}
+        found = pool.map(read, [u for u in units if f"{u.name}.json" in records])
+        return {index: stats for index, stats in found if stats is not None}
 
 
 def write_sources(output: str, files: list[FileEntry]) -> None:
@@ -119,12 +128,8 @@ def write_sources(output: str, files: list[FileEntry]) -> None:
 
 def remove_strays(output: str, kept: set[str]) -> int:
     """Delete the files under train/ and val/ that no committed unit wrote (interrupted attempts); their count."""
-    strays = []
-    for split in SPLITS:
-        fs, root = storage.filesystem(storage.join(output, split))
-        for f in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-            if f.type == pafs.FileType.File and f"{split}/{posixpath.basename(f.path)}" not in kept:
-                strays.append(storage.join(output, split, posixpath.basename(f.path)))
+    strays = [storage.join(output, split, name) for split in SPLITS for name in _file_sizes(storage.join(output, split))
+              if f"{split}/{name}" not in kept]
     for path in strays:
         storage.delete_file(path)
     return len(strays)

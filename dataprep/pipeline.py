@@ -15,6 +15,7 @@ import os
 import resource
 import sysconfig
 import time
+from collections import Counter
 from contextlib import closing
 from dataclasses import dataclass, field
 
@@ -186,16 +187,18 @@ def unit_job(cfg: DataprepConfig, model: bytes, run_stamp: str) -> UnitJob:
     )
 
 
-def actor_pool(cfg: DataprepConfig):
+def actor_pool(cfg: DataprepConfig, units: int):
     """(pool strategy, CPUs per actor): one actor per CPU present, or `workers.num_workers` of one CPU each that
-    start as an autoscaling cluster adds nodes for them."""
+    start as an autoscaling cluster adds nodes for them; never more actors than units."""
     import ray
 
+    one_at_a_time = {"max_tasks_in_flight_per_actor": 1}  # a unit never queues behind a long one on a busy actor
     if cfg.workers.num_workers:
-        return ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.workers.num_workers), 1.0
+        size = {"min_size": 1, "max_size": min(cfg.workers.num_workers, units)}
+        return ray.data.ActorPoolStrategy(**size, **one_at_a_time), 1.0
     cpus = ray.cluster_resources().get("CPU", 1)
     workers = max(1, int(cpus))
-    return ray.data.ActorPoolStrategy(size=workers), min(1.0, cpus / workers)
+    return ray.data.ActorPoolStrategy(size=min(workers, units), **one_at_a_time), min(1.0, cpus / workers)
 
 
 def run_units(units: list[Unit], job: UnitJob, cfg: DataprepConfig, result: RunResult) -> dict[int, dict]:
@@ -204,7 +207,7 @@ def run_units(units: list[Unit], job: UnitJob, cfg: DataprepConfig, result: RunR
 
     if not units:
         return {}
-    pool, cpus = actor_pool(cfg)
+    pool, cpus = actor_pool(cfg, len(units))
     submitted = time.time()
     ds = ray.data.from_items([{"unit": u.to_json()} for u in units], override_num_blocks=len(units))
     ds = ds.map_batches(PackUnits, fn_constructor_kwargs={"job": job}, batch_size=1, batch_format="pyarrow",
@@ -277,10 +280,12 @@ def print_summary(result: RunResult, n_files: int, output: str) -> None:
     print(f"dataprep: {n_files:,} files -> {m['documents']:,} documents, {m['tokens']:,} tokens in {m['units']} units"
           f" ({len(result.units)} run now, {result.reused} reused from an earlier attempt)")
     if result.units:
-        nodes = sorted({u["node"] for u in result.units})
-        print(f"  throughput: {made / max(t.units, 1e-9) / 1e6:.2f}M tokens/s read+tokenize+pack+write over "
-              f"{len(nodes)} node{'s' if len(nodes) > 1 else ''}; driver: {result.driver_cpu_s:.1f} CPU-s, "
-              f"{result.driver_received_bytes / 1e3:.1f} kB received, peak RSS {peak_rss_mb():.0f} MB")
+        nodes = Counter(u["node"][:8] for u in result.units)
+        print(f"  throughput: {made / max(t.units, 1e-9) / 1e6:.2f}M tokens/s read+tokenize+pack+write; units by node: "
+              f"{', '.join(f'{node} x {n}' for node, n in sorted(nodes.items()))}; largest worker RSS "
+              f"{max(u['peak_rss_mb'] for u in result.units):.0f} MB")
+        print(f"  driver: {result.driver_cpu_s:.1f} CPU-s, {result.driver_received_bytes / 1e3:.1f} kB received, "
+              f"peak RSS {peak_rss_mb():.0f} MB")
     print(f"  time: listing {t.listing:.1f}s, Ray start-up {t.ray_start:.1f}s, tokenizer {t.tokenizer:.1f}s, "
           f"worker start-up {t.workers_start:.1f}s, units {t.units:.1f}s")
     for name, s in m["splits"].items():

@@ -75,7 +75,7 @@ class PackUnits:
 
     def pack(self, unit: Unit) -> dict:
         """The unit's stats; its shards and commit record are written, unless it met a bad record it must stop at."""
-        started = time.time()
+        started, cpu = time.time(), time.process_time()
         packers = {s: SplitPacker(self.job.output, f"{s}/{unit.name}", self.job.seq_len + 1, self.job.rows_per_shard,
                                   self.dtype) for s in SPLITS}
         counts = {"bad_records": 0, "replaced_utf8_documents": 0}
@@ -89,7 +89,7 @@ class PackUnits:
         storage.write_bytes(progress_path(self.job.output, unit),
                             json.dumps({"stamp": unit.stamp(self.job.run_stamp), "stats": stats}).encode())
         return {**stats, "node": self.node, "ready_at": self.ready_at, "seconds": time.time() - started,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "cpu_s": time.process_time() - cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def _pack_documents(self, unit: Unit, packers: dict, counts: dict) -> str | None:
         """Feed every document of the unit to the split packers, ENCODE_CHARS at a time; the first bad record's

@@ -23,11 +23,15 @@ class StorageError(RaylmError):
 
 
 def find_user_error(exc: BaseException | None) -> RaylmError | None:
-    """The RaylmError behind `exc`, looking through Ray's task/actor wrappers and exception chains."""
+    """The RaylmError behind `exc`, looking through Ray's task/actor wrappers and exception chains.
+
+    A Ray task that raised a DataError comes back as a `RayTaskError(DataError)`, itself a DataError whose message
+    is Ray's traceback: the one to print is its `cause`."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, RaylmError):
+        cause = getattr(exc, "cause", None)
+        if isinstance(exc, RaylmError) and not isinstance(cause, BaseException):
             return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        exc = cause or exc.__cause__ or exc.__context__
     return None

@@ -55,6 +55,44 @@ def local_ray(s3_server):
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def multinode(s3_server):
+    """A multi-node Ray on this machine (`ray.cluster_utils.Cluster`): a head with 0 CPUs, where drivers and Train
+    controllers live (never remove it), and two worker nodes of 1 CPU each that a test may remove and add back.
+
+    The test process stays connected to the session's `local_ray`; drivers run as subprocesses with
+    `RAY_ADDRESS=cluster.address` (see `driver_env`). The cluster has its own temp dir and ports, is stopped by PID
+    at the end of the module, and the machine's "current cluster" record is put back as it was.
+    """
+    import tempfile
+
+    from ray._private.utils import get_ray_address_file
+    from ray.cluster_utils import Cluster
+
+    from trainer.train import free_port
+
+    record = get_ray_address_file(None)
+    saved = open(record).read() if os.path.exists(record) else None
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "gcs_server_port": free_port(), "dashboard_port": free_port(),
+        "temp_dir": tempfile.mkdtemp(prefix="rl-mn-", dir="/tmp")})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+    if saved is not None:
+        with open(record, "w") as f:
+            f.write(saved)
+    elif os.path.exists(record):
+        os.remove(record)
+
+
+def driver_env(address: str) -> dict:
+    """Environment of a subprocess driver joining the Ray at `address` (one thread per process, as on 2 cores)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": address}
+
+
 def upload_dir(local_dir, url: str) -> None:
     """Copy a local directory tree to an s3:// prefix."""
     from raylm import storage
@@ -100,6 +138,15 @@ def write_mixed_corpus(root) -> list[str]:
     docs[str(root / "data" / "rows.parquet")] = PARQUET_DOCS
     (root / "data" / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")
     return [d for path in sorted(docs) for d in docs[path]]
+
+
+def jsonl_corpus(root, files: int, lines: int) -> None:
+    """`files` .jsonl files of `lines` short documents each, made of a few words (a quick tokenizer's corpus)."""
+    words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river mountain forest ocean".split()
+    root.mkdir()
+    for f in range(files):
+        docs = (f"doc {f}.{i}: " + " ".join(words[(f + i * k) % len(words)] for k in range(40)) for i in range(lines))
+        (root / f"part-{f:03d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
 
 
 @pytest.fixture

@@ -133,7 +133,7 @@ def readme_jobs() -> list[list[str]]:
 
 
 def test_cluster_readme_job_commands_parse(monkeypatch):
-    from dataprep.__main__ import build_parser
+    from dataprep.__main__ import parse_args
     from trainer.__main__ import FLAGS
     from raylm.cli import parse_job_args
     from tune.config import TuneJobConfig
@@ -141,7 +141,7 @@ def test_cluster_readme_job_commands_parse(monkeypatch):
     monkeypatch.chdir(ROOT)  # jobs run in the uploaded working directory
     jobs = {argv[2]: argv[3:] for argv in readme_jobs()}
     assert sorted(jobs) == ["dataprep", "trainer", "tune"]
-    build_parser().parse_args(jobs["dataprep"])
+    parse_args(jobs["dataprep"])
     train, _ = parse_job_args(jobs["trainer"], prog="trainer", description="", flags=FLAGS, root=JobConfig)
     assert train.ray.use_gpu and train.run.dir.startswith("s3://")
     assert_batch_fits(train, train.train.global_batch)

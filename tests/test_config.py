@@ -126,3 +126,12 @@ def test_help_line_format():
     assert "  --knobs.ratio (float, default 0.5): A float." in config_help(Root).splitlines()
     assert "  --knobs.flag (bool, default False)" in config_help(Root).splitlines()
     assert "  --knobs.limit (int | None, default None): Optional int." in config_help(Root).splitlines()
+
+
+def test_dataprep_preset_loads_with_the_shared_loader():
+    from dataprep.__main__ import parse_args
+
+    cfg, demo = parse_args(["--config", "configs/dataprep-web.toml", "--input.paths=s3://b/corpus/",
+                            "--output", "s3://b/datasets/web", "--seq-len", "1024"])
+    assert not demo and cfg.input.paths == ["s3://b/corpus/"] and cfg.output.dir == "s3://b/datasets/web"
+    assert cfg.pack.seq_len == 1024 and cfg.pack.unit_mb == 256.0 and cfg.workers.num_workers == 256

@@ -8,7 +8,7 @@ import torch
 
 from dataprep.dataset import Split
 from raylm.errors import ConfigError
-from dataprep.shards import shard_bytes
+from dataprep.shards import ShardWriter
 from trainer.data import BatchPlan, EpochOrder, StepLoader, val_batches
 
 
@@ -17,9 +17,11 @@ def split(tmp_path):
     """Two real shards on disk, 7-row record batches: 37 rows whose first token is the row index."""
     rows = np.arange(37 * 9, dtype=np.uint16).reshape(37, 9)
     rows[:, 0] = np.arange(37)
-    (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "shard-00000.arrow").write_bytes(shard_bytes(rows[:20], 7))
-    (tmp_path / "train" / "shard-00001.arrow").write_bytes(shard_bytes(rows[20:], 7))
+    for name, part in (("train/shard-00000.arrow", rows[:20]), ("train/shard-00001.arrow", rows[20:])):
+        writer = ShardWriter(str(tmp_path), name, part.dtype, 9)
+        for start in range(0, len(part), 7):
+            writer.write(part[start:start + 7])
+        writer.close()
     entry = {"shards": [{"file": "train/shard-00000.arrow", "rows": 20}, {"file": "train/shard-00001.arrow", "rows": 17}]}
     return Split(str(tmp_path), entry, rows_per_batch=7)
 

@@ -1,50 +1,64 @@
-"""dataprep on a real local Ray and a real moto S3 endpoint: round trip, determinism, S3, re-runs."""
+"""dataprep on a real local Ray, a multi-node Ray and a real moto S3 endpoint: round trip, determinism on any
+cluster, resume after a SIGKILL, S3, re-runs."""
 
 from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
-from conftest import run_captured, upload_dir
+from conftest import driver_env, jsonl_corpus, run_captured, upload_dir
 from dataprep import open_dataset
-from raylm import storage
 from dataprep.__main__ import main
+from raylm import storage
 
 pytestmark = pytest.mark.ray
-SMALL = ["--vocab-size", "400", "--seq-len", "16", "--val-fraction", "0.2", "--shard-size", "0.001"]
+SMALL = ["--vocab-size", "400", "--seq-len", "16", "--val-fraction", "0.2", "--shard-size", "0.001",
+         "--pack.unit_mb=0.0005"]
 
 
 def prep(inputs, output, *extra) -> tuple[int, str, str]:
     return run_captured(main, ["--input", *inputs, "--output", output, *SMALL, *extra])
 
 
-def decoded_documents(ds, split: str) -> tuple[list[str], str]:
-    """(complete documents, the partial last one) of a split, decoded from its packed rows."""
-    rows = getattr(ds, split)
-    stream = np.concatenate([rows[i] for i in range(len(rows))]) if len(rows) else np.array([], np.uint16)
-    sp = ds.tokenizer()
-    cuts = np.flatnonzero(stream == ds.eos_id)
-    pieces = np.split(stream, cuts + 1)
-    return [sp.decode(p[:-1].tolist()) for p in pieces[:-1]], sp.decode(pieces[-1].tolist())
+def dataset_files(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def unit_streams(ds, split: str) -> list[np.ndarray]:
+    """Each unit's token stream of a split, in unit order (a unit's rows are packed on their own)."""
+    shards = ds.manifest["splits"][split]["shards"]
+    rows, start, streams = getattr(ds, split), 0, {}
+    for shard in shards:
+        streams.setdefault(shard["unit"], []).append(rows.rows(range(start, start + shard["rows"])).reshape(-1))
+        start += shard["rows"]
+    return [np.concatenate(streams[u]) for u in sorted(streams)]
 
 
 def assert_round_trip(ds, corpus_docs: list[str]) -> None:
-    """Each split decodes to corpus documents in corpus order; together the splits hold every corpus token, and
-    only each split's trailing partial row (< row_len tokens) is dropped."""
+    """Decoding every unit's rows gives corpus documents in corpus order, each unit ending in a partial document
+    (its dropped tail); the counts add up: all corpus tokens = rows x row_len + dropped tails."""
     from dataprep.tokenizer import encode_exact
 
-    sp = ds.tokenizer()
-    assert ds.manifest["tokens"] == sum(len(ids) + 1 for ids in encode_exact(sp, corpus_docs))
-    assert ds.manifest["documents"] == len(corpus_docs)
+    sp, m = ds.tokenizer(), ds.manifest
+    assert m["tokens"] == sum(len(ids) + 1 for ids in encode_exact(sp, corpus_docs))
+    assert m["documents"] == len(corpus_docs)
     for split in ("train", "val"):
-        docs, partial = decoded_documents(ds, split)
         remaining = iter(corpus_docs)
-        assert all(any(d == c for c in remaining) for d in docs), f"{split}: not corpus documents in corpus order"
-        # a tail cut inside a multi-byte character decodes to U+FFFD at its end
-        assert any(c.startswith(partial.rstrip("\ufffd")) for c in corpus_docs)
-        entry = ds.manifest["splits"][split]
-        assert 0 <= entry["dropped_tokens"] < ds.manifest["row_len"]
-        assert entry["tokens"] == entry["rows"] * ds.manifest["row_len"] + entry["dropped_tokens"]
+        for stream in unit_streams(ds, split):
+            pieces = np.split(stream, np.flatnonzero(stream == ds.eos_id) + 1)
+            docs = [sp.decode(p[:-1].tolist()) for p in pieces[:-1]]
+            assert all(any(d == c for c in remaining) for d in docs), f"{split}: not corpus documents in corpus order"
+            # a tail cut inside a multi-byte character decodes to U+FFFD at its end
+            assert any(c.startswith(sp.decode(pieces[-1].tolist()).rstrip("\ufffd")) for c in corpus_docs)
+        entry = m["splits"][split]
+        assert entry["tokens"] == entry["rows"] * m["row_len"] + entry["dropped_tokens"]
+        assert 0 <= entry["dropped_tokens"] < m["row_len"] * m["units"]
 
 
 def test_round_trip_all_formats_cjk_emoji(local_ray, mixed_corpus, tmp_path):
@@ -53,31 +67,66 @@ def test_round_trip_all_formats_cjk_emoji(local_ray, mixed_corpus, tmp_path):
     ds = open_dataset(str(tmp_path / "ds"))
     m = ds.manifest
     assert m["dtype"] == "uint16" and m["row_len"] == 17 and m["tokenizer"]["trained"]
-    assert len(ds.train) > 0 and len(ds.val) > 0 and len(m["splits"]["train"]["shards"]) > 1
+    assert m["units"] >= 4 and len(m["splits"]["train"]["shards"]) > m["units"]
     assert ds.train[0].shape == (17,) and ds.train[0].dtype == np.uint16
-    assert all(s["path"].endswith((".txt", ".md", ".py", ".gz", ".zst", ".parquet")) for s in m["sources"])
+    sources = [json.loads(line) for line in (tmp_path / "ds" / "sources.jsonl").read_text().splitlines()]
+    assert m["sources"] == {"file": "sources.jsonl", "count": len(sources)} and "sources" not in json.dumps(m["splits"])
+    assert all(s["path"].endswith((".txt", ".md", ".py", ".gz", ".zst", ".parquet")) for s in sources)
     assert_round_trip(ds, docs)
 
 
-def test_two_runs_are_byte_identical_whatever_the_actor_count_and_rerun_is_noop(local_ray, mixed_corpus, tmp_path):
+def test_same_bytes_on_any_actor_count_and_block_settings_and_rerun_is_noop(local_ray, mixed_corpus, tmp_path):
+    import ray.data
+
     root, _ = mixed_corpus
     a, b = tmp_path / "a", tmp_path / "b"
-    # b asks for more tokenizer actors (one CPU each) than the 2 CPUs hold: the pool grows as far as it can
-    assert prep([root], a)[0] == 0 and prep([root], b, "--num-workers", "4")[0] == 0
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert files_a == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    assert len(files_a) > 4
-    for rel in files_a:
-        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    assert prep([root], a, "--num-workers", "1")[0] == 0
+    context = ray.data.DataContext.get_current()
+    saved = context.target_max_block_size, context.target_min_block_size
+    context.target_max_block_size, context.target_min_block_size = 4096, 1024
+    try:  # b asks for more actors (one CPU each) than the 2 CPUs hold: the pool grows as far as it can
+        assert prep([root], b, "--num-workers", "4")[0] == 0
+    finally:
+        context.target_max_block_size, context.target_min_block_size = saved
+    assert dataset_files(a) == dataset_files(b) and len(dataset_files(a)) > 8
     stamp = (a / "manifest.json").stat().st_mtime_ns
     code, out, _ = prep([root], a)
     assert code == 0 and "nothing to do" in out
     assert (a / "manifest.json").stat().st_mtime_ns == stamp
     code, _, err = prep([root], a, "--seed", "1")
-    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "seed" in errors[0] and "--overwrite" in errors[0]
     assert prep([root], a, "--seed", "1", "--overwrite")[0] == 0
     assert (a / "manifest.json").read_bytes() != (b / "manifest.json").read_bytes()
+
+
+def test_a_killed_driver_resumes_to_the_same_bytes(local_ray, tmp_path):
+    """SIGKILL the driver once a unit is committed; the same command again keeps the finished units, redoes the
+    rest, and gives the bytes of an uninterrupted run."""
+    from ray.util.state import list_actors
+
+    corpus, killed, whole = tmp_path / "corpus", tmp_path / "killed", tmp_path / "whole"
+    jsonl_corpus(corpus, files=60, lines=25)  # ~60 units of ~8 kB
+    args = ["--input", str(corpus), "--vocab-size", "400", "--seq-len", "16", "--pack.unit_mb=0.008"]
+    driver = subprocess.Popen([sys.executable, "-m", "dataprep", *args, "--output", str(killed)],
+                              env=driver_env(address := local_ray.get_runtime_context().gcs_address),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list((killed / "_progress").glob("unit-*.json")) and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert driver.returncode == -signal.SIGKILL, driver.stderr.read().decode()[-2000:]
+    assert not (killed / "manifest.json").exists()
+    alive = [("state", "=", "ALIVE")]
+    while any(a.class_name.endswith("PackUnits") for a in list_actors(address=address, filters=alive)):
+        time.sleep(0.2)  # the killed job's actors go with it
+    code, out, err = run_captured(main, [*args, "--output", killed])
+    assert code == 0, err
+    reused = int(out.split(" reused")[0].rsplit(", ", 1)[1])
+    assert 1 <= reused < 60, out
+    assert run_captured(main, [*args, "--output", whole])[0] == 0
+    assert dataset_files(killed) == dataset_files(whole)
 
 
 @pytest.mark.s3
@@ -87,14 +136,13 @@ def test_s3_input_to_s3_output_matches_local(local_ray, mixed_corpus, tmp_path, 
     out = f"{s3_server}/datasets/mixed"
     assert prep([f"{s3_server}/corpus/"], out)[0] == 0
     assert prep([root], tmp_path / "local")[0] == 0
-    remote, local = open_dataset(out), open_dataset(str(tmp_path / "local"))
-    assert remote.manifest["splits"] == local.manifest["splits"]
-    for split in ("train", "val"):
-        r, l = getattr(remote, split), getattr(local, split)
-        assert np.array_equal(r.rows(range(len(r))), l.rows(range(len(l))))
-    for shard in remote.manifest["splits"]["train"]["shards"]:
-        assert storage.read_bytes(f"{out}/{shard['file']}") == (tmp_path / "local" / shard["file"]).read_bytes()
-    assert_round_trip(remote, docs)
+    local = dataset_files(tmp_path / "local")
+    for rel in set(local) - {"sources.jsonl", "manifest.json"}:  # these two name the sources: local paths here
+        assert storage.read_bytes(f"{out}/{rel}") == local[rel], rel
+    remote_manifest, local_manifest = json.loads(storage.read_bytes(f"{out}/manifest.json")), json.loads(local["manifest.json"])
+    assert remote_manifest["settings"].pop("sources_sha256") != local_manifest["settings"].pop("sources_sha256")
+    assert remote_manifest == local_manifest
+    assert_round_trip(open_dataset(out), docs)
 
 
 def test_given_tokenizer_is_used_and_stamped(local_ray, mixed_corpus, tmp_path):
@@ -106,6 +154,17 @@ def test_given_tokenizer_is_used_and_stamped(local_ray, mixed_corpus, tmp_path):
     assert ds.manifest["tokenizer"]["trained"] is False and ds.seq_len == 32
     assert (tmp_path / "second" / "tokenizer.model").read_bytes() == model.read_bytes()
     assert_round_trip(ds, docs)
+
+
+def test_config_file_and_fields_are_the_flags(local_ray, mixed_corpus, tmp_path):
+    """`--config dataprep.toml` and `--section.field=value` make the same dataset as the first version's flags."""
+    root, _ = mixed_corpus
+    toml = tmp_path / "dataprep.toml"
+    toml.write_text(f'[input]\npaths = ["{root}"]\n[tokenizer]\nvocab_size = 400\n'
+                    '[pack]\nseq_len = 16\nval_fraction = 0.2\nunit_mb = 0.0005\nshard_mb = 0.001\n')
+    assert run_captured(main, ["--config", toml, "--output.dir", tmp_path / "toml"])[0] == 0
+    assert prep([root], tmp_path / "flags")[0] == 0
+    assert dataset_files(tmp_path / "toml") == dataset_files(tmp_path / "flags")
 
 
 def test_open_dataset_without_manifest_is_an_error(tmp_path):

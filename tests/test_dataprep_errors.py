@@ -98,8 +98,9 @@ def test_unwritable_output(local_ray, tmp_path):
 
 def test_bad_option_values(local_ray, tmp_path):
     root = corpus_with(tmp_path, "b.txt", b"text")
-    assert "--seq-len 0" in run([root], tmp_path / "ds", "--seq-len", "0")
-    assert "--val-fraction 2.0" in run([root], tmp_path / "ds", "--val-fraction", "2")
+    assert "pack.seq_len=0 (--seq-len): must be >= 1" in run([root], tmp_path / "ds", "--seq-len", "0")
+    assert "pack.val_fraction=2.0 (--val-fraction)" in run([root], tmp_path / "ds", "--val-fraction", "2")
+    assert "input.on_bad_record='later' (--on-bad-record)" in run([root], tmp_path / "ds", "--on-bad-record", "later")
     assert "--tokenizer" in run([root], tmp_path / "ds", "--tokenizer", tmp_path / "missing.model")
 
 
@@ -121,13 +122,13 @@ def test_cli_help_and_error_in_a_fresh_process(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "dataprep", "--help"], capture_output=True, text=True, check=True).stdout
     for option in ("--input", "--output", "--tokenizer", "--vocab-size", "--seq-len", "--val-fraction", "--text-field",
                    "--shard-size", "--num-workers", "--seed", "--on-bad-record", "--encoding-errors", "--max-files",
-                   "--overwrite", "--tokenizer-sample-mb"):
+                   "--overwrite", "--tokenizer-sample-mb", "--pack.unit_mb", "--input.paths", "--tokenizer.sample_file_mb"):
         assert option in help_text
     proc = subprocess.run([sys.executable, "-m", "dataprep", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: input {tmp_path / 'nope'} does not exist; check the path"]
     proc = subprocess.run([sys.executable, "-m", "dataprep", "--seq-len", "abc"], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: argument --seq-len: invalid int value: 'abc'")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --pack.seq_len='abc' is not a valid int"
 
 
 def test_an_unrelated_folder_is_refused_and_an_empty_one_left_as_found(local_ray, tmp_path):
