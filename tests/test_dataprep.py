@@ -75,17 +75,23 @@ def test_round_trip_all_formats_cjk_emoji(local_ray, mixed_corpus, tmp_path):
     assert_round_trip(ds, docs)
 
 
-def test_same_bytes_on_any_actor_count_and_block_settings_and_rerun_is_noop(local_ray, mixed_corpus, tmp_path):
+def test_same_bytes_on_any_actor_count_block_settings_or_config_form_and_rerun_is_noop(local_ray, mixed_corpus,
+                                                                                       tmp_path):
+    """One actor with the first version's flags, or up to 4 actors (more than the 2 CPUs hold: the pool grows as
+    far as it can), other Ray Data block sizes and a TOML config with `--section.field` overrides: the same bytes."""
     import ray.data
 
     root, _ = mixed_corpus
     a, b = tmp_path / "a", tmp_path / "b"
     assert prep([root], a, "--num-workers", "1")[0] == 0
+    toml = tmp_path / "dataprep.toml"
+    toml.write_text(f'[input]\npaths = ["{root}"]\n[tokenizer]\nvocab_size = 400\n'
+                    '[pack]\nseq_len = 16\nval_fraction = 0.2\nunit_mb = 0.0005\nshard_mb = 0.001\n')
     context = ray.data.DataContext.get_current()
     saved = context.target_max_block_size, context.target_min_block_size
     context.target_max_block_size, context.target_min_block_size = 4096, 1024
-    try:  # b asks for more actors (one CPU each) than the 2 CPUs hold: the pool grows as far as it can
-        assert prep([root], b, "--num-workers", "4")[0] == 0
+    try:
+        assert run_captured(main, ["--config", toml, "--output.dir", b, "--workers.num_workers=4"])[0] == 0
     finally:
         context.target_max_block_size, context.target_min_block_size = saved
     assert dataset_files(a) == dataset_files(b) and len(dataset_files(a)) > 8
@@ -154,17 +160,6 @@ def test_given_tokenizer_is_used_and_stamped(local_ray, mixed_corpus, tmp_path):
     assert ds.manifest["tokenizer"]["trained"] is False and ds.seq_len == 32
     assert (tmp_path / "second" / "tokenizer.model").read_bytes() == model.read_bytes()
     assert_round_trip(ds, docs)
-
-
-def test_config_file_and_fields_are_the_flags(local_ray, mixed_corpus, tmp_path):
-    """`--config dataprep.toml` and `--section.field=value` make the same dataset as the first version's flags."""
-    root, _ = mixed_corpus
-    toml = tmp_path / "dataprep.toml"
-    toml.write_text(f'[input]\npaths = ["{root}"]\n[tokenizer]\nvocab_size = 400\n'
-                    '[pack]\nseq_len = 16\nval_fraction = 0.2\nunit_mb = 0.0005\nshard_mb = 0.001\n')
-    assert run_captured(main, ["--config", toml, "--output.dir", tmp_path / "toml"])[0] == 0
-    assert prep([root], tmp_path / "flags")[0] == 0
-    assert dataset_files(tmp_path / "toml") == dataset_files(tmp_path / "flags")
 
 
 def test_open_dataset_without_manifest_is_an_error(tmp_path):
