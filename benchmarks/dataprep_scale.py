@@ -1,6 +1,6 @@
 """Dataprep at scale: `python -m dataprep` on corpora of two sizes side by side, against one-thread SentencePiece.
 
-    python -m benchmarks.dataprep_scale [--sizes-mb 100 1000] [--files 4] [--vocab-size 8000] [--workdir DIR]
+    python -m benchmarks.dataprep_scale [--sizes-mb 100 1000] [--files 4] [--unit-mb 8] [--vocab-size 8000] [--workdir DIR]
 
 Each size is a seeded synthetic corpus of --files equal .jsonl.zst files (1 GB: 4 of 250 MB; documents of 200 to
 3,000 Zipf-distributed made-up words, with punctuation and newlines), made once and kept in the workdir. One
@@ -8,8 +8,9 @@ tokenizer, trained once on ~20 MB of the smallest corpus, is given to every run 
 timing. One local Ray serves every run, its start-up reported apart; each run's driver is a subprocess of its own
 (joining by RAY_ADDRESS) so its peak RSS and CPU time are its own. Pipeline rate = tokens / (first worker ready ->
 last shard written). The reference is `encode_exact` on one thread over ~30 MB of the same text in memory.
-Units are dataprep's own (`pack.unit_mb` of on-disk bytes; a .zst file is never cut), so a size with fewer units
-than CPUs leaves cores idle, and the table says how many there were.
+Units are dataprep's own (`pack.unit_mb` of on-disk bytes; a .zst file is never cut): the default --unit-mb 8 makes
+each file a unit, so both sizes have 4 equal units for the 2 workers (with the default 256 MB units, the 100 MB
+corpus, 51 MB of .zst, would be one unit on one core). The table says how many units there were.
 Targets: per-core rate >= 85 % of the one-thread rate; driver CPU <= 5 % of all the run's CPU; driver and largest
 actor peak RSS at the largest size <= 1.3x the smallest size's.
 """
@@ -183,8 +184,9 @@ def drive(argv: list[str]) -> None:
     }), flush=True)
 
 
-def run_dataprep(corpus_dir: str, output: str, model_path: str, gcs_address: str) -> dict:
-    argv = ["--input", corpus_dir, "--output", output, "--tokenizer", model_path, "--seq-len", "2048", "--overwrite"]
+def run_dataprep(corpus_dir: str, output: str, model_path: str, gcs_address: str, unit_mb: float) -> dict:
+    argv = ["--input", corpus_dir, "--output", output, "--tokenizer", model_path, "--seq-len", "2048", "--overwrite",
+            f"--pack.unit_mb={unit_mb}"]
     env = {**os.environ, "RAY_ADDRESS": gcs_address, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", DRIVER, *argv], check=True, stdout=subprocess.PIPE, text=True,
                           env=env, cwd=REPO)
@@ -244,7 +246,8 @@ def report(runs: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mb", type=float, nargs="+", default=[100, 1000])
-    ap.add_argument("--files", type=int, default=4, help="files per corpus: a .zst file is one unit, so >= CPUs")
+    ap.add_argument("--files", type=int, default=4, help="files per corpus")
+    ap.add_argument("--unit-mb", type=float, default=8, help="dataprep's --pack.unit_mb (of on-disk, compressed bytes)")
     ap.add_argument("--vocab-size", type=int, default=8000)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "raylm-bench-dataprep"))
     args = ap.parse_args()
@@ -261,7 +264,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(dir=workdir) as out:
             for size, corpus_dir in zip(sizes, corpora):
-                r = run_dataprep(corpus_dir, os.path.join(out, f"{size:g}mb"), model_path, gcs_address)
+                r = run_dataprep(corpus_dir, os.path.join(out, f"{size:g}mb"), model_path, gcs_address, args.unit_mb)
                 rate = r["tokens"] / r["units_s"]
                 runs.append({**r, "size_mb": size, "cpus": cpus, "rate": rate, "efficiency": rate / cpus / one_thread,
                              "share": r["driver_cpu_s"] / (r["driver_cpu_s"] + r["units_cpu_s"])})

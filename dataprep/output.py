@@ -9,7 +9,6 @@ other settings are refused unless `--overwrite`. Finishing writes `sources.jsonl
 from __future__ import annotations
 
 import json
-import logging
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,17 +16,27 @@ import pyarrow.fs as pafs
 
 from dataprep.dataset import MANIFEST, read_manifest
 from dataprep.units import Unit
-from dataprep.worker import PROGRESS, SPLITS, progress_path
 from raylm import storage
 from raylm.errors import ConfigError, StorageError
 from raylm.storage import FileEntry
 
-log = logging.getLogger(__name__)
+SPLITS = ("train", "val")
+PROGRESS = "_progress"
+"""Folder of the dataset directory holding the commit record of each finished unit until the manifest is written."""
 TOKENIZER = "tokenizer.model"
 SOURCES = "sources.jsonl"
 RUN_RECORD = "run.json"
 DATASET_ENTRIES = {*SPLITS, TOKENIZER, MANIFEST, SOURCES, PROGRESS}
 """What a dataset directory holds; dataprep writes into nothing else."""
+
+
+def progress_path(output: str, unit: Unit) -> str:
+    return storage.join(output, PROGRESS, f"{unit.name}.json")
+
+
+def dataset_entry(name: str) -> bool:
+    """Whether `name` belongs in a dataset directory: an entry, or one being written (a killed run's leftover)."""
+    return name.split(storage.TEMPORARY)[0] in DATASET_ENTRIES
 
 
 def _changed(new: dict, old: dict) -> str:
@@ -72,7 +81,7 @@ def check_only_dataset_entries(output: str) -> None:
         found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except OSError as exc:
         raise StorageError(f"cannot read the output: {storage.describe_os_error(exc, output)}") from None
-    strangers = sorted(posixpath.basename(f.path) for f in found if posixpath.basename(f.path) not in DATASET_ENTRIES)
+    strangers = sorted(posixpath.basename(f.path) for f in found if not dataset_entry(posixpath.basename(f.path)))
     if strangers:
         raise ConfigError(f"{output} is not empty and not a raylm dataset (it holds {', '.join(strangers[:3])}"
                           f"{', …' if len(strangers) > 3 else ''}); choose a new or empty --output")
@@ -83,7 +92,7 @@ def clear(output: str) -> None:
     storage.delete_file(storage.join(output, MANIFEST))
     for name in (*SPLITS, PROGRESS):
         storage.delete_dir(storage.join(output, name))
-    for name in (TOKENIZER, SOURCES):
+    for name in _file_sizes(output):  # the tokenizer, sources.jsonl and any of them left half-written
         storage.delete_file(storage.join(output, name))
 
 
@@ -100,8 +109,11 @@ def write_run_record(output: str, settings: dict, tokenizer_sha256: str) -> None
 def _file_sizes(directory: str) -> dict[str, int]:
     """Name → size of the files directly under `directory` (one listing call, paginated on S3)."""
     fs, root = storage.filesystem(directory)
-    return {posixpath.basename(f.path): f.size for f in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-            if f.type == pafs.FileType.File}
+    try:
+        found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(storage.describe_os_error(exc, directory)) from None
+    return {posixpath.basename(f.path): f.size for f in found if f.type == pafs.FileType.File}
 
 
 def committed_units(output: str, units: list[Unit], run_stamp: str) -> dict[int, dict]:
@@ -127,9 +139,11 @@ def write_sources(output: str, files: list[FileEntry]) -> None:
 
 
 def remove_strays(output: str, kept: set[str]) -> int:
-    """Delete the files under train/ and val/ that no committed unit wrote (interrupted attempts); their count."""
+    """Delete what interrupted attempts left: files under train/ and val/ that no committed unit wrote, and files
+    half-written at the top (a run killed while writing its tokenizer or source list); their count."""
     strays = [storage.join(output, split, name) for split in SPLITS for name in _file_sizes(storage.join(output, split))
               if f"{split}/{name}" not in kept]
+    strays += [storage.join(output, name) for name in _file_sizes(output) if storage.TEMPORARY in name]
     for path in strays:
         storage.delete_file(path)
     return len(strays)

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 
 from dataprep.config import DataprepConfig
 from dataprep.dataset import FORMAT, FORMAT_VERSION, read_manifest
-from dataprep.output import (SOURCES, TOKENIZER, committed_units, has_committed_units, prepare_output, remove_strays,
+from dataprep.output import (SOURCES, SPLITS, TOKENIZER, committed_units, has_committed_units, prepare_output, remove_strays,
                              remove_unfinished, write_manifest, write_run_record, write_sources)
 from dataprep.sample import sample_and_train, sample_plan
 from dataprep.shards import rows_per_batch
 from dataprep.sources import file_format
 from dataprep.tokenizer import load_tokenizer, sha256, token_dtype
 from dataprep.units import Unit, plan_units
-from dataprep.worker import SPLITS, PackUnits, UnitJob
+from dataprep.worker import PackUnits, UnitJob
 from raylm import storage
 from raylm.errors import DataError, StorageError
 from raylm.ray_session import init_ray, quiet_ray_data
@@ -85,6 +85,7 @@ class Timings:
     """Where a run's wall time went, for the summary (and benchmarks)."""
 
     listing: float = 0.0
+    """Listing the corpus, checking the output, cutting the units."""
     ray_start: float = 0.0
     tokenizer: float = 0.0
     workers_start: float = 0.0
@@ -110,9 +111,6 @@ def run(cfg: DataprepConfig, *, demo: bool = False) -> RunResult:
     cpu0, t0 = time.process_time(), time.perf_counter()
     output = cfg.output.dir = storage.absolute(cfg.output.dir)
     files = list_corpus(cfg.input.paths, max_files=cfg.input.max_files, exclude=DEMO_EXCLUDE if demo else None)
-    units = plan_units(files, int(cfg.pack.unit_mb * 2**20))
-    timings = Timings(listing=time.perf_counter() - t0)
-    log.info("corpus: %d files, %.1f MB, %d units", len(files), sum(f.size for f in files) / 1e6, len(units))
     given_tokenizer = read_given_tokenizer(cfg.tokenizer.file) if cfg.tokenizer.file else None
     settings = run_settings(cfg, files, given_tokenizer)
     existed = storage.exists(output)
@@ -120,6 +118,9 @@ def run(cfg: DataprepConfig, *, demo: bool = False) -> RunResult:
     if state == "finished":
         print(f"dataprep: {output} already holds this dataset (same inputs and settings); nothing to do")
         return RunResult(read_manifest(output))
+    units = plan_units(files, max(1, int(cfg.pack.unit_mb * 2**20)))
+    timings = Timings(listing=time.perf_counter() - t0)
+    log.info("corpus: %d files, %.1f MB, %d units", len(files), sum(f.size for f in files) / 1e6, len(units))
     t = time.perf_counter()
     init_ray()
     quiet_ray_data()
@@ -127,7 +128,7 @@ def run(cfg: DataprepConfig, *, demo: bool = False) -> RunResult:
     try:
         result = make_dataset(cfg, files, units, given_tokenizer, settings, resume=state == "resume", timings=timings)
     except BaseException:
-        if not has_committed_units(output):
+        if not has_committed_units(output):  # nothing worth resuming: leave the output as the run found it
             remove_unfinished(output, existed=existed)
         raise
     result.driver_cpu_s = time.process_time() - cpu0
@@ -180,7 +181,7 @@ def make_dataset(cfg: DataprepConfig, files: list[FileEntry], units: list[Unit],
 def unit_job(cfg: DataprepConfig, model: bytes, run_stamp: str) -> UnitJob:
     row_bytes = (cfg.pack.seq_len + 1) * token_dtype(load_tokenizer(model).vocab_size()).itemsize
     return UnitJob(
-        output=cfg.output.dir, tokenizer_path=storage.join(cfg.output.dir, TOKENIZER), run_stamp=run_stamp,
+        output=cfg.output.dir, tokenizer=model, run_stamp=run_stamp,
         seq_len=cfg.pack.seq_len, rows_per_shard=max(1, int(cfg.pack.shard_mb * 2**20) // row_bytes),
         val_fraction=cfg.pack.val_fraction, seed=cfg.pack.seed, text_field=cfg.input.text_field,
         encoding_errors=cfg.input.encoding_errors, on_bad_record=cfg.input.on_bad_record,
@@ -284,8 +285,8 @@ def print_summary(result: RunResult, n_files: int, output: str) -> None:
         print(f"  throughput: {made / max(t.units, 1e-9) / 1e6:.2f}M tokens/s read+tokenize+pack+write; units by node: "
               f"{', '.join(f'{node} x {n}' for node, n in sorted(nodes.items()))}; largest worker RSS "
               f"{max(u['peak_rss_mb'] for u in result.units):.0f} MB")
-        print(f"  driver: {result.driver_cpu_s:.1f} CPU-s, {result.driver_received_bytes / 1e3:.1f} kB received, "
-              f"peak RSS {peak_rss_mb():.0f} MB")
+    print(f"  driver: {result.driver_cpu_s:.1f} CPU-s, {result.driver_received_bytes / 1e3:.1f} kB received, "
+          f"peak RSS {peak_rss_mb():.0f} MB")
     print(f"  time: listing {t.listing:.1f}s, Ray start-up {t.ray_start:.1f}s, tokenizer {t.tokenizer:.1f}s, "
           f"worker start-up {t.workers_start:.1f}s, units {t.units:.1f}s")
     for name, s in m["splits"].items():

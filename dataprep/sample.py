@@ -7,8 +7,6 @@ same lines, so the same tokenizer.
 
 from __future__ import annotations
 
-import os
-
 from dataprep.sources import Document, Part, read_documents
 from dataprep.tokenizer import train_tokenizer
 from dataprep.worker import split_hash
@@ -63,4 +61,4 @@ def sample_and_train(plan: dict, *, text_field: str, vocab_size: int) -> tuple[b
     lines = sample_lines(plan["parts"], text_field=text_field, budget=plan["budget"], per_file=plan["per_file"])
     if not lines:
         raise DataError("the corpus has no text to train a tokenizer on; check --input and --text-field")
-    return train_tokenizer(lines, vocab_size=vocab_size, num_threads=os.cpu_count() or 1), len(lines)
+    return train_tokenizer(lines, vocab_size=vocab_size), len(lines)

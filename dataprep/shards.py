@@ -4,7 +4,7 @@ Rows are `seq_len + 1` tokens so a row gives both inputs and shifted targets. Do
 ends in EOS), with no padding; the unit's partial last row of each split is dropped and counted. Shards are written
 as they fill, a record batch at a time, so a unit's memory is one batch of rows however big its input is. A shard
 appears under its final name only when complete (local: written under a temporary name and renamed; S3: the object
-exists once its upload completes); its sha256 is computed on the bytes as they are written.
+exists once its upload completes, and one given up is deleted); its sha256 is computed on the bytes as written.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class ShardWriter:
         self.schema = shard_schema(dtype, row_len)
         path = storage.join(out_dir, name)
         self._fs, self._path = storage.filesystem(path)
-        self._tmp = self._path if storage.is_s3(path) else self._path + ".tmp"
+        self._tmp = self._path if storage.is_s3(path) else storage.temporary_name(self._path)
         self._fs.create_dir(posixpath.dirname(self._path), recursive=True)
         self._raw = self._fs.open_output_stream(self._tmp, compression=None)
         self._sink = _HashingSink(self._raw)
@@ -74,6 +74,11 @@ class ShardWriter:
         self._writer.write_batch(pa.record_batch([pa.FixedSizeListArray.from_arrays(flat, self.row_len)],
                                                  schema=self.schema))
         self.rows += len(rows)
+
+    def discard(self) -> None:
+        """Give up the file: on S3 the stream can only be completed, so the object is deleted after it."""
+        self._raw.close()
+        self._fs.delete_file(self._tmp)
 
     def close(self) -> dict:
         """Finish the file and return its manifest entry."""
@@ -117,8 +122,10 @@ class SplitPacker:
                 "dropped_tokens": self.tokens - rows * self.row_len}
 
     def abort(self) -> None:
-        """Stop without finishing the open shard (it never gets its final name on local disk)."""
-        self._writer = None
+        """Stop, leaving no trace of the open shard (finished ones stay until a re-run rewrites or removes them)."""
+        if self._writer is not None:
+            self._writer.discard()
+            self._writer = None
 
     def _rows_next(self) -> int:
         """Rows of the next batch: a full batch, or what is left of the current shard."""

@@ -1,11 +1,13 @@
 """Corpus files → documents, streamed: format by suffix, transparent .gz/.zst, bad records reported as data.
 
 Memory never grows with a file's size: `.jsonl` is read line by line, `.parquet` row group by row group, compressed
-files through an incremental decompressor, and one huge plain-text document comes out in chunks of CHUNK_CHARS
-(`Document.ends` False on all but the last). A work unit may be a piece of one big file (`Part`): a byte range of an
+files through an incremental decompressor, and a huge document (a plain-text file, or one long line or value) comes
+out in chunks of about CHUNK_CHARS (`Document.ends` False on all but the last). Two limits remain: one line of a
+.jsonl (or one parquet value) is held whole while it is parsed, and a compressed .parquet (.parquet.gz), which has
+no random access, is decompressed into memory. A work unit may be a piece of one big file (`Part`): a byte range of an
 uncompressed .jsonl (a line belongs to the range its first byte is in) or a range of row groups of a .parquet.
 
-Readers never raise on bad input. They yield a `BadRecord` naming the file (and line, byte or row) instead, so the
+Readers never raise on bad input (a storage error is not bad input: it raises). They yield a `BadRecord` naming the file (and line, byte or row) instead, so the
 caller decides whether to stop with that one line or skip and count it; a Ray worker never dies with a traceback
 for a user's file. A plain-text document found bad after its first chunk (invalid UTF-8 or a NUL byte past the
 first MB) keeps its chunks so far, ends there, and is counted as a bad record.
@@ -22,6 +24,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raylm import storage
+from raylm.errors import StorageError
 from raylm.storage import filesystem
 
 TEXT_SUFFIXES = frozenset(
@@ -117,26 +121,27 @@ def _blocks(part: Part) -> Iterator[bytes]:
 
 
 def _lines(part: Part) -> Iterator[tuple[int, bytes]]:
-    """(byte offset, line) of the lines that start in the part's byte range."""
-    offset, pending, end = part.start, b"", part.end
-    blocks = _blocks(Part(part.path, part.size, part.key, max(part.start - 1, 0)))
-    if part.start:  # the line the range starts inside belongs to the previous range: skip to just after its '\n'
-        offset -= 1
-    skip = part.start > 0
-    for block in blocks:
-        pending += block
-        lines = pending.split(b"\n")
-        pending = lines.pop()
+    """(byte offset, line) of the lines that start in the part's byte range. A line longer than a block is kept as
+    a list of pieces until its end, so no byte is scanned twice."""
+    skip = part.start > 0  # the line the range starts inside belongs to the previous range: skip to after its '\n'
+    offset, carry = max(part.start - 1, 0), []
+    for block in _blocks(Part(part.path, part.size, part.key, offset)):
+        lines = block.split(b"\n")
+        if len(lines) == 1:
+            carry.append(block)
+            continue
+        lines[0], carry = b"".join(carry) + lines[0], [lines.pop()]
         for line in lines:
             if skip:
                 skip = False
-            elif end is not None and offset >= end:
+            elif part.end is not None and offset >= part.end:
                 return
             else:
                 yield offset, line
             offset += len(line) + 1
-    if pending and not skip and (end is None or offset < end):
-        yield offset, pending
+    last = b"".join(carry)
+    if last and not skip and (part.end is None or offset < part.end):
+        yield offset, last
 
 
 def _decode(data: bytes, where: str, encoding_errors: str) -> tuple[str | None, bool, BadRecord | None]:
@@ -153,39 +158,60 @@ def _decode(data: bytes, where: str, encoding_errors: str) -> tuple[str | None, 
 
 def _text_documents(part: Part, encoding_errors: str) -> Iterator:
     """One document per file, yielded in chunks of about CHUNK_CHARS, cut after a newline where there is one."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-    text, replaced, offset, started = "", False, 0, False
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    text, offset, started, replaced, bad = "", 0, False, False, None
     for block in _blocks(part):
         if b"\x00" in block:
-            yield BadRecord(part.path, "binary data (NUL bytes), not text; remove the file or narrow the input glob")
+            bad = BadRecord(part.path, "binary data (NUL bytes), not text; remove the file or narrow the input glob")
             break
         try:
             text += decoder.decode(block)
         except UnicodeDecodeError as exc:
             if encoding_errors != "replace":
-                yield BadRecord(part.path, f"invalid UTF-8 at byte {offset + exc.start}; fix the file or pass "
+                bad = BadRecord(part.path, f"invalid UTF-8 at byte {offset + exc.start}; fix the file or pass "
                                            "--encoding-errors replace")
                 break
+            held = decoder.getstate()[0]  # a character begun in the last block, which a failed call leaves as it was
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            text += decoder.decode(block)
-            replaced = True
+            text, replaced = text + decoder.decode(held + block), True
         offset += len(block)
-        while len(text) >= 2 * CHUNK_CHARS:
-            cut = text.rfind("\n", 0, CHUNK_CHARS) + 1 or CHUNK_CHARS
-            yield Document(part.key, text[:cut], replaced, ends=False)
-            text, started = text[cut:], True
+        for chunk in _chunks(text):
+            yield Document(part.key, chunk, replaced, ends=False)
+            text, started = text[len(chunk):], True
     else:
         try:
             text += decoder.decode(b"", final=True)
         except UnicodeDecodeError:
             if encoding_errors != "replace":
-                yield BadRecord(part.path, f"invalid UTF-8 at byte {offset}: the file ends inside a character; fix "
+                bad = BadRecord(part.path, f"invalid UTF-8 at byte {offset}: the file ends inside a character; fix "
                                            "the file or pass --encoding-errors replace")
-                text = ""
-            else:
-                text, replaced = text + "\ufffd", True
-    if text or started:
-        yield Document(part.key, text, replaced)
+            text, replaced = text + "\ufffd", True
+    if bad:
+        yield bad
+    if started or (text and not bad):  # a document begun is ended; one found bad before any chunk is left out
+        yield Document(part.key, "" if bad else text, replaced)
+
+
+def _chunks(text: str) -> Iterator[str]:
+    """Leading chunks of about CHUNK_CHARS, cut after a newline where there is one, while 2 x CHUNK_CHARS remain:
+    the tokenizer never gets more than that at once, and the rest waits for more text (or the document's end)."""
+    while len(text) >= 2 * CHUNK_CHARS:
+        cut = text.rfind("\n", 0, CHUNK_CHARS) + 1 or CHUNK_CHARS
+        yield text[:cut]
+        text = text[cut:]
+
+
+def split_long(doc: Document) -> Iterator[Document]:
+    """A document of more than 2 x CHUNK_CHARS (one huge .jsonl line or parquet value) as chunks, so a worker
+    encodes at most that much at once."""
+    if len(doc.text) < 2 * CHUNK_CHARS:
+        yield doc
+        return
+    rest = doc.text
+    for chunk in _chunks(doc.text):
+        yield Document(doc.key, chunk, doc.replaced_utf8, ends=False)
+        rest = rest[len(chunk):]
+    yield Document(doc.key, rest, doc.replaced_utf8, ends=doc.ends)
 
 
 def _jsonl_documents(part: Part, text_field: str, encoding_errors: str) -> Iterator:
@@ -237,17 +263,31 @@ def _parquet_documents(part: Part, text_field: str) -> Iterator:
             row += 1
 
 
+DECOMPRESSION_ERRORS = ("Truncated compressed stream", "decompress", "inflate", "Corrupt")
+"""What pyarrow's codecs say (as an OSError) of a corrupt .gz/.zst: a bad file, unlike an I/O error."""
+
+
 def read_documents(part: Part, *, text_field: str, encoding_errors: str) -> Iterator:
-    """Documents and bad records of one file or piece of one, in file order, streamed."""
+    """Documents and bad records of one file or piece of one, in file order, streamed. A file that is not what its
+    suffix says is a bad record; a storage error (S3 unreachable, a disk failing) is raised, so the unit is not
+    committed and a re-run redoes it."""
     fmt = file_format(part.path) or "text"
     try:
         if fmt == "jsonl":
-            yield from _jsonl_documents(part, text_field, encoding_errors)
+            for doc in _jsonl_documents(part, text_field, encoding_errors):
+                yield from split_long(doc) if isinstance(doc, Document) else (doc,)
         elif fmt == "parquet":
-            yield from _parquet_documents(part, text_field)
+            for doc in _parquet_documents(part, text_field):
+                yield from split_long(doc) if isinstance(doc, Document) else (doc,)
         else:
             yield from _text_documents(part, encoding_errors)
-    except (OSError, pa.ArrowException) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        what = "cannot read or decompress" if fmt != "parquet" else "not a readable parquet file"
-        yield BadRecord(part.path, f"{what} ({first_line}); re-download, fix or remove the file")
+    except pa.ArrowInvalid as exc:
+        yield BadRecord(part.path, f"not a readable {fmt} file ({_first_line(exc)}); fix or remove it")
+    except OSError as exc:
+        if not any(marker in str(exc) for marker in DECOMPRESSION_ERRORS):
+            raise StorageError(storage.describe_os_error(exc, part.path)) from None
+        yield BadRecord(part.path, f"cannot read or decompress ({_first_line(exc)}); re-download or remove the file")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

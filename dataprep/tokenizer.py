@@ -38,8 +38,13 @@ TRAINER_OPTIONS = dict(
 )
 
 
-def train_tokenizer(lines: Iterable[str], *, vocab_size: int, num_threads: int = 2) -> bytes:
-    """A serialized SentencePiece model trained on `lines` (same lines ⇒ same bytes)."""
+TRAIN_THREADS = 8
+"""SentencePiece's BPE trainer gives other bytes on another thread count: fixed, so the tokenizer is the same on
+whichever node trains it."""
+
+
+def train_tokenizer(lines: Iterable[str], *, vocab_size: int, num_threads: int = TRAIN_THREADS) -> bytes:
+    """A serialized SentencePiece model trained on `lines` (same lines and threads ⇒ same bytes)."""
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(

@@ -11,6 +11,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
+import pyarrow as pa
+
 from dataprep.sources import Part, file_format, open_parquet, splittable
 from raylm.storage import FileEntry
 
@@ -45,8 +47,12 @@ def _byte_ranges(f: FileEntry, unit_bytes: int) -> list[tuple[Part, int]]:
 
 
 def _row_group_ranges(f: FileEntry, unit_bytes: int) -> list[tuple[Part, int]]:
-    """Consecutive row groups of a big .parquet file, up to `unit_bytes` of column data each."""
-    meta = open_parquet(f.path).metadata
+    """Consecutive row groups of a big .parquet file, up to `unit_bytes` of column data each; the whole file as one
+    part if its footer does not read (its unit then reports it as a bad record, as for any file)."""
+    try:
+        meta = open_parquet(f.path).metadata
+    except (OSError, pa.ArrowException):
+        return [(Part(f.path, f.size, f.key), f.size)]
     parts, start, first_row, rows, size = [], 0, 0, 0, 0
     for g in range(meta.num_row_groups):
         group = meta.row_group(g)

@@ -21,14 +21,12 @@ import pyarrow as pa
 from dataprep.shards import SplitPacker
 from dataprep.sources import BadRecord, Document, read_documents
 from dataprep.tokenizer import encode_exact, load_tokenizer, token_dtype
+from dataprep.output import SPLITS, progress_path
 from dataprep.units import Unit
 from raylm import storage
 
-PROGRESS = "_progress"
-"""Folder of the dataset directory holding the commit record of each finished unit until the manifest is written."""
 ENCODE_CHARS = 1 << 20
 """Text encoded per SentencePiece call: amortises the call, bounds the Python lists it returns."""
-SPLITS = ("train", "val")
 
 
 def split_hash(*parts: object) -> float:
@@ -37,16 +35,13 @@ def split_hash(*parts: object) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def progress_path(output: str, unit: Unit) -> str:
-    return storage.join(output, PROGRESS, f"{unit.name}.json")
-
-
 @dataclass(frozen=True)
 class UnitJob:
     """Everything a worker needs besides the unit itself (shipped once per actor)."""
 
     output: str
-    tokenizer_path: str
+    tokenizer: bytes
+    """The model itself, not its path: a worker node may not see a local output directory."""
     run_stamp: str
     seq_len: int
     rows_per_shard: int
@@ -57,6 +52,11 @@ class UnitJob:
     on_bad_record: str
 
 
+def abort(packers: dict) -> None:
+    for packer in packers.values():
+        packer.abort()
+
+
 class PackUnits:
     """Ray Data actor: one unit per call (the tokenizer is loaded once per actor)."""
 
@@ -64,7 +64,7 @@ class PackUnits:
         import ray
 
         self.job = job
-        self.sp = load_tokenizer(storage.read_bytes(job.tokenizer_path), where=job.tokenizer_path)
+        self.sp = load_tokenizer(job.tokenizer)
         self.dtype = token_dtype(self.sp.vocab_size())
         self.node = ray.get_runtime_context().get_node_id()
         self.ready_at = time.time()
@@ -79,10 +79,13 @@ class PackUnits:
         packers = {s: SplitPacker(self.job.output, f"{s}/{unit.name}", self.job.seq_len + 1, self.job.rows_per_shard,
                                   self.dtype) for s in SPLITS}
         counts = {"bad_records": 0, "replaced_utf8_documents": 0}
-        error = self._pack_documents(unit, packers, counts)
+        try:
+            error = self._pack_documents(unit, packers, counts)
+        except BaseException:
+            abort(packers)
+            raise
         if error:
-            for p in packers.values():
-                p.abort()
+            abort(packers)
             return {"unit": unit.index, "error": error}
         stats = {"unit": unit.index, "input_bytes": unit.input_bytes, **counts,
                  "splits": {s: p.finish() for s, p in packers.items()}}

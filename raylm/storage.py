@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import uuid
 import re
 from dataclasses import dataclass
 
@@ -105,8 +106,9 @@ def _split_glob(path: str) -> tuple[str, str | None]:
 
 
 def _component_regex(part: str) -> str:
-    """Regex for one path component of a glob: `*`, `?` and `[...]` as in fnmatch, but never matching '/'."""
-    out, i = [], 0
+    """Regex for one path component of a glob: `*`, `?` and `[...]` as in fnmatch, but never matching '/', nor a
+    leading '.' unless the component starts with one (a shell's `*.py` skips `.hidden.py`)."""
+    out, i = [] if part.startswith(".") else [r"(?!\.)"], 0
     while i < len(part):
         c, i = part[i], i + 1
         end = part.find("]", i + 1 + part.startswith("!", i)) if c == "[" else -1  # a ']' first in [...] is literal
@@ -131,8 +133,9 @@ def _glob_regex(pattern: str) -> re.Pattern:
     folders (`a/**/*.txt` takes `a/x.txt` and `a/b/c/x.txt`; a trailing `**` takes every file below).
     """
     *folders, name = pattern.split("/")
-    regex = "".join("(?:[^/]+/)*" if part == "**" else _component_regex(part) + "/" for part in folders)
-    return re.compile(regex + (".+" if name == "**" else _component_regex(name)))
+    visible = r"(?!\.)[^/]+"  # `**` does not go into hidden folders (.git, .venv) either
+    regex = "".join(f"(?:{visible}/)*" if part == "**" else _component_regex(part) + "/" for part in folders)
+    return re.compile(regex + (f"(?:{visible}/)*{visible}" if name == "**" else _component_regex(name)))
 
 
 def _listing(fs: pafs.FileSystem, fs_base: str, pattern: str | None) -> list[pafs.FileInfo]:
@@ -187,10 +190,18 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+TEMPORARY = ".tmp-"
+
+
+def temporary_name(path: str) -> str:
+    """A name to write `path` under before renaming it into place; unique, so two writers never share one."""
+    return f"{path}{TEMPORARY}{uuid.uuid4().hex[:12]}"
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Write a whole file; on local disk via a temp name and a rename, so readers never see half of it."""
     fs, p = filesystem(path)
-    tmp = p if is_s3(path) else p + ".tmp"
+    tmp = p if is_s3(path) else temporary_name(p)
     fs.create_dir(posixpath.dirname(p), recursive=True)
     with fs.open_output_stream(tmp, compression=None) as f:
         f.write(data)

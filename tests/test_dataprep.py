@@ -127,6 +127,7 @@ def test_a_killed_driver_resumes_to_the_same_bytes(local_ray, tmp_path):
     alive = [("state", "=", "ALIVE")]
     while any(a.class_name.endswith("PackUnits") for a in list_actors(address=address, filters=alive)):
         time.sleep(0.2)  # the killed job's actors go with it
+    (killed / "sources.jsonl.tmp-0123456789ab").write_text("half")  # as if killed while finishing
     code, out, err = run_captured(main, [*args, "--output", killed])
     assert code == 0, err
     reused = int(out.split(" reused")[0].rsplit(", ", 1)[1])

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dataprep.sample import sample_lines, sample_plan
-from dataprep.sources import Document, Part, read_documents
+from dataprep.sources import CHUNK_CHARS, Document, Part, read_documents
 from dataprep.units import plan_units
 from raylm.storage import list_files
 
@@ -65,6 +65,14 @@ def test_readers_stream_a_big_compressed_file_in_bounded_memory(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert count > 40_000_000 and peak < 12_000_000, (name, peak)
+
+
+def test_one_huge_jsonl_document_comes_in_chunks(tmp_path):
+    text = "word " * 1_000_000  # 5 M characters on one line
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    docs = list(read_documents(list_and_part(tmp_path / "one.jsonl")[0], **READ))
+    assert len(docs) >= 2 and max(len(d.text) for d in docs) < 2 * CHUNK_CHARS
+    assert "".join(d.text for d in docs) == text and [d.ends for d in docs] == [False] * (len(docs) - 1) + [True]
 
 
 def test_tokenizer_sample_is_seeded_capped_per_file_and_reads_only_what_it_uses(tmp_path):

@@ -85,3 +85,13 @@ def test_s3_prefix_and_glob_give_the_same_keys(tree, s3_server):
     [single] = storage.list_files(url + "/c.md")
     assert single.named and single.path == url + "/c.md"
     assert storage.read_bytes(url + "/a/x.txt") == b"a/x.txt"
+
+
+def test_wildcards_skip_hidden_names_unless_the_pattern_spells_the_dot(tmp_path):
+    for rel in ("a.py", ".hidden.py", ".venv/lib/x.py", "pkg/b.py", "pkg/.cache/c.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    keys = lambda pattern: [e.key for e in storage.list_files(f"{tmp_path}/{pattern}")]  # noqa: E731
+    assert keys("**/*.py") == ["a.py", "pkg/b.py"]
+    assert keys("*.py") == ["a.py"] and keys(".*.py") == [".hidden.py"]
+    assert keys(".venv/**/*.py") == ["lib/x.py"]
