@@ -8,6 +8,7 @@ other settings are refused unless `--overwrite`. Finishing writes `sources.jsonl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
@@ -39,8 +40,26 @@ def dataset_entry(name: str) -> bool:
     return name.split(storage.TEMPORARY)[0] in DATASET_ENTRIES
 
 
-def _changed(new: dict, old: dict) -> str:
-    return ", ".join(sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k)))
+LENIENCY = ("on_bad_record", "encoding_errors")
+"""Settings a run may change when it resumes: a unit is the same bytes under 'skip'/'replace' as under
+'error'/'strict' if it met no bad record or invalid UTF-8 (`reusable` checks its counts), so the advice of a bad-record
+error (pass --on-bad-record skip) resumes rather than starting over."""
+
+
+def run_stamp(settings: dict, tokenizer_sha256: str) -> str:
+    """What every unit of a run shares: the settings but LENIENCY, and the tokenizer."""
+    kept = {k: v for k, v in settings.items() if k not in LENIENCY}
+    return hashlib.sha256(json.dumps([kept, tokenizer_sha256], sort_keys=True).encode()).hexdigest()
+
+
+def reusable(stats: dict, settings: dict) -> bool:
+    """Whether a committed unit's bytes are what this run's leniency settings would write."""
+    return not (stats["bad_records"] and settings["on_bad_record"] == "error") and \
+        not (stats["replaced_utf8_documents"] and settings["encoding_errors"] == "strict")
+
+
+def _changed(new: dict, old: dict, ignore: tuple[str, ...] = ()) -> str:
+    return ", ".join(sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k) and k not in ignore))
 
 
 def read_run_record(output: str) -> dict | None:
@@ -59,7 +78,8 @@ def prepare_output(output: str, settings: dict, *, overwrite: bool) -> str:
                           "differ); pass --overwrite to replace it or choose another --output")
     check_only_dataset_entries(output)
     run = None if overwrite else read_run_record(output)
-    if run is not None and run["settings"] == settings:
+    if run is not None and not _changed(settings, run["settings"], ignore=LENIENCY):
+        write_run_record(output, settings, run["tokenizer_sha256"])
         return "resume"
     if run is not None:
         raise ConfigError(f"{output} holds an unfinished dataprep run with other settings ({_changed(settings, run['settings'])} "
@@ -116,16 +136,19 @@ def _file_sizes(directory: str) -> dict[str, int]:
     return {posixpath.basename(f.path): f.size for f in found if f.type == pafs.FileType.File}
 
 
-def committed_units(output: str, units: list[Unit], run_stamp: str) -> dict[int, dict]:
-    """Stats of the units a previous attempt committed with this run's stamp and whose shards are all there, at
-    their recorded sizes (records read 32 at a time; shards checked against one listing per split)."""
+def committed_units(output: str, units: list[Unit], settings: dict, tokenizer_sha256: str) -> dict[int, dict]:
+    """Stats of the units a previous attempt committed for this run, whose shards are all there at their recorded
+    sizes and whose bytes these settings would write too (records read 32 at a time; shards checked against one
+    listing per split)."""
+    stamp = run_stamp(settings, tokenizer_sha256)
     records = _file_sizes(storage.join(output, PROGRESS))
     shards = {f"{split}/{name}": size for split in SPLITS for name, size in _file_sizes(storage.join(output, split)).items()}
 
     def read(unit: Unit) -> tuple[int, dict | None]:
-        record = json.loads(storage.read_bytes(progress_path(output, unit)))
-        written = all(shards.get(s["file"]) == s["bytes"] for split in SPLITS for s in record["stats"]["splits"][split]["shards"])
-        return unit.index, record["stats"] if record["stamp"] == unit.stamp(run_stamp) and written else None
+        stats = json.loads(storage.read_bytes(progress_path(output, unit)))
+        found = all(shards.get(s["file"]) == s["bytes"] for split in SPLITS for s in stats["stats"]["splits"][split]["shards"])
+        ok = stats["stamp"] == unit.stamp(stamp) and found and reusable(stats["stats"], settings)
+        return unit.index, stats["stats"] if ok else None
 
     with ThreadPoolExecutor(32) as pool:
         found = pool.map(read, [u for u in units if f"{u.name}.json" in records])

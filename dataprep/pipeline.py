@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 
 from dataprep.config import DataprepConfig
 from dataprep.dataset import FORMAT, FORMAT_VERSION, read_manifest
-from dataprep.output import (SOURCES, SPLITS, TOKENIZER, committed_units, has_committed_units, prepare_output, remove_strays,
-                             remove_unfinished, write_manifest, write_run_record, write_sources)
+from dataprep.output import (SOURCES, SPLITS, TOKENIZER, committed_units, has_committed_units, prepare_output,
+                             remove_strays, remove_unfinished, run_stamp, write_manifest, write_run_record,
+                             write_sources)
 from dataprep.sample import sample_and_train, sample_plan
 from dataprep.shards import rows_per_batch
 from dataprep.sources import file_format
@@ -127,9 +128,12 @@ def run(cfg: DataprepConfig, *, demo: bool = False) -> RunResult:
     timings.ray_start = time.perf_counter() - t
     try:
         result = make_dataset(cfg, files, units, given_tokenizer, settings, resume=state == "resume", timings=timings)
-    except BaseException:
+    except BaseException as exc:
         if not has_committed_units(output):  # nothing worth resuming: leave the output as the run found it
             remove_unfinished(output, existed=existed)
+            raise
+        if isinstance(exc, DataError):
+            raise DataError(f"{exc} (the units finished so far are kept: running again resumes)") from None
         raise
     result.driver_cpu_s = time.process_time() - cpu0
     print_summary(result, len(files), output)
@@ -162,11 +166,10 @@ def make_dataset(cfg: DataprepConfig, files: list[FileEntry], units: list[Unit],
     t = time.perf_counter()
     model = get_tokenizer(cfg, files, given_tokenizer, settings, resume=resume)
     timings.tokenizer = time.perf_counter() - t
-    run_stamp = hashlib.sha256(json.dumps([settings, sha256(model)], sort_keys=True).encode()).hexdigest()
-    done = committed_units(cfg.output.dir, units, run_stamp) if resume else {}
+    done = committed_units(cfg.output.dir, units, settings, sha256(model)) if resume else {}
     if done:
         log.info("resuming: %d of %d units already written", len(done), len(units))
-    job = unit_job(cfg, model, run_stamp)
+    job = unit_job(cfg, model, run_stamp(settings, sha256(model)))
     result = RunResult({}, reused=len(done), timings=timings)
     fresh = run_units([u for u in units if u.index not in done], job, cfg, result)
     stats = [done.get(u.index) or fresh[u.index] for u in units]
@@ -178,10 +181,10 @@ def make_dataset(cfg: DataprepConfig, files: list[FileEntry], units: list[Unit],
     return result
 
 
-def unit_job(cfg: DataprepConfig, model: bytes, run_stamp: str) -> UnitJob:
+def unit_job(cfg: DataprepConfig, model: bytes, stamp: str) -> UnitJob:
     row_bytes = (cfg.pack.seq_len + 1) * token_dtype(load_tokenizer(model).vocab_size()).itemsize
     return UnitJob(
-        output=cfg.output.dir, tokenizer=model, run_stamp=run_stamp,
+        output=cfg.output.dir, tokenizer=model, run_stamp=stamp,
         seq_len=cfg.pack.seq_len, rows_per_shard=max(1, int(cfg.pack.shard_mb * 2**20) // row_bytes),
         val_fraction=cfg.pack.val_fraction, seed=cfg.pack.seed, text_field=cfg.input.text_field,
         encoding_errors=cfg.input.encoding_errors, on_bad_record=cfg.input.on_bad_record,

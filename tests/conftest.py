@@ -73,9 +73,13 @@ def multinode(s3_server):
 
     record = get_ray_address_file(None)
     saved = open(record).read() if os.path.exists(record) else None
+    fast_death = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4"}  # a lost node in 2 s
+    os.environ.update(fast_death)  # read by the cluster's processes as they start
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "gcs_server_port": free_port(), "dashboard_port": free_port(),
         "temp_dir": tempfile.mkdtemp(prefix="rl-mn-", dir="/tmp")})
+    for name in fast_death:
+        del os.environ[name]
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()

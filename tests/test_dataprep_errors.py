@@ -147,3 +147,20 @@ def test_an_unrelated_folder_is_refused_and_an_empty_one_left_as_found(local_ray
 def test_an_unknown_option_suggests_the_nearest():
     code, _, err = run_captured(main, ["--vocab-szie", "300"])
     assert code == 2 and "did you mean --vocab-size?" in err
+
+
+def test_a_bad_record_keeps_finished_units_and_the_advice_resumes(local_ray, tmp_path):
+    """A bad line in the last of many units: the error says the finished units are kept, and the same command
+    with the advice (--on-bad-record skip) reuses them and ends with the bytes of a fresh skip run."""
+    from conftest import jsonl_corpus
+    from test_dataprep import dataset_files
+
+    jsonl_corpus(tmp_path / "corpus", files=12, lines=25)
+    (tmp_path / "corpus" / "zz.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    args = ["--input", tmp_path / "corpus", *OPTS, "--pack.unit_mb=0.008", "--num-workers", "1"]
+    code, _, err = run_captured(main, [*args, "--output", tmp_path / "ds"])
+    assert code == 2 and "zz.jsonl:2: not valid JSON" in err and "kept: running again resumes" in err
+    code, out, _ = run_captured(main, [*args, "--output", tmp_path / "ds", "--on-bad-record", "skip"])
+    assert code == 0 and int(out.split(" reused")[0].rsplit(", ", 1)[1]) >= 1, out
+    assert run_captured(main, [*args, "--output", tmp_path / "fresh", "--on-bad-record", "skip"])[0] == 0
+    assert dataset_files(tmp_path / "ds") == dataset_files(tmp_path / "fresh")
