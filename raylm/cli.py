@@ -23,7 +23,7 @@ def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[
     """(root config, set of plain flags given). Prints help and exits 0 on -h/--help. `preset`: see load_config."""
     flags = flags or {}
     if "-h" in argv or "--help" in argv:
-        print(f"usage: {prog} [--config FILE] {' '.join(f'[{f}]' for f in flags)} [--section.field=value ...]\n")
+        print(" ".join(["usage:", prog, "[--config FILE]", *(f"[{f}]" for f in flags), "[--section.field=value ...]"]) + "\n")
         print(description + "\n")
         print("  --config FILE  TOML preset (see configs/); command-line values override it")
         for flag, text in {**flags, **COMMON_FLAGS}.items():
@@ -84,6 +84,9 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
         logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         return int(main([a for a in argv if a not in ("--debug", "--verbose")]) or 0)
+    except BrokenPipeError:  # stdout piped into a command that stopped reading (`--help | head`): as a shell does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit is quiet too
+        return 141
     except Exception as exc:  # noqa: BLE001 - sorted into user mistakes and bugs below
         user_error = find_user_error(exc)
         if user_error is None or debug:
