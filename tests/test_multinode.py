@@ -15,7 +15,8 @@ from dataprep.__main__ import main
 from test_dataprep import dataset_files
 
 pytestmark = pytest.mark.ray
-UNITS = 24
+UNITS = 96
+"""Enough work (~5 s) that the second node's actor, which may start seconds after the first, gets units too."""
 
 
 @pytest.fixture(scope="module")
