@@ -161,15 +161,14 @@ def write_sources(output: str, files: list[FileEntry]) -> None:
     storage.write_bytes(storage.join(output, SOURCES), lines.encode())
 
 
-def remove_strays(output: str, kept: set[str]) -> int:
+def remove_strays(output: str, kept: set[str]) -> None:
     """Delete what interrupted attempts left: files under train/ and val/ that no committed unit wrote, and files
-    half-written at the top (a run killed while writing its tokenizer or source list); their count."""
+    half-written at the top (a run killed while writing its tokenizer or source list)."""
     strays = [storage.join(output, split, name) for split in SPLITS for name in _file_sizes(storage.join(output, split))
               if f"{split}/{name}" not in kept]
     strays += [storage.join(output, name) for name in _file_sizes(output) if storage.TEMPORARY in name]
     for path in strays:
         storage.delete_file(path)
-    return len(strays)
 
 
 def write_manifest(output: str, manifest: dict) -> None:
