@@ -1,13 +1,16 @@
 """Reading a finished dataset: `open_dataset(DIR)` → rows of `train`/`val` as numpy arrays.
 
-A directory is a dataset only if its `manifest.json` exists (it is written last). Local shards are memory-mapped;
-S3 shards are read one record batch (~1 MB) at a time with ranged GETs, the most recent batch kept per shard.
+A directory is a dataset only if its `manifest.json` exists (it is written last). Rows are fixed-size, so each is
+read with one ranged read of just its bytes (pread locally, a ranged GET on S3), several in flight.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
+import struct
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -38,55 +41,154 @@ def read_manifest(directory: str) -> dict | None:
     return manifest
 
 
-class _Shard:
-    """One Arrow IPC shard; rows come from memory-mapped (local) or ranged-read (S3) record batches."""
+class _Footer:
+    """Where each record batch of an Arrow IPC file lies, parsed from the file's footer (a flatbuffer) by hand:
+    pyarrow reads only whole record batches (~1 MB), and a random row needs just its own bytes."""
 
-    def __init__(self, path: str, rows_per_batch: int):
-        self.path, self.rows_per_batch = path, rows_per_batch
-        self._reader: pa.ipc.RecordBatchFileReader | None = None
-        self._cached: tuple[int, np.ndarray] | None = None
+    TAIL = 16384
+    """Bytes read from the end of a file at open: the footer of a shard of up to ~600 batches in one request."""
 
-    def _open(self) -> pa.ipc.RecordBatchFileReader:
-        if self._reader is None:
-            fs, p = storage.filesystem(self.path)
-            try:
-                source = fs.open_input_file(p) if storage.is_s3(self.path) else pa.memory_map(p)
-                self._reader = pa.ipc.open_file(source)
-            except (OSError, pa.ArrowException) as exc:
-                raise DataError(f"cannot open shard {self.path} ({str(exc).splitlines()[0]}); re-run dataprep") from None
-        return self._reader
+    def __init__(self, file, path: str):
+        size = file.size()
+        tail = file.read_at(min(size, self.TAIL), max(0, size - self.TAIL))
+        if len(tail) < 10 or tail[-6:] != b"ARROW1":
+            raise DataError(f"shard {path} is not an Arrow IPC file (cut short?); re-run dataprep")
+        length = struct.unpack_from("<i", tail, len(tail) - 10)[0]
+        if length + 10 > len(tail):
+            tail = file.read_at(length + 10, size - length - 10)
+        footer = tail[len(tail) - 10 - length: len(tail) - 10]
+        start, count = _vector(footer, _field(footer, _root(footer), 3))  # Footer.recordBatches: [Block]
+        self.blocks = [struct.unpack_from("<qi4xq", footer, start + 24 * i) for i in range(count)]
+        """(offset, metadata length, body length) of each record batch."""
+        self.values_at = self._values_offset(file, path)
 
-    def _batch(self, index: int) -> np.ndarray:
-        if self._cached is None or self._cached[0] != index:
-            column = self._open().get_batch(index).column(0)
-            flat = column.values.to_numpy(zero_copy_only=True)
-            self._cached = (index, flat.reshape(len(column), column.type.list_size))
-        return self._cached[1]
+    def _values_offset(self, file, path: str) -> int:
+        """Offset of the token values within a batch body, read from the first batch's message (raylm's writer
+        writes every batch alike: no nulls, no compression, so the buffers are [list validity, values validity,
+        values], the validity ones empty)."""
+        offset, meta_len, _ = self.blocks[0]
+        meta = file.read_at(meta_len, offset)
+        message = meta[8:] if meta[:4] == b"\xff\xff\xff\xff" else meta[4:]  # continuation marker, then length
+        header = _field(message, _root(message), 2)  # Message.header: the RecordBatch table
+        batch = header + struct.unpack_from("<I", message, header)[0]
+        if _field(message, batch, 3) is not None:  # RecordBatch.compression
+            raise DataError(f"shard {path} is compressed; raylm reads uncompressed shards: re-run dataprep")
+        start, count = _vector(message, _field(message, batch, 2))  # RecordBatch.buffers: [Buffer]
+        buffers = [struct.unpack_from("<qq", message, start + 16 * i) for i in range(count)]
+        if len(buffers) != 3 or buffers[0][1] or buffers[1][1]:
+            raise DataError(f"shard {path} has nulls or an unexpected layout; re-run dataprep")
+        return buffers[2][0]
 
-    def row(self, i: int) -> np.ndarray:
-        return self._batch(i // self.rows_per_batch)[i % self.rows_per_batch]
+    def row_offset(self, row: int, rows_per_batch: int, row_bytes: int) -> int:
+        offset, meta_len, _ = self.blocks[row // rows_per_batch]
+        return offset + meta_len + self.values_at + (row % rows_per_batch) * row_bytes
+
+
+def _root(buf: bytes) -> int:
+    return struct.unpack_from("<I", buf, 0)[0]
+
+
+def _field(buf: bytes, table: int, index: int) -> int | None:
+    """Position of field `index` of the flatbuffer table at `table`, or None when absent."""
+    vtable = table - struct.unpack_from("<i", buf, table)[0]
+    if 4 + 2 * index >= struct.unpack_from("<H", buf, vtable)[0]:
+        return None
+    offset = struct.unpack_from("<H", buf, vtable + 4 + 2 * index)[0]
+    return table + offset if offset else None
+
+
+def _vector(buf: bytes, field: int) -> tuple[int, int]:
+    """(start, length) of the flatbuffer vector a field points at."""
+    vector = field + struct.unpack_from("<I", buf, field)[0]
+    return vector + 4, struct.unpack_from("<I", buf, vector)[0]
 
 
 class Split:
-    """The rows of one split (`train` or `val`) across its shards, indexed 0..len-1."""
+    """The rows of one split (`train` or `val`) across its shards, indexed 0..len-1.
 
-    def __init__(self, directory: str, entry: dict, rows_per_batch: int):
-        self._shards = [_Shard(storage.join(directory, s["file"]), rows_per_batch) for s in entry["shards"]]
-        self._starts = [int(n) for n in np.cumsum([0] + [s["rows"] for s in entry["shards"]])]
+    A row is read with one ranged read of its own bytes (rows are fixed-size, so their offsets follow from the
+    footer), local or S3 alike; a step's rows are fetched with `max_inflight` reads in flight. At most `max_open`
+    shards are open at a time (least recently used closed first), and no row data is cached: memory and file
+    descriptors stay bounded however many shards the dataset has.
+    """
+
+    def __init__(self, directory: str, entry: dict, *, rows_per_batch: int, row_len: int, dtype: str,
+                 max_open: int = 64, max_inflight: int = 16):
+        self.paths = [storage.join(directory, s["file"]) for s in entry["shards"]]
+        self._starts = np.cumsum([0] + [s["rows"] for s in entry["shards"]])
+        self.rows_per_batch, self.row_len, self.dtype = rows_per_batch, row_len, np.dtype(dtype)
+        self.row_bytes = row_len * self.dtype.itemsize
+        self.max_open = max_open
+        self._open: OrderedDict[int, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="raylm-read")
+        self.bytes_read = 0
+        """Bytes fetched from storage (footers included), for benchmarks."""
 
     def __len__(self) -> int:
-        return self._starts[-1]
+        return int(self._starts[-1])
 
     def __getitem__(self, i: int) -> np.ndarray:
-        """Row `i`: `row_len` token ids (a read-only view when memory-mapped)."""
+        """Row `i`: `row_len` token ids."""
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} out of range for a split of {len(self)} rows")
-        s = bisect.bisect_right(self._starts, i) - 1
-        return self._shards[s].row(i - self._starts[s])
+        return self.rows([i])[0]
+
+    def _shard(self, index: int) -> tuple:
+        """(file, footer) of shard `index`, opened on first use and kept among the `max_open` most recent."""
+        with self._lock:
+            if index in self._open:
+                self._open.move_to_end(index)
+                return self._open[index]
+        path = self.paths[index]
+        fs, p = storage.filesystem(path)
+        try:
+            file = fs.open_input_file(p)
+            footer = _Footer(file, path)
+        except (OSError, pa.ArrowException, struct.error, IndexError) as exc:
+            raise DataError(f"cannot open shard {path} ({str(exc).splitlines()[0]}); re-run dataprep") from None
+        with self._lock:
+            self.bytes_read += min(file.size(), _Footer.TAIL)
+            self._open[index] = (file, footer)
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)  # closed when the last read using it lets go
+        return file, footer
+
+    def _read_run(self, shard: int, first: int, count: int) -> np.ndarray:
+        """`count` consecutive rows of one record batch of one shard, in one ranged read."""
+        file, footer = self._shard(shard)
+        data = file.read_at(count * self.row_bytes, footer.row_offset(first, self.rows_per_batch, self.row_bytes))
+        if len(data) != count * self.row_bytes:
+            raise DataError(f"shard {self.paths[shard]} is cut short; re-run dataprep")
+        with self._lock:
+            self.bytes_read += len(data)
+        return np.frombuffer(data, dtype=self.dtype).reshape(count, self.row_len)
 
     def rows(self, indices) -> np.ndarray:
-        """Stack of the given rows, shape (len(indices), row_len)."""
-        return np.stack([self[int(i)] for i in indices])
+        """Stack of the given rows, shape (len(indices), row_len), read with several requests in flight."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"rows out of range for a split of {len(self)} rows")
+        order = np.argsort(indices, kind="stable")
+        out = np.empty((len(indices), self.row_len), dtype=self.dtype)
+        runs = self._runs(indices[order])
+        futures = [(lo, hi, self._pool.submit(self._read_run, shard, first, hi - lo)) for lo, hi, shard, first in runs]
+        for lo, hi, future in futures:
+            out[order[lo:hi]] = future.result()
+        return out
+
+    def _runs(self, sorted_rows: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """(lo, hi, shard, first row in shard) of each run of consecutive rows within one record batch."""
+        runs = []
+        shards = np.searchsorted(self._starts, sorted_rows, side="right") - 1
+        local = sorted_rows - self._starts[shards]
+        lo = 0
+        for i in range(1, len(sorted_rows) + 1):
+            if i == len(sorted_rows) or not (shards[i] == shards[lo] and local[i] == local[i - 1] + 1
+                                             and local[i] // self.rows_per_batch == local[lo] // self.rows_per_batch):
+                runs.append((lo, i, int(shards[lo]), int(local[lo])))
+                lo = i
+        return runs
 
 
 @dataclass
@@ -108,11 +210,16 @@ class PackedDataset:
 
     @cached_property
     def train(self) -> Split:
-        return Split(self.directory, self.manifest["splits"]["train"], self.manifest["rows_per_batch"])
+        return self._split("train")
 
     @cached_property
     def val(self) -> Split:
-        return Split(self.directory, self.manifest["splits"]["val"], self.manifest["rows_per_batch"])
+        return self._split("val")
+
+    def _split(self, name: str) -> Split:
+        m = self.manifest
+        return Split(self.directory, m["splits"][name], rows_per_batch=m["rows_per_batch"], row_len=m["row_len"],
+                     dtype=m["dtype"])
 
     def tokenizer(self):
         """The dataset's SentencePiece processor (loaded from `tokenizer.model`)."""

@@ -14,6 +14,7 @@ from conftest import run_captured
 from raylm import storage
 from test_trainer import TINY, losses, metrics
 from trainer.checkpoint import COMMITTED, list_checkpoints
+from trainer.optim import OptimConfig, lr_factor
 
 COMMON = [*TINY, "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=5", "--ray.num_workers=2"]
 
@@ -75,6 +76,24 @@ def test_resize_two_workers_to_one_keeps_the_data_order(local_ray, runs, referen
     assert [m["step"] for m in resumed] == list(range(1, 21))
     assert max(abs(a - b) / b for a, b in zip(losses(run_dir), reference[20])) <= 1e-5
     assert losses(run_dir)[:10] == reference[20][:10]
+
+
+def test_damaged_metadata_is_a_data_error_that_keeps_its_cause_and_a_bug_keeps_its_traceback(tmp_path):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from raylm.errors import DataError
+    from trainer.checkpoint import is_storage_failure, verify
+
+    step = tmp_path / "checkpoints" / "step-000005"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="cannot read its metadata") as caught:
+        verify(str(step))
+    assert caught.value.__cause__ is not None  # --debug shows the chain down to the unpickling error
+    storage_failure = CheckpointException("save", {0: (FileNotFoundError("gone"), None)})
+    bug = CheckpointException("save", {0: (FileNotFoundError("gone"), None), 1: (TypeError("a bug"), None)})
+    assert is_storage_failure(storage_failure) and is_storage_failure(OSError("S3 timeout"))
+    assert not is_storage_failure(bug) and not is_storage_failure(KeyError("x"))  # re-raised as is, traceback kept
 
 
 def train_in_process(dataset: str, run_dir: str, *args: str) -> tuple[int, str]:
@@ -228,11 +247,18 @@ def test_a_run_directory_of_another_model_is_one_line_and_left_untouched(stdlib_
     assert checkpoint_files() == before
 
 
-def test_a_finished_run_says_so_and_a_longer_one_continues(stdlib_dataset, tmp_path):
-    """The check runs in the driver before Ray or the loop starts, so the in-process path shows it as well."""
+def test_a_finished_run_says_so_and_a_longer_one_continues(stdlib_dataset, tmp_path, caplog):
+    """The check runs in the driver before Ray or the loop starts, so the in-process path shows it as well. A changed
+    --optim.* value applies from the resumed step, and says so."""
     run_dir = str(tmp_path / "run")
     assert train_in_process(stdlib_dataset, run_dir, "--train.steps=10")[0] == 0
     code, out = train_in_process(stdlib_dataset, run_dir, "--train.steps=10")
     assert code == 0 and "already finished: its newest checkpoint is at step 10 and train.steps=10" in out
-    code, out = train_in_process(stdlib_dataset, run_dir, "--train.steps=15")
+    caplog.set_level("WARNING", logger="trainer")
+    code, out = train_in_process(stdlib_dataset, run_dir, "--train.steps=15", "--optim.lr=1e-3")
     assert code == 0 and [m["step"] for m in metrics(run_dir) if "loss" in m] == list(range(1, 16))
+    assert "optim.lr is 0.001 in this run, 0.003 in the checkpoint: 0.001 applies from step 11" in caplog.text
+    lr = {m["step"]: m["lr"] for m in metrics(run_dir) if "lr" in m}
+    changed = OptimConfig(lr=1e-3, warmup_steps=5)  # as TINY sets them, with the new peak
+    # the lr a line shows is the one the next update uses (0-based update 11 after step 11)
+    assert lr[11] == pytest.approx(1e-3 * lr_factor(11, optim=changed, total_steps=15), rel=1e-9)

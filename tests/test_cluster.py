@@ -120,7 +120,7 @@ def test_kuberay_rayjob_targets_the_cluster_and_its_entrypoint_parses(monkeypatc
 
 
 def assert_batch_fits(job, global_batch: int) -> None:
-    """The launch check the trainer runs before starting workers: the batch splits over the workers."""
+    """The launch check the trainer runs before starting workers: every worker gets a share of the batch."""
     from trainer.data import BatchPlan
 
     BatchPlan(global_batch=global_batch, micro_batch=job.train.micro_batch, world=job.ray.num_workers)

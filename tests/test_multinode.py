@@ -59,3 +59,21 @@ def test_dataprep_survives_losing_a_worker_node(multinode, corpus_and_one_node_b
     multinode.add_node(num_cpus=1)
     assert driver.returncode == 0, err[-3000:]
     assert dataset_files(tmp_path / "lost") == one_node
+
+
+def test_elastic_training_starts_with_the_one_worker_slot_left(multinode, stdlib_dataset, tmp_path):
+    """--ray.min_workers=1 --ray.num_workers=2 with one of the two worker nodes gone: Ray Train starts the run on
+    the one worker it can place, and it finishes. The node is added back for the tests after this one."""
+    from test_trainer import TINY, metrics
+
+    multinode.remove_node(next(iter(multinode.worker_nodes)), allow_graceful=True)
+    try:
+        run_dir = str(tmp_path / "elastic")
+        proc = subprocess.run([sys.executable, "-m", "trainer", *TINY, "--data.path", stdlib_dataset, "--run.dir",
+                               run_dir, "--train.steps=4", "--train.log_every=2", "--checkpoint.every=0",
+                               "--ray.min_workers=1", "--ray.num_workers=2"],
+                              env=driver_env(multinode.address), capture_output=True, text=True, timeout=300)
+    finally:
+        multinode.add_node(num_cpus=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(m["step"], m["workers"]) for m in metrics(run_dir) if "loss" in m] == [(2, 1), (4, 1)]

@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from pathlib import Path
 from pyarrow.fs import FileSelector
 
 from conftest import run_captured
@@ -34,20 +36,89 @@ def trainer_cli(*args, torchrun: int = 0) -> subprocess.CompletedProcess:
     return subprocess.run([*launcher, "--no-ray", *TINY, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
+def within(a: list[float], b: list[float], rel: float = 1e-5) -> bool:
+    return len(a) == len(b) and max(abs(x - y) / abs(x) for x, y in zip(a, b)) <= rel
+
+
 @pytest.mark.e2e
-def test_two_fsdp_ranks_match_one_process(stdlib_dataset, tmp_path):
-    """The proof that data order and math do not depend on the world size."""
-    common = ["--data.path", stdlib_dataset, "--train.steps=20", "--train.log_every=1", "--train.eval_every=10"]
+def test_any_world_size_gives_the_same_run(stdlib_dataset, tmp_path):
+    """The proof that data order and math do not depend on the world size: W=3 does not divide the batch of 16 (shares
+    of 6, 5, 5 rows; ragged and empty micro-batches), yet every step's loss matches W=1; and a run killed on W=2
+    continues on W=3 with the same losses."""
+    common = ["--data.path", stdlib_dataset, "--train.steps=20", "--train.log_every=1", "--train.eval_every=10",
+              "--train.global_batch=16", "--train.micro_batch=4", "--checkpoint.every=10"]
     one = trainer_cli(*common, "--run.dir", str(tmp_path / "w1"))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = trainer_cli(*common, "--run.dir", str(tmp_path / "w2"), torchrun=2)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = losses(str(tmp_path / "w1")), losses(str(tmp_path / "w2"))
-    assert len(a) == len(b) == 20 and a[-1] < a[0]
-    assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) <= 1e-5
-    vals = [[m["val_loss"] for m in metrics(str(tmp_path / d)) if "val_loss" in m] for d in ("w1", "w2")]
-    assert len(vals[0]) == 3 and max(abs(x - y) / x for x, y in zip(*vals)) <= 1e-5
-    assert "step     20 | loss" in one.stdout and (tmp_path / "w2" / "config.toml").exists()
+    three = trainer_cli(*common, "--run.dir", str(tmp_path / "w3"), torchrun=3)
+    assert three.returncode == 0, three.stderr[-3000:]
+    reference, vals = losses(str(tmp_path / "w1")), val_losses(str(tmp_path / "w1"))
+    assert len(reference) == 20 and reference[-1] < reference[0] and len(vals) == 3
+    assert within(losses(str(tmp_path / "w3")), reference) and within(val_losses(str(tmp_path / "w3")), vals)
+    assert "step     20 | loss" in one.stdout and (tmp_path / "w3" / "config.toml").exists()
+
+    resized = str(tmp_path / "w2to3")
+    killed = trainer_cli(*common, "--run.dir", resized, "--fault.kill_at_step=12", torchrun=2)
+    assert killed.returncode != 0 and (tmp_path / "w2to3" / "fault-injected-step-000012").exists()
+    resumed = trainer_cli(*common, "--run.dir", resized, torchrun=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 10 (saved by 2 workers, now 3)" in resumed.stderr
+    assert [m["step"] for m in metrics(resized) if "loss" in m] == list(range(1, 21))
+    assert within(losses(resized), reference) and within(val_losses(resized), vals)
+
+
+def val_losses(run_dir: str) -> list[float]:
+    return [m["val_loss"] for m in metrics(run_dir) if "val_loss" in m]
+
+
+def grad_shards_worker(rank: int, world: int, port: int, dataset: str, unsharded: bool, out: str) -> None:
+    """One gloo rank: a real step of 4 micro-batches, recording after each backward whether every gradient is this
+    rank's shard only."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from raylm.config import load_config
+    from trainer.data import BatchPlan, StepLoader
+    from trainer.job import JobConfig
+    from trainer.optim import build_optimizer
+    from trainer.train import Dist, build_model, resolve_model, train_step
+    from dataprep import open_dataset
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    job = load_config(JobConfig, "configs/tiny.toml", [])
+    ds = open_dataset(dataset)
+    resolve_model(job, ds)
+    model = build_model(job, Dist(rank, world, torch.device("cpu")))
+    plan = BatchPlan(global_batch=16, micro_batch=2, world=world)
+    batches = StepLoader(ds.train, plan=plan, rank=rank, seed=0).batches(0)
+    seen = []
+
+    def check(i: int) -> None:
+        for p in model.parameters():
+            g = p.grad
+            seen.append(isinstance(g, DTensor) and g.placements[0].is_shard()
+                        and g.to_local().numel() <= -(-p.numel() // world))
+
+    train_step(model, build_optimizer(model, optim=job.optim), batches, grad_clip=1.0, aux_weight=0.0,
+               global_batch=16, sync_every_micro_batch=not unsharded, after_backward=check)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"micro_batches": len(batches), "sharded": seen}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.e2e
+def test_gradients_stay_sharded_after_every_micro_batch(stdlib_dataset, tmp_path):
+    """ZeRO-3 keeps only a 1/W shard of each gradient; accumulating unsharded (the opt-in) would hold them whole."""
+    import torch.multiprocessing as mp
+
+    found = {}
+    for unsharded in (False, True):
+        out = tmp_path / f"{unsharded}.json"
+        mp.spawn(grad_shards_worker, args=(2, free_port(), stdlib_dataset, unsharded, str(out)), nprocs=2)
+        found[unsharded] = json.loads(out.read_text())
+    sharded = found[False]
+    assert sharded["micro_batches"] == 4 and len(sharded["sharded"]) > 4 and all(sharded["sharded"])
+    per_micro = len(found[True]["sharded"]) // 4
+    assert not any(found[True]["sharded"][:3 * per_micro]), "the opt-in reduces only after the last micro-batch"
 
 
 def tensorboard_scalars(tb_dir: str) -> dict[str, list[float]]:
@@ -134,3 +205,17 @@ def test_logged_loss_is_the_mean_over_the_window(stdlib_dataset, tmp_path):
     assert len(per_step) == 6 and len(windowed) == 2
     for i, mean in enumerate(windowed):
         assert mean == pytest.approx(sum(per_step[3 * i: 3 * i + 3]) / 3, rel=1e-6)
+
+
+def test_a_non_finite_step_makes_no_update_and_stops_the_run_before_the_next_save(stdlib_dataset, tmp_path):
+    """The norm is checked on device (no host sync per step): the step's update is skipped and the run stops with
+    one line at the next save or log step, so no checkpoint ever holds the state after it."""
+    from trainer.__main__ import main
+
+    run_dir = tmp_path / "run"
+    code, _, err = run_captured(main, ["--no-ray", *TINY, "--data.path", stdlib_dataset, "--run.dir", run_dir,
+                                       "--optim.lr=1e8", "--optim.grad_clip=0", "--optim.warmup_steps=1",
+                                       "--train.steps=12", "--train.log_every=6", "--checkpoint.every=1"])
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: gradient norm is nan at step 2 (that "
+                                                                  "update was skipped); lower --optim.lr"), err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000001"]

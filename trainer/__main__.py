@@ -13,20 +13,19 @@ from dataprep import open_dataset
 from raylm.cli import configure_logging, run_cli
 from trainer import checkpoint
 from raylm.cli import parse_job_args
-from trainer.data import BatchPlan
+from trainer.data import check_fits
 from trainer.job import JobConfig, make_paths_absolute
 from trainer.train import resolve_model
 
 FLAGS = {"--no-ray": "run the loop in this process (or under torchrun) instead of Ray Train"}
 
 
-def check_before_launch(job: JobConfig, *, worlds: range) -> int:
-    """Catch user mistakes on the driver, before workers start: dataset present, batch divisible by any world size
-    the run may have (an elastic run's too), and RUN_DIR's checkpoints (if any) of this very model, dataset and
-    data order. Returns the step the run would continue from (0 for a new run)."""
+def check_before_launch(job: JobConfig, *, max_world: int) -> int:
+    """Catch user mistakes on the driver, before workers start: dataset present and big enough for a step, every
+    world size the run may have (an elastic run's too) at most the batch, and RUN_DIR's checkpoints (if any) of this
+    very model, dataset and data order. Returns the step the run would continue from (0 for a new run)."""
     dataset = open_dataset(job.data.path)
-    for world in worlds:
-        BatchPlan(global_batch=job.train.global_batch, micro_batch=job.train.micro_batch, world=world)
+    check_fits(dataset, global_batch=job.train.global_batch, world=max_world)
     resolve_model(job, dataset)
     newest = checkpoint.latest_committed(job.run.dir)
     if newest is None:
@@ -50,9 +49,7 @@ def main(argv: list[str]) -> int:
     configure_logging("trainer")
     make_paths_absolute(job)
     no_ray = "--no-ray" in flags
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    start = check_before_launch(job, worlds=range(world, world + 1) if no_ray else
-                                range(job.ray.min_workers or job.ray.num_workers, job.ray.num_workers + 1))
+    start = check_before_launch(job, max_world=int(os.environ.get("WORLD_SIZE", 1)) if no_ray else job.ray.num_workers)
     if start >= job.train.steps:
         if os.environ.get("RANK", "0") == "0":
             print(f"{job.run.dir} already finished: its newest checkpoint is at step {start} and train.steps="

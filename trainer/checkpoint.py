@@ -1,10 +1,11 @@
 """Sharded, asynchronous, atomically committed checkpoints in RUN_DIR/checkpoints/step-NNNNNN/ (local or s3://).
 
 Save: the loop waits only while the model and optimizer shards are copied to host memory; a background thread
-writes them with torch.distributed.checkpoint (each rank its own shards, rank 0 the metadata), retrying with
-backoff, on a process group of its own so its collectives never interleave with training's. At a later log step
-the ranks agree that every write finished; rank 0 then writes train_state.json and, last, COMMITTED, and prunes
-older checkpoints. Only a directory with COMMITTED is ever loaded, and DCP reshards it to any world size.
+writes them with torch.distributed.checkpoint (each rank its own shards, rank 0 the metadata), retrying storage
+failures with backoff, on a process group of its own so its collectives never interleave with training's. When
+dcp.save returns on rank 0 every rank's write is done: rank 0's thread then writes train_state.json and, last,
+COMMITTED, and prunes older checkpoints. Only a directory with COMMITTED is ever loaded, and DCP reshards it to any
+world size.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import posixpath
 import re
 import time
@@ -41,6 +43,15 @@ TRAIN_STATE = "train_state.json"
 STEP_DIR = re.compile(r"step-(\d+)$")
 DCP_ERRORS = (Exception, CheckpointException)
 """What a failed DCP save or load raises: CheckpointException (every rank's errors, gathered) is a BaseException."""
+DAMAGE = (OSError, EOFError, pickle.UnpicklingError)
+"""What storage or a damaged file raises (s3fs and pyarrow raise OSError subclasses); anything else is a bug."""
+
+
+def is_storage_failure(exc: BaseException) -> bool:
+    """Whether a DCP error comes from storage or damaged files on every failing rank (not from a bug)."""
+    if isinstance(exc, CheckpointException):
+        return bool(exc.failures) and all(is_storage_failure(e) for e, _ in exc.failures.values())
+    return isinstance(exc, DAMAGE)
 
 
 @dataclass(kw_only=True)
@@ -132,9 +143,9 @@ def verify(path: str) -> None:
     instead of failing deep inside DCP (or, for a short read, silently)."""
     try:
         metadata = _reader(path).read_metadata()
-    except Exception as exc:  # noqa: BLE001 - any failure to read it means the same to the user
+    except DAMAGE as exc:
         raise DataError(f"checkpoint {path}: cannot read its metadata ({_first_line(exc)}); "
-                        "resume from another checkpoint") from None
+                        "resume from another checkpoint") from exc
     needed: dict[str, int] = {}
     for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -188,8 +199,10 @@ def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -
     state = {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(state, storage_reader=_reader(path))
-    except DCP_ERRORS as exc:  # a damaged checkpoint, whatever DCP raises for it
-        raise DataError(f"checkpoint {path} could not be loaded ({_first_line(exc)}); resume from another one") from None
+    except DCP_ERRORS as exc:
+        if not is_storage_failure(exc):
+            raise
+        raise DataError(f"checkpoint {path} could not be loaded ({_first_line(exc)}); resume from another one") from exc
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
@@ -219,21 +232,19 @@ def read_model(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load({"model": state}, storage_reader=_reader(path), no_dist=True)
     except DCP_ERRORS as exc:
-        raise DataError(f"checkpoint {path} could not be loaded ({_first_line(exc)}); use another one") from None
+        if not is_storage_failure(exc):
+            raise
+        raise DataError(f"checkpoint {path} could not be loaded ({_first_line(exc)}); use another one") from exc
     return cfg, state
 
 
-@dataclass
-class _Save:
-    step: int
-    path: str
-    train_state: dict
-    future: Future
-
-
 class Checkpointer:
-    """Saves of one run, at most one in flight. `save` and `poll`/`finish` are collective: every rank calls them at
-    the same steps."""
+    """Saves of one run, at most one in flight. `save` is collective: every rank calls it at the same steps.
+
+    The loop waits only while a save's state is copied to host memory, and for a previous save still in flight (at
+    most one is, to bound host memory). Writing, the commit (train_state.json, then COMMITTED, by rank 0 once
+    dcp.save has returned there, i.e. once every rank's shards and the metadata are written) and pruning all run on
+    a background thread. Every second the loop waits counts in `blocked_seconds`."""
 
     def __init__(self, run_dir: str, cfg: CheckpointConfig, *, rank: int, device: torch.device):
         self.run_dir, self.cfg, self.rank, self.device = run_dir, cfg, rank, device
@@ -241,70 +252,70 @@ class Checkpointer:
         self.stager = DefaultStager(StagingOptions(use_pinned_memory=device.type == "cuda", use_shared_memory=False,
                                                    use_async_staging=False, use_non_blocking_copy=False))
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-checkpoint")
-        self.pending: _Save | None = None
+        self.pending: Future | None = None
         self.committed: str | None = None
         """The newest checkpoint committed and not yet handed out by `take_committed` (reported to Ray)."""
         self.blocked_seconds = 0.0
-        """Time the loop spent in saves since `take_blocked` (the host copy; the whole write when not async)."""
+        """Time the loop spent waiting on checkpoints since `take_blocked`."""
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> None:
         t0 = time.perf_counter()
-        self.finish()  # at most one save in flight
+        self._wait()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         path = step_dir(self.run_dir, step)
         if self.cfg.async_save:
-            future = self.pool.submit(self._write, self.stager.stage(state), path)
+            self.pending = self.pool.submit(self._write_and_commit, self.stager.stage(state), path, step, train_state)
         else:
-            future = Future()
-            future.set_result(self._write(state, path))
-        self.pending = _Save(step, path, train_state, future)
-        if not self.cfg.async_save:
-            self.finish()
+            self.committed = self._write_and_commit(state, path, step, train_state)
         self.blocked_seconds += time.perf_counter() - t0
 
+    def _write_and_commit(self, state: dict, path: str, step: int, train_state: dict) -> str:
+        self._write(state, path)
+        if self.rank == 0:
+            storage.write_bytes(storage.join(path, TRAIN_STATE), json.dumps(train_state).encode())
+            storage.write_bytes(storage.join(path, COMMITTED), f"{step}\n".encode())  # last: the commit
+            self.prune()
+            log.info("checkpoint %s committed", path)
+        return path
+
     def _write(self, state: dict, path: str) -> None:
-        """dcp.save with retries. A failure on any rank fails the save on every rank (DCP gathers the errors), so
-        the ranks retry together."""
+        """dcp.save with retries on storage failures. A failure on any rank fails the save on every rank (DCP
+        gathers the errors), so the ranks retry together; any other error is a bug and keeps its traceback."""
         for attempt in range(1, self.cfg.retries + 1):
             try:
                 dcp.save(state, storage_writer=_writer(path), process_group=self.group)
                 return
-            except DCP_ERRORS as exc:  # storage errors come in many types; all are retried
+            except DCP_ERRORS as exc:
+                if not is_storage_failure(exc):
+                    raise
                 if attempt == self.cfg.retries:
                     raise StorageError(f"checkpoint {path} could not be written in {attempt} attempts "
-                                       f"({_first_line(exc)}); check the run directory's storage") from None
+                                       f"({_first_line(exc)}); check the run directory's storage") from exc
                 delay = 2.0 ** (attempt - 1)
                 log.warning("checkpoint %s: write failed (%s); retrying in %.0fs", path, _first_line(exc), delay)
                 time.sleep(delay)
 
-    def poll(self) -> None:
-        """Commit the save in flight if every rank's write has finished; never waits for it."""
-        if self.pending is None:
-            return
-        done = torch.tensor([int(self.pending.future.done())], device=self.device)
-        dist.all_reduce(done, op=dist.ReduceOp.MIN)
-        if done.item():
-            self.finish()
+    def _wait(self) -> None:
+        """Wait for the save in flight (re-raising its error)."""
+        if self.pending is not None:
+            future, self.pending = self.pending, None
+            self.committed = future.result()
 
     def finish(self) -> None:
-        """Wait for the save in flight (re-raising its error) and commit it."""
-        if self.pending is None:
-            return
-        save, self.pending = self.pending, None
-        save.future.result()
-        if self.rank == 0:
-            storage.write_bytes(storage.join(save.path, TRAIN_STATE), json.dumps(save.train_state).encode())
-            storage.write_bytes(storage.join(save.path, COMMITTED), f"{save.step}\n".encode())  # last: the commit
-            self.prune()
-            log.info("checkpoint %s committed", save.path)
-        self.committed = save.path
+        """Wait for the save in flight, counted as blocked time: the end of a run."""
+        t0 = time.perf_counter()
+        self._wait()
+        self.blocked_seconds += time.perf_counter() - t0
 
     def take_blocked(self) -> float:
         seconds, self.blocked_seconds = self.blocked_seconds, 0.0
         return seconds
 
     def take_committed(self) -> str | None:
+        """The newest checkpoint committed since the last call, without waiting (a failed save raises here)."""
+        if self.pending is not None and self.pending.done():
+            self._wait()
         path, self.committed = self.committed, None
         return path
 

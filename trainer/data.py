@@ -1,14 +1,18 @@
 """The data order contract: step s of any run, on any world size, sees the same global batch.
 
-Epoch e is a permutation of all train rows seeded by (seed, e); the stream of epochs is cut into global batches of
-B rows, so step s takes stream positions [s·B, (s+1)·B). Rank r of W takes the r-th contiguous B/W of them and
-splits them into micro-batches (grad accumulation = B / (W · micro)). There is no iterator state to save: the step
-is the cursor, and a run resumed at step s on any W continues exactly where an uninterrupted one would be.
+Epoch e is a seeded bijection over all train rows (a Feistel network with cycle-walking: O(1) memory, no O(rows)
+array on any rank); the stream of epochs is cut into global batches of B rows, so step s takes stream positions
+[s·B, (s+1)·B). Rank r of W takes its contiguous share of them (shares differ by at most one row when W does not
+divide B) in micro-batches of at most `micro_batch` rows. Every rank runs the same number of micro-batches, the
+longest share's; a rank whose share is shorter pads with empty ones (zero-weight passes, so FSDP's collectives
+line up). There is no iterator state to save: the step is the cursor.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,6 +22,9 @@ import torch
 
 from dataprep.dataset import Split
 from raylm.errors import ConfigError
+
+TRAIN_STREAM, VAL_STREAM = 0, 1
+"""Seed streams: the train epochs' permutations and the validation slice's never share a key."""
 
 
 @dataclass(frozen=True)
@@ -29,20 +36,81 @@ class BatchPlan:
     world: int
 
     def __post_init__(self):
-        per_rank, rest = divmod(self.global_batch, self.world)
-        if rest or per_rank % self.micro_batch:
-            raise ConfigError(
-                f"train.global_batch={self.global_batch} must be a multiple of world size {self.world} × "
-                f"train.micro_batch={self.micro_batch}; change one of them"
-            )
+        if self.world > self.global_batch:
+            raise ConfigError(f"train.global_batch={self.global_batch} is smaller than the {self.world} workers: each "
+                              "worker needs at least one sequence per step; raise it or use fewer workers")
 
-    @property
-    def per_rank(self) -> int:
-        return self.global_batch // self.world
+    def share(self, rank: int) -> tuple[int, int]:
+        """[start, stop) of rank's rows within the step's global batch: contiguous, sizes differing by at most 1."""
+        return split_evenly(self.global_batch, self.world, rank)
 
     @property
     def grad_accum(self) -> int:
-        return self.per_rank // self.micro_batch
+        """Micro-batches every rank runs per step (the longest share's count)."""
+        return math.ceil(math.ceil(self.global_batch / self.world) / self.micro_batch)
+
+
+def check_fits(dataset, *, global_batch: int, world: int, needs_val: bool = False) -> None:
+    """Refuse, before any compute, a job the dataset cannot serve: fewer train rows than one step takes (a step
+    would repeat rows), or no validation rows when validation loss is what the job decides on (Tune)."""
+    BatchPlan(global_batch=global_batch, micro_batch=1, world=world)
+    rows = len(dataset.train)
+    if rows < global_batch:
+        raise ConfigError(f"dataset {dataset.directory} has {rows} train rows, fewer than one step takes "
+                          f"(train.global_batch={global_batch}); lower it or prepare more data")
+    if needs_val and len(dataset.val) == 0:
+        raise ConfigError(f"dataset {dataset.directory} has no validation rows, and the study compares trials on "
+                          "validation loss; prepare it with a larger --val-fraction or more data")
+
+
+def split_evenly(total: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, stop) of part `index` when `total` items are cut into `parts` contiguous runs differing by <= 1."""
+    base, extra = divmod(total, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (index < extra)
+
+
+def micro_batches(rows: torch.Tensor, *, micro_batch: int, count: int) -> list[torch.Tensor]:
+    """`count` micro-batches of at most `micro_batch` rows; those past the end are empty (0 rows)."""
+    parts = list(rows.split(micro_batch)) if len(rows) else []
+    return parts + [rows[:0]] * (count - len(parts))
+
+
+def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
+    """splitmix64's finaliser of x + key: a well-mixed 64-bit hash, vectorised (uint64 arithmetic wraps)."""
+    z = (x + key) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class Permutation:
+    """A seeded bijection of [0, n) in O(1) memory: a balanced Feistel network on the smallest even-bit power of two
+    >= n, with cycle-walking (re-apply until the value falls below n; at most ~4 rounds expected, as the domain is
+    < 4n). Any index maps in O(1), so no rank ever holds an O(rows) array."""
+
+    ROUNDS = 6
+
+    def __init__(self, n: int, key: list[int]):
+        self.n = n
+        self.half = max(1, math.ceil(math.log2(max(n, 2)) / 2))
+        self.mask = np.uint64((1 << self.half) - 1)
+        self.keys = np.random.SeedSequence(key).generate_state(self.ROUNDS, dtype=np.uint64)
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        half = np.uint64(self.half)
+        left, right = x >> half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ (_mix(right, key) & self.mask)
+        return (left << half) | right
+
+    def __call__(self, indices: np.ndarray) -> np.ndarray:
+        out = self._feistel(np.asarray(indices, dtype=np.uint64))
+        outside = out >= self.n
+        while outside.any():  # cycle-walking: a bijection on the power-of-two domain restricted to [0, n)
+            out[outside] = self._feistel(out[outside])
+            outside = out >= self.n
+        return out.astype(np.int64)
 
 
 class EpochOrder:
@@ -53,51 +121,61 @@ class EpochOrder:
             raise ConfigError("the dataset's train split has no rows; prepare more data or lower --seq-len")
         self.n_rows, self.seed = n_rows, seed
 
-    @lru_cache(maxsize=2)
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+    @lru_cache(maxsize=4)
+    def _permutation(self, epoch: int) -> Permutation:
+        return Permutation(self.n_rows, [self.seed, TRAIN_STREAM, epoch])
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Train row indices at stream positions [start, stop), crossing epoch boundaries as needed."""
-        positions = np.arange(start, stop)
+        positions = np.arange(start, stop, dtype=np.int64)
+        epochs = positions // self.n_rows
         out = np.empty(len(positions), dtype=np.int64)
-        for epoch in np.unique(positions // self.n_rows):
-            mask = positions // self.n_rows == epoch
-            out[mask] = self._permutation(int(epoch))[positions[mask] % self.n_rows]
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            out[mask] = self._permutation(int(epoch))(positions[mask] % self.n_rows)
         return out
 
 
 class StepLoader:
-    """Micro-batches of one rank for a given step, read one step ahead on a background thread.
+    """Micro-batches of one rank for a given step, read `read_ahead` steps ahead on background threads.
 
-    `batches(step)` returns `grad_accum` int64 tensors of shape (micro_batch, seq_len + 1). The prefetch of step+1
-    starts as soon as step is handed out, so reading from S3 overlaps the step's compute.
+    `batches(step)` returns `plan.grad_accum` int64 tensors of shape (≤ micro_batch, seq_len + 1); the last ones
+    may be empty. Reads of the next steps start as soon as a step is handed out, so reading from S3 overlaps
+    compute; each step's rows are fetched with several requests in flight (see `Split.rows`).
     """
 
-    def __init__(self, split: Split, *, plan: BatchPlan, rank: int, seed: int):
-        self.split, self.plan, self.rank = split, plan, rank
+    def __init__(self, split: Split, *, plan: BatchPlan, rank: int, seed: int, read_ahead: int = 2):
+        self.split, self.plan, self.rank, self.read_ahead = split, plan, rank, read_ahead
         self.order = EpochOrder(len(split), seed)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-prefetch")
-        self._next: tuple[int, Future] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=max(1, read_ahead), thread_name_prefix="raylm-prefetch")
+        self._ahead: deque[tuple[int, Future]] = deque()
         self.wait_seconds = 0.0
         """Time the caller spent blocked on data since the last `take_wait()`."""
 
     def rank_rows(self, step: int) -> np.ndarray:
-        start = step * self.plan.global_batch + self.rank * self.plan.per_rank
-        return self.order.rows(start, start + self.plan.per_rank)
+        start, stop = self.plan.share(self.rank)
+        return self.order.rows(step * self.plan.global_batch + start, step * self.plan.global_batch + stop)
 
     def _read(self, step: int) -> list[torch.Tensor]:
         rows = torch.from_numpy(self.split.rows(self.rank_rows(step)).astype(np.int64))
-        return list(rows.split(self.plan.micro_batch))
+        return micro_batches(rows, micro_batch=self.plan.micro_batch, count=self.plan.grad_accum)
 
     def batches(self, step: int) -> list[torch.Tensor]:
         t0 = time.perf_counter()
-        if self._next is not None and self._next[0] == step:
-            result = self._next[1].result()
-        else:
+        while self._ahead and self._ahead[0][0] < step:
+            self._ahead.popleft()[1].cancel()
+        if self._ahead and self._ahead[0][0] == step:
+            result = self._ahead.popleft()[1].result()
+        else:  # the first step, or a jump: nothing read ahead is of use
+            for _, future in self._ahead:
+                future.cancel()
+            self._ahead.clear()
             result = self._read(step)
         self.wait_seconds += time.perf_counter() - t0
-        self._next = (step + 1, self._pool.submit(self._read, step + 1))
+        next_step = self._ahead[-1][0] + 1 if self._ahead else step + 1
+        while len(self._ahead) < self.read_ahead:
+            self._ahead.append((next_step, self._pool.submit(self._read, next_step)))
+            next_step += 1
         return result
 
     def take_wait(self) -> float:
@@ -108,14 +186,21 @@ class StepLoader:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def val_batches(split: Split, *, rows: int, micro_batch: int, rank: int, world: int) -> list[torch.Tensor]:
-    """This rank's share of the fixed validation slice (the first `rows` rows of val/), in micro-batches.
+def val_rows(n_rows: int, *, rows: int, seed: int) -> np.ndarray:
+    """The validation slice: `rows` row indices drawn without replacement from the whole val split by a seeded
+    permutation (so every source is represented, not the alphabetically first), sorted for read locality."""
+    count = min(rows, n_rows)
+    return np.sort(Permutation(n_rows, [seed, VAL_STREAM])(np.arange(count))) if count else np.zeros(0, np.int64)
 
-    Ranks take equal contiguous parts (the slice is cut to a multiple of `world`), so every rank runs the same
-    number of forward passes, which FSDP's collectives require.
-    """
-    per_rank = min(rows, len(split)) // world
-    if per_rank == 0:
+
+def val_batches(split: Split, *, rows: int, seed: int, micro_batch: int, rank: int, world: int) -> list[torch.Tensor]:
+    """This rank's share of the validation slice in micro-batches; the shares differ by at most a row and every
+    rank gets the same number of micro-batches (the last may be empty), as FSDP's collective forwards require."""
+    chosen = val_rows(len(split), rows=rows, seed=seed)
+    if len(chosen) == 0:
         return []
-    data = torch.from_numpy(split.rows(np.arange(rank * per_rank, (rank + 1) * per_rank)).astype(np.int64))
-    return list(data.split(micro_batch))
+    start, stop = split_evenly(len(chosen), world, rank)
+    data = torch.from_numpy(split.rows(chosen[start:stop]).astype(np.int64)) if stop > start else \
+        torch.zeros((0, split.row_len), dtype=torch.int64)
+    count = math.ceil(math.ceil(len(chosen) / world) / micro_batch)
+    return micro_batches(data, micro_batch=micro_batch, count=count)

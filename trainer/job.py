@@ -17,7 +17,13 @@ class DataConfig:
     path: str = "data/stdlib"
     """Dataset directory written by `python -m dataprep` (local or s3://)."""
     seed: int = 0
-    """Seeds the per-epoch permutation of training rows (the data order)."""
+    """Seeds the per-epoch permutation of training rows (the data order) and the validation slice."""
+    read_ahead: int = 2
+    """Steps whose rows are read ahead of the one training, each fetched with several reads in flight."""
+
+    def __post_init__(self):
+        if self.read_ahead < 1:
+            raise ConfigError(f"data.read_ahead must be >= 1, got {self.read_ahead}")
 
 
 @dataclass(kw_only=True)
@@ -25,9 +31,10 @@ class TrainConfig:
     steps: int = 300
     """Optimizer steps to train."""
     global_batch: int = 16
-    """Sequences per optimizer step, on any number of workers (grad accumulation adapts)."""
+    """Sequences per optimizer step, the same update on any number of workers up to it (shares differ by at most
+    one sequence; gradient accumulation adapts)."""
     micro_batch: int = 4
-    """Sequences per forward/backward on one worker."""
+    """Most sequences per forward/backward on one worker."""
     seed: int = 0
     """Seeds the initial weights (the same on any world size)."""
     log_every: int = 10
@@ -35,7 +42,7 @@ class TrainConfig:
     eval_every: int = 100
     """Steps between validation passes (and at the end); 0 = only at the end."""
     eval_rows: int = 32
-    """Rows of val/ in the fixed validation slice."""
+    """Rows in the validation slice: a seeded random sample of the whole val split (data.seed), the same on any W."""
     sample_prompt: str = "def"
     """Prompt of the sample generated at the end ('' to skip)."""
     sample_tokens: int = 64
@@ -72,8 +79,8 @@ class RayConfig:
     use_gpu: bool = False
     """Train on GPUs with NCCL (the GPU switch); CPU workers use gloo."""
     min_workers: int = 0
-    """Elastic training: start with as few as this many workers and grow to num_workers (0 = a fixed num_workers).
-    train.global_batch must divide evenly for every count in between."""
+    """Elastic training: start with as few as this many workers and grow to num_workers (0 = a fixed num_workers);
+    every count gives the same updates."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker."""
     max_failures: int = 3

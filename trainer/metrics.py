@@ -12,6 +12,8 @@ import os
 import resource
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 
 from raylm import storage
@@ -73,24 +75,40 @@ def format_line(m: dict) -> str:
 
 
 class MetricsLog:
-    """Rank 0's sinks. metrics.jsonl keeps the lines of earlier segments up to the resume step, so after a
-    resume the file reads as one run; TensorBoard events are written locally and copied to an s3:// run dir."""
+    """Rank 0's sinks. The stdout line and the gauges are set in the loop; metrics.jsonl and TensorBoard are written
+    on a background thread, in order, so storage never stalls a step (an error there is raised at the next write).
+
+    metrics.jsonl keeps the lines of earlier segments up to the resume step, so after a resume the file reads as one
+    run; each line is appended (an s3:// object cannot be appended to, so there the file is rewritten, off the
+    loop). TensorBoard events are written locally; for an s3:// run dir an events file is uploaded only when it has
+    grown, and a new one is started past TB_FILE_BYTES, so an upload never re-sends more than that."""
+
+    TB_FILE_BYTES = 1 << 20
 
     def __init__(self, run_dir: str, *, start_step: int):
         self.path = storage.join(run_dir, "metrics.jsonl")
         self.lines = [l for l in self._existing() if json.loads(l)["step"] <= start_step] if start_step else []
+        storage.write_bytes(self.path, "".join(l + "\n" for l in self.lines).encode())
         self.tb_remote = storage.join(run_dir, "tb") if storage.is_s3(run_dir) else None
         self.tb_dir = tempfile.mkdtemp(prefix="raylm-tb-") if self.tb_remote else storage.filesystem(
             storage.join(run_dir, "tb"))[1]
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(self.tb_dir)
+        self.tb_files = 0
+        self.tb = self._new_tb_writer()
+        self.uploaded: dict[str, int] = {}
         self.gauges = self._gauges()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-metrics")
+        self.pending: list[Future] = []
 
     def _existing(self) -> list[str]:
         if not storage.exists(self.path):
             return []
         return [l for l in storage.read_bytes(self.path).decode().splitlines() if l.strip()]
+
+    def _new_tb_writer(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb_files += 1
+        return SummaryWriter(self.tb_dir, filename_suffix=f".{self.tb_files}")
 
     @staticmethod
     def _gauges() -> dict:
@@ -104,22 +122,47 @@ class MetricsLog:
 
     def write(self, m: dict) -> None:
         print(format_line(m), flush=True)
-        self.lines.append(json.dumps(m, sort_keys=True))
-        storage.write_bytes(self.path, ("\n".join(self.lines) + "\n").encode())
+        for key, gauge in self.gauges.items():
+            if key in m:
+                gauge.set(m[key])
+        for future in [f for f in self.pending if f.done()]:
+            self.pending.remove(future)
+            future.result()  # a failed write of an earlier step stops the run here, with its error
+        self.pending.append(self.pool.submit(self._persist, dict(m)))
+
+    def _persist(self, m: dict) -> None:
+        line = json.dumps(m, sort_keys=True)
+        self.lines.append(line)
+        if storage.is_s3(self.path):
+            storage.write_bytes(self.path, "".join(l + "\n" for l in self.lines).encode())
+        else:
+            with open(storage.filesystem(self.path)[1], "a") as f:
+                f.write(line + "\n")
         for key, value in m.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, m["step"])
         self.tb.flush()
         if self.tb_remote:
             self._upload_tb()
-        for key, gauge in self.gauges.items():
-            if key in m:
-                gauge.set(m[key])
 
     def _upload_tb(self) -> None:
-        for name in os.listdir(self.tb_dir):
-            with open(os.path.join(self.tb_dir, name), "rb") as f:
-                storage.write_bytes(storage.join(self.tb_remote, name), f.read())
+        for name in sorted(os.listdir(self.tb_dir)):
+            local = os.path.join(self.tb_dir, name)
+            size = os.path.getsize(local)
+            if self.uploaded.get(name) != size:
+                with open(local, "rb") as f:
+                    storage.write_bytes(storage.join(self.tb_remote, name), f.read())
+                self.uploaded[name] = size
+        current = [size for name, size in self.uploaded.items() if name.endswith(f".{self.tb_files}")]
+        if sum(current) > self.TB_FILE_BYTES:
+            self.tb.close()  # it was just uploaded whole; later events go to a new file
+            self.tb = self._new_tb_writer()
 
     def close(self) -> None:
+        """Wait for every pending write (raising the first failure)."""
+        self.pool.shutdown(wait=True)
+        for future in self.pending:
+            future.result()
         self.tb.close()
+        if self.tb_remote:
+            self._upload_tb()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -56,8 +57,10 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "embed" in name
 
 
-def build_optimizer(model: nn.Module, *, optim: OptimConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW over two parameter groups: decayed matrices, and (unless configured) undecayed norms/embeddings."""
+def build_optimizer(model: nn.Module, *, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over two parameter groups: decayed matrices, and (unless configured) undecayed norms/embeddings. The
+    fused kernel (CUDA and CPU, DTensor shards included) reads `optimizer.found_inf` and skips a non-finite step on
+    the device, with no host sync."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if optim.decay_norms_and_embeddings:
         groups = [{"params": [p for _, p in params], "weight_decay": optim.weight_decay}]
@@ -66,9 +69,7 @@ def build_optimizer(model: nn.Module, *, optim: OptimConfig, device_type: str) -
             {"params": [p for n, p in params if not _no_decay(n, p)], "weight_decay": optim.weight_decay},
             {"params": [p for n, p in params if _no_decay(n, p)], "weight_decay": 0.0},
         ]
-    fused = device_type == "cuda"  # fused CUDA kernels; foreach elsewhere (DTensor-safe on CPU)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                             fused=fused, foreach=not fused)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
 
 
 def lr_factor(step: int, *, optim: OptimConfig, total_steps: int) -> float:
@@ -92,3 +93,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, optim: OptimConfig, tot
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, optim=optim, total_steps=total_steps)
     )
+
+
+def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put the schedule at `step` from this run's config (a resume): the learning rate is a function of the step
+    and the --optim.* values, so a changed value takes effect from the resumed step."""
+    scheduler.last_epoch = step
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def changed_optim(saved: dict | None, current: OptimConfig) -> dict[str, tuple]:
+    """{field: (checkpoint's value, this run's)} of the --optim.* values that differ from a checkpoint's."""
+    now = dataclasses.asdict(current)
+    return {k: (v, now[k]) for k, v in (saved or {}).items() if k in now and now[k] != v}

@@ -156,10 +156,10 @@ def launch(job: JobConfig, *, callbacks: list | None = None):
         raise KeyboardInterrupt() from None
     except Exception as exc:  # noqa: BLE001 - a worker's user error is re-raised as itself
         user_error = user_error_of(exc)
-        if user_error is not None:
-            raise user_error from None
+        if user_error is not None:  # printed as one line; with --debug, with Ray's whole chain
+            raise user_error from exc
         if (death := lost_worker(exc)) is not None:
             raise WorkerLost(f"a worker died ({death}) and the run's restarts are spent "
                              f"(ray.max_failures={job.ray.max_failures}); run the same command again to continue "
-                             "from the newest committed checkpoint") from None
+                             "from the newest committed checkpoint") from exc
         raise

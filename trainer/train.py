@@ -1,8 +1,9 @@
 """The training loop. It needs only torch.distributed: Ray Train, torchrun and a single process run this same code.
 
-One step: the step's micro-batches from the loader (the step is the data cursor), forward/backward with gradient
-accumulation (gradient sync only on the last micro-batch), global-norm clipping, a stop on a non-finite norm before
-the update, AdamW, schedule. Metrics are synced to the host only at log steps.
+One step: this rank's share of the step's rows from the loader (the step is the data cursor), forward/backward per
+micro-batch with each token's loss weighted by 1 / (the step's global token count), gradients reduce-scattered and
+summed, global-norm clipping, AdamW (which skips a step whose norm is not finite, on device), schedule. The host
+waits on the device only at log steps and saves: that is where metrics are read and a non-finite step stops the run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from trainer.data import BatchPlan, StepLoader, val_batches
 from trainer.job import JobConfig
 from trainer.metrics import MetricsLog, device_peak_flops, peak_memory_gib
 from trainer.model import Transformer, generate, initial_value
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import build_optimizer, build_scheduler, changed_optim, set_schedule_step
 from trainer.parallelize import materialize, parallelize
 
 log = logging.getLogger(__name__)
@@ -101,37 +102,59 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
 
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(next-token cross-entropy in fp32, MoE auxiliary loss) for rows of seq_len + 1 tokens."""
-    logits, aux = model(batch[:, :-1])  # (B, T, V)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-    return loss, aux
+    """(summed next-token cross-entropy in fp32, MoE auxiliary loss) for rows of seq_len + 1 tokens. An empty batch
+    (a rank short of rows) runs a one-row forward whose loss counts zero, so FSDP's collectives still line up."""
+    rows = batch if len(batch) else torch.zeros((1, batch.shape[1]), dtype=batch.dtype, device=batch.device)
+    logits, aux = model(rows[:, :-1])  # (B, T, V)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="sum")
+    return (loss, aux) if len(batch) else (loss * 0.0, aux * 0.0)
 
 
-def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight: float, step: int) -> tuple:
-    """One optimizer step over the rank's micro-batches; returns (mean loss, grad norm) as device tensors."""
-    total = torch.zeros((), device=micro_batches[0].device)
+def loss_tokens(micro_batches: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The step's global count of loss tokens (every rank's): each token's loss is weighted by its inverse."""
+    count = torch.tensor(float(sum(b[:, 1:].numel() for b in micro_batches)), device=device)
+    dist.all_reduce(count)
+    return count
+
+
+def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight: float, global_batch: int,
+               sync_every_micro_batch: bool = True, after_backward: Callable[[int], None] | None = None) -> tuple:
+    """One optimizer step over this rank's micro-batches; returns (this rank's part of the step's mean loss, grad
+    norm, whether the norm is finite) as device tensors, with no host sync.
+
+    Each token's loss is divided by the step's global token count and FSDP sums the gradients (parallelize sets
+    its divide factor to 1), so the update is the same on any world size. By default each micro-batch's gradients
+    are reduce-scattered as its backward ends, so only sharded gradients are ever kept; without
+    `sync_every_micro_batch` FSDP accumulates full unsharded gradients and reduces once per step. A step whose
+    gradient norm is not finite makes no update: the fused AdamW skips it on device (`found_inf`)."""
+    device = micro_batches[0].device
+    tokens = loss_tokens(micro_batches, device)
+    total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
-        model.set_requires_gradient_sync(i == len(micro_batches) - 1)  # reduce-scatter once per step
-        loss, aux = lm_loss(model, batch)
-        ((loss + aux_weight * aux) / len(micro_batches)).backward()
+        if not sync_every_micro_batch:
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        loss_sum, aux = lm_loss(model, batch)
+        loss = loss_sum / tokens
+        (loss + aux_weight * aux * (len(batch) / global_batch)).backward()
         total += loss.detach()
+        if after_backward is not None:
+            after_backward(i)
     norm = clip_grad_norm(model, grad_clip)
-    if not torch.isfinite(norm):  # a host sync, but it must stop before a NaN update
-        raise TrainingDiverged(f"gradient norm is {norm.item()} at step {step} (loss {total.item() / len(micro_batches):.4f}); "
-                               "lower --optim.lr, raise --optim.warmup_steps or check the data")
+    finite = torch.isfinite(norm)
+    optimizer.found_inf = (~finite).float()  # read by the fused AdamW kernel: no update, no step count
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / len(micro_batches), norm
+    return total, norm, finite
 
 
 @torch.no_grad()
 def evaluate(model, batches: list[torch.Tensor], device: torch.device) -> float:
-    """Token-weighted mean validation loss over all ranks' parts of the fixed val slice."""
+    """Token-weighted mean validation loss over all ranks' parts of the validation slice: the same on any W."""
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
-        loss, _ = lm_loss(model, batch.to(device))
-        tokens = batch[:, 1:].numel()
-        sums += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64, device=device)
+        loss_sum, _ = lm_loss(model, batch.to(device))
+        sums[0] += loss_sum
+        sums[1] += batch[:, 1:].numel()
     dist.all_reduce(sums)
     return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
 
@@ -155,19 +178,23 @@ class Trainer:
         self.plan = BatchPlan(job.train.global_batch, job.train.micro_batch, self.d.world)
         torch.manual_seed(job.train.seed)
         self.model = build_model(job, self.d)
-        self.optimizer = build_optimizer(self.model, optim=job.optim, device_type=self.d.device.type)
+        self.optimizer = build_optimizer(self.model, optim=job.optim)
         self.scheduler = build_scheduler(self.optimizer, optim=job.optim, total_steps=job.train.steps)
         self.ckpt = Checkpointer(job.run.dir, job.checkpoint, rank=self.d.rank, device=self.d.device)
         self.start_step = self.resume()
-        self.loader = StepLoader(self.dataset.train, plan=self.plan, rank=self.d.rank, seed=job.data.seed)
-        self.val = val_batches(self.dataset.val, rows=job.train.eval_rows, micro_batch=job.train.micro_batch,
-                               rank=self.d.rank, world=self.d.world)
+        self.loader = StepLoader(self.dataset.train, plan=self.plan, rank=self.d.rank, seed=job.data.seed,
+                                 read_ahead=job.data.read_ahead)
+        self.val = val_batches(self.dataset.val, rows=job.train.eval_rows, seed=job.data.seed,
+                               micro_batch=job.train.micro_batch, rank=self.d.rank, world=self.d.world)
         self.tokens_per_step = self.plan.global_batch * self.dataset.seq_len
         self.flops_per_token = job.model.flops_per_token(self.dataset.seq_len)
         self.peak_flops = self._mean_over_ranks(device_peak_flops(self.d.device))
+        self.nonfinite = torch.full((2,), -1.0, dtype=torch.float64, device=self.d.device)
+        """(first step whose gradient norm was not finite, that norm), -1 while none: kept on device, read at log
+        steps and before saves, so no step waits on the host."""
         self.sink = MetricsLog(job.run.dir, start_step=self.start_step) if self.d.rank == 0 else None
         if self.d.rank == 0:
-            log.info("model %.1fM params (%.1fM active), %d workers x %d micro-batches of %d, %s tokens/step, "
+            log.info("model %.1fM params (%.1fM active), %d workers x %d micro-batches of <= %d, %s tokens/step, "
                      "peak %.0f GFLOP/s per worker", job.model.num_params() / 1e6, job.model.num_params(active=True) / 1e6,
                      self.d.world, self.plan.grad_accum, self.plan.micro_batch, f"{self.tokens_per_step:,}", self.peak_flops / 1e9)
 
@@ -192,16 +219,23 @@ class Trainer:
         warm_start = cfg.load_weights_only and not own
         state = checkpoint.read_train_state(path)
         checkpoint.check_continues(state, self.identity(), path, own=own, weights_only=warm_start)
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         checkpoint.load(path, self.model, None if warm_start else self.optimizer)
         if warm_start:
             log.info("warm start from the weights of %s", path)
             return 0
-        self.scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        for group, values in zip(self.optimizer.param_groups, configured):
+            group.update(values)  # this run's --optim.* values, not the checkpoint's
+        set_schedule_step(self.scheduler, step)
         torch.set_rng_state(torch.tensor(bytearray.fromhex(state["rng"]), dtype=torch.uint8))
         if self.d.rank == 0:
-            log.info("resumed from %s at step %d (saved by %d workers, now %d)", path, state["step"], state["world"],
+            log.info("resumed from %s at step %d (saved by %d workers, now %d)", path, step, state["world"],
                      self.d.world)
-        return state["step"]
+            for key, (old, new) in changed_optim(state.get("optim"), self.job.optim).items():
+                log.warning("optim.%s is %s in this run, %s in the checkpoint: %s applies from step %d", key, new,
+                            old, new, step + 1)
+        return step
 
     def identity(self) -> dict:
         return checkpoint.run_identity(self.job.model, self.dataset, data_seed=self.job.data.seed,
@@ -209,8 +243,8 @@ class Trainer:
 
     def train_state(self, step: int) -> dict:
         return {"step": step, "tokens": step * self.tokens_per_step, "world": self.d.world,
-                "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state().numpy().tobytes().hex(),
-                "model": dataclasses.asdict(self.job.model), "identity": self.identity()}
+                "rng": torch.get_rng_state().numpy().tobytes().hex(), "model": dataclasses.asdict(self.job.model),
+                "optim": dataclasses.asdict(self.job.optim), "identity": self.identity()}
 
     def is_save_step(self, step: int) -> bool:
         every = self.job.checkpoint.every
@@ -227,12 +261,16 @@ class Trainer:
         window_loss = torch.zeros((), device=self.d.device)  # summed on device: no host sync between log steps
         for step in range(self.start_step, self.job.train.steps):
             batches = [b.to(self.d.device, non_blocking=True) for b in self.loader.batches(step)]
-            loss, norm = train_step(self.model, self.optimizer, batches, grad_clip=self.job.optim.grad_clip,
-                                    aux_weight=self.job.model.aux_loss_weight, step=step)
+            loss, norm, finite = train_step(
+                self.model, self.optimizer, batches, grad_clip=self.job.optim.grad_clip,
+                aux_weight=self.job.model.aux_loss_weight, global_batch=self.plan.global_batch,
+                sync_every_micro_batch=not self.job.parallel.unsharded_grad_accumulation)
+            self.note_nonfinite(finite, norm, step + 1)
             window_loss += loss
             self.scheduler.step()
             done = step + 1
             if self.is_save_step(done):
+                self.stop_if_diverged()  # never save the state after a skipped, non-finite step
                 self.ckpt.save(done, self.model, self.optimizer, self.train_state(done))
             if done % self.job.train.log_every == 0 or self.is_eval_step(done):
                 steps = done - last_logged
@@ -243,6 +281,17 @@ class Trainer:
         self.loader.close()
         return history
 
+    def note_nonfinite(self, finite: torch.Tensor, norm: torch.Tensor, step: int) -> None:
+        first = (~finite) & (self.nonfinite[0] < 0)
+        self.nonfinite[0] = torch.where(first, float(step), self.nonfinite[0])
+        self.nonfinite[1] = torch.where(first, norm.double(), self.nonfinite[1])
+
+    def stop_if_diverged(self) -> None:
+        step, norm = self.nonfinite.tolist()
+        if step >= 0:
+            raise TrainingDiverged(f"gradient norm is {norm} at step {int(step)} (that update was skipped); lower "
+                                   "--optim.lr, raise --optim.warmup_steps or check the data")
+
     def initial_eval(self) -> dict:
         """Validation loss of the untrained model: the baseline the falling curve starts from."""
         loss = evaluate(self.model, self.val, self.d.device)
@@ -250,15 +299,10 @@ class Trainer:
         self.publish(m)
         return m
 
-    def publish(self, m: dict, *, final: bool = False) -> None:
-        """To rank 0's sinks, then to Ray from every rank with the checkpoint committed since the last report. The
-        final checkpoint is committed here, after its step's line, so the last report carries it."""
+    def publish(self, m: dict) -> None:
+        """To rank 0's sinks, then to Ray from every rank with the checkpoint committed since the last report."""
         if self.sink:
             self.sink.write(m)
-        if final:
-            self.ckpt.finish()
-        else:
-            self.ckpt.poll()
         committed = self.ckpt.take_committed()
         if self.report:
             self.report(m, committed if self.d.rank == 0 else None)
@@ -269,25 +313,30 @@ class Trainer:
 
     def log_step(self, step: int, loss: torch.Tensor, norm: torch.Tensor, elapsed: float, steps: int) -> dict:
         """Metrics of the `steps` steps since the last log step: `loss` is their mean training loss (one step's loss
-        swings far more than the trend it is read for), the rates are over the window, grad_norm is the last step's."""
-        dist.all_reduce(loss)  # SUM: gloo has no AVG
-        mean_loss = loss.item() / self.d.world
+        swings far more than the trend it is read for), the rates are over the window, grad_norm is the last step's.
+        At the last step the final checkpoint's commit is waited for first (and counted as blocked time), so the
+        last report carries it."""
+        self.stop_if_diverged()
+        dist.all_reduce(loss)  # SUM of each rank's share of the global token-weighted mean
+        mean_loss = loss.item()
         if self.job.train.max_loss and not mean_loss <= self.job.train.max_loss:  # `not <=`: NaN too
             raise TrainingDiverged(f"training loss {mean_loss:.4g} at step {step} exceeds train.max_loss="
                                    f"{self.job.train.max_loss:g}; lower --optim.lr or raise --optim.warmup_steps")
+        if step == self.job.train.steps:
+            self.ckpt.finish()
         step_time = elapsed / steps
         tokens_per_s = self.tokens_per_step / step_time
         m = {
             "step": step, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": norm.item(),
             "tokens": step * self.tokens_per_step, "tokens_per_s": tokens_per_s, "step_time_s": step_time,
-            "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.d.world),
+            "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.d.world), "workers": self.d.world,
             "data_wait_share": self.loader.take_wait() / elapsed, "peak_mem_gib": peak_memory_gib(self.d.device),
             "checkpoint_blocked_s": self.ckpt.take_blocked(),
         }
         if self.is_eval_step(step) and self.val:
             m["val_loss"] = evaluate(self.model, self.val, self.d.device)
             m["val_ppl"] = math.exp(min(m["val_loss"], 50.0))
-        self.publish(m, final=step == self.job.train.steps)
+        self.publish(m)
         return m
 
     def sample(self) -> str | None:

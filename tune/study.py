@@ -23,7 +23,7 @@ from raylm import storage
 from raylm.errors import ConfigError
 from raylm.ray_session import init_ray, verbose
 from raylm.config import dump_toml, from_dict, to_dict
-from trainer.data import BatchPlan
+from trainer.data import check_fits
 from trainer.job import JobConfig
 from tune.config import TuneConfig, TuneJobConfig
 
@@ -254,7 +254,7 @@ def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
     dataset = open_dataset(job.data.path)
     for batch in job.tune.batch:  # checked here, as the trainer checks at launch, not trial by trial in the workers
         try:
-            BatchPlan(global_batch=batch, micro_batch=job.train.micro_batch, world=job.ray.num_workers)
+            check_fits(dataset, global_batch=batch, world=job.ray.num_workers, needs_val=True)
         except ConfigError as exc:
             raise ConfigError(f"--tune.batch {batch}: {exc}") from None
     init_ray(log_to_driver=verbose())  # trials' lines would interleave; the study prints a line per trial
