@@ -42,32 +42,34 @@ def read_manifest(directory: str) -> dict | None:
 
 
 class _Footer:
-    """Where each record batch of an Arrow IPC file lies, parsed from the file's footer (a flatbuffer) by hand:
-    pyarrow reads only whole record batches (~1 MB), and a random row needs just its own bytes."""
+    """Where the token values of each record batch of an Arrow IPC shard start, parsed from the file's footer (a
+    flatbuffer) by hand: pyarrow reads only whole record batches (~1 MB), and a random row needs just its bytes.
+    Kept as one int64 per batch, so a rank can hold the footers of thousands of shards."""
 
-    TAIL = 16384
-    """Bytes read from the end of a file at open: the footer of a shard of up to ~600 batches in one request."""
-
-    def __init__(self, file, path: str):
-        size = file.size()
-        tail = file.read_at(min(size, self.TAIL), max(0, size - self.TAIL))
+    def __init__(self, file, path: str, *, size: int, batches: int):
+        want = min(size, 24 * batches + 4096)  # a Block is 24 bytes; the schema and the rest fit in 4 KB
+        tail = file.read_at(want, size - want)
+        self.bytes_read = len(tail)
         if len(tail) < 10 or tail[-6:] != b"ARROW1":
             raise DataError(f"shard {path} is not an Arrow IPC file (cut short?); re-run dataprep")
         length = struct.unpack_from("<i", tail, len(tail) - 10)[0]
         if length + 10 > len(tail):
             tail = file.read_at(length + 10, size - length - 10)
+            self.bytes_read += len(tail)
         footer = tail[len(tail) - 10 - length: len(tail) - 10]
         start, count = _vector(footer, _field(footer, _root(footer), 3))  # Footer.recordBatches: [Block]
-        self.blocks = [struct.unpack_from("<qi4xq", footer, start + 24 * i) for i in range(count)]
-        """(offset, metadata length, body length) of each record batch."""
-        self.values_at = self._values_offset(file, path)
+        blocks = np.frombuffer(footer, dtype=np.dtype([("offset", "<i8"), ("meta", "<i4"), ("pad", "<i4"),
+                                                       ("body", "<i8")]), count=count, offset=start)
+        values_at = self._values_offset(file, path, int(blocks["offset"][0]), int(blocks["meta"][0]))
+        self.starts = blocks["offset"] + blocks["meta"] + values_at
+        """File offset of each batch's first token value."""
 
-    def _values_offset(self, file, path: str) -> int:
+    def _values_offset(self, file, path: str, offset: int, meta_len: int) -> int:
         """Offset of the token values within a batch body, read from the first batch's message (raylm's writer
         writes every batch alike: no nulls, no compression, so the buffers are [list validity, values validity,
         values], the validity ones empty)."""
-        offset, meta_len, _ = self.blocks[0]
         meta = file.read_at(meta_len, offset)
+        self.bytes_read += len(meta)
         message = meta[8:] if meta[:4] == b"\xff\xff\xff\xff" else meta[4:]  # continuation marker, then length
         header = _field(message, _root(message), 2)  # Message.header: the RecordBatch table
         batch = header + struct.unpack_from("<I", message, header)[0]
@@ -80,8 +82,26 @@ class _Footer:
         return buffers[2][0]
 
     def row_offset(self, row: int, rows_per_batch: int, row_bytes: int) -> int:
-        offset, meta_len, _ = self.blocks[row // rows_per_batch]
-        return offset + meta_len + self.values_at + (row % rows_per_batch) * row_bytes
+        return int(self.starts[row // rows_per_batch]) + (row % rows_per_batch) * row_bytes
+
+
+class _LRU:
+    """A dict of at most `limit` entries that forgets the least recently used."""
+
+    def __init__(self, limit: int):
+        self.limit, self.items = limit, OrderedDict()
+
+    def get(self, key):
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        return None
+
+    def put(self, key, value) -> None:
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.limit:
+            self.items.popitem(last=False)
 
 
 def _root(buf: bytes) -> int:
@@ -108,19 +128,21 @@ class Split:
 
     A row is read with one ranged read of its own bytes (rows are fixed-size, so their offsets follow from the
     footer), local or S3 alike; a step's rows are fetched with `max_inflight` reads in flight. At most `max_open`
-    shards are open at a time (least recently used closed first), and no row data is cached: memory and file
-    descriptors stay bounded however many shards the dataset has.
+    local files are open at a time (an S3 file holds no descriptor: as many as footers) and `max_footers` parsed
+    footers kept (8 bytes per record batch), least recently used dropped first; no row data is cached: memory and
+    file descriptors stay bounded however many shards there are. A shard's footer is read once.
     """
 
     def __init__(self, directory: str, entry: dict, *, rows_per_batch: int, row_len: int, dtype: str,
-                 max_open: int = 64, max_inflight: int = 16):
+                 max_open: int = 64, max_footers: int = 8192, max_inflight: int = 16):
         self.paths = [storage.join(directory, s["file"]) for s in entry["shards"]]
         self._starts = np.cumsum([0] + [s["rows"] for s in entry["shards"]])
         self.rows_per_batch, self.row_len, self.dtype = rows_per_batch, row_len, np.dtype(dtype)
         self.row_bytes = row_len * self.dtype.itemsize
-        self.max_open = max_open
-        self._open: OrderedDict[int, tuple] = OrderedDict()
+        self._files = _LRU(max_footers if storage.is_s3(directory) else max_open)
+        self._footers = _LRU(max_footers)
         self._lock = threading.Lock()
+        self._opening: dict[int, threading.Lock] = {}
         self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="raylm-read")
         self.bytes_read = 0
         """Bytes fetched from storage (footers included), for benchmarks."""
@@ -135,24 +157,34 @@ class Split:
         return self.rows([i])[0]
 
     def _shard(self, index: int) -> tuple:
-        """(file, footer) of shard `index`, opened on first use and kept among the `max_open` most recent."""
+        """(file, footer) of shard `index`: reads arriving together for a shard not yet open wait for one opening."""
         with self._lock:
-            if index in self._open:
-                self._open.move_to_end(index)
-                return self._open[index]
-        path = self.paths[index]
-        fs, p = storage.filesystem(path)
-        try:
-            file = fs.open_input_file(p)
-            footer = _Footer(file, path)
-        except (OSError, pa.ArrowException, struct.error, IndexError) as exc:
-            raise DataError(f"cannot open shard {path} ({str(exc).splitlines()[0]}); re-run dataprep") from None
-        with self._lock:
-            self.bytes_read += min(file.size(), _Footer.TAIL)
-            self._open[index] = (file, footer)
-            while len(self._open) > self.max_open:
-                self._open.popitem(last=False)  # closed when the last read using it lets go
+            found = self._files.get(index), self._footers.get(index)
+            if None not in found:
+                return found
+            opening = self._opening.setdefault(index, threading.Lock())
+        with opening:
+            with self._lock:
+                file, footer = self._files.get(index), self._footers.get(index)
+            path = self.paths[index]
+            try:
+                if file is None:
+                    file = self._open(index)
+                if footer is None:
+                    rows = int(self._starts[index + 1] - self._starts[index])
+                    footer = _Footer(file, path, size=file.size(), batches=-(-rows // self.rows_per_batch))
+            except (OSError, pa.ArrowException, struct.error, IndexError, ValueError) as exc:
+                raise DataError(f"cannot open shard {path} ({str(exc).splitlines()[0]}); re-run dataprep") from None
+            with self._lock:
+                self.bytes_read += footer.bytes_read if self._footers.get(index) is None else 0
+                self._files.put(index, file)  # an evicted file closes when the last read using it lets go
+                self._footers.put(index, footer)
+                self._opening.pop(index, None)
         return file, footer
+
+    def _open(self, index: int):
+        fs, p = storage.filesystem(self.paths[index])
+        return fs.open_input_file(p)
 
     def _read_run(self, shard: int, first: int, count: int) -> np.ndarray:
         """`count` consecutive rows of one record batch of one shard, in one ranged read."""

@@ -106,5 +106,5 @@ def test_split_reads_rows_with_ranged_reads_and_bounded_open_shards(split, tmp_p
                                                {"file": "train/shard-00001.arrow", "rows": 17}]},
                     rows_per_batch=7, row_len=9, dtype="uint16", max_open=1)
     picks = np.random.default_rng(0).integers(0, 37, size=200)
-    assert np.array_equal(bounded.rows(picks), rows[picks]) and len(bounded._open) == 1
+    assert np.array_equal(bounded.rows(picks), rows[picks]) and len(bounded._files.items) == 1
     assert np.array_equal(bounded[36], rows[36])

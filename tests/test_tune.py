@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from pathlib import Path
 
 from conftest import run_captured
 from test_trainer import TINY, losses
@@ -123,7 +124,8 @@ def test_killed_grid_study_resumes_and_never_picks_a_diverged_or_tiny_lr(local_r
     ("--tune.batch=", "tune.batch=[] must list at least one global batch size"),
     ("--tune.lr=abc", "tune.lr='abc': 'abc' is not a number"),
     ("--tune.resume", "holds no study to resume"),
-    ("--tune.batch=8,6", "train.global_batch=6 must be a multiple of world size 2"),
+    ("--tune.batch=8,1", "train.global_batch=1 is smaller than the 2 workers"),
+    ("--tune.batch=8,100000", "train rows, fewer than one step takes (train.global_batch=100000)"),
 ])
 def test_bad_inputs_are_one_line_errors(stdlib_dataset, tmp_path, arg, expected):
     from tune.__main__ import main
@@ -131,6 +133,23 @@ def test_bad_inputs_are_one_line_errors(stdlib_dataset, tmp_path, arg, expected)
     code, _, err = run_captured(main, ["--data.path", stdlib_dataset, "--tune.dir", tmp_path, arg])
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+
+
+def test_a_dataset_without_validation_rows_is_refused_before_any_trial(stdlib_dataset, tmp_path):
+    """Trials are compared on validation loss: a study that could compare nothing stops before compute is spent."""
+    from tune.__main__ import main
+
+    no_val = tmp_path / "no-val"
+    no_val.mkdir()
+    manifest = json.loads((Path(stdlib_dataset) / "manifest.json").read_text())
+    manifest["splits"]["val"] = {**manifest["splits"]["val"], "shards": [], "rows": 0}
+    (no_val / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("train", manifest["tokenizer"]["file"]):
+        (no_val / name).symlink_to(Path(stdlib_dataset) / name)
+    code, _, err = run_captured(main, ["--data.path", no_val, "--tune.dir", tmp_path / "study"])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "has no validation rows" in lines[0], err
+    assert not (tmp_path / "study").exists()
 
 
 def test_missing_dataset_is_a_one_line_error(tmp_path):

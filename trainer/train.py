@@ -195,8 +195,9 @@ class Trainer:
         self.sink = MetricsLog(job.run.dir, start_step=self.start_step) if self.d.rank == 0 else None
         if self.d.rank == 0:
             log.info("model %.1fM params (%.1fM active), %d workers x %d micro-batches of <= %d, %s tokens/step, "
-                     "peak %.0f GFLOP/s per worker", job.model.num_params() / 1e6, job.model.num_params(active=True) / 1e6,
-                     self.d.world, self.plan.grad_accum, self.plan.micro_batch, f"{self.tokens_per_step:,}", self.peak_flops / 1e9)
+                     "peak %.0f GFLOP/s per worker (%d threads)", job.model.num_params() / 1e6,
+                     job.model.num_params(active=True) / 1e6, self.d.world, self.plan.grad_accum, self.plan.micro_batch,
+                     f"{self.tokens_per_step:,}", self.peak_flops / 1e9, torch.get_num_threads())
 
     def resume(self) -> int:
         """Load the run's newest committed checkpoint (or checkpoint.resume_from when the run has none); returns the
