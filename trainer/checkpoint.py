@@ -241,8 +241,9 @@ def read_model(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 class Checkpointer:
     """Saves of one run, at most one in flight. `save` is collective: every rank calls it at the same steps.
 
-    The loop waits only while a save's state is copied to host memory, and for a previous save still in flight (at
-    most one is, to bound host memory). Writing, the commit (train_state.json, then COMMITTED, by rank 0 once
+    The copy of a save's state to host memory runs beside the next step's forward and backward; the loop waits for
+    it only before that step's update (`wait_staged`), and for a previous save still in flight (at most one is, to
+    bound host memory). Writing, the commit (train_state.json, then COMMITTED, by rank 0 once
     dcp.save has returned there, i.e. once every rank's shards and the metadata are written) and pruning all run on
     a background thread. Every second the loop waits counts in `blocked_seconds`."""
 
@@ -250,9 +251,11 @@ class Checkpointer:
         self.run_dir, self.cfg, self.rank, self.device = run_dir, cfg, rank, device
         self.group = dist.new_group(backend="gloo")  # the background writes' collectives, apart from training's
         self.stager = DefaultStager(StagingOptions(use_pinned_memory=device.type == "cuda", use_shared_memory=False,
-                                                   use_async_staging=False, use_non_blocking_copy=False))
+                                                   use_async_staging=True, use_non_blocking_copy=False))
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-checkpoint")
         self.pending: Future | None = None
+        self.staging: Future | None = None
+        """The copy to host memory of the newest save, until an update has waited for it."""
         self.committed: str | None = None
         """The newest checkpoint committed and not yet handed out by `take_committed` (reported to Ray)."""
         self.blocked_seconds = 0.0
@@ -265,7 +268,8 @@ class Checkpointer:
         state = {"model": model_sd, "optim": optim_sd}
         path = step_dir(self.run_dir, step)
         if self.cfg.async_save:
-            self.pending = self.pool.submit(self._write_and_commit, self.stager.stage(state), path, step, train_state)
+            staged = self.staging = self.stager.stage(state)  # a Future: the copy runs while the next step computes
+            self.pending = self.pool.submit(lambda: self._write_and_commit(staged.result(), path, step, train_state))
         else:
             self.committed = self._write_and_commit(state, path, step, train_state)
         self.blocked_seconds += time.perf_counter() - t0
@@ -295,6 +299,15 @@ class Checkpointer:
                 delay = 2.0 ** (attempt - 1)
                 log.warning("checkpoint %s: write failed (%s); retrying in %.0fs", path, _first_line(exc), delay)
                 time.sleep(delay)
+
+    def wait_staged(self) -> None:
+        """Wait until the save's copy to host memory is done: before an update changes the parameters."""
+        if self.staging is None:
+            return
+        t0 = time.perf_counter()
+        self.staging.result()
+        self.staging = None
+        self.blocked_seconds += time.perf_counter() - t0
 
     def _wait(self) -> None:
         """Wait for the save in flight (re-raising its error)."""

@@ -118,7 +118,8 @@ def loss_tokens(micro_batches: list[torch.Tensor], device: torch.device) -> torc
 
 
 def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight: float, global_batch: int,
-               sync_every_micro_batch: bool = True, after_backward: Callable[[int], None] | None = None) -> tuple:
+               sync_every_micro_batch: bool = True, after_backward: Callable[[int], None] | None = None,
+               before_update: Callable[[], None] | None = None) -> tuple:
     """One optimizer step over this rank's micro-batches; returns (this rank's part of the step's mean loss, grad
     norm, whether the norm is finite) as device tensors, with no host sync.
 
@@ -126,7 +127,8 @@ def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight:
     its divide factor to 1), so the update is the same on any world size. By default each micro-batch's gradients
     are reduce-scattered as its backward ends, so only sharded gradients are ever kept; without
     `sync_every_micro_batch` FSDP accumulates full unsharded gradients and reduces once per step. A step whose
-    gradient norm is not finite makes no update: the fused AdamW skips it on device (`found_inf`)."""
+    gradient norm is not finite makes no update: the fused AdamW skips it on device (`found_inf`).
+    `before_update` runs just before the parameters change (a checkpoint's copy of them must be done by then)."""
     device = micro_batches[0].device
     tokens = loss_tokens(micro_batches, device)
     total = torch.zeros((), device=device)
@@ -142,6 +144,8 @@ def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight:
     norm = clip_grad_norm(model, grad_clip)
     finite = torch.isfinite(norm)
     optimizer.found_inf = (~finite).float()  # read by the fused AdamW kernel: no update, no step count
+    if before_update is not None:
+        before_update()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total, norm, finite
@@ -265,7 +269,8 @@ class Trainer:
             loss, norm, finite = train_step(
                 self.model, self.optimizer, batches, grad_clip=self.job.optim.grad_clip,
                 aux_weight=self.job.model.aux_loss_weight, global_batch=self.plan.global_batch,
-                sync_every_micro_batch=not self.job.parallel.unsharded_grad_accumulation)
+                sync_every_micro_batch=not self.job.parallel.unsharded_grad_accumulation,
+                before_update=self.ckpt.wait_staged)
             self.note_nonfinite(finite, norm, step + 1)
             window_loss += loss
             self.scheduler.step()
