@@ -5,7 +5,8 @@ state, on local disk and on S3, and the time a resumed run takes to its first st
 
 The ~30M-parameter model of benchmarks.train_overhead (model + AdamW state ≈ 380 MB per checkpoint) trains in one
 process (`--no-ray`) for 15 steps with a save every 5. The S3 endpoint is moto on 127.0.0.1, served from this
-process while the trainer runs in its own. Target: async blocked time ≤ 10 % of the synchronous save's.
+process while the trainer runs in its own. Target: async blocked time per mid-run save ≤ 10 % of the synchronous
+save's; the wait for the final save at the end of the run is printed apart.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ def train(run_dir: str, *args: str) -> float:
     return time.perf_counter() - t0
 
 
-def blocked_per_save(run_dir: str) -> float:
+def blocked(run_dir: str) -> dict:
+    """Loop seconds blocked per mid-run save (staging, and any wait for the previous save: commit and prune
+    included), and at the end of the run (the final save, which the run must wait for)."""
     lines = [json.loads(l) for l in storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).decode().splitlines()]
-    return sum(m["checkpoint_blocked_s"] for m in lines) / (STEPS // EVERY)
+    mid = [m["checkpoint_blocked_s"] for m in lines if "checkpoint_blocked_s" in m and m["step"] < STEPS]
+    return {"per_save": sum(mid) / len(mid), "final": lines[-1]["checkpoint_blocked_s"]}
 
 
 def start_moto() -> str:
@@ -61,16 +65,18 @@ def main() -> None:
             runs = {mode: storage.join(root, mode) for mode in ("async", "sync")}
             for mode, run_dir in runs.items():
                 train(run_dir, f"--train.steps={STEPS}", f"--checkpoint.async_save={mode == 'async'}")
-            rows[name] = {mode: blocked_per_save(run_dir) for mode, run_dir in runs.items()}
+            rows[name] = {mode: blocked(run_dir) for mode, run_dir in runs.items()}
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(tmp, "async",
                    "checkpoints", f"step-{STEPS:06d}")) for f in files)
         fresh = train(os.path.join(tmp, "fresh"), "--train.steps=1", "--checkpoint.every=0")
         resumed = train(os.path.join(tmp, "async"), f"--train.steps={STEPS + 1}")
-    print(f"checkpoint: {size / 1e6:.0f} MB (model + AdamW), {STEPS // EVERY} saves in {STEPS} steps, 1 process")
-    print(f"{'loop blocked per save':24s} {'async':>9s} {'sync':>9s} {'async/sync':>11s}")
+    print(f"checkpoint: {size / 1e6:.0f} MB (model + AdamW), a save every {EVERY} of {STEPS} steps, 1 process; "
+          "blocked = every second the loop waited on checkpointing (commit and prune included)")
+    print(f"{'loop blocked per mid-run save':30s} {'async':>9s} {'sync':>9s} {'async/sync':>11s} {'end-of-run wait':>16s}")
     for name, r in rows.items():
-        print(f"{name:24s} {r['async']:8.3f}s {r['sync']:8.3f}s {100 * r['async'] / r['sync']:10.1f}%")
-    print("target: async <= 10 % of sync")
+        a, s = r["async"]["per_save"], r["sync"]["per_save"]
+        print(f"{name:30s} {a:8.3f}s {s:8.3f}s {100 * a / s:10.1f}% {r['async']['final']:15.3f}s")
+    print("target: async <= 10 % of sync (the end-of-run wait is the last save's write, which a run must finish)")
     print(f"process start to first step done: fresh {fresh:.1f}s, resumed from a local checkpoint {resumed:.1f}s "
           f"(+{resumed - fresh:.1f}s to load)")
 

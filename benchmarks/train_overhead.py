@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def plain_loop(steps: int, skip: int) -> dict:
     cfg = ModelConfig(**MODEL, vocab_size=ds.vocab_size, max_seq_len=ds.seq_len)
     model = Transformer(cfg)
     model.init_weights(0)
-    optimizer = build_optimizer(model, optim=OptimConfig(lr=1e-3), device_type="cpu")
+    optimizer = build_optimizer(model, optim=OptimConfig(lr=1e-3))
     loader = StepLoader(ds.train, plan=BatchPlan(global_batch=GLOBAL_BATCH, micro_batch=GLOBAL_BATCH, world=1),
                         rank=0, seed=0)
     peak = measure_matmul_flops()
@@ -55,8 +56,8 @@ def plain_loop(steps: int, skip: int) -> dict:
     for step in range(steps):
         t0 = time.perf_counter()
         (batch,) = loader.batches(step)
-        loss, _ = lm_loss(model, batch)
-        loss.backward()
+        loss_sum, _ = lm_loss(model, batch)
+        (loss_sum / batch[:, 1:].numel()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
@@ -74,11 +75,12 @@ def raylm_run(launcher: list[str], run_dir: str, steps: int, log_every: int) -> 
             f"--train.global_batch={GLOBAL_BATCH}", f"--train.micro_batch={MICRO_BATCH}",
             *[f"--model.{k}={v}" for k, v in MODEL.items()]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
-    subprocess.run([*launcher, *args], check=True, capture_output=True, env=env)
+    proc = subprocess.run([*launcher, *args], check=True, capture_output=True, text=True, env=env)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         windows = [m for m in map(json.loads, f) if "loss" in m][1:]
-    return {key: statistics.mean(m[key] for m in windows)
-            for key in ("step_time_s", "data_wait_share", "mfu", "tokens_per_s")}
+    out = {key: statistics.mean(m[key] for m in windows)
+           for key in ("step_time_s", "data_wait_share", "mfu", "tokens_per_s")}
+    return out | {"setup": re.search(r"\d+ workers x \d+ micro-batches of <= \d+.*\(\d+ threads\)", proc.stderr)[0]}
 
 
 def main() -> None:
@@ -102,6 +104,8 @@ def main() -> None:
     for name, r in rows:
         wait = f"{100 * r['data_wait_share']:.2f}%" if "data_wait_share" in r else "-"
         print(f"{name:30s} {r['step_time_s']:8.3f} {r['tokens_per_s']:8.0f} {100 * r['mfu']:6.1f}% {wait:>10s}")
+    for name, r in (("torchrun", torchrun), ("Ray Train", ray)):  # the same work on each side, as each rank says
+        print(f"{name:10s} rank 0: {r['setup']}")
     ratio = ray["step_time_s"] / torchrun["step_time_s"]
     print(f"Ray Train / torchrun step time: {ratio:.3f}x (target <= 1.05)")
     print(f"data wait under Ray Train: {100 * ray['data_wait_share']:.2f}% of the step (target < 1 %)")
