@@ -12,13 +12,13 @@ save's; the wait for the final save at the end of the run is printed apart.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
 import tempfile
 import time
 
+from benchmarks.moto_s3 import start_moto
 from benchmarks.train_overhead import DATASET, MODEL, prepare_dataset
 from raylm import storage
 
@@ -44,22 +44,11 @@ def blocked(run_dir: str) -> dict:
     return {"per_save": sum(mid) / len(mid), "final": lines[-1]["checkpoint_blocked_s"]}
 
 
-def start_moto() -> str:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
-                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
-    return "s3://raylm-bench"
-
-
 def main() -> None:
     prepare_dataset()
     with tempfile.TemporaryDirectory() as tmp:
-        roots = {"local disk": tmp, "S3 (moto)": start_moto()}
+        server = start_moto("raylm-bench")
+        roots = {"local disk": tmp, "S3 (moto)": "s3://raylm-bench"}
         rows = {}
         for name, root in roots.items():
             runs = {mode: storage.join(root, mode) for mode in ("async", "sync")}
@@ -70,6 +59,7 @@ def main() -> None:
                    "checkpoints", f"step-{STEPS:06d}")) for f in files)
         fresh = train(os.path.join(tmp, "fresh"), "--train.steps=1", "--checkpoint.every=0")
         resumed = train(os.path.join(tmp, "async"), f"--train.steps={STEPS + 1}")
+        server.stop()
     print(f"checkpoint: {size / 1e6:.0f} MB (model + AdamW), a save every {EVERY} of {STEPS} steps, 1 process; "
           "blocked = every second the loop waited on checkpointing (commit and prune included)")
     print(f"{'loop blocked per mid-run save':30s} {'async':>9s} {'sync':>9s} {'async/sync':>11s} {'end-of-run wait':>16s}")

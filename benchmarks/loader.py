@@ -23,13 +23,12 @@ fetched per byte used when random rows are read from S3, and the rows/s gained b
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import time
 import tracemalloc
 
 import numpy as np
 
+from benchmarks.moto_s3 import start_moto
 from dataprep.dataset import Split
 from dataprep.shards import ShardWriter, rows_per_batch
 from trainer.data import EpochOrder
@@ -87,22 +86,6 @@ def print_permutation(args) -> None:
     size = n * np.dtype(np.int64).itemsize
     print(f"   a materialised int64 permutation of {n:,} rows would take {size / 1e9:.2f} GB (computed, not allocated)")
     print("   target: peak-output < 1 MB at 10^9 rows, and no growth with n")
-
-
-def start_moto():
-    """moto's S3 on 127.0.0.1 in this process, reached through the standard AWS environment; returns the server."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
-                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
-    import boto3
-
-    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
-    return server
 
 
 def write_shards(directory: str, *, shards: int, shard_rows: int, row_len: int) -> dict:
@@ -205,7 +188,7 @@ def main() -> None:
         raise ValueError(f"{args.steps} steps x {args.global_batch} rows exceed the {args.shards * args.shard_rows} "
                          "rows written: an epoch would repeat rows; write more or read fewer")
     print_permutation(args)
-    server = start_moto()
+    server = start_moto(BUCKET)
     try:
         run_s3(args)
     finally:
