@@ -174,7 +174,7 @@ class Split:
                     rows = int(self._starts[index + 1] - self._starts[index])
                     footer = _Footer(file, path, size=file.size(), batches=-(-rows // self.rows_per_batch))
             except (OSError, pa.ArrowException, struct.error, IndexError, ValueError) as exc:
-                raise DataError(f"cannot open shard {path} ({str(exc).splitlines()[0]}); re-run dataprep") from None
+                raise DataError(f"cannot open shard {path} ({str(exc).splitlines()[0]}); re-run dataprep") from exc
             with self._lock:
                 self.bytes_read += footer.bytes_read if self._footers.get(index) is None else 0
                 self._files.put(index, file)  # an evicted file closes when the last read using it lets go

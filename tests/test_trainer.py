@@ -72,7 +72,7 @@ def val_losses(run_dir: str) -> list[float]:
 
 def grad_shards_worker(rank: int, world: int, port: int, dataset: str, unsharded: bool, out: str) -> None:
     """One gloo rank: a real step of 4 micro-batches, recording after each backward whether every gradient is this
-    rank's shard only."""
+    rank's shard only; then a step whose gradient turns NaN, which must change no weight and no AdamW step count."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
@@ -98,10 +98,21 @@ def grad_shards_worker(rank: int, world: int, port: int, dataset: str, unsharded
             seen.append(isinstance(g, DTensor) and g.placements[0].is_shard()
                         and g.to_local().numel() <= -(-p.numel() // world))
 
-    train_step(model, build_optimizer(model, optim=job.optim), batches, grad_clip=1.0, aux_weight=0.0,
-               global_batch=16, sync_every_micro_batch=not unsharded, after_backward=check)
+    optimizer = build_optimizer(model, optim=job.optim)
+    train_step(model, optimizer, batches, grad_clip=1.0, aux_weight=0.0, global_batch=16,
+               sync_every_micro_batch=not unsharded, after_backward=check)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def poison(i: int) -> None:  # a NaN gradient, as an overflow would make
+        if i == len(batches) - 1:
+            next(model.parameters()).grad.fill_(float("nan"))
+
+    _, _, finite = train_step(model, optimizer, batches, grad_clip=1.0, aux_weight=0.0, global_batch=16,
+                              sync_every_micro_batch=not unsharded, after_backward=poison)
+    skipped = not finite.item() and all(torch.equal(a, p) for a, p in zip(before, model.parameters())) and all(
+        optimizer.state[p]["step"].item() == 1 for p in model.parameters())
     if rank == 0:
-        Path(out).write_text(json.dumps({"micro_batches": len(batches), "sharded": seen}))
+        Path(out).write_text(json.dumps({"micro_batches": len(batches), "sharded": seen, "skipped": skipped}))
     dist.destroy_process_group()
 
 
@@ -117,6 +128,7 @@ def test_gradients_stay_sharded_after_every_micro_batch(stdlib_dataset, tmp_path
         found[unsharded] = json.loads(out.read_text())
     sharded = found[False]
     assert sharded["micro_batches"] == 4 and len(sharded["sharded"]) > 4 and all(sharded["sharded"])
+    assert sharded["skipped"] and found[True]["skipped"], "a non-finite step must leave weights and AdamW untouched"
     per_micro = len(found[True]["sharded"]) // 4
     assert not any(found[True]["sharded"][:3 * per_micro]), "the opt-in reduces only after the last micro-batch"
 

@@ -39,6 +39,8 @@ warnings.filterwarnings("ignore", message="Detected an existing checkpoint", cat
 """DCP warns when it writes over a directory: raylm does that on purpose to a save cut off before its commit."""
 
 COMMITTED = "COMMITTED"
+DATA_ORDER = "feistel-1"
+"""The data order's version (trainer/data.py): a checkpoint of another order is another run, never continued."""
 TRAIN_STATE = "train_state.json"
 STEP_DIR = re.compile(r"step-(\d+)$")
 DCP_ERRORS = (Exception, CheckpointException)
@@ -169,6 +171,7 @@ def run_identity(model: ModelConfig, dataset, *, data_seed: int, global_batch: i
     return identity | {
         "dataset tokenizer sha256": dataset.manifest["tokenizer"]["sha256"], "dataset seq_len": dataset.seq_len,
         "dataset train rows": len(dataset.train), "data.seed": data_seed, "train.global_batch": global_batch,
+        "data order": DATA_ORDER,
     }
 
 
@@ -177,7 +180,7 @@ def check_continues(state: dict, identity: dict, path: str, *, own: bool, weight
     order (with `weights_only`, only the model must match): loading would fail deep in DCP or, worse, succeed.
     `own`: the checkpoint is the run directory's own (else it came from checkpoint.resume_from)."""
     saved = state.get("identity", {})
-    keys = [k for k in identity if k in saved and saved[k] != identity[k] and (k.startswith("model.") or not weights_only)]
+    keys = [k for k in identity if saved.get(k) != identity[k] and (k.startswith("model.") or not weights_only)]
     if not keys:
         return
     show = lambda value: f"{value[:12]}…" if isinstance(value, str) and len(value) > 16 else value  # noqa: E731
@@ -186,7 +189,7 @@ def check_continues(state: dict, identity: dict, path: str, *, own: bool, weight
         advice += (f", or start a new run from its weights with --checkpoint.resume_from={run_dir_of(path)} "
                    "--checkpoint.load_weights_only=true")
     subject = f"run directory {run_dir_of(path)} holds checkpoints" if own else f"checkpoint {path} was"
-    raise ConfigError(f"{subject} trained with {', '.join(f'{k}={show(saved[k])}' for k in keys)}; this run has "
+    raise ConfigError(f"{subject} trained with {', '.join(f'{k}={show(saved.get(k))}' for k in keys)}; this run has "
                       f"{', '.join(f'{k}={show(identity[k])}' for k in keys)}: {advice}")
 
 
@@ -275,12 +278,22 @@ class Checkpointer:
         self.blocked_seconds += time.perf_counter() - t0
 
     def _write_and_commit(self, state: dict, path: str, step: int, train_state: dict) -> str:
+        """Every rank's write, then rank 0's commit; a failed commit fails the save on every rank alike."""
         self._write(state, path)
+        failure: list = [None]
         if self.rank == 0:
-            storage.write_bytes(storage.join(path, TRAIN_STATE), json.dumps(train_state).encode())
-            storage.write_bytes(storage.join(path, COMMITTED), f"{step}\n".encode())  # last: the commit
+            try:
+                storage.write_bytes(storage.join(path, TRAIN_STATE), json.dumps(train_state).encode())
+                storage.write_bytes(storage.join(path, COMMITTED), f"{step}\n".encode())  # last: the commit
+                log.info("checkpoint %s committed", path)
+            except OSError as exc:
+                failure = [f"checkpoint {path} could not be committed ({_first_line(exc)}); check the run "
+                           "directory's storage"]
+        dist.broadcast_object_list(failure, src=0, group=self.group)
+        if failure[0]:
+            raise StorageError(failure[0])
+        if self.rank == 0:
             self.prune()
-            log.info("checkpoint %s committed", path)
         return path
 
     def _write(self, state: dict, path: str) -> None:
@@ -315,25 +328,41 @@ class Checkpointer:
             future, self.pending = self.pending, None
             self.committed = future.result()
 
-    def finish(self) -> None:
-        """Wait for the save in flight, counted as blocked time: the end of a run."""
+    def finish(self) -> float:
+        """Wait for the save in flight, counted as blocked time: the end of a run. Returns the seconds waited."""
+        if self.pending is None:
+            return 0.0
         t0 = time.perf_counter()
         self._wait()
-        self.blocked_seconds += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self.blocked_seconds += waited
+        return waited
 
     def take_blocked(self) -> float:
         seconds, self.blocked_seconds = self.blocked_seconds, 0.0
         return seconds
 
     def take_committed(self) -> str | None:
-        """The newest checkpoint committed since the last call, without waiting (a failed save raises here)."""
-        if self.pending is not None and self.pending.done():
-            self._wait()
+        """The newest checkpoint committed since the last call, without waiting for one in flight. Collective (at
+        log steps): the ranks agree whether the save is done, so a failed one raises on every rank at once."""
+        if self.pending is not None:
+            done = torch.tensor([int(self.pending.done())], device=self.device)
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+            if done.item():
+                self._wait()
         path, self.committed = self.committed, None
         return path
 
     def prune(self) -> None:
-        """Delete all but the newest `keep` committed checkpoints, and cut-off saves older than the newest commit."""
+        """Delete all but the newest `keep` committed checkpoints, and cut-off saves older than the newest commit.
+        A failure is only logged: the next commit prunes again."""
+        try:
+            self._prune()
+        except OSError as exc:
+            log.warning("pruning old checkpoints of %s failed (%s); the next commit tries again", self.run_dir,
+                        _first_line(exc))
+
+    def _prune(self) -> None:
         found = list_checkpoints(self.run_dir)
         committed = [path for _, path, ok in found if ok]
         if not committed:

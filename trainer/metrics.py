@@ -76,7 +76,8 @@ def format_line(m: dict) -> str:
 
 class MetricsLog:
     """Rank 0's sinks. The stdout line and the gauges are set in the loop; metrics.jsonl and TensorBoard are written
-    on a background thread, in order, so storage never stalls a step (an error there is raised at the next write).
+    on a background thread, in order, so storage never stalls a step (a failed write is logged, not raised: only
+    rank 0 writes, and an error there would leave the other ranks waiting in the next collective).
 
     metrics.jsonl keeps the lines of earlier segments up to the resume step, so after a resume the file reads as one
     run; each line is appended (an s3:// object cannot be appended to, so there the file is rewritten, off the
@@ -127,7 +128,8 @@ class MetricsLog:
                 gauge.set(m[key])
         for future in [f for f in self.pending if f.done()]:
             self.pending.remove(future)
-            future.result()  # a failed write of an earlier step stops the run here, with its error
+            if future.exception() is not None:  # only rank 0 writes: raising would leave the other ranks waiting
+                log.warning("writing metrics failed (%s); training goes on", future.exception())
         self.pending.append(self.pool.submit(self._persist, dict(m)))
 
     def _persist(self, m: dict) -> None:
@@ -159,10 +161,11 @@ class MetricsLog:
             self.tb = self._new_tb_writer()
 
     def close(self) -> None:
-        """Wait for every pending write (raising the first failure)."""
+        """Wait for every pending write."""
         self.pool.shutdown(wait=True)
         for future in self.pending:
-            future.result()
+            if future.exception() is not None:
+                log.warning("writing metrics failed (%s)", future.exception())
         self.tb.close()
         if self.tb_remote:
             self._upload_tb()

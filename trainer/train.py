@@ -112,7 +112,7 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def loss_tokens(micro_batches: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The step's global count of loss tokens (every rank's): each token's loss is weighted by its inverse."""
-    count = torch.tensor(float(sum(b[:, 1:].numel() for b in micro_batches)), device=device)
+    count = torch.full((), float(sum(b[:, 1:].numel() for b in micro_batches)), device=device)  # a fill, not a copy
     dist.all_reduce(count)
     return count
 
@@ -328,8 +328,7 @@ class Trainer:
         if self.job.train.max_loss and not mean_loss <= self.job.train.max_loss:  # `not <=`: NaN too
             raise TrainingDiverged(f"training loss {mean_loss:.4g} at step {step} exceeds train.max_loss="
                                    f"{self.job.train.max_loss:g}; lower --optim.lr or raise --optim.warmup_steps")
-        if step == self.job.train.steps:
-            self.ckpt.finish()
+        final_wait = self.ckpt.finish() if step == self.job.train.steps else None
         step_time = elapsed / steps
         tokens_per_s = self.tokens_per_step / step_time
         m = {
@@ -339,6 +338,8 @@ class Trainer:
             "data_wait_share": self.loader.take_wait() / elapsed, "peak_mem_gib": peak_memory_gib(self.d.device),
             "checkpoint_blocked_s": self.ckpt.take_blocked(),
         }
+        if final_wait is not None:  # part of checkpoint_blocked_s: the last save's write, which a run must finish
+            m["checkpoint_final_wait_s"] = final_wait
         if self.is_eval_step(step) and self.val:
             m["val_loss"] = evaluate(self.model, self.val, self.d.device)
             m["val_ppl"] = math.exp(min(m["val_loss"], 50.0))
