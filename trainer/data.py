@@ -47,7 +47,7 @@ class BatchPlan:
     @property
     def grad_accum(self) -> int:
         """Micro-batches every rank runs per step (the longest share's count)."""
-        return math.ceil(math.ceil(self.global_batch / self.world) / self.micro_batch)
+        return micro_batch_count(self.global_batch, self.world, self.micro_batch)
 
 
 def check_fits(dataset, *, global_batch: int, world: int, needs_val: bool = False) -> None:
@@ -68,6 +68,11 @@ def split_evenly(total: int, parts: int, index: int) -> tuple[int, int]:
     base, extra = divmod(total, parts)
     start = index * base + min(index, extra)
     return start, start + base + (index < extra)
+
+
+def micro_batch_count(total: int, parts: int, micro_batch: int) -> int:
+    """Micro-batches of at most `micro_batch` rows the longest of `parts` even shares of `total` rows needs."""
+    return math.ceil(math.ceil(total / parts) / micro_batch)
 
 
 def micro_batches(rows: torch.Tensor, *, micro_batch: int, count: int) -> list[torch.Tensor]:
@@ -202,5 +207,4 @@ def val_batches(split: Split, *, rows: int, seed: int, micro_batch: int, rank: i
     start, stop = split_evenly(len(chosen), world, rank)
     data = torch.from_numpy(split.rows(chosen[start:stop]).astype(np.int64)) if stop > start else \
         torch.zeros((0, split.row_len), dtype=torch.int64)
-    count = math.ceil(math.ceil(len(chosen) / world) / micro_batch)
-    return micro_batches(data, micro_batch=micro_batch, count=count)
+    return micro_batches(data, micro_batch=micro_batch, count=micro_batch_count(len(chosen), world, micro_batch))
