@@ -7,6 +7,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import asdict, dataclass, field
 
+from raylm.storage import StorageConfig
+
 from raylm.errors import ConfigError
 
 BAD_RECORD = ("error", "skip")
@@ -112,6 +114,7 @@ class DataprepConfig:
     pack: PackConfig = field(default_factory=PackConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def settings(self) -> dict:
         """What determines the output bytes: a dataset or unfinished run with other settings is never reused.

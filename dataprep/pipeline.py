@@ -32,7 +32,7 @@ from dataprep.units import Unit, plan_units
 from dataprep.worker import PackUnits, UnitJob
 from raylm import storage
 from raylm.errors import DataError, StorageError
-from raylm.ray_session import init_ray, quiet_ray_data
+from raylm.ray_session import check_local_paths, init_ray, quiet_ray_data
 from raylm.storage import FileEntry
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,14 @@ def run(cfg: DataprepConfig, *, demo: bool = False) -> RunResult:
     """Make the dataset, or finish one a killed run began. A finished identical dataset is left as it is."""
     cpu0, t0 = time.process_time(), time.perf_counter()
     output = cfg.output.dir = storage.absolute(cfg.output.dir)
+    where = {"--output.dir": output, "--input.paths": next((p for p in cfg.input.paths if not storage.is_s3(p)), ""),
+             "--tokenizer.file": cfg.tokenizer.file or ""}
+    for path in [output, *cfg.input.paths, cfg.tokenizer.file or ""]:
+        storage.check_bucket(path)
     files = list_corpus(cfg.input.paths, max_files=cfg.input.max_files, exclude=DEMO_EXCLUDE if demo else None)
     given_tokenizer = read_given_tokenizer(cfg.tokenizer.file) if cfg.tokenizer.file else None
     settings = run_settings(cfg, files, given_tokenizer)
+    check_local_paths(where, shared_fs=cfg.storage.shared_fs)
     existed = storage.exists(output)
     state = prepare_output(output, settings, overwrite=cfg.output.overwrite)
     if state == "finished":

@@ -22,6 +22,7 @@ VERBOSE_ENV = "RAYLM_VERBOSE"
 KNOWN_NOISE = re.compile(
     r"has constructor arguments in the object store and max_restarts > 0"  # each actor pool and Train controller
     r"|Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL"  # the price of quieting the rest
+    r"|\[state-dump\]"  # a dying raylet's event-loop statistics, ~20 lines under its one-line cause
 )
 """Lines Ray prints that say nothing to a raylm user."""
 
@@ -104,3 +105,35 @@ def quiet_ray_data() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if handler.name == "console":
             handler.setLevel(logging.WARNING)
+
+
+def check_local_paths(paths: dict[str, str], *, shared_fs: bool, where: str | None = None) -> None:
+    """Refuse local paths (`{"--run.dir": path, ...}`) that the nodes of this Ray cluster would each read or write
+    on their own disk: on a cluster of more than one node (joined here if need be, so a command can check before
+    it writes anything), and (`where`: the driver's node id, checked in a worker) on any node but the driver's,
+    which an autoscaled cluster adds after the launch check. `storage.shared_fs` says the paths are on a filesystem
+    every node mounts."""
+    import ray
+
+    from raylm.errors import ConfigError
+    from raylm.storage import is_s3
+
+    local = [(flag, path) for flag, path in paths.items() if path and not is_s3(path)]
+    if shared_fs or not local:
+        return
+    if where is None:
+        if not ray.is_initialized():
+            if starts_its_own_cluster():  # a Ray of this command's own: one node
+                return
+            init_ray()
+        nodes = sum(1 for node in ray.nodes() if node["Alive"])
+        if nodes <= 1:
+            return
+        reason = f"this Ray cluster has {nodes} nodes, each with its own disk"
+    elif ray.get_runtime_context().get_node_id() == where:
+        return
+    else:
+        reason = "this worker runs on another node than the driver, with a disk of its own"
+    flag, path = local[0]
+    raise ConfigError(f"{flag} {path} is a local path, but {reason}: use an s3:// URL, or --storage.shared_fs=true if "
+                      f"{path} is on a filesystem every node mounts (NFS)")

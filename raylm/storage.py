@@ -1,8 +1,10 @@
-"""One place that turns a local path or `s3://` URL into a filesystem.
+"""One place that turns a local path or `s3://` URL into a filesystem: the one S3 client setup of raylm's data,
+checkpoints (DCP writes through it), metrics and Ray's own run state.
 
-The S3 endpoint, region and credentials come only from the standard AWS environment (`AWS_ENDPOINT_URL`,
-`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`, instance roles), so AWS, MinIO, Ceph and moto
-work unchanged and no credential ever passes through raylm's configs, logs or error messages.
+The S3 endpoint comes from `AWS_ENDPOINT_URL`; the region and credentials from the AWS SDK's own resolution
+(`AWS_DEFAULT_REGION`/`AWS_REGION`, `~/.aws/config` profiles, instance metadata), with no fallback of raylm's. So AWS,
+MinIO, Ceph and moto work unchanged and no credential ever passes through raylm's configs, logs or error messages.
+A bucket is never created: a missing one is an error naming it (`check_bucket`), so a typo cannot make a bucket.
 """
 
 from __future__ import annotations
@@ -30,19 +32,26 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/") if base != "/" else base, *parts)
 
 
+@dataclass(kw_only=True)
+class StorageConfig:
+    shared_fs: bool = False
+    """Local paths are on a filesystem every node of the Ray cluster mounts (NFS, Lustre, a FUSE-mounted bucket).
+    Without it, a local path on a cluster of more than one node is refused: each node would read and write its own
+    disk."""
+
+
 @functools.lru_cache(maxsize=None)
-def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+def _s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
+    """pyarrow's S3 (it reads neither AWS_ENDPOINT_URL nor, without `region`, anything but the SDK's chain)."""
     scheme = "https"
     if endpoint and "://" in endpoint:
         scheme, endpoint = endpoint.split("://", 1)
     return pafs.S3FileSystem(
         endpoint_override=endpoint or None,
         scheme=scheme,
-        region=region or "us-east-1",
         connect_timeout=5,
         request_timeout=60,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
-        allow_bucket_creation=True,
     )
 
 
@@ -55,19 +64,26 @@ def absolute(path: str) -> str:
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for a local path or an s3:// URL."""
     if is_s3(path):
-        fs = _s3_filesystem(os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_DEFAULT_REGION"))
+        fs = _s3_filesystem(os.environ.get("AWS_ENDPOINT_URL"))
         return fs, path[len("s3://"):].rstrip("/")
     return pafs.LocalFileSystem(), absolute(path)
 
 
-def fsspec_filesystem(path: str):
-    """An fsspec filesystem for `path` (s3fs for s3://), for libraries that speak fsspec (e.g. DCP)."""
-    import fsspec
-
+def check_bucket(path: str) -> None:
+    """Fail now, naming it, if an s3:// path's bucket does not exist: before a job spends compute it would lose at
+    its first write (raylm never creates a bucket, so a typo in its name cannot make one)."""
     if not is_s3(path):
-        return fsspec.filesystem("file")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    return fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint} if endpoint else {})
+        return
+    fs, inner = filesystem(path)
+    bucket = inner.split("/", 1)[0]
+    try:
+        missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+    except OSError as exc:
+        raise StorageError(describe_os_error(exc, path)) from None
+    if missing:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+        raise StorageError(f"bucket {bucket} (of {path}) does not exist at {endpoint}; fix the name or create the "
+                           "bucket first (raylm never creates one)")
 
 
 def describe_os_error(exc: OSError, path: str) -> str:

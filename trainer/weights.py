@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,11 @@ class Weights:
         model.load_state_dict(self.state, assign=True)
         model.init_buffers()
         return model.eval()
+
+
+NOT_A_TORCH_FILE = (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, ValueError)
+"""What torch.load raises for a file it cannot read as a torch save (a text file: KeyError; a foreign zip:
+RuntimeError; an empty file: EOFError; a pickle of other objects: UnpicklingError)."""
 
 
 def read_tokenizer(path: str) -> bytes:
@@ -69,8 +75,10 @@ def load_weights(path: str) -> Weights:
                         "or a raylm .pt weights file")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our file"
+    except NOT_A_TORCH_FILE as exc:
         raise DataError(f"{path} is not a raylm weights file ({type(exc).__name__})") from None
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise DataError(f"{path} is not a raylm weights file (expected format {FORMAT})")
     return Weights(ModelConfig(**data["model"]), data["state_dict"], data.get("tokenizer"))

@@ -21,7 +21,7 @@ from ray.tune import Callback
 from dataprep import open_dataset
 from raylm import storage
 from raylm.errors import ConfigError
-from raylm.ray_session import init_ray, verbose
+from raylm.ray_session import check_local_paths, init_ray, verbose
 from raylm.config import dump_toml, from_dict, to_dict
 from trainer.data import check_fits
 from trainer.job import JobConfig
@@ -251,6 +251,9 @@ def require_state_api() -> None:
 
 def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
     """Run (or resume) the study; returns its rows and the best one, with the outputs written."""
+    where = {"--data.path": job.data.path, "--tune.dir": job.tune.dir}
+    for path in where.values():
+        storage.check_bucket(path)
     dataset = open_dataset(job.data.path)
     for batch in job.tune.batch:  # checked here, as the trainer checks at launch, not trial by trial in the workers
         try:
@@ -258,6 +261,7 @@ def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
         except ConfigError as exc:
             raise ConfigError(f"--tune.batch {batch}: {exc}") from None
     init_ray(log_to_driver=verbose())  # trials' lines would interleave; the study prints a line per trial
+    check_local_paths(where, shared_fs=job.storage.shared_fs)
     require_state_api()
     tuner = build_tuner(job, seq_len=dataset.seq_len, vocab_size=dataset.vocab_size)
     print(f"study in {job.tune.dir}; each trial's curves: tensorboard --logdir {storage.join(job.tune.dir, 'trials')}",
