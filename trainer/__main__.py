@@ -10,11 +10,12 @@ import os
 import sys
 
 from dataprep import open_dataset
+from raylm import storage
 from raylm.cli import configure_logging, run_cli
 from trainer import checkpoint
 from raylm.cli import parse_job_args
 from trainer.data import check_fits
-from trainer.job import JobConfig, make_paths_absolute
+from trainer.job import JobConfig, make_paths_absolute, paths
 from trainer.train import resolve_model
 
 FLAGS = {"--no-ray": "run the loop in this process (or under torchrun) instead of Ray Train"}
@@ -24,6 +25,8 @@ def check_before_launch(job: JobConfig, *, max_world: int) -> int:
     """Catch user mistakes on the driver, before workers start: dataset present and big enough for a step, every
     world size the run may have (an elastic run's too) at most the batch, and RUN_DIR's checkpoints (if any) of this
     very model, dataset and data order. Returns the step the run would continue from (0 for a new run)."""
+    for path in paths(job).values():
+        storage.check_bucket(path)
     dataset = open_dataset(job.data.path)
     check_fits(dataset, global_batch=job.train.global_batch, world=max_world)
     resolve_model(job, dataset)
@@ -57,9 +60,7 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         if no_ray:
-            from trainer.train import run
-
-            summary = run(job)
+            summary = run_here(job)
         else:
             from trainer.ray_launch import launch
 
@@ -69,6 +70,18 @@ def main(argv: list[str]) -> int:
     if os.environ.get("RANK", "0") == "0":
         print_summary(job, summary)
     return 0
+
+
+def run_here(job: JobConfig) -> dict:
+    """The loop in this process, one rank of a torchrun job or alone; rank 0 holds the run directory's lease."""
+    from trainer.lease import held
+    from trainer.train import run
+
+    if os.environ.get("RANK", "0") != "0":
+        return run(job)
+    with held(job.run.dir, job=f"torchrun {os.environ.get('TORCHELASTIC_RUN_ID', 'local')}",
+              seconds=job.run.lease_s) as lease:
+        return run(job, lease=lease.token)
 
 
 def print_summary(job: JobConfig, summary: dict) -> None:

@@ -10,7 +10,9 @@ world size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -32,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_st
 
 from raylm import storage
 from raylm.errors import ConfigError, DataError, StorageError
+from trainer.lease import LeaseLost, check_held
 from trainer.model import ModelConfig, Transformer
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ STEP_DIR = re.compile(r"step-(\d+)$")
 DCP_ERRORS = (Exception, CheckpointException)
 """What a failed DCP save or load raises: CheckpointException (every rank's errors, gathered) is a BaseException."""
 DAMAGE = (OSError, EOFError, pickle.UnpicklingError)
-"""What storage or a damaged file raises (s3fs and pyarrow raise OSError subclasses); anything else is a bug."""
+"""What storage or a damaged file raises (pyarrow raises OSError subclasses); anything else is a bug."""
 
 
 def is_storage_failure(exc: BaseException) -> bool:
@@ -70,8 +73,13 @@ class CheckpointConfig:
     """Write in the background (the loop waits only for the copy to host memory); False waits for the commit."""
     retries: int = 3
     """Attempts at writing a checkpoint, with exponential backoff, before the run stops with an error."""
+    preempt_grace_s: float = 25.0
+    """After a preemption notice (SIGTERM to a worker) the run finishes its step, saves and commits; a worker still
+    at it this long after the signal exits anyway (spot and Kubernetes give ~30 s, AWS spot 2 min)."""
 
     def __post_init__(self):
+        if self.preempt_grace_s <= 0:
+            raise ConfigError(f"checkpoint.preempt_grace_s must be > 0, got {self.preempt_grace_s}")
         for name in ("every", "keep", "retries"):
             if getattr(self, name) < (1 if name != "every" else 0):
                 raise ConfigError(f"checkpoint.{name} must be >= {1 if name != 'every' else 0}, got {getattr(self, name)}")
@@ -115,20 +123,51 @@ def resolve(path: str) -> str:
     return found
 
 
-def _writer(path: str):
-    if storage.is_s3(path):  # endpoint and credentials from the AWS environment, as everywhere in raylm
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+READ_BUFFER = 8 << 20
+"""Bytes fetched per ranged read when loading from S3: DCP unpickles through many small reads, each of which would
+otherwise be a request of its own (seconds for even a tiny checkpoint)."""
 
-        return FsspecWriter(path)
-    return dcp.FileSystemWriter(storage.absolute(path))
+
+def _object_storage(path: str):
+    """torch's fsspec storage layer for DCP over raylm's own S3 client (`storage.filesystem`, wrapped for fsspec), so
+    checkpoints reach S3 with the endpoint, region, credentials and retries of everything else raylm reads or writes.
+    Reads go through a buffer of READ_BUFFER bytes."""
+    from fsspec.implementations.arrow import ArrowFSWrapper
+    from torch.distributed.checkpoint._fsspec_filesystem import FileSystem
+
+    class RaylmS3(FileSystem):
+        def init_path(self, path, **kwargs):
+            fs, inner = storage.filesystem(str(path))
+            self.fs = ArrowFSWrapper(fs)
+            return inner
+
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            if mode != "rb":
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            with io.BufferedReader(self.fs.fs.open_input_file(str(path)), READ_BUFFER) as stream:
+                yield stream
+
+    layer = RaylmS3()
+    return layer, layer.init_path(path)
+
+
+def _writer(path: str):
+    # an object is durable once its upload returns; DCP's fsync fallback for a stream without a descriptor would
+    # be os.sync() of the whole machine
+    writer = dcp.FileSystemWriter(storage.absolute(path), sync_files=not storage.is_s3(path))
+    if storage.is_s3(path):
+        writer.fs, writer.path = _object_storage(path)
+    return writer
 
 
 def _reader(path: str):
+    reader = dcp.FileSystemReader(storage.absolute(path))
     if storage.is_s3(path):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-        return FsspecReader(path)
-    return dcp.FileSystemReader(storage.absolute(path))
+        reader.fs, reader.path = _object_storage(path)
+    return reader
 
 
 def _first_line(exc: BaseException) -> str:
@@ -250,8 +289,9 @@ class Checkpointer:
     dcp.save has returned there, i.e. once every rank's shards and the metadata are written) and pruning all run on
     a background thread. Every second the loop waits counts in `blocked_seconds`."""
 
-    def __init__(self, run_dir: str, cfg: CheckpointConfig, *, rank: int, device: torch.device):
-        self.run_dir, self.cfg, self.rank, self.device = run_dir, cfg, rank, device
+    def __init__(self, run_dir: str, cfg: CheckpointConfig, *, rank: int, device: torch.device,
+                 lease: str | None = None):
+        self.run_dir, self.cfg, self.rank, self.device, self.lease = run_dir, cfg, rank, device, lease
         self.group = dist.new_group(backend="gloo")  # the background writes' collectives, apart from training's
         self.stager = DefaultStager(StagingOptions(use_pinned_memory=device.type == "cuda", use_shared_memory=False,
                                                    use_async_staging=True, use_non_blocking_copy=False))
@@ -278,20 +318,25 @@ class Checkpointer:
         self.blocked_seconds += time.perf_counter() - t0
 
     def _write_and_commit(self, state: dict, path: str, step: int, train_state: dict) -> str:
-        """Every rank's write, then rank 0's commit; a failed commit fails the save on every rank alike."""
+        """Every rank's write, then rank 0's commit (if this job still holds the run directory's lease); a failed
+        commit fails the save on every rank alike."""
         self._write(state, path)
         failure: list = [None]
         if self.rank == 0:
             try:
+                if self.lease is not None:
+                    check_held(self.run_dir, self.lease)
                 storage.write_bytes(storage.join(path, TRAIN_STATE), json.dumps(train_state).encode())
                 storage.write_bytes(storage.join(path, COMMITTED), f"{step}\n".encode())  # last: the commit
                 log.info("checkpoint %s committed", path)
+            except LeaseLost as exc:
+                failure = [exc]
             except OSError as exc:
-                failure = [f"checkpoint {path} could not be committed ({_first_line(exc)}); check the run "
-                           "directory's storage"]
+                failure = [StorageError(f"checkpoint {path} could not be committed ({_first_line(exc)}); check the "
+                                        "run directory's storage")]
         dist.broadcast_object_list(failure, src=0, group=self.group)
-        if failure[0]:
-            raise StorageError(failure[0])
+        if failure[0] is not None:
+            raise failure[0]
         if self.rank == 0:
             self.prune()
         return path

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 from raylm import storage
 from raylm.errors import ConfigError
+from raylm.storage import StorageConfig
 from trainer.checkpoint import CheckpointConfig, FaultConfig
+from trainer.lease import SETTLE_S
 from trainer.model import ModelConfig
 from trainer.optim import OptimConfig
 from trainer.parallelize import ParallelConfig
@@ -70,6 +72,13 @@ class RunConfig:
     dir: str = "runs/demo"
     """Run directory (local or s3://): config.toml, metrics.jsonl, tb/, checkpoints/ and Ray Train's run state; the
     Ray run is named after its last path component."""
+    lease_s: float = 60.0
+    """One job per run directory: the running job renews its lease (RUN_DIR/lease.json) every lease_s / 4; one not
+    renewed for lease_s is presumed dead and taken over by the next job."""
+
+    def __post_init__(self):
+        if self.lease_s < 4 * SETTLE_S:
+            raise ConfigError(f"run.lease_s must be >= {4 * SETTLE_S:g}, got {self.lease_s}")
 
 
 @dataclass(kw_only=True)
@@ -84,8 +93,11 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker."""
     max_failures: int = 3
-    """Restarts of the worker group after a worker or node dies (-1 = unlimited); each resumes from the last
-    committed checkpoint."""
+    """Restarts of the worker group after a worker or node dies or a preemption notice (-1 = unlimited: spot
+    capacity); each resumes from the last committed checkpoint."""
+    resize_check_s: float = 60.0
+    """Elastic training: how often a run below ray.num_workers looks for room to grow (a grow restarts the worker
+    group from the last committed checkpoint)."""
 
     def __post_init__(self):
         if self.num_workers < 1:
@@ -94,6 +106,8 @@ class RayConfig:
             raise ConfigError(f"ray.min_workers must be in [0, ray.num_workers={self.num_workers}], got {self.min_workers}")
         if self.max_failures < -1:
             raise ConfigError(f"ray.max_failures must be >= -1, got {self.max_failures}")
+        if self.resize_check_s < 0:
+            raise ConfigError(f"ray.resize_check_s must be >= 0, got {self.resize_check_s}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"ray.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
 
@@ -109,6 +123,13 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+def paths(job: JobConfig) -> dict[str, str]:
+    """The job's storage locations by option, for the checks that name the one at fault."""
+    return {"--data.path": job.data.path, "--run.dir": job.run.dir,
+            "--checkpoint.resume_from": job.checkpoint.resume_from}
 
 
 def make_paths_absolute(job: JobConfig) -> None:

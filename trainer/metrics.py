@@ -30,7 +30,11 @@ GPU_PEAK_BF16 = {  # dense bf16 tensor-core FLOP/s per device
     "RTX 4090": 165e12,
     "V100": 125e12,
 }
-GAUGES = {"loss": "raylm_loss", "tokens_per_s": "raylm_tokens_per_second", "mfu": "raylm_mfu"}
+GAUGES = {"loss": "raylm_loss", "val_loss": "raylm_val_loss", "tokens_per_s": "raylm_tokens_per_second",
+          "mfu": "raylm_mfu", "data_wait_share": "raylm_data_wait_share",
+          "checkpoint_blocked_s": "raylm_checkpoint_blocked_seconds", "workers": "raylm_workers", "step": "raylm_step"}
+"""Ray's Prometheus gauges of rank 0's log steps (exported as ray_<name>), tagged with the Ray job and the run
+directory so several jobs' curves stay apart: what cluster/grafana/raylm.json plots."""
 
 
 def measure_matmul_flops(n: int = 2048, seconds: float = 1.0) -> float:
@@ -96,6 +100,7 @@ class MetricsLog:
         self.tb_files = 0
         self.tb = self._new_tb_writer()
         self.uploaded: dict[str, int] = {}
+        self.tags = {"run": run_dir}
         self.gauges = self._gauges()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-metrics")
         self.pending: list[Future] = []
@@ -111,21 +116,22 @@ class MetricsLog:
         self.tb_files += 1
         return SummaryWriter(self.tb_dir, filename_suffix=f".{self.tb_files}")
 
-    @staticmethod
-    def _gauges() -> dict:
+    def _gauges(self) -> dict:
         import ray
 
         if not ray.is_initialized():
             return {}
         from ray.util.metrics import Gauge
 
-        return {k: Gauge(name, description=f"raylm {k} of the latest log step") for k, name in GAUGES.items()}
+        self.tags["job"] = ray.get_runtime_context().get_job_id()
+        return {k: Gauge(name, description=f"raylm {k} of the latest log step", tag_keys=("job", "run"))
+                for k, name in GAUGES.items()}
 
     def write(self, m: dict) -> None:
         print(format_line(m), flush=True)
         for key, gauge in self.gauges.items():
             if key in m:
-                gauge.set(m[key])
+                gauge.set(m[key], tags=self.tags)
         for future in [f for f in self.pending if f.done()]:
             self.pending.remove(future)
             if future.exception() is not None:  # only rank 0 writes: raising would leave the other ranks waiting

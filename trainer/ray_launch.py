@@ -18,7 +18,10 @@ from raylm.errors import RaylmError
 from raylm.ray_session import init_ray
 from trainer.checkpoint import COMMITTED
 from raylm.config import from_dict, to_dict
-from trainer.job import JobConfig
+from raylm.ray_session import check_local_paths
+from trainer.job import JobConfig, paths
+from trainer.lease import held
+from trainer.preemption import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,9 @@ def train_worker(config: dict) -> dict:
 
     quiet_report_log()
     quiet_user_error_tracebacks()
-    return run(from_dict(JobConfig, config["job"]), report=report_to_ray)
+    job = from_dict(JobConfig, config["job"])
+    check_local_paths(paths(job), shared_fs=job.storage.shared_fs, where=config["driver_node"])
+    return run(job, report=report_to_ray, lease=config["lease"])
 
 
 def user_error_of(exc: BaseException) -> RaylmError | None:
@@ -128,18 +133,31 @@ def launch(job: JobConfig, *, callbacks: list | None = None):
 
     Ray's controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and a report waits
     until the previous one was polled: log steps closer together than that block the loop (lower it, as the tests
-    do, for runs that log every fraction of a second); a shorter poll costs CPU on every run."""
+    do, for runs that log every fraction of a second); a shorter poll costs CPU on every run.
+
+    The driver holds RUN_DIR's lease for the whole run (trainer/lease.py), across the worker group's restarts."""
+    import ray
+
+    init_ray()
+    check_local_paths(paths(job), shared_fs=job.storage.shared_fs)
+    context = ray.get_runtime_context()
+    with held(job.run.dir, job=f"ray job {context.get_job_id()}", seconds=job.run.lease_s) as lease:
+        return fit(job, lease=lease.token, driver_node=context.get_node_id(), callbacks=callbacks)
+
+
+def fit(job: JobConfig, *, lease: str, driver_node: str, callbacks: list | None):
+    """TorchTrainer.fit of the job, its failure turned into one line when it is a user's to fix."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    init_ray()
     resources = {"CPU": job.ray.cpus_per_worker, **({"GPU": 1} if job.ray.use_gpu else {})}
     fs, path = storage.filesystem(job.run.dir)
     workers = (job.ray.min_workers, job.ray.num_workers) if job.ray.min_workers else job.ray.num_workers
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": to_dict(job)},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=job.ray.use_gpu, resources_per_worker=resources),
+        train_loop_config={"job": to_dict(job), "lease": lease, "driver_node": driver_node},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=job.ray.use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=job.ray.resize_check_s),
         run_config=RunConfig(
             name=posixpath.basename(path), storage_path=posixpath.dirname(path), storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=job.ray.max_failures), callbacks=callbacks,
@@ -156,10 +174,14 @@ def launch(job: JobConfig, *, callbacks: list | None = None):
         raise KeyboardInterrupt() from None
     except Exception as exc:  # noqa: BLE001 - a worker's user error is re-raised as itself
         user_error = user_error_of(exc)
-        if user_error is not None:  # printed as one line; with --debug, with Ray's whole chain
+        if isinstance(user_error, Preempted):
+            death = f"{user_error}"
+        elif user_error is not None:  # printed as one line; with --debug, with Ray's whole chain
             raise user_error from exc
-        if (death := lost_worker(exc)) is not None:
-            raise WorkerLost(f"a worker died ({death}) and the run's restarts are spent "
+        else:
+            death = lost_worker(exc)
+        if death is not None:
+            raise WorkerLost(f"a worker died or was preempted ({death}) and the run's restarts are spent "
                              f"(ray.max_failures={job.ray.max_failures}); run the same command again to continue "
                              "from the newest committed checkpoint") from exc
         raise

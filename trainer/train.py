@@ -35,6 +35,7 @@ from trainer.metrics import MetricsLog, device_peak_flops, peak_memory_gib
 from trainer.model import Transformer, generate, initial_value
 from trainer.optim import build_optimizer, build_scheduler, changed_optim, set_schedule_step
 from trainer.parallelize import materialize, parallelize
+from trainer.preemption import Preempted, Preemption
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +111,21 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.
     return (loss, aux) if len(batch) else (loss * 0.0, aux * 0.0)
 
 
-def loss_tokens(micro_batches: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The step's global count of loss tokens (every rank's): each token's loss is weighted by its inverse."""
-    count = torch.full((), float(sum(b[:, 1:].numel() for b in micro_batches)), device=device)  # a fill, not a copy
-    dist.all_reduce(count)
-    return count
+def loss_tokens(micro_batches: list[torch.Tensor], device: torch.device,
+                preemption: Preemption | None = None) -> torch.Tensor:
+    """The step's global count of loss tokens (every rank's): each token's loss is weighted by its inverse. The same
+    all-reduce carries the count of ranks with a preemption notice (posted to `preemption`)."""
+    counts = torch.full((2,), float(sum(b[:, 1:].numel() for b in micro_batches)), device=device)  # fills, no copy
+    counts[1].fill_(preemption.requested() if preemption else 0.0)
+    dist.all_reduce(counts)
+    if preemption is not None:
+        preemption.post(counts[1])
+    return counts[0]
 
 
 def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight: float, global_batch: int,
                sync_every_micro_batch: bool = True, after_backward: Callable[[int], None] | None = None,
-               before_update: Callable[[], None] | None = None) -> tuple:
+               before_update: Callable[[], None] | None = None, preemption: Preemption | None = None) -> tuple:
     """One optimizer step over this rank's micro-batches; returns (this rank's part of the step's mean loss, grad
     norm, whether the norm is finite) as device tensors, with no host sync.
 
@@ -128,9 +134,10 @@ def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight:
     are reduce-scattered as its backward ends, so only sharded gradients are ever kept; without
     `sync_every_micro_batch` FSDP accumulates full unsharded gradients and reduces once per step. A step whose
     gradient norm is not finite makes no update: the fused AdamW skips it on device (`found_inf`).
-    `before_update` runs just before the parameters change (a checkpoint's copy of them must be done by then)."""
+    `before_update` runs just before the parameters change (a checkpoint's copy of them must be done by then);
+    `preemption` learns with the token count whether any rank got a preemption notice."""
     device = micro_batches[0].device
-    tokens = loss_tokens(micro_batches, device)
+    tokens = loss_tokens(micro_batches, device, preemption)
     total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         if not sync_every_micro_batch:
@@ -174,7 +181,8 @@ class Trainer:
     at each log step (Ray Train requires every worker to report); `checkpoint` is the path of a checkpoint committed
     since the last report, on rank 0 only."""
 
-    def __init__(self, job: JobConfig, *, report: Callable[[dict, str | None], None] | None = None):
+    def __init__(self, job: JobConfig, *, report: Callable[[dict, str | None], None] | None = None,
+                 lease: str | None = None):
         self.job, self.report = job, report
         self.d = init_distributed(job.train.device)
         self.dataset = open_dataset(job.data.path)
@@ -184,7 +192,8 @@ class Trainer:
         self.model = build_model(job, self.d)
         self.optimizer = build_optimizer(self.model, optim=job.optim)
         self.scheduler = build_scheduler(self.optimizer, optim=job.optim, total_steps=job.train.steps)
-        self.ckpt = Checkpointer(job.run.dir, job.checkpoint, rank=self.d.rank, device=self.d.device)
+        self.ckpt = Checkpointer(job.run.dir, job.checkpoint, rank=self.d.rank, device=self.d.device, lease=lease)
+        self.preemption = Preemption(self.d.device, grace_s=job.checkpoint.preempt_grace_s)
         self.start_step = self.resume()
         self.loader = StepLoader(self.dataset.train, plan=self.plan, rank=self.d.rank, seed=job.data.seed,
                                  read_ahead=job.data.read_ahead)
@@ -270,22 +279,34 @@ class Trainer:
                 self.model, self.optimizer, batches, grad_clip=self.job.optim.grad_clip,
                 aux_weight=self.job.model.aux_loss_weight, global_batch=self.plan.global_batch,
                 sync_every_micro_batch=not self.job.parallel.unsharded_grad_accumulation,
-                before_update=self.ckpt.wait_staged)
+                before_update=self.ckpt.wait_staged, preemption=self.preemption)
             self.note_nonfinite(finite, norm, step + 1)
             window_loss += loss
             self.scheduler.step()
             done = step + 1
-            if self.is_save_step(done):
+            preempted = self.preemption.agreed() and done < self.job.train.steps
+            if self.is_save_step(done) or preempted:
                 self.stop_if_diverged()  # never save the state after a skipped, non-finite step
                 self.ckpt.save(done, self.model, self.optimizer, self.train_state(done))
-            if done % self.job.train.log_every == 0 or self.is_eval_step(done):
-                steps = done - last_logged
+            if done % self.job.train.log_every == 0 or self.is_eval_step(done) or preempted:
+                steps = done - last_logged  # a preempted run logs its last, shorter window too
                 history.append(self.log_step(done, window_loss / steps, norm, time.perf_counter() - window, steps))
                 window, last_logged = time.perf_counter(), done
                 window_loss.zero_()
+            if preempted:
+                self.stop_for_preemption(done)
             inject_fault(self.job.fault, run_dir=self.job.run.dir, step=done, rank=self.d.rank)
         self.loader.close()
         return history
+
+    def stop_for_preemption(self, step: int) -> None:
+        """Wait for the commit of the step's checkpoint, then stop every rank: Ray restarts the run from it."""
+        self.ckpt.finish()
+        since = self.preemption.seconds_since_notice()
+        if since is not None:  # the rank that got the notice
+            log.warning("preemption notice: checkpoint at step %d committed %.1fs after it (grace %.0fs)", step, since,
+                        self.job.checkpoint.preempt_grace_s)
+        raise Preempted(f"preempted: stopped at step {step} with its checkpoint committed")
 
     def note_nonfinite(self, finite: torch.Tensor, norm: torch.Tensor, step: int) -> None:
         first = (~finite) & (self.nonfinite[0] < 0)
@@ -376,13 +397,15 @@ def write_run_files(job: JobConfig, dataset) -> None:
     storage.write_bytes(storage.join(job.run.dir, "tokenizer.model"), storage.read_bytes(tokenizer))
 
 
-def run(job: JobConfig, *, report: Callable[[dict, str | None], None] | None = None) -> dict:
-    """Train as configured; called on every rank. Returns {"history": metrics of every log step, "sample": text}."""
-    trainer = Trainer(job, report=report)
+def run(job: JobConfig, *, report: Callable[[dict, str | None], None] | None = None, lease: str | None = None) -> dict:
+    """Train as configured; called on every rank. Returns {"history": metrics of every log step, "sample": text}.
+    `lease`: the token of the job's lease on RUN_DIR, checked before each commit."""
+    trainer = Trainer(job, report=report, lease=lease)
     try:
         if trainer.d.rank == 0:
             write_run_files(job, trainer.dataset)
-        history = trainer.fit()
+        with trainer.preemption:
+            history = trainer.fit()
         return {"history": history, "sample": trainer.sample()}
     finally:
         trainer.close()
