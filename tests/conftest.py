@@ -1,19 +1,53 @@
-"""Session fixtures every test reuses: a real moto S3 server over HTTP, a local Ray with 2 CPUs, small corpora."""
+"""Fixtures: a real moto S3 server over HTTP, a local Ray with 2 CPUs, a multi-node Ray, small corpora.
+
+A test's tier follows from its fixtures (`pytest_collection_modifyitems`): one that starts Ray or moto, or commands
+that start a Ray of their own, is `slow`; `pytest -m "not slow"` is the fast tier (config, model, HF parity, data
+order, storage, errors) and starts neither."""
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import os
 
 import pytest
+
+from helpers import free_port, run_captured, upload_dir, write_mixed_corpus
 
 BUCKET = "raylm-test"
 
 # Local test clusters need no token auth; set before any Ray import starts a cluster.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+MARKS = {"s3_server": ("s3", "slow"), "local_ray": ("ray", "slow"), "multinode": ("ray", "slow"),
+         "own_ray_env": ("ray", "slow"), "head": ("ray", "slow"), "mocked_aws_env": ("s3", "slow")}
+"""Fixture -> the markers of every test that uses it, directly or through another fixture."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture in set(item.fixturenames) & set(MARKS):
+            for mark in MARKS[fixture]:
+                item.add_marker(mark)
+
+
+@pytest.fixture
+def own_ray_env():
+    """The environment of commands that start a local Ray of their own (as on a newcomer's machine): not the
+    session's, and in a temp dir of its own so it never mixes with the test clusters' State API."""
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    return {**env, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rl-own-", dir="/tmp")}
+
+
+@pytest.fixture
+def mocked_aws_env(tmp_path):
+    """The environment of a process that mocks AWS in itself (moto's `mock_aws`), with a home of its own (a new key
+    pair goes to ~/.ssh) and not the session's S3 server."""
+    env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
+    return {**env, "HOME": str(tmp_path), "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"}
 
 
 @pytest.fixture(scope="session")
@@ -56,35 +90,37 @@ def local_ray(s3_server):
 
 
 @pytest.fixture(scope="module")
-def multinode(s3_server):
+def multinode(local_ray, s3_server):
     """A multi-node Ray on this machine (`ray.cluster_utils.Cluster`): a head with 0 CPUs, where drivers and Train
     controllers live (never remove it), and two worker nodes of 1 CPU each that a test may remove and add back.
 
     The test process stays connected to the session's `local_ray`; drivers run as subprocesses with
     `RAY_ADDRESS=cluster.address` (see `driver_env`). The cluster has its own temp dir and ports, is stopped by PID
-    at the end of the module, and the machine's "current cluster" record is put back as it was.
+    at the end of the module, and the machine's "current cluster" record is put back as it was. Its processes, and
+    those of nodes added later, see `CLUSTER_ENV`.
     """
     import tempfile
 
+    from ray._private.services import get_node_ip_address
     from ray._private.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
 
-    from trainer.train import free_port
-
     record = get_ray_address_file(None)
     saved = open(record).read() if os.path.exists(record) else None
-    fast_death = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4"}  # a lost node in 2 s
-    os.environ.update(fast_death)  # read by the cluster's processes as they start
+    port = free_port()
+    env = {**CLUSTER_ENV, "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)  # read by the cluster's processes as they start
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "gcs_server_port": free_port(), "dashboard_port": free_port(),
+        "num_cpus": 0, "gcs_server_port": port, "dashboard_port": free_port(),
         "temp_dir": tempfile.mkdtemp(prefix="rl-mn-", dir="/tmp")})
-    for name in fast_death:
-        del os.environ[name]
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     yield cluster
     cluster.shutdown()
+    for name, value in before.items():
+        os.environ.pop(name) if value is None else os.environ.update({name: value})
     if saved is not None:
         with open(record, "w") as f:
             f.write(saved)
@@ -92,65 +128,12 @@ def multinode(s3_server):
         os.remove(record)
 
 
-def driver_env(address: str) -> dict:
-    """Environment of a subprocess driver joining the Ray at `address` (one thread per process, as on 2 cores)."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": address}
-
-
-def upload_dir(local_dir, url: str) -> None:
-    """Copy a local directory tree to an s3:// prefix."""
-    from raylm import storage
-
-    for root, _, names in os.walk(local_dir):
-        for name in names:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, local_dir)
-            with open(path, "rb") as f:
-                storage.write_bytes(storage.join(url, rel), f.read())
-
-
-MIXED_DOCS = {
-    "notes/a.txt": "Hello world.\nSecond line, with  two spaces and a tab\there.\n",
-    "notes/cjk.md": "# 标题\n\n日本語のテキストと한국어 문장. Emoji: 🎉🚀👩‍💻 and the marker ▁ itself.\n",
-    "code/mod.py": "def f(x):\n    return x ** 2  # square\n\n\nclass A:\n    pass\n",
-    "code/empty.py": "",
+CLUSTER_ENV = {
+    "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4",  # a lost node is seen in 2 s
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",  # cluster/README.md: a restart that asks for a lost node's slot
 }
-JSONL_DOCS = [f"json document {i}: the quick brown fox {'jumps ' * (i % 7)}over the lazy dog {i}." for i in range(40)]
-PARQUET_DOCS = [f"parquet row {i} — naïve café résumé, 数字 {i * 17}" for i in range(30)]
-
-
-def write_mixed_corpus(root) -> list[str]:
-    """A small corpus of every supported format; returns its documents in raylm's corpus order."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import zstandard
-
-    docs = {}
-    for rel, text in MIXED_DOCS.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        if text:
-            docs[str(path)] = [text]
-    lines = "".join(json.dumps({"text": t, "id": i}, ensure_ascii=False) + "\n" for i, t in enumerate(JSONL_DOCS))
-    (root / "data").mkdir()
-    (root / "data" / "part1.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
-    docs[str(root / "data" / "part1.jsonl.gz")] = JSONL_DOCS
-    (root / "data" / "part2.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
-    docs[str(root / "data" / "part2.jsonl.zst")] = JSONL_DOCS
-    pq.write_table(pa.table({"text": PARQUET_DOCS}), root / "data" / "rows.parquet")
-    docs[str(root / "data" / "rows.parquet")] = PARQUET_DOCS
-    (root / "data" / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")
-    return [d for path in sorted(docs) for d in docs[path]]
-
-
-def jsonl_corpus(root, files: int, lines: int) -> None:
-    """`files` .jsonl files of `lines` short documents each, made of a few words (a quick tokenizer's corpus)."""
-    words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river mountain forest ocean".split()
-    root.mkdir()
-    for f in range(files):
-        docs = (f"doc {f}.{i}: " + " ".join(words[(f + i * k) % len(words)] for k in range(40)) for i in range(lines))
-        (root / f"part-{f:03d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+"""The multi-node cluster's settings (RAY_ADDRESS is added: with the session's Ray also on this machine, a process
+that looks for "its" cluster would otherwise scan the machine for every one, each time)."""
 
 
 @pytest.fixture
@@ -158,23 +141,6 @@ def mixed_corpus(tmp_path):
     root = tmp_path / "corpus"
     root.mkdir()
     return root, write_mixed_corpus(root)
-
-
-def run_captured(main, argv) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of an in-process CLI run under `run_cli`.
-
-    Plain StringIO buffers instead of capsys: Ray binds log handlers to the sys.stderr current when it sets them
-    up, and capsys closes its buffer when the test ends, so a later Ray log line would hit a closed file.
-    """
-    import contextlib
-    import io
-
-    from raylm.cli import run_cli
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run_cli(main, [str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -7,16 +7,13 @@ import re
 import subprocess
 import sys
 
-import pytest
 
-from conftest import driver_env
+from helpers import driver_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LINE = re.compile(r"^tiny\s+(torchrun|ray-train)\s+tokens/s\s+([\d,]+)\s+MFU\s+([\d.]+)%\s+peak\s+([\d.]+) GiB$")
 
 
-@pytest.mark.e2e
-@pytest.mark.ray
 def test_gpu_script_smoke_prints_one_line_per_launcher(local_ray, tmp_path):
     """Run from another directory, as a person might: dataprep, then the tiny preset under torchrun and under Ray
     Train (on the session's Ray, through RAY_ADDRESS); stdout is exactly one result line per launcher."""

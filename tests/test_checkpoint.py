@@ -10,9 +10,8 @@ import time
 
 import pytest
 
-from conftest import run_captured
+from helpers import TINY, logged_steps, losses, metrics, run_captured, wait_for
 from raylm import storage
-from test_trainer import TINY, losses, metrics
 from trainer.checkpoint import COMMITTED, list_checkpoints
 from trainer.optim import OptimConfig, lr_factor
 
@@ -23,10 +22,10 @@ first 20 of a 30-step run's, and one uninterrupted reference run serves every te
 
 
 @pytest.fixture(params=["local", "s3"])
-def runs(request, tmp_path):
+def runs(request, tmp_path, stdlib_dataset):
     """Where run dirs go: a local directory or a moto S3 prefix (with a dataset on the same kind of storage)."""
     if request.param == "local":
-        return str(tmp_path), request.getfixturevalue("stdlib_dataset")
+        return str(tmp_path), stdlib_dataset
     return f"{request.getfixturevalue('s3_server')}/{tmp_path.name}", request.getfixturevalue("s3_stdlib_dataset")
 
 
@@ -53,6 +52,7 @@ def only_committed(run_dir: str) -> list[int]:
     return [step for step, _, _ in found]
 
 
+@pytest.mark.parametrize("runs", ["local"], indirect=True)  # on S3 and across nodes: tests/test_multinode.py
 def test_killed_worker_resumes_to_the_same_losses(local_ray, runs, reference):
     root, dataset = runs
     run_dir = storage.join(root, "fault")
@@ -64,6 +64,7 @@ def test_killed_worker_resumes_to_the_same_losses(local_ray, runs, reference):
     assert result.metrics["step"] == 30 and result.metrics["loss"] == reference[-1]
 
 
+@pytest.mark.parametrize("runs", ["local"], indirect=True)  # on S3 and across nodes: tests/test_multinode.py
 def test_resize_two_workers_to_one_keeps_the_data_order(local_ray, runs, reference):
     root, dataset = runs
     run_dir = storage.join(root, "resize")
@@ -177,13 +178,7 @@ def trainer_driver(run_dir: str, dataset: str, ray_address: str, *args: str) -> 
 
 
 def wait_for_step(run_dir: str, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if storage.exists(storage.join(run_dir, "metrics.jsonl")) and any(
-                m.get("step", 0) >= step for m in metrics(run_dir)):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} never came (exit code {proc.poll()})")
+    wait_for(f"step {step}", lambda: any(m["step"] >= step for m in logged_steps(run_dir)), proc, timeout)
 
 
 def rerun_finishes_with_the_same_losses(run_dir: str, dataset: str, reference: list[float]) -> None:
@@ -213,7 +208,6 @@ def test_rerun_after_a_crash_with_retries_spent(local_ray, runs, reference):
     rerun_finishes_with_the_same_losses(run_dir, dataset, reference)
 
 
-@pytest.mark.e2e
 def test_rerun_after_the_driver_is_interrupted_then_killed(local_ray, stdlib_dataset, tmp_path, reference):
     """Ctrl-C stops cleanly and says how to continue; the same command continues, is SIGKILLed (its whole process
     group, as a lost head node would), and once more the same command finishes with the uninterrupted losses."""

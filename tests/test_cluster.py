@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.train import free_port
+from helpers import free_port
 from trainer.job import JobConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,13 +65,11 @@ print(json.dumps({"config": config, "profile": profile, "policies": policies}))
 """
 
 
-def test_aws_yaml_bootstraps_against_moto(tmp_path):
+def test_aws_yaml_bootstraps_against_moto(mocked_aws_env):
     """Ray's own AWS bootstrap (IAM role, key pair, subnets, security group, AMI) against moto's mocked AWS, in a
     process of its own: leaving `mock_aws()` resets every moto backend, the session's S3 server's buckets too."""
-    env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}  # the in-process mock, not the server
-    env.update(HOME=str(tmp_path), MOTO_IAM_LOAD_MANAGED_POLICIES="true")  # the new key pair goes to ~/.ssh
-    proc = subprocess.run([sys.executable, "-c", BOOTSTRAP, str(CLUSTER / "aws.yaml")], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", BOOTSTRAP, str(CLUSTER / "aws.yaml")], env=mocked_aws_env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     config, profile = out["config"], out["profile"]
@@ -99,6 +97,37 @@ def test_kuberay_raycluster_reads_as_ray_reads_it():
     assert types["cpu-worker"]["min_workers"] == 0 and types["cpu-worker"]["resources"]["CPU"] > 0
     assert types["headgroup"]["resources"]["CPU"] == 0
     assert config["idle_timeout_minutes"] == 10
+
+
+def test_kuberay_gpu_workers_pass_a_preemption_notice_to_the_training_workers(tmp_path):
+    """The gpu-worker pods' preStop hook SIGTERMs the Ray Train workers and waits for them (as a real shell runs it,
+    against a stand-in process), within a termination grace period that leaves room for the save."""
+    from trainer.checkpoint import CheckpointConfig
+
+    spec = next(g for g in load("kuberay/raycluster.yaml")["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu-worker")
+    pod = spec["template"]["spec"]
+    hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert pod["terminationGracePeriodSeconds"] > CheckpointConfig().preempt_grace_s + 10
+    name = f"StandInWorker{os.getpid()}"  # not the pattern itself: a real worker of another test may be running
+    marker = tmp_path / "saved"
+    stand_in = subprocess.Popen([sys.executable, "-c", STAND_IN, str(marker), name])
+    time.sleep(1.0)  # its handler is set
+    started = time.monotonic()
+    subprocess.run([part.replace("[R]ayTrainWorker", f"[{name[0]}]{name[1:]}") for part in hook], check=True,
+                   timeout=60)
+    assert stand_in.wait(timeout=5) == 0 and marker.read_text() == "saved"
+    assert 1.0 <= time.monotonic() - started < 10  # waited for the save, not for the whole loop
+
+
+STAND_IN = """
+import signal, sys, time
+def save(*_):
+    time.sleep(1.5)
+    open(sys.argv[1], "w").write("saved")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, save)
+time.sleep(60)
+"""
 
 
 def test_kuberay_rayjob_targets_the_cluster_and_its_entrypoint_parses(monkeypatch):
@@ -153,6 +182,31 @@ def test_cluster_readme_job_commands_parse(monkeypatch):
     assert train_line in (ROOT / "README.md").read_text()  # the main README quotes the same command
     for path in re.findall(r"(cluster/[\w./-]+\.(?:yaml|py)|configs/\w+\.toml)", (CLUSTER / "README.md").read_text()):
         assert (ROOT / path).exists(), path
+
+
+DASHBOARD = CLUSTER / "grafana" / "raylm.json"
+
+
+def dashboard_metrics() -> set[str]:
+    """The metrics raylm's Grafana dashboard plots."""
+    exprs = [t["expr"] for panel in json.loads(DASHBOARD.read_text())["panels"] for t in panel["targets"]]
+    return {name for expr in exprs for name in re.findall(r"\bray_raylm_\w+", expr)}
+
+
+def test_grafana_dashboard_plots_every_raylm_gauge_by_job_and_run():
+    """Loadable as Ray's own dashboards are (a provisioned JSON file with a Prometheus datasource variable); one
+    curve per job and run, selectable by both."""
+    from trainer.metrics import GAUGES
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 27
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["query"] == "prometheus" and {"job", "run"} <= set(variables)
+    assert dashboard_metrics() == {f"ray_{name}" for name in GAUGES.values()}
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            assert 'job=~"$job", run=~"$run"' in target["expr"] and "by (job, run)" in target["expr"], target
+            assert target["legendFormat"] == "{{run}} ({{job}})" and panel["datasource"] == "${datasource}"
 
 
 # ----------------------------------------------------------------------------------- a real `ray start --head`
@@ -227,7 +281,6 @@ def job_statuses(head: Head) -> dict:
     return {j.submission_id: (j.status.value, j.entrypoint) for j in head.client().list_jobs()}
 
 
-@pytest.mark.e2e
 def test_stages_run_as_ray_jobs_with_metrics_on_the_heads_endpoint(head, tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     prep = head.submit("python", "-m", "dataprep", "--max-files", "60", "--vocab-size", "500", "--seq-len", "64",
@@ -237,14 +290,15 @@ def test_stages_run_as_ray_jobs_with_metrics_on_the_heads_endpoint(head, tmp_pat
 
     train = head.submit("python", "-m", "trainer", *TINY_TRAIN, "--train.steps=400", "--train.log_every=10",
                         "--train.eval_every=200", "--data.path", str(data), "--run.dir", str(run), wait=False)
-    gauges = ""
-    while train.poll() is None and "ray_raylm_tokens_per_second" not in gauges:
+    gauges, wanted = "", dashboard_metrics()
+    while train.poll() is None and not all(name in gauges for name in wanted):  # val_loss comes at step 200
         time.sleep(1)
         gauges = head.raylm_gauges()
     out, _ = train.communicate(timeout=600)
     assert train.returncode == 0, out[-3000:]
-    for name in ("ray_raylm_tokens_per_second", "ray_raylm_loss", "ray_raylm_mfu"):
-        assert re.search(rf"^{name}\{{.*\}} [0-9.e+-]+$", gauges, re.M), f"{name} not served while training:\n{gauges}"
+    for name in wanted:  # each with the labels the dashboard selects by
+        labels = [line.split("{", 1)[1] for line in gauges.splitlines() if line.startswith(name + "{")]
+        assert any('job="' in line and f'run="{run}"' in line for line in labels), f"{name} not served:\n{gauges}"
     assert re.search(r"step +400 \| loss", out) and "finished; config, metrics.jsonl" in out
 
     bad = head.submit("python", "-m", "trainer", *TINY_TRAIN, "--optim.lr=abc", "--data.path", str(data))

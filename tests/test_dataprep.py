@@ -12,22 +12,17 @@ import time
 import numpy as np
 import pytest
 
-from conftest import driver_env, jsonl_corpus, run_captured, upload_dir
+from helpers import dataset_files, driver_env, jsonl_corpus, run_captured, upload_dir
 from dataprep import open_dataset
 from dataprep.__main__ import main
 from raylm import storage
 
-pytestmark = pytest.mark.ray
 SMALL = ["--vocab-size", "400", "--seq-len", "16", "--val-fraction", "0.2", "--shard-size", "0.001",
          "--pack.unit_mb=0.0005"]
 
 
 def prep(inputs, output, *extra) -> tuple[int, str, str]:
     return run_captured(main, ["--input", *inputs, "--output", output, *SMALL, *extra])
-
-
-def dataset_files(root) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def unit_streams(ds, split: str) -> list[np.ndarray]:
@@ -136,7 +131,6 @@ def test_a_killed_driver_resumes_to_the_same_bytes(local_ray, tmp_path):
     assert dataset_files(killed) == dataset_files(whole)
 
 
-@pytest.mark.s3
 def test_s3_input_to_s3_output_matches_local(local_ray, mixed_corpus, tmp_path, s3_server):
     root, docs = mixed_corpus
     upload_dir(root, f"{s3_server}/corpus")

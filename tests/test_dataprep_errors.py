@@ -11,9 +11,8 @@ import sys
 import pytest
 
 from dataprep.__main__ import main
-from conftest import run_captured
+from helpers import run_captured
 
-pytestmark = pytest.mark.ray
 OPTS = ["--vocab-size", "320", "--seq-len", "16", "--shard-size", "0.001"]
 WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river mountain forest ocean desert".split()
 GOOD = "".join(
@@ -104,7 +103,6 @@ def test_bad_option_values(local_ray, tmp_path):
     assert "--tokenizer" in run([root], tmp_path / "ds", "--tokenizer", tmp_path / "missing.model")
 
 
-@pytest.mark.s3
 def test_unreachable_s3_endpoint(local_ray, s3_server, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     line = run(["s3://raylm-test/corpus/"], tmp_path / "ds")
@@ -112,12 +110,10 @@ def test_unreachable_s3_endpoint(local_ray, s3_server, tmp_path, monkeypatch):
     assert "testing" not in line  # no credentials in messages
 
 
-@pytest.mark.s3
 def test_missing_bucket(local_ray, s3_server, tmp_path):
     assert "s3://no-such-bucket-raylm/x matches no files" in run(["s3://no-such-bucket-raylm/x"], tmp_path / "ds")
 
 
-@pytest.mark.e2e
 def test_cli_help_and_error_in_a_fresh_process(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "dataprep", "--help"], capture_output=True, text=True, check=True).stdout
     for option in ("--input", "--output", "--tokenizer", "--vocab-size", "--seq-len", "--val-fraction", "--text-field",
@@ -152,8 +148,7 @@ def test_an_unknown_option_suggests_the_nearest():
 def test_a_bad_record_keeps_finished_units_and_the_advice_resumes(local_ray, tmp_path):
     """A bad line in the last of many units: the error says the finished units are kept, and the same command
     with the advice (--on-bad-record skip) reuses them and ends with the bytes of a fresh skip run."""
-    from conftest import jsonl_corpus
-    from test_dataprep import dataset_files
+    from helpers import dataset_files, jsonl_corpus
 
     jsonl_corpus(tmp_path / "corpus", files=12, lines=25)
     (tmp_path / "corpus" / "zz.jsonl").write_text('{"text": "fine"}\n{not json\n')

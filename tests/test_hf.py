@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_captured
+from helpers import run_captured
 from dataprep.tokenizer import encode_exact, load_tokenizer, train_tokenizer
 from trainer.model import ModelConfig, Transformer, generate
 from trainer.weights import Weights, load_weights, save_weights

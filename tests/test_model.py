@@ -169,7 +169,7 @@ def test_kv_cache_takes_the_compute_dtype_under_mixed_precision():
 
 
 def test_llama3_8b_preset_has_llama3_8b_parameter_count_and_size_cli_reports_it():
-    from conftest import run_captured
+    from helpers import run_captured
     from trainer import size
 
     code, out, err = run_captured(size.main, ["--config", "configs/llama3-8b.toml"])

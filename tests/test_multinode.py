@@ -1,20 +1,28 @@
-"""Tools on a multi-node Ray (`multinode`: a head with 0 CPUs and two 1-CPU worker nodes): the work spreads over
-the nodes, survives losing one, and the result is the bytes of a one-node run."""
+"""Tools on a multi-node Ray (`multinode`: a head with 0 CPUs and two 1-CPU worker nodes) with runs on moto S3: the
+work spreads over the nodes; a training run lives through a preemption notice, a lost node and the node's return
+with the losses of an undisturbed run; one job holds a run directory; storage never guesses; a Tune study spreads
+its trials over the nodes."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
+from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import driver_env, jsonl_corpus, run_captured
+from helpers import (TINY, dataset_files, driver_env, jsonl_corpus, logged_steps, losses, run_captured, wait_for,
+                     within)
+from raylm import storage
+from trainer.checkpoint import list_checkpoints
 from dataprep.__main__ import main
-from test_dataprep import dataset_files
 
-pytestmark = pytest.mark.ray
 UNITS = 96
 """Enough work (~5 s) that the second node's actor, which may start seconds after the first, gets units too."""
 
@@ -24,7 +32,8 @@ def corpus_and_one_node_bytes(local_ray, tmp_path_factory) -> tuple[list[str], d
     """(dataprep arguments of a corpus of UNITS units, the dataset files the session's one-node Ray makes of it)."""
     root = tmp_path_factory.mktemp("multinode")
     jsonl_corpus(root / "corpus", files=UNITS, lines=25)
-    args = ["--input", str(root / "corpus"), "--vocab-size", "400", "--seq-len", "16", "--pack.unit_mb=0.008"]
+    args = ["--input", str(root / "corpus"), "--vocab-size", "400", "--seq-len", "16", "--pack.unit_mb=0.008",
+            "--storage.shared_fs=true"]  # the test cluster's nodes share this machine's disk
     assert run_captured(main, [*args, "--output", root / "one"])[0] == 0
     return args, dataset_files(root / "one")
 
@@ -61,19 +70,207 @@ def test_dataprep_survives_losing_a_worker_node(multinode, corpus_and_one_node_b
     assert dataset_files(tmp_path / "lost") == one_node
 
 
-def test_elastic_training_starts_with_the_one_worker_slot_left(multinode, stdlib_dataset, tmp_path):
-    """--ray.min_workers=1 --ray.num_workers=2 with one of the two worker nodes gone: Ray Train starts the run on
-    the one worker it can place, and it finishes. The node is added back for the tests after this one."""
-    from test_trainer import TINY, metrics
 
-    multinode.remove_node(next(iter(multinode.worker_nodes)), allow_graceful=True)
+# ------------------------------------------------------------------------------------------- a run on spot capacity
+SPOT_STEPS = 120
+SPOT = [*TINY, f"--train.steps={SPOT_STEPS}", "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=8",
+        "--ray.num_workers=2", "--ray.min_workers=1", "--ray.resize_check_s=1"]
+"""Two workers, one per node, that may shrink to one: a report per step (~0.2 s, Ray's poll) keeps the run long
+enough for the test to act between steps."""
+
+
+class Driver:
+    """`python -m trainer` as a user runs it against the cluster, its output collected as it comes."""
+
+    def __init__(self, cluster, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], env=driver_env(cluster.address),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def finish(self, timeout: float = 300) -> str:
+        self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=10)
+        return self.output
+
+
+def train_worker_pids(cluster) -> list[int]:
+    """PIDs of the Ray Train workers running on the cluster's worker nodes (descendants of their raylets)."""
+    raylets = {node.all_processes["raylet"][0].process.pid for node in cluster.worker_nodes}
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"RayTrainWorker" not in f.read():
+                    continue
+        except OSError:
+            continue
+        pid = int(entry)
+        while pid > 1 and pid not in raylets:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    pid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                break
+        if pid in raylets:
+            found.append(int(entry))
+    return found
+
+
+@dataclass
+class SpotRun:
+    run_dir: str
+    output: str = ""
+    exit_code: int | None = None
+    signalled_at_step: int = 0
+    second_job: subprocess.CompletedProcess | None = None
+    reference: list[float] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def spot_run(multinode, s3_stdlib_dataset, s3_server) -> SpotRun:
+    """One training run through what spot capacity does to it, on two nodes with RUN_DIR on S3: a second job
+    tries the same run directory (while the first starts its workers); a worker gets SIGTERM (a preemption notice);
+    after the resumed run has gone on, a worker node is removed without notice, and once the run goes on with one
+    worker the node comes back.
+    Also the losses of the same run undisturbed (one process, no Ray): any world size gives the same ones."""
+    from trainer.__main__ import main as train
+
+    run = SpotRun(run_dir=f"{s3_server}/runs/spot-{uuid.uuid4().hex[:6]}")
+    args = [*SPOT, "--data.path", s3_stdlib_dataset, "--run.dir", run.run_dir]
+    driver = Driver(multinode, *args)
     try:
-        run_dir = str(tmp_path / "elastic")
-        proc = subprocess.run([sys.executable, "-m", "trainer", *TINY, "--data.path", stdlib_dataset, "--run.dir",
-                               run_dir, "--train.steps=4", "--train.log_every=2", "--checkpoint.every=0",
-                               "--ray.min_workers=1", "--ray.num_workers=2"],
-                              env=driver_env(multinode.address), capture_output=True, text=True, timeout=300)
-    finally:
+        wait_for("the lease", lambda: storage.exists(f"{run.run_dir}/lease.json"), driver.proc)
+        run.second_job = subprocess.run([sys.executable, "-m", "trainer", *args], env=driver_env(multinode.address),
+                                        capture_output=True, text=True, timeout=120)
+        wait_for("step 3", lambda: len(logged_steps(run.run_dir)) >= 3, driver.proc)
+        run.signalled_at_step = logged_steps(run.run_dir)[-1]["step"]
+        os.kill(train_worker_pids(multinode)[0], signal.SIGTERM)
+        wait_for("the resume after the preemption save", lambda: "resumed from" in driver.output, driver.proc)
+        resumed = int(re.search(r"resumed from \S+step-(\d+)", driver.output)[1])
+        wait_for("two steps after the resume", lambda: logged_steps(run.run_dir)[-1]["step"] >= resumed + 2,
+                 driver.proc)
+        multinode.remove_node(next(iter(multinode.worker_nodes)), allow_graceful=False)
+        wait_for("a step on one worker", lambda: logged_steps(run.run_dir)[-1]["workers"] == 1, driver.proc)
         multinode.add_node(num_cpus=1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [(m["step"], m["workers"]) for m in metrics(run_dir) if "loss" in m] == [(2, 1), (4, 1)]
+        run.output = driver.finish()
+        run.exit_code = driver.proc.returncode
+    finally:
+        if driver.proc.poll() is None:
+            driver.proc.kill()
+        while len(multinode.worker_nodes) < 2:
+            multinode.add_node(num_cpus=1)
+    code, _, err = run_captured(train, ["--no-ray", *args[:-1], f"{run.run_dir}-reference"])
+    assert code == 0, err[-3000:]
+    run.reference = losses(f"{run.run_dir}-reference")
+    return run
+
+
+def test_a_second_job_on_the_run_directory_stops_naming_the_holder(spot_run):
+    second = spot_run.second_job
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert second.returncode == 2 and len(errors) == 1, second.stderr[-3000:]
+    assert f"run directory {spot_run.run_dir} is held by job ray job" in errors[0], errors
+    assert "Traceback" not in second.stderr
+
+
+def test_a_preemption_notice_saves_the_step_and_the_run_resumes_from_it(spot_run):
+    """SIGTERM to one worker: the run commits a checkpoint at most a couple of steps on (not at checkpoint.every),
+    inside the grace period, and Ray's restart resumes from exactly that checkpoint."""
+    out = spot_run.output
+    assert spot_run.exit_code == 0, out[-5000:]
+    notice = re.search(r"preemption notice: checkpoint at step (\d+) committed ([\d.]+)s after it \(grace 25s\)", out)
+    assert notice, out[-5000:]
+    saved, seconds = int(notice[1]), float(notice[2])
+    assert spot_run.signalled_at_step < saved <= spot_run.signalled_at_step + 3 and seconds < 25, out[-5000:]
+    assert re.search(rf"resumed from \S+/checkpoints/step-{saved:06d} at step {saved} \(saved by 2 workers, now 2\)",
+                     out), out[-5000:]
+
+
+def test_a_lost_node_shrinks_the_run_and_its_return_grows_it_with_the_same_losses(spot_run):
+    """The node removed without notice: the run goes on by itself with one worker from the newest committed
+    checkpoint, grows back to two when the node returns, and every step's loss is the undisturbed run's."""
+    assert spot_run.exit_code == 0, spot_run.output[-5000:]
+    steps = logged_steps(spot_run.run_dir)
+    assert [m["step"] for m in steps] == list(range(1, SPOT_STEPS + 1))
+    sizes = [m["workers"] for m in steps]
+    assert [w for i, w in enumerate(sizes) if i == 0 or w != sizes[i - 1]] == [2, 1, 2], sizes
+    assert within([m["loss"] for m in steps], spot_run.reference)
+    assert storage.exists(f"{spot_run.run_dir}/checkpoints/step-{SPOT_STEPS:06d}/COMMITTED")
+    assert not storage.exists(f"{spot_run.run_dir}/lease.json")  # released at the end
+
+
+def test_a_job_whose_lease_is_taken_over_stops_and_never_commits_again(multinode, s3_stdlib_dataset, s3_server):
+    """Another job takes the run directory over (as after presuming this one dead): this job's driver sees it at
+    its next renewal and stops the run with one line, and no checkpoint is committed after the takeover."""
+    import json
+
+    run_dir = f"{s3_server}/runs/taken-{uuid.uuid4().hex[:6]}"
+    driver = Driver(multinode, *TINY, "--data.path", s3_stdlib_dataset, "--run.dir", run_dir, "--train.steps=200",
+                    "--train.log_every=1", "--checkpoint.every=1", "--ray.num_workers=1", "--run.lease_s=4")
+    try:
+        wait_for("a committed checkpoint", lambda: any(ok for *_, ok in list_checkpoints(run_dir)), driver.proc)
+        holder = json.loads(storage.read_bytes(f"{run_dir}/lease.json"))
+        storage.write_bytes(f"{run_dir}/lease.json", json.dumps(
+            {**holder, "token": "newer", "job": "ray job 0f000000", "host": "elsewhere", "pid": 1}).encode())
+        time.sleep(1.0)  # a commit whose lease check came just before the takeover may still land
+        committed = {path for _, path, ok in list_checkpoints(run_dir) if ok}
+        out = driver.finish(timeout=120)
+    finally:
+        if driver.proc.poll() is None:
+            driver.proc.kill()
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert driver.proc.returncode == 2 and errors == [
+        f"error: job ray job 0f000000 (host elsewhere, pid 1) took over run directory {run_dir}; this job stopped "
+        "without committing again"], out[-5000:]
+    assert {path for _, path, ok in list_checkpoints(run_dir) if ok} == committed
+    assert len(logged_steps(run_dir)) < 200
+
+
+def test_local_paths_on_a_cluster_of_several_nodes_are_refused(multinode, s3_stdlib_dataset, tmp_path):
+    """Each node has its own disk: a local path is one line naming it, before any worker starts, in the trainer as
+    in dataprep. (With --storage.shared_fs=true they are accepted: the dataprep tests above run so, the test
+    cluster's nodes sharing this machine's disk.)"""
+    run_dir = tmp_path / "run"
+    runs = {"--run.dir": ["trainer", *TINY, "--data.path", s3_stdlib_dataset, "--run.dir", str(run_dir)],
+            "--output.dir": ["dataprep", "--input", f"{s3_stdlib_dataset}/manifest.json", "--output", str(run_dir)]}
+    for flag, args in runs.items():
+        proc = subprocess.run([sys.executable, "-m", *args], env=driver_env(multinode.address), capture_output=True,
+                              text=True, timeout=120)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and errors == [
+            f"error: {flag} {run_dir} is a local path, but this Ray cluster has 3 nodes, each with its own disk: use "
+            f"an s3:// URL, or --storage.shared_fs=true if {run_dir} is on a filesystem every node mounts (NFS)"], \
+            proc.stderr[-3000:]
+        assert not run_dir.exists()
+
+
+def train_workers_by_node(cluster) -> dict[str, str]:
+    """Ray Train worker actor id -> node id, of every worker the cluster has run (the State API keeps dead ones)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=cluster.head_node.address_info["webui_url"], limit=10_000, detail=True,
+                         filters=[("class_name", "=", "RayTrainWorker")], raise_on_missing_output=False)
+    return {actor.actor_id: actor.node_id for actor in actors}
+
+
+def test_a_study_spreads_its_trials_over_the_nodes_and_writes_its_results(multinode, s3_stdlib_dataset, s3_server):
+    """Two trials of one worker each at once, one on each worker node; results.csv/png and best.toml on S3."""
+    before = train_workers_by_node(multinode)
+    tune_dir = f"{s3_server}/studies/{uuid.uuid4().hex[:6]}"
+    proc = subprocess.run([sys.executable, "-m", "tune", *TINY, "--data.path", s3_stdlib_dataset, "--tune.dir", tune_dir,
+                           "--tune.lr=1e-3,3e-3", "--tune.batch=8", "--tune.budget_tokens=2048", "--tune.marks=2",
+                           "--ray.num_workers=1"], env=driver_env(multinode.address), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    trial_nodes = {node for actor, node in train_workers_by_node(multinode).items() if actor not in before}
+    assert trial_nodes == {node.node_id for node in multinode.worker_nodes}, trial_nodes
+    rows = storage.read_bytes(f"{tune_dir}/results.csv").decode().splitlines()
+    assert len(rows) == 3 and all(row.endswith(",completed") for row in rows[1:]), rows
+    assert storage.read_bytes(f"{tune_dir}/results.png").startswith(b"\x89PNG")
+    assert "[optim]" in storage.read_bytes(f"{tune_dir}/best.toml").decode()

@@ -1,12 +1,10 @@
 """The README's two commands are the ones that work: CI runs the test command verbatim."""
 
-import os
 import pathlib
 import re
 import subprocess
 import sys
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,8 +31,7 @@ RAY_LINE = re.compile(
 )
 
 
-@pytest.mark.e2e
-def test_main_job_output_is_raylm_lines_only(tmp_path):
+def test_main_job_output_is_raylm_lines_only(own_ray_env, tmp_path):
     """The main job at a reduced size, as a newcomer runs it (its own local Ray, output to a file): raylm's story
     only, no Ray chatter below WARNING, no colour codes; and the demo's sample prompt is one a trained model
     continues (no lone '▁', which training rarely sees)."""
@@ -43,7 +40,7 @@ def test_main_job_output_is_raylm_lines_only(tmp_path):
     from raylm.config import load_config
     from trainer.job import JobConfig
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env = own_ray_env
     data, run = tmp_path / "data", tmp_path / "run"
     dataprep = subprocess.run([sys.executable, "-m", "dataprep", "--max-files", "40", "--vocab-size", "1000",
                                "--seq-len", "64", "--val-fraction", "0.1", "--output", str(data)], capture_output=True, text=True, env=env,

@@ -1,12 +1,13 @@
-"""Input listing: files, directories, globs and s3:// prefixes resolve to the same sorted, keyed file lists."""
+"""Input listing (files, directories, globs and s3:// prefixes resolve to the same sorted, keyed file lists), and
+storage that never guesses: the SDK's region, no bucket ever created."""
 
 from __future__ import annotations
 
 import pytest
 
-from conftest import upload_dir
+from helpers import run_captured, upload_dir
 from raylm import storage
-from raylm.errors import DataError
+from raylm.errors import DataError, StorageError
 
 
 def make_tree(root):
@@ -74,7 +75,6 @@ def test_wildcard_in_a_folder_component(corpus):
     assert keys(storage.list_files(str(corpus / "[xz]" / "*" / "*.txt"))) == ["x/y/a.txt", "z/w/x.txt"]
 
 
-@pytest.mark.s3
 def test_s3_prefix_and_glob_give_the_same_keys(tree, s3_server):
     url = f"{s3_server}/listing"
     upload_dir(tree, url)
@@ -95,3 +95,51 @@ def test_wildcards_skip_hidden_names_unless_the_pattern_spells_the_dot(tmp_path)
     assert keys("**/*.py") == ["a.py", "pkg/b.py"]
     assert keys("*.py") == ["a.py"] and keys(".*.py") == [".hidden.py"]
     assert keys(".venv/**/*.py") == ["lib/x.py"]
+
+
+def region_seen(env: dict) -> str:
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    code = "from raylm import storage; print(storage.filesystem('s3://bucket/key')[0].region)"
+    proc = subprocess.run([sys.executable, "-c", code], env={**clean, "AWS_EC2_METADATA_DISABLED": "true", **env},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_the_region_is_the_aws_sdks_own_resolution(tmp_path):
+    """No region of raylm's: the SDK reads it from the environment, else from the profile's config file."""
+    config = tmp_path / "config"
+    config.write_text("[default]\nregion = ap-south-1\n[profile eu]\nregion = eu-central-1\n")
+    assert region_seen({"AWS_REGION": "eu-west-3", "AWS_CONFIG_FILE": str(config)}) == "eu-west-3"
+    assert region_seen({"AWS_CONFIG_FILE": str(config)}) == "ap-south-1"
+    assert region_seen({"AWS_CONFIG_FILE": str(config), "AWS_PROFILE": "eu"}) == "eu-central-1"
+
+
+def test_a_missing_bucket_is_named_and_never_created(s3_server):
+    import boto3
+
+    with pytest.raises(StorageError) as caught:
+        storage.check_bucket("s3://no-such-bucket/runs/a")
+    assert "bucket no-such-bucket (of s3://no-such-bucket/runs/a) does not exist" in str(caught.value)
+    with pytest.raises(OSError):
+        storage.write_bytes("s3://no-such-bucket/runs/a/x", b"x")
+    storage.check_bucket(f"{s3_server}/anything/below")  # an existing bucket, an absent prefix: fine
+    for main, args in cli_runs_into_a_missing_bucket(s3_server):  # each tool, before any compute
+        code, out, err = run_captured(main, args)
+        assert code == 2 and err.strip().splitlines() == [f"error: {caught.value}".replace("runs/a", "out")], err
+    buckets = [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]]
+    assert "no-such-bucket" not in buckets
+
+
+def cli_runs_into_a_missing_bucket(s3_server: str) -> list:
+    from dataprep.__main__ import main as dataprep
+    from trainer.__main__ import main as trainer
+    from tune.__main__ import main as tune
+
+    return [(dataprep, ["--input", f"{s3_server}/corpus", "--output", "s3://no-such-bucket/out"]),
+            (trainer, ["--data.path", f"{s3_server}/datasets/x", "--run.dir", "s3://no-such-bucket/out"]),
+            (tune, ["--data.path", f"{s3_server}/datasets/x", "--tune.dir", "s3://no-such-bucket/out"])]

@@ -13,21 +13,8 @@ import torch
 from pathlib import Path
 from pyarrow.fs import FileSelector
 
-from conftest import run_captured
+from helpers import TINY, free_port, losses, metrics, run_captured, within
 from raylm import storage
-from trainer.train import free_port
-
-TINY = ["--config", "configs/tiny.toml", "--train.global_batch=8", "--train.micro_batch=2", "--optim.lr=3e-3",
-        "--optim.warmup_steps=5", "--train.sample_prompt=", "--train.eval_rows=16"]
-
-
-def metrics(run_dir: str) -> list[dict]:
-    return [json.loads(l) for l in storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).decode().splitlines()]
-
-
-def losses(run_dir: str) -> list[float]:
-    return [m["loss"] for m in metrics(run_dir) if "loss" in m]
-
 
 def trainer_cli(*args, torchrun: int = 0) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
@@ -36,11 +23,6 @@ def trainer_cli(*args, torchrun: int = 0) -> subprocess.CompletedProcess:
     return subprocess.run([*launcher, "--no-ray", *TINY, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
-def within(a: list[float], b: list[float], rel: float = 1e-5) -> bool:
-    return len(a) == len(b) and max(abs(x - y) / abs(x) for x, y in zip(a, b)) <= rel
-
-
-@pytest.mark.e2e
 def test_any_world_size_gives_the_same_run(stdlib_dataset, tmp_path):
     """The proof that data order and math do not depend on the world size: W=3 does not divide the batch of 16 (shares
     of 6, 5, 5 rows; ragged and empty micro-batches), yet every step's loss matches W=1; and a run killed on W=2
@@ -116,7 +98,6 @@ def grad_shards_worker(rank: int, world: int, port: int, dataset: str, unsharded
     dist.destroy_process_group()
 
 
-@pytest.mark.e2e
 def test_gradients_stay_sharded_after_every_micro_batch(stdlib_dataset, tmp_path):
     """ZeRO-3 keeps only a 1/W shard of each gradient; accumulating unsharded (the opt-in) would hold them whole."""
     import torch.multiprocessing as mp
@@ -141,8 +122,9 @@ def tensorboard_scalars(tb_dir: str) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-@pytest.mark.s3
-def test_ray_train_from_s3_to_s3_learns_and_repeats_exactly(local_ray, s3_stdlib_dataset, s3_server, tmp_path):
+def test_ray_train_from_s3_to_s3_learns(local_ray, s3_stdlib_dataset, s3_server, tmp_path):
+    """Two workers reading from and writing to S3; exact repeats are shown by tests/test_checkpoint.py (a resumed run
+    has an uninterrupted one's losses, bit for bit), runs on S3 across nodes by tests/test_multinode.py."""
     from raylm.config import load_config
     from trainer.job import JobConfig
     from trainer.ray_launch import launch
@@ -162,9 +144,6 @@ def test_ray_train_from_s3_to_s3_learns_and_repeats_exactly(local_ray, s3_stdlib
     assert result.error is None and result.return_value["history"] == first  # rank 0 returns what it logged
     assert result.metrics["step"] == 200 and result.metrics["loss"] == losses(f"{s3_server}/runs/a")[-1]
     assert result.checkpoint.path.endswith("runs/a/checkpoints/step-000200")  # reported where it lies
-    train(f"{s3_server}/runs/b")
-    assert losses(f"{s3_server}/runs/a") == losses(f"{s3_server}/runs/b")
-    assert [m["val_loss"] for m in metrics(f"{s3_server}/runs/b") if "val_loss" in m] == vals
     local_tb = tmp_path / "tb"
     local_tb.mkdir()
     fs, root = storage.filesystem(f"{s3_server}/runs/a/tb")
@@ -196,7 +175,6 @@ def test_cli_help_and_one_line_errors(stdlib_dataset, tmp_path):
     assert code == 2 and "is not a finished raylm dataset" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.e2e
 def test_bf16_activation_checkpointing_and_compile_run_on_cpu(stdlib_dataset, tmp_path):
     for extra in (["--parallel.mixed_precision=bf16", "--parallel.activation_checkpointing=full"],
                   ["--parallel.activation_checkpointing=selective", "--parallel.compile=true"]):

@@ -14,8 +14,7 @@ import time
 import pytest
 from pathlib import Path
 
-from conftest import run_captured
-from test_trainer import TINY, losses
+from helpers import TINY, losses, run_captured
 from trainer.checkpoint import list_checkpoints
 
 # 64-token rows: 8 sequences = 512 tokens a step; 4 marks of 5,120 tokens (10 steps at batch 8, 5 at batch 16)
@@ -27,7 +26,6 @@ def read_results(tune_dir) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.ray
 def test_random_study_stops_trials_early_and_writes_a_config_the_trainer_accepts(local_ray, stdlib_dataset, tmp_path):
     from trainer.__main__ import main as train_main
     from tune.__main__ import main
@@ -92,7 +90,6 @@ def wait_for_a_stale_ray_record(tune_dir, proc: subprocess.Popen, last_step: int
     raise AssertionError(f"no trial's record named a pruned checkpoint (exit code {proc.poll()})")
 
 
-@pytest.mark.e2e
 def test_killed_grid_study_resumes_and_never_picks_a_diverged_or_tiny_lr(local_ray, stdlib_dataset, tmp_path):
     tune_dir = tmp_path / "grid"
     args = [*STUDY, "--tune.batch=8", "--tune.lr=1e-6,3e-3,30", "--data.path", stdlib_dataset,

@@ -1,0 +1,133 @@
+"""What several test modules use: small corpora, CLI runners, the tiny trainer preset and readers of a run's
+outputs. Fixtures live in conftest.py; test modules import these from here, never from each other."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import subprocess
+import time
+from typing import Callable
+
+from raylm import storage
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def driver_env(address: str) -> dict:
+    """Environment of a subprocess driver joining the Ray at `address` (one thread per process, as on 2 cores)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": address}
+
+
+def upload_dir(local_dir, url: str) -> None:
+    """Copy a local directory tree to an s3:// prefix."""
+    for root, _, names in os.walk(local_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, local_dir)
+            with open(path, "rb") as f:
+                storage.write_bytes(storage.join(url, rel), f.read())
+
+
+MIXED_DOCS = {
+    "notes/a.txt": "Hello world.\nSecond line, with  two spaces and a tab\there.\n",
+    "notes/cjk.md": "# 标题\n\n日本語のテキストと한국어 문장. Emoji: 🎉🚀👩‍💻 and the marker ▁ itself.\n",
+    "code/mod.py": "def f(x):\n    return x ** 2  # square\n\n\nclass A:\n    pass\n",
+    "code/empty.py": "",
+}
+JSONL_DOCS = [f"json document {i}: the quick brown fox {'jumps ' * (i % 7)}over the lazy dog {i}." for i in range(40)]
+PARQUET_DOCS = [f"parquet row {i} — naïve café résumé, 数字 {i * 17}" for i in range(30)]
+
+
+def write_mixed_corpus(root) -> list[str]:
+    """A small corpus of every supported format; returns its documents in raylm's corpus order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    docs = {}
+    for rel, text in MIXED_DOCS.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        if text:
+            docs[str(path)] = [text]
+    lines = "".join(json.dumps({"text": t, "id": i}, ensure_ascii=False) + "\n" for i, t in enumerate(JSONL_DOCS))
+    (root / "data").mkdir()
+    (root / "data" / "part1.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    docs[str(root / "data" / "part1.jsonl.gz")] = JSONL_DOCS
+    (root / "data" / "part2.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    docs[str(root / "data" / "part2.jsonl.zst")] = JSONL_DOCS
+    pq.write_table(pa.table({"text": PARQUET_DOCS}), root / "data" / "rows.parquet")
+    docs[str(root / "data" / "rows.parquet")] = PARQUET_DOCS
+    (root / "data" / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")
+    return [d for path in sorted(docs) for d in docs[path]]
+
+
+def jsonl_corpus(root, files: int, lines: int) -> None:
+    """`files` .jsonl files of `lines` short documents each, made of a few words (a quick tokenizer's corpus)."""
+    words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river mountain forest ocean".split()
+    root.mkdir()
+    for f in range(files):
+        docs = (f"doc {f}.{i}: " + " ".join(words[(f + i * k) % len(words)] for k in range(40)) for i in range(lines))
+        (root / f"part-{f:03d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+
+def run_captured(main, argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of an in-process CLI run under `run_cli`.
+
+    Plain StringIO buffers instead of capsys: Ray binds log handlers to the sys.stderr current when it sets them
+    up, and capsys closes its buffer when the test ends, so a later Ray log line would hit a closed file.
+    """
+    import contextlib
+    import io
+
+    from raylm.cli import run_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_cli(main, [str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+TINY = ["--config", "configs/tiny.toml", "--train.global_batch=8", "--train.micro_batch=2", "--optim.lr=3e-3",
+        "--optim.warmup_steps=5", "--train.sample_prompt=", "--train.eval_rows=16"]
+
+
+def metrics(run_dir: str) -> list[dict]:
+    return [json.loads(l) for l in storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).decode().splitlines()]
+
+
+def losses(run_dir: str) -> list[float]:
+    return [m["loss"] for m in metrics(run_dir) if "loss" in m]
+
+
+def within(a: list[float], b: list[float], rel: float = 1e-5) -> bool:
+    return len(a) == len(b) and max(abs(x - y) / abs(x) for x, y in zip(a, b)) <= rel
+
+
+def dataset_files(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def wait_for(what: str, ready: Callable[[], bool], proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll `ready` until it holds, while `proc` runs; fail naming `what` if the process ends or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ready():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{what} never came (exit code {proc.poll()})")
+
+
+def logged_steps(run_dir: str) -> list[dict]:
+    """metrics.jsonl's training lines so far (none before the file exists)."""
+    if not storage.exists(storage.join(run_dir, "metrics.jsonl")):
+        return []
+    return [m for m in metrics(run_dir) if "loss" in m]
