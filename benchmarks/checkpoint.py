@@ -1,5 +1,5 @@
 """Checkpoint cost, side by side in one run: loop time blocked by an async save vs a synchronous save of the same
-state, on local disk and on S3, and the time a resumed run takes to its first step.
+state, on local disk and on S3, and the time a resumed run takes to its first step (from either).
 
     python -m benchmarks.checkpoint            # needs the test extra (moto) for the S3 endpoint
 
@@ -62,6 +62,7 @@ def main() -> None:
                    "checkpoints", f"step-{STEPS:06d}")) for f in files)
         fresh = train(os.path.join(tmp, "fresh"), "--train.steps=1", "--checkpoint.every=0")
         resumed = train(os.path.join(tmp, "async"), f"--train.steps={STEPS + 1}")
+        resumed_s3 = train(storage.join(roots["S3 (moto)"], "async"), f"--train.steps={STEPS + 1}")
         server.stop()
     print(f"checkpoint: {size / 1e6:.0f} MB (model + AdamW), a save every {EVERY} of {STEPS} steps, 1 process; "
           "blocked = every second the loop waited on checkpointing (commit and prune included)")
@@ -71,7 +72,7 @@ def main() -> None:
         print(f"{name:30s} {a:8.3f}s {s:8.3f}s {100 * a / s:10.1f}% {r['async']['final']:15.3f}s")
     print("target: async <= 10 % of sync (the end-of-run wait is the last save's write, which a run must finish)")
     print(f"process start to first step done: fresh {fresh:.1f}s, resumed from a local checkpoint {resumed:.1f}s "
-          f"(+{resumed - fresh:.1f}s to load)")
+          f"(+{resumed - fresh:.1f}s to load), from S3 (moto) {resumed_s3:.1f}s (+{resumed_s3 - fresh:.1f}s)")
 
 
 if __name__ == "__main__":

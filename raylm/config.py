@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import tomli_w
 
-from raylm.errors import ConfigError
+from raylm.errors import ConfigError, StorageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -103,11 +103,15 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
 
 
 def _read_toml(path: str) -> dict:
+    """A TOML file, local or s3:// (a study on S3 writes its best.toml there)."""
+    from raylm import storage
+
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(storage.read_bytes(path).decode())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise StorageError(storage.describe_os_error(exc, path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML ({exc})") from None
 

@@ -108,6 +108,11 @@ def losses(run_dir: str) -> list[float]:
     return [m["loss"] for m in metrics(run_dir) if "loss" in m]
 
 
+STUDY = [*TINY, "--tune.batch=8,16", "--tune.budget_tokens=20480", "--tune.marks=4", "--ray.num_workers=1"]
+"""A small study: 64-token rows, 8 sequences = 512 tokens a step; 4 marks of 5,120 tokens (10 steps at batch 8, 5
+at batch 16)."""
+
+
 def within(a: list[float], b: list[float], rel: float = 1e-5) -> bool:
     return len(a) == len(b) and max(abs(x - y) / abs(x) for x, y in zip(a, b)) <= rel
 

@@ -1,4 +1,5 @@
-"""Elastic checkpoints: a killed worker, a resize and damaged checkpoints, with RUN_DIR local and in moto S3."""
+"""Checkpoints: a crash (a worker killed, restarts spent), an interrupted driver and damaged checkpoints, with RUN_DIR
+local and in moto S3 (in-run restarts, resizes and S3 resumes across nodes: tests/test_multinode.py)."""
 
 from __future__ import annotations
 
@@ -50,33 +51,6 @@ def only_committed(run_dir: str) -> list[int]:
     found = list_checkpoints(run_dir)
     assert all(ok for _, _, ok in found), found
     return [step for step, _, _ in found]
-
-
-@pytest.mark.parametrize("runs", ["local"], indirect=True)  # on S3 and across nodes: tests/test_multinode.py
-def test_killed_worker_resumes_to_the_same_losses(local_ray, runs, reference):
-    root, dataset = runs
-    run_dir = storage.join(root, "fault")
-    result = launch(dataset, run_dir, "--train.steps=30", "--fault.kill_at_step=12", "--fault.rank=1")
-    assert storage.exists(storage.join(run_dir, "fault-injected-step-000012")), "the fault never fired"
-    assert losses(run_dir) == reference  # exactly: the same batches, weights and optimizer state after resume
-    assert only_committed(run_dir) == [25, 30]
-    assert result.checkpoint is not None and result.checkpoint.path.endswith("checkpoints/step-000030")
-    assert result.metrics["step"] == 30 and result.metrics["loss"] == reference[-1]
-
-
-@pytest.mark.parametrize("runs", ["local"], indirect=True)  # on S3 and across nodes: tests/test_multinode.py
-def test_resize_two_workers_to_one_keeps_the_data_order(local_ray, runs, reference):
-    root, dataset = runs
-    run_dir = storage.join(root, "resize")
-    with pytest.raises(Exception):  # the only worker group dies at step 10 and may not restart
-        launch(dataset, run_dir, "--train.steps=20", "--checkpoint.async_save=false", "--fault.kill_at_step=10",
-               "--ray.max_failures=0")
-    assert only_committed(run_dir) == [5, 10]
-    launch(dataset, run_dir, "--train.steps=20", "--ray.num_workers=1")
-    resumed = [m for m in metrics(run_dir) if "loss" in m]
-    assert [m["step"] for m in resumed] == list(range(1, 21))
-    assert max(abs(a - b) / b for a, b in zip(losses(run_dir), reference[:20])) <= 1e-5
-    assert losses(run_dir)[:10] == reference[:10]
 
 
 def test_damaged_metadata_is_a_data_error_that_keeps_its_cause_and_a_bug_keeps_its_traceback(tmp_path):
@@ -197,6 +171,7 @@ def train_with_ray(dataset: str, run_dir: str, *args: str) -> tuple[int, str]:
     return code, out + err
 
 
+@pytest.mark.parametrize("runs", ["local"], indirect=True)  # S3 resumes: tests/test_multinode.py
 def test_rerun_after_a_crash_with_retries_spent(local_ray, runs, reference):
     root, dataset = runs
     run_dir = storage.join(root, "crashed")

@@ -104,7 +104,8 @@ def test_kuberay_gpu_workers_pass_a_preemption_notice_to_the_training_workers(tm
     against a stand-in process), within a termination grace period that leaves room for the save."""
     from trainer.checkpoint import CheckpointConfig
 
-    spec = next(g for g in load("kuberay/raycluster.yaml")["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu-worker")
+    groups = load("kuberay/raycluster.yaml")["spec"]["workerGroupSpecs"]
+    spec = next(g for g in groups if g["groupName"] == "gpu-worker")
     pod = spec["template"]["spec"]
     hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
     assert pod["terminationGracePeriodSeconds"] > CheckpointConfig().preempt_grace_s + 10
@@ -288,18 +289,17 @@ def test_stages_run_as_ray_jobs_with_metrics_on_the_heads_endpoint(head, tmp_pat
     assert prep.returncode == 0, prep.stdout[-3000:] + prep.stderr[-3000:]
     assert "succeeded" in prep.stdout and "dataset:" in prep.stdout
 
-    train = head.submit("python", "-m", "trainer", *TINY_TRAIN, "--train.steps=400", "--train.log_every=10",
-                        "--train.eval_every=200", "--data.path", str(data), "--run.dir", str(run), wait=False)
-    gauges, wanted = "", dashboard_metrics()
-    while train.poll() is None and not all(name in gauges for name in wanted):  # val_loss comes at step 200
+    train = head.submit("python", "-m", "trainer", *TINY_TRAIN, "--train.steps=250", "--train.log_every=10",
+                        "--train.eval_every=100", "--data.path", str(data), "--run.dir", str(run), wait=False)
+    served, wanted = {}, dashboard_metrics()  # metric -> its line, from any scrape while the run lives
+    while train.poll() is None and set(served) != wanted:  # val_loss comes at step 100
         time.sleep(1)
-        gauges = head.raylm_gauges()
+        served |= {line.split("{", 1)[0]: line for line in head.raylm_gauges().splitlines()}
     out, _ = train.communicate(timeout=600)
     assert train.returncode == 0, out[-3000:]
     for name in wanted:  # each with the labels the dashboard selects by
-        labels = [line.split("{", 1)[1] for line in gauges.splitlines() if line.startswith(name + "{")]
-        assert any('job="' in line and f'run="{run}"' in line for line in labels), f"{name} not served:\n{gauges}"
-    assert re.search(r"step +400 \| loss", out) and "finished; config, metrics.jsonl" in out
+        assert 'job="' in served.get(name, "") and f'run="{run}"' in served[name], f"{name} not served: {served}"
+    assert re.search(r"step +250 \| loss", out) and "finished; config, metrics.jsonl" in out
 
     bad = head.submit("python", "-m", "trainer", *TINY_TRAIN, "--optim.lr=abc", "--data.path", str(data))
     assert bad.returncode != 0 and "failed" in bad.stderr + bad.stdout

@@ -111,7 +111,9 @@ def test_unreachable_s3_endpoint(local_ray, s3_server, tmp_path, monkeypatch):
 
 
 def test_missing_bucket(local_ray, s3_server, tmp_path):
-    assert "s3://no-such-bucket-raylm/x matches no files" in run(["s3://no-such-bucket-raylm/x"], tmp_path / "ds")
+    line = run(["s3://no-such-bucket-raylm/x"], tmp_path / "ds")
+    assert "bucket no-such-bucket-raylm (of s3://no-such-bucket-raylm/x) does not exist" in line, line
+    assert not (tmp_path / "ds").exists()
 
 
 def test_cli_help_and_error_in_a_fresh_process(tmp_path):

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from helpers import (TINY, dataset_files, driver_env, jsonl_corpus, logged_steps, losses, run_captured, wait_for,
-                     within)
+from helpers import (STUDY, TINY, dataset_files, driver_env, jsonl_corpus, logged_steps, losses, metrics,
+                     run_captured, wait_for, within)
 from raylm import storage
 from trainer.checkpoint import list_checkpoints
 from dataprep.__main__ import main
@@ -72,11 +72,11 @@ def test_dataprep_survives_losing_a_worker_node(multinode, corpus_and_one_node_b
 
 
 # ------------------------------------------------------------------------------------------- a run on spot capacity
-SPOT_STEPS = 120
-SPOT = [*TINY, f"--train.steps={SPOT_STEPS}", "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=8",
-        "--ray.num_workers=2", "--ray.min_workers=1", "--ray.resize_check_s=1"]
-"""Two workers, one per node, that may shrink to one: a report per step (~0.2 s, Ray's poll) keeps the run long
-enough for the test to act between steps."""
+SPOT_STEPS = 110
+SPOT = [*TINY, f"--train.steps={SPOT_STEPS}", "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=8"]
+ELASTIC = ["--ray.num_workers=2", "--ray.min_workers=1", "--ray.resize_check_s=1", "--fault.step_delay_s=0.25"]
+"""Two workers, one per node, that may shrink to one. Ray sees a node come back within 20 s (its autoscaling
+coordinator's tick): steps slowed to ~0.35 s keep the run going until then, whenever the tick comes."""
 
 
 class Driver:
@@ -143,11 +143,11 @@ def spot_run(multinode, s3_stdlib_dataset, s3_server) -> SpotRun:
 
     run = SpotRun(run_dir=f"{s3_server}/runs/spot-{uuid.uuid4().hex[:6]}")
     args = [*SPOT, "--data.path", s3_stdlib_dataset, "--run.dir", run.run_dir]
-    driver = Driver(multinode, *args)
+    driver = Driver(multinode, *args, *ELASTIC)
     try:
         wait_for("the lease", lambda: storage.exists(f"{run.run_dir}/lease.json"), driver.proc)
-        run.second_job = subprocess.run([sys.executable, "-m", "trainer", *args], env=driver_env(multinode.address),
-                                        capture_output=True, text=True, timeout=120)
+        run.second_job = subprocess.run([sys.executable, "-m", "trainer", *args, *ELASTIC],
+                                        env=driver_env(multinode.address), capture_output=True, text=True, timeout=120)
         wait_for("step 3", lambda: len(logged_steps(run.run_dir)) >= 3, driver.proc)
         run.signalled_at_step = logged_steps(run.run_dir)[-1]["step"]
         os.kill(train_worker_pids(multinode)[0], signal.SIGTERM)
@@ -201,6 +201,8 @@ def test_a_lost_node_shrinks_the_run_and_its_return_grows_it_with_the_same_losse
     sizes = [m["workers"] for m in steps]
     assert [w for i, w in enumerate(sizes) if i == 0 or w != sizes[i - 1]] == [2, 1, 2], sizes
     assert within([m["loss"] for m in steps], spot_run.reference)
+    vals = [m["val_loss"] for m in metrics(spot_run.run_dir) if "val_loss" in m]
+    assert vals[-1] < vals[0] - 1.0, vals  # ln(1000) ≈ 6.9 at step 0: the model learns through it all
     assert storage.exists(f"{spot_run.run_dir}/checkpoints/step-{SPOT_STEPS:06d}/COMMITTED")
     assert not storage.exists(f"{spot_run.run_dir}/lease.json")  # released at the end
 
@@ -259,18 +261,39 @@ def train_workers_by_node(cluster) -> dict[str, str]:
     return {actor.actor_id: actor.node_id for actor in actors}
 
 
-def test_a_study_spreads_its_trials_over_the_nodes_and_writes_its_results(multinode, s3_stdlib_dataset, s3_server):
-    """Two trials of one worker each at once, one on each worker node; results.csv/png and best.toml on S3."""
+def test_a_random_study_spreads_over_the_nodes_stops_poor_trials_and_its_best_config_trains(multinode,
+                                                                                               s3_stdlib_dataset,
+                                                                                               s3_server):
+    """Six trials of one worker each, two at a time (one per worker node); ASHA stops some at a mark; trials that
+    complete saw equal tokens; results.csv/png and best.toml go to S3, and the config the study's printed command
+    names reads back from there with the best trial's values."""
+    import csv
+    import io
+
+    from raylm.config import load_config
+    from trainer.job import JobConfig
+
     before = train_workers_by_node(multinode)
     tune_dir = f"{s3_server}/studies/{uuid.uuid4().hex[:6]}"
-    proc = subprocess.run([sys.executable, "-m", "tune", *TINY, "--data.path", s3_stdlib_dataset, "--tune.dir", tune_dir,
-                           "--tune.lr=1e-3,3e-3", "--tune.batch=8", "--tune.budget_tokens=2048", "--tune.marks=2",
-                           "--ray.num_workers=1"], env=driver_env(multinode.address), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "tune", *STUDY, "--data.path", s3_stdlib_dataset, "--tune.dir",
+                           tune_dir, "--tune.samples=6", "--tune.lr=1e-4:3e-2", "--train.steps=3",
+                           "--train.log_every=1"], env=driver_env(multinode.address), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     trial_nodes = {node for actor, node in train_workers_by_node(multinode).items() if actor not in before}
     assert trial_nodes == {node.node_id for node in multinode.worker_nodes}, trial_nodes
-    rows = storage.read_bytes(f"{tune_dir}/results.csv").decode().splitlines()
-    assert len(rows) == 3 and all(row.endswith(",completed") for row in rows[1:]), rows
-    assert storage.read_bytes(f"{tune_dir}/results.png").startswith(b"\x89PNG")
-    assert "[optim]" in storage.read_bytes(f"{tune_dir}/best.toml").decode()
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{tune_dir}/results.csv").decode())))
+    assert len(rows) == 6 and {r["status"] for r in rows} <= {"completed", "stopped early", "diverged"}
+    assert any(r["status"] == "stopped early" for r in rows), rows  # ASHA cut at least one trial at a mark
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert completed and all(int(r["tokens"]) == 20480 for r in completed)  # equal tokens, not equal steps
+    assert all(int(r["tokens"]) < 20480 for r in rows if r["status"] == "stopped early")
+    best = min(completed, key=lambda r: float(r["final_val_loss"]))
+    assert f"lr {float(best['lr']):.3g}, global batch {best['global_batch']}" in proc.stdout
+    png = storage.read_bytes(f"{tune_dir}/results.png")
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
+    command = proc.stdout.strip().splitlines()[-1].split("train with it: ")[1].split()  # as the study prints it
+    assert command[:4] == ["python", "-m", "trainer", "--config"] and command[4] == f"{tune_dir}/best.toml", command
+    tuned = load_config(JobConfig, command[4], [])  # what the trainer reads first, from S3
+    assert (tuned.optim.lr, tuned.train.global_batch) == (float(best["lr"]), int(best["global_batch"]))
+    assert tuned.run.dir == f"{tune_dir}/best-run" and tuned.data.path == s3_stdlib_dataset

@@ -122,9 +122,10 @@ def tensorboard_scalars(tb_dir: str) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_ray_train_from_s3_to_s3_learns(local_ray, s3_stdlib_dataset, s3_server, tmp_path):
-    """Two workers reading from and writing to S3; exact repeats are shown by tests/test_checkpoint.py (a resumed run
-    has an uninterrupted one's losses, bit for bit), runs on S3 across nodes by tests/test_multinode.py."""
+def test_ray_train_from_s3_to_s3_reports_where_it_writes(local_ray, s3_stdlib_dataset, s3_server, tmp_path):
+    """Two workers reading from and writing to S3: what Ray's Result and the run directory's metrics and TensorBoard
+    events hold. That the loss falls, on S3 across nodes: tests/test_multinode.py; exact repeats (a resumed run has
+    an uninterrupted one's losses, bit for bit): tests/test_checkpoint.py."""
     from raylm.config import load_config
     from trainer.job import JobConfig
     from trainer.ray_launch import launch
@@ -132,25 +133,24 @@ def test_ray_train_from_s3_to_s3_learns(local_ray, s3_stdlib_dataset, s3_server,
     def train(run_dir: str):
         job = load_config(JobConfig, None, [*TINY[2:], "--model.dim=64", "--model.n_layers=2", "--model.n_heads=4",
                                             "--model.n_kv_heads=2", "--model.ffn_hidden=192", "--data.path",
-                                            s3_stdlib_dataset, "--run.dir", run_dir, "--train.steps=200",
-                                            "--train.log_every=20", "--train.eval_every=100", "--ray.num_workers=2"])
+                                            s3_stdlib_dataset, "--run.dir", run_dir, "--train.steps=60",
+                                            "--train.log_every=20", "--train.eval_every=30", "--ray.num_workers=2"])
         return launch(job)
 
     result = train(f"{s3_server}/runs/a")
     first = metrics(f"{s3_server}/runs/a")
     vals = [m["val_loss"] for m in first if "val_loss" in m]
-    assert [m["step"] for m in first if "val_loss" in m] == [0, 100, 200]
-    assert vals[-1] < vals[0] - 1.0, vals  # log(1000) ≈ 6.9 at init; the tiny model learns > 1 nat
+    assert [m["step"] for m in first if "val_loss" in m] == [0, 30, 60] and vals[-1] < vals[0], vals
     assert result.error is None and result.return_value["history"] == first  # rank 0 returns what it logged
-    assert result.metrics["step"] == 200 and result.metrics["loss"] == losses(f"{s3_server}/runs/a")[-1]
-    assert result.checkpoint.path.endswith("runs/a/checkpoints/step-000200")  # reported where it lies
+    assert result.metrics["step"] == 60 and result.metrics["loss"] == losses(f"{s3_server}/runs/a")[-1]
+    assert result.checkpoint.path.endswith("runs/a/checkpoints/step-000060")  # reported where it lies
     local_tb = tmp_path / "tb"
     local_tb.mkdir()
     fs, root = storage.filesystem(f"{s3_server}/runs/a/tb")
     for info in fs.get_file_info(FileSelector(root)):
         (local_tb / os.path.basename(info.path)).write_bytes(storage.read_bytes("s3://" + info.path))
     scalars = tensorboard_scalars(str(local_tb))
-    assert len(scalars["loss"]) == 10 and scalars["tokens_per_s"][-1] > 0 and len(scalars["val_loss"]) == 3
+    assert len(scalars["loss"]) == 3 and scalars["tokens_per_s"][-1] > 0 and len(scalars["val_loss"]) == 3
     assert storage.exists(f"{s3_server}/runs/a/config.toml")
 
 

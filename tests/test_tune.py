@@ -1,9 +1,11 @@
-"""Ray Tune studies of the tiny preset on the stdlib test dataset: ASHA, divergence, outputs, resume, bad inputs."""
+"""Ray Tune studies of the tiny preset on the stdlib test dataset: divergence, resume, bad inputs (a random study with
+ASHA, over two nodes and on S3: tests/test_multinode.py)."""
 
 from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import os
 import signal
@@ -14,41 +16,12 @@ import time
 import pytest
 from pathlib import Path
 
-from helpers import TINY, losses, run_captured
+from helpers import STUDY, run_captured
+from raylm import storage
 from trainer.checkpoint import list_checkpoints
 
-# 64-token rows: 8 sequences = 512 tokens a step; 4 marks of 5,120 tokens (10 steps at batch 8, 5 at batch 16)
-STUDY = [*TINY, "--tune.batch=8,16", "--tune.budget_tokens=20480", "--tune.marks=4", "--ray.num_workers=1"]
-
-
 def read_results(tune_dir) -> list[dict]:
-    with open(os.path.join(tune_dir, "results.csv")) as f:
-        return list(csv.DictReader(f))
-
-
-def test_random_study_stops_trials_early_and_writes_a_config_the_trainer_accepts(local_ray, stdlib_dataset, tmp_path):
-    from trainer.__main__ import main as train_main
-    from tune.__main__ import main
-
-    tune_dir = tmp_path / "study"
-    code, out, err = run_captured(main, [*STUDY, "--data.path", stdlib_dataset, "--tune.dir", tune_dir,
-                                         "--tune.samples=6", "--tune.lr=1e-4:3e-2", "--train.steps=3", "--train.log_every=1"])
-    assert code == 0, err[-3000:]
-    rows = read_results(tune_dir)
-    assert len(rows) == 6 and {r["status"] for r in rows} <= {"completed", "stopped early", "diverged"}
-    assert any(r["status"] == "stopped early" for r in rows), rows  # ASHA cut at least one trial at a mark
-    completed = [r for r in rows if r["status"] == "completed"]
-    assert completed and all(int(r["tokens"]) == 20480 for r in completed)  # equal tokens, not equal steps
-    assert all(int(r["tokens"]) < 20480 for r in rows if r["status"] == "stopped early")
-    best = min(completed, key=lambda r: float(r["final_val_loss"]))
-    assert f"lr {float(best['lr']):.3g}, global batch {best['global_batch']}" in out
-    png = (tune_dir / "results.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 20_000
-    command = out.strip().splitlines()[-1].split("train with it: ")[1].split()  # the command the study prints
-    assert command[:3] == ["python", "-m", "trainer"], command
-    code, _, err = run_captured(train_main, command[3:])  # on this Ray, into a run directory of its own
-    assert code == 0, err
-    assert len(losses(str(tune_dir / "best-run"))) == 3
+    return list(csv.DictReader(io.StringIO(storage.read_bytes(storage.join(str(tune_dir), "results.csv")).decode())))
 
 
 def tune_cli(ray_address: str, *args: str) -> subprocess.Popen:
@@ -92,8 +65,8 @@ def wait_for_a_stale_ray_record(tune_dir, proc: subprocess.Popen, last_step: int
 
 def test_killed_grid_study_resumes_and_never_picks_a_diverged_or_tiny_lr(local_ray, stdlib_dataset, tmp_path):
     tune_dir = tmp_path / "grid"
-    args = [*STUDY, "--tune.batch=8", "--tune.lr=1e-6,3e-3,30", "--data.path", stdlib_dataset,
-            "--tune.dir", str(tune_dir), "--tune.max_concurrent=1", "--ray.num_workers=2"]  # FSDP over 2 ranks per trial
+    args = [*STUDY, "--tune.batch=8", "--tune.lr=1e-6,3e-3,30", "--data.path", stdlib_dataset, "--tune.dir",
+            str(tune_dir), "--tune.max_concurrent=1", "--ray.num_workers=2"]  # FSDP over 2 ranks per trial
     address = local_ray.get_runtime_context().gcs_address
     first = tune_cli(address, *args)
     wait_for_a_finished_trial(tune_dir, first)

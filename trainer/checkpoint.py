@@ -429,14 +429,21 @@ class FaultConfig:
     """Tests and demos: rank fault.rank dies hard (os._exit) after this step, once per run dir (0 = never)."""
     rank: int = 0
     """The rank that dies."""
+    step_delay_s: float = 0.0
+    """Tests and demos: every rank sleeps this long after each step, so a run lasts long enough to remove a node,
+    send a preemption notice or add a node back by hand and watch it recover."""
 
     def __post_init__(self):
-        if self.kill_at_step < 0 or self.rank < 0:
-            raise ConfigError(f"fault.kill_at_step and fault.rank must be >= 0, got {self.kill_at_step}, {self.rank}")
+        if self.kill_at_step < 0 or self.rank < 0 or self.step_delay_s < 0:
+            raise ConfigError(f"fault.kill_at_step, fault.rank and fault.step_delay_s must be >= 0, got "
+                              f"{self.kill_at_step}, {self.rank}, {self.step_delay_s}")
 
 
 def inject_fault(fault: FaultConfig, *, run_dir: str, step: int, rank: int) -> None:
-    """Die like a lost node at the configured step, once: a marker in the run dir stops it after the restart."""
+    """Slow the step down as configured, and die like a lost node at the configured step, once: a marker in the run
+    dir stops it after the restart."""
+    if fault.step_delay_s:
+        time.sleep(fault.step_delay_s)
     if fault.kill_at_step != step or fault.rank != rank:
         return
     marker = storage.join(run_dir, f"fault-injected-step-{step:06d}")

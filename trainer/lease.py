@@ -30,8 +30,9 @@ from raylm.errors import RaylmError
 log = logging.getLogger(__name__)
 
 LEASE = "lease.json"
-SETTLE_S = 1.0
-"""Wait between writing a lease and reading it back: longer than an S3 PUT takes to become visible to all readers."""
+SETTLE_S = 0.25
+"""Wait between writing a lease and reading it back: two jobs both take it only if one's read and write are further
+apart than this (S3 is read-after-write consistent: a PUT that returned is what every later read sees)."""
 
 
 class RunDirBusy(RaylmError):
