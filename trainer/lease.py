@@ -114,25 +114,39 @@ class Lease:
                 f"{time.strftime('%H:%M:%S', time.localtime(held.get('expires', 0)))}; stop that job first, or use "
                 f"another --run.dir (a lease not renewed for {self.seconds:.0f}s is taken over)")
 
-    def _write(self) -> None:
+    def _write(self) -> float:
+        """Write the lease; returns when it expires."""
         now = time.time()
         storage.write_bytes(self.path, json.dumps({**self.me, "renewed": now, "expires": now + self.seconds}).encode())
+        return now + self.seconds
 
     def _renew(self, on_lost: Callable[[], None] | None) -> None:
+        expires = time.time() + self.seconds
         while not self._stop.wait(self.seconds / 4):
             try:
-                held = _read(self.path)
-                if held is None or held["token"] != self.token:
-                    self.lost = (f"{describe(held)} took over run directory {self.run_dir}" if held
-                                 else f"{self.path} was deleted") + "; this job stopped without committing again"
+                self.lost = self._why_lost(_read(self.path), expires)
+                if self.lost:
                     if on_lost is not None:
                         on_lost()
                     else:  # nobody to stop: the commit check stops the run at its next checkpoint
                         log.warning("lease lost: %s", self.lost)
                     return
-                self._write()
+                expires = self._write()
             except OSError as exc:  # storage hiccup: try again at the next renewal; the commit check still guards
                 log.warning("renewing %s failed (%s); retrying", self.path, storage.describe_os_error(exc, self.path))
+
+    def _why_lost(self, held: dict | None, expires: float) -> str | None:
+        """Why this job no longer holds the run directory: taken over, deleted, or lapsed (not renewed in time, so
+        another job may have presumed this one dead)."""
+        if held is not None and held["token"] != self.token:
+            why = f"{describe(held)} took over run directory {self.run_dir}"
+        elif held is None:
+            why = f"{self.path} was deleted"
+        elif time.time() > expires:
+            why = f"this job's lease on {self.run_dir} lapsed"
+        else:
+            return None
+        return why + "; this job stopped without committing again"
 
     def close(self) -> None:
         """Stop renewing and release the lease (if still held)."""

@@ -102,6 +102,8 @@ class MetricsLog:
         self.uploaded: dict[str, int] = {}
         self.tags = {"run": run_dir}
         self.gauges = self._gauges()
+        self.latest: dict = {}
+        """The newest value of every gauged metric, set again at each log step (val_loss comes only at evals)."""
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-metrics")
         self.pending: list[Future] = []
 
@@ -129,9 +131,9 @@ class MetricsLog:
 
     def write(self, m: dict) -> None:
         print(format_line(m), flush=True)
-        for key, gauge in self.gauges.items():
-            if key in m:
-                gauge.set(m[key], tags=self.tags)
+        self.latest.update((key, m[key]) for key in self.gauges if key in m)
+        for key, value in self.latest.items():
+            self.gauges[key].set(value, tags=self.tags)
         for future in [f for f in self.pending if f.done()]:
             self.pending.remove(future)
             if future.exception() is not None:  # only rank 0 writes: raising would leave the other ranks waiting

@@ -43,8 +43,7 @@ class _Notice:
             self.restore()
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        self.at = time.monotonic()
-        log.info("SIGTERM: saving a checkpoint after this step, then stopping (within %.0fs)", self.grace_s)
+        self.at = time.monotonic()  # said once the save is committed: Ray's own stops send SIGTERM too
         self.deadline = threading.Timer(self.grace_s, os.kill, args=(os.getpid(), signal.SIGTERM))
         self.deadline.daemon = True
         self.deadline.start()
