@@ -40,7 +40,7 @@ from dataprep.__main__ import parse_args
 from dataprep.pipeline import run
 from dataprep.sample import sample_lines
 from dataprep.sources import Part, read_documents
-from dataprep.tokenizer import encode_exact, load_tokenizer, train_tokenizer
+from dataprep.tokenizer import load_tokenizer, train_tokenizer
 from dataprep.worker import ENCODE_CHARS
 
 MB = 2**20
@@ -161,9 +161,9 @@ def one_thread_rate(model_path: str, corpus_dir: str) -> tuple[float, float]:
         if chars >= BASELINE_MB * MB:
             break
     with open(model_path, "rb") as f:
-        sp = load_tokenizer(f.read())
+        tokenizer = load_tokenizer(f.read())
     t0 = time.perf_counter()
-    tokens = sum(len(ids) + 1 for texts in batches for ids in encode_exact(sp, texts, num_threads=1))
+    tokens = sum(len(ids) + 1 for texts in batches for ids in tokenizer.encode(texts, num_threads=1))
     return tokens / (time.perf_counter() - t0), chars / MB
 
 

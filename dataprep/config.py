@@ -12,6 +12,8 @@ from raylm.storage import StorageConfig
 from raylm.errors import ConfigError
 
 BAD_RECORD = ("error", "skip")
+FORMATS = ("text", "chat")
+OVERLONG = ("truncate", "drop")
 ENCODING_ERRORS = ("strict", "replace")
 
 
@@ -28,6 +30,10 @@ class InputConfig:
     paths: list[str] = field(default_factory=list)
     """Files, directories (recursive), globs (`*` stays in one folder, `**` crosses folders) or s3:// prefixes;
     .txt/.md/.py/… (one file = one document), .jsonl, .parquet, optionally .gz/.zst. None: the demo corpus."""
+    format: str = "text"
+    """'text': documents packed end to end for pretraining. 'chat': .jsonl conversations (`messages: [{role,
+    content}]` or `prompt`/`response`) for fine-tuning, through the tokenizer's chat template, each packed whole
+    with a loss mask on its assistant turns (needs --tokenizer: the model's own)."""
     text_field: str = "text"
     """Field (.jsonl) or column (.parquet) holding the text."""
     on_bad_record: str = "error"
@@ -39,6 +45,7 @@ class InputConfig:
 
     def __post_init__(self):
         _check([
+            (self.format in FORMATS, "input.format", self.format, "must be text or chat"),
             (self.on_bad_record in BAD_RECORD, "input.on_bad_record", self.on_bad_record, "must be error or skip"),
             (self.encoding_errors in ENCODING_ERRORS, "input.encoding_errors", self.encoding_errors,
              "must be strict or replace"),
@@ -49,7 +56,8 @@ class InputConfig:
 @dataclass(kw_only=True)
 class TokenizerConfig:
     file: str | None = None
-    """An existing SentencePiece .model (local or s3://) to use instead of training one."""
+    """An existing tokenizer (local or s3://) to use instead of training one: a SentencePiece .model, a Hugging Face
+    tokenizer.json, or a folder holding one (a Hugging Face model folder, a raylm dataset or run directory)."""
     vocab_size: int = 32000
     """Vocabulary of the trained BPE tokenizer (byte fallback, so any text encodes)."""
     sample_mb: float = 64.0
@@ -79,6 +87,9 @@ class PackConfig:
     Fixed by the input, never by the cluster; each unit's partial last row is dropped."""
     shard_mb: float = 128.0
     """Largest shard file a unit writes (a unit's rows go to one or more shards)."""
+    overlong: str = "truncate"
+    """Chat: an example longer than seq_len + 1 tokens is cut to that length ('truncate') or left out ('drop');
+    either way it is counted in the manifest."""
 
     def __post_init__(self):
         _check([
@@ -86,6 +97,7 @@ class PackConfig:
             (0 <= self.val_fraction < 1, "pack.val_fraction", self.val_fraction, "must be in [0, 1)"),
             (self.unit_mb > 0, "pack.unit_mb", self.unit_mb, "must be > 0"),
             (self.shard_mb > 0, "pack.shard_mb", self.shard_mb, "must be > 0"),
+            (self.overlong in OVERLONG, "pack.overlong", self.overlong, "must be truncate or drop"),
         ])
 
 
@@ -121,11 +133,15 @@ class DataprepConfig:
         Training options count only when the tokenizer is trained (a given one counts by its content, added by the
         run); the input paths count as the files they list."""
         tokenizer = {} if self.tokenizer.file else {k: v for k, v in asdict(self.tokenizer).items() if k != "file"}
-        return {**{k: v for k, v in asdict(self.input).items() if k != "paths"}, **tokenizer, **asdict(self.pack)}
+        settings = {**{k: v for k, v in asdict(self.input).items() if k != "paths"}, **tokenizer, **asdict(self.pack)}
+        if self.input.format == "text":  # what only chat data has: text datasets keep the stamp they always had
+            del settings["format"], settings["overlong"]
+        return settings
 
 
 ALIASES = {
     "--input": "input.paths",
+    "--format": "input.format",
     "--output": "output.dir",
     "--tokenizer": "tokenizer.file",
     "--vocab-size": "tokenizer.vocab_size",

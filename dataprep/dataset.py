@@ -133,12 +133,14 @@ class Split:
     file descriptors stay bounded however many shards there are. A shard's footer is read once.
     """
 
-    def __init__(self, directory: str, entry: dict, *, rows_per_batch: int, row_len: int, dtype: str,
+    def __init__(self, directory: str, entry: dict, *, rows_per_batch: int, row_len: int, dtype: str, planes: int = 1,
                  max_open: int = 64, max_footers: int = 8192, max_inflight: int = 16):
         self.paths = [storage.join(directory, s["file"]) for s in entry["shards"]]
         self._starts = np.cumsum([0] + [s["rows"] for s in entry["shards"]])
         self.rows_per_batch, self.row_len, self.dtype = rows_per_batch, row_len, np.dtype(dtype)
         self.row_bytes = row_len * self.dtype.itemsize
+        self.shape = (row_len,) if planes == 1 else (planes, row_len // planes)
+        """Shape of one row: its tokens, or for chat data its planes (tokens, example, loss) of seq_len + 1 each."""
         self._files = _LRU(max_footers if storage.is_s3(directory) else max_open)
         self._footers = _LRU(max_footers)
         self._lock = threading.Lock()
@@ -151,7 +153,7 @@ class Split:
         return int(self._starts[-1])
 
     def __getitem__(self, i: int) -> np.ndarray:
-        """Row `i`: `row_len` token ids."""
+        """Row `i`, of shape `shape`."""
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} out of range for a split of {len(self)} rows")
         return self.rows([i])[0]
@@ -197,7 +199,7 @@ class Split:
         return np.frombuffer(data, dtype=self.dtype).reshape(count, self.row_len)
 
     def rows(self, indices) -> np.ndarray:
-        """Stack of the given rows, shape (len(indices), row_len), read with several requests in flight."""
+        """Stack of the given rows, shape (len(indices), *shape), read with several requests in flight."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"rows out of range for a split of {len(self)} rows")
@@ -207,7 +209,7 @@ class Split:
         futures = [(lo, hi, self._pool.submit(self._read_run, shard, first, hi - lo)) for lo, hi, shard, first in runs]
         for lo, hi, future in futures:
             out[order[lo:hi]] = future.result()
-        return out
+        return out.reshape(len(indices), *self.shape)
 
     def _runs(self, sorted_rows: np.ndarray) -> list[tuple[int, int, int, int]]:
         """(lo, hi, shard, first row in shard) of each run of consecutive rows within one record batch."""
@@ -251,14 +253,20 @@ class PackedDataset:
     def _split(self, name: str) -> Split:
         m = self.manifest
         return Split(self.directory, m["splits"][name], rows_per_batch=m["rows_per_batch"], row_len=m["row_len"],
-                     dtype=m["dtype"])
+                     dtype=m["dtype"], planes=len(m["chat"]["planes"]) if "chat" in m else 1)
+
+    @property
+    def tokenizer_files(self) -> list[str]:
+        """The tokenizer's file names (version-2 manifests before chat data name one `file`)."""
+        entry = self.manifest["tokenizer"]
+        return entry.get("files") or [entry["file"]]
 
     def tokenizer(self):
-        """The dataset's SentencePiece processor (loaded from `tokenizer.model`)."""
+        """The dataset's tokenizer (`dataprep.tokenizer.Tokenizer`: SentencePiece or Hugging Face)."""
         from dataprep.tokenizer import load_tokenizer
 
-        path = storage.join(self.directory, self.manifest["tokenizer"]["file"])
-        return load_tokenizer(storage.read_bytes(path), where=path)
+        files = {name: storage.read_bytes(storage.join(self.directory, name)) for name in self.tokenizer_files}
+        return load_tokenizer(files, where=self.directory)
 
 
 def open_dataset(directory: str) -> PackedDataset:

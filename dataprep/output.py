@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.fs as pafs
 
 from dataprep.dataset import MANIFEST, read_manifest
+from dataprep.tokenizer import TOKENIZER_FILES
 from dataprep.units import Unit
 from raylm import storage
 from raylm.errors import ConfigError, StorageError
@@ -24,10 +25,9 @@ from raylm.storage import FileEntry
 SPLITS = ("train", "val")
 PROGRESS = "_progress"
 """Folder of the dataset directory holding the commit record of each finished unit until the manifest is written."""
-TOKENIZER = "tokenizer.model"
 SOURCES = "sources.jsonl"
 RUN_RECORD = "run.json"
-DATASET_ENTRIES = {*SPLITS, TOKENIZER, MANIFEST, SOURCES, PROGRESS}
+DATASET_ENTRIES = {*SPLITS, *TOKENIZER_FILES, MANIFEST, SOURCES, PROGRESS}
 """What a dataset directory holds; dataprep writes into nothing else."""
 
 

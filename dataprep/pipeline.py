@@ -21,17 +21,18 @@ from dataclasses import dataclass, field
 
 from dataprep.config import DataprepConfig
 from dataprep.dataset import FORMAT, FORMAT_VERSION, read_manifest
-from dataprep.output import (SOURCES, SPLITS, TOKENIZER, committed_units, has_committed_units, prepare_output,
+from dataprep.output import (SOURCES, SPLITS, committed_units, has_committed_units, prepare_output,
                              remove_strays, remove_unfinished, run_stamp, write_manifest, write_run_record,
                              write_sources)
 from dataprep.sample import sample_and_train, sample_plan
-from dataprep.shards import rows_per_batch
+from dataprep.shards import PLANES, rows_per_batch
 from dataprep.sources import file_format
-from dataprep.tokenizer import load_tokenizer, sha256, token_dtype
+from dataprep.tokenizer import (SP_FILE, Tokenizer, load_tokenizer, read_tokenizer_files, token_dtype,
+                                write_tokenizer_files)
 from dataprep.units import Unit, plan_units
 from dataprep.worker import PackUnits, UnitJob
 from raylm import storage
-from raylm.errors import DataError, StorageError
+from raylm.errors import ConfigError, DataError
 from raylm.ray_session import check_local_paths, init_ray, quiet_ray_data
 from raylm.storage import FileEntry
 
@@ -62,21 +63,28 @@ def list_corpus(inputs: list[str], *, max_files: int | None = None, exclude: str
     return files[:max_files] if max_files else files
 
 
-def read_given_tokenizer(path: str) -> bytes:
-    """The bytes of a user's SentencePiece model, checked to load."""
-    try:
-        model = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise DataError(f"--tokenizer {path} does not exist; pass a SentencePiece .model file") from None
-    except OSError as exc:
-        raise StorageError(storage.describe_os_error(exc, path)) from None
-    load_tokenizer(model, where=path)
-    return model
+def read_given_tokenizer(path: str) -> Tokenizer:
+    """A user's tokenizer (SentencePiece or Hugging Face), checked to load."""
+    return load_tokenizer(read_tokenizer_files(path), where=f"--tokenizer {path}")
 
 
-def run_settings(cfg: DataprepConfig, files: list[FileEntry], given_tokenizer: bytes | None) -> dict:
+def check_chat_inputs(cfg: DataprepConfig, files: list[FileEntry], tokenizer: Tokenizer | None) -> None:
+    """Chat data needs the model's own tokenizer, with a chat template, and .jsonl files: refused before any work."""
+    if tokenizer is None:
+        raise ConfigError("--format chat needs --tokenizer: the tokenizer of the model to fine-tune (its run or "
+                          "dataset directory, its tokenizer.model, or a Hugging Face model folder)")
+    if tokenizer.chat_template is None:
+        raise DataError(f"--tokenizer {cfg.tokenizer.file} has no chat template (a SentencePiece model without "
+                        "raylm's chat markers, or a Hugging Face tokenizer without chat_template); use the model's "
+                        "own chat tokenizer, or retrain the tokenizer with this raylm")
+    other = next((f.path for f in files if file_format(f.path) != "jsonl"), None)
+    if other:
+        raise DataError(f"--format chat reads .jsonl conversations; {other} is not a .jsonl file")
+
+
+def run_settings(cfg: DataprepConfig, files: list[FileEntry], given_tokenizer: Tokenizer | None) -> dict:
     """The settings stamp of a run: options, the tokenizer given (by content) and the exact source files."""
-    given = {"tokenizer_sha256": sha256(given_tokenizer)} if given_tokenizer else {}
+    given = {"tokenizer_sha256": given_tokenizer.sha256} if given_tokenizer else {}
     sources = hashlib.sha256(json.dumps([[f.path, f.size] for f in files]).encode()).hexdigest()
     return {**cfg.settings(), **given, "sources_sha256": sources}
 
@@ -117,6 +125,8 @@ def run(cfg: DataprepConfig, *, demo: bool = False) -> RunResult:
         storage.check_bucket(path)
     files = list_corpus(cfg.input.paths, max_files=cfg.input.max_files, exclude=DEMO_EXCLUDE if demo else None)
     given_tokenizer = read_given_tokenizer(cfg.tokenizer.file) if cfg.tokenizer.file else None
+    if cfg.input.format == "chat":
+        check_chat_inputs(cfg, files, given_tokenizer)
     settings = run_settings(cfg, files, given_tokenizer)
     check_local_paths(where, shared_fs=cfg.storage.shared_fs)
     existed = storage.exists(output)
@@ -145,54 +155,60 @@ def run(cfg: DataprepConfig, *, demo: bool = False) -> RunResult:
     return result
 
 
-def get_tokenizer(cfg: DataprepConfig, files: list[FileEntry], given: bytes | None, settings: dict, *,
-                  resume: bool) -> bytes:
+def get_tokenizer(cfg: DataprepConfig, files: list[FileEntry], given: Tokenizer | None, settings: dict, *,
+                  resume: bool) -> Tokenizer:
     """The run's tokenizer: the one a resumed run already wrote, the user's, or one trained on a sample in a Ray
     task (on a worker node of a cluster: the driver's node may have no CPUs to spare)."""
     import ray
 
-    path = storage.join(cfg.output.dir, TOKENIZER)
     if resume:
-        return storage.read_bytes(path)
+        return load_tokenizer(read_tokenizer_files(cfg.output.dir), where=cfg.output.dir)
     if given is None:
         plan = sample_plan(files, seed=cfg.pack.seed, sample_mb=cfg.tokenizer.sample_mb,
                            sample_file_mb=cfg.tokenizer.sample_file_mb)
         task = ray.remote(num_cpus=1, max_retries=3)(sample_and_train)
-        given, lines = ray.get(task.remote(plan, text_field=cfg.input.text_field, vocab_size=cfg.tokenizer.vocab_size))
+        model, lines = ray.get(task.remote(plan, text_field=cfg.input.text_field, vocab_size=cfg.tokenizer.vocab_size))
+        given = load_tokenizer({SP_FILE: model})
         log.info("trained a %d-token BPE tokenizer on %d lines from %d files", cfg.tokenizer.vocab_size, lines,
                  len(plan["parts"]))
-    storage.write_bytes(path, given)
-    write_run_record(cfg.output.dir, settings, sha256(given))
+    write_tokenizer_files(given.files, cfg.output.dir)
+    write_run_record(cfg.output.dir, settings, given.sha256)
     return given
 
 
-def make_dataset(cfg: DataprepConfig, files: list[FileEntry], units: list[Unit], given_tokenizer: bytes | None,
+def make_dataset(cfg: DataprepConfig, files: list[FileEntry], units: list[Unit], given_tokenizer: Tokenizer | None,
                  settings: dict, *, resume: bool, timings: Timings) -> RunResult:
     t = time.perf_counter()
-    model = get_tokenizer(cfg, files, given_tokenizer, settings, resume=resume)
+    tokenizer = get_tokenizer(cfg, files, given_tokenizer, settings, resume=resume)
     timings.tokenizer = time.perf_counter() - t
-    done = committed_units(cfg.output.dir, units, settings, sha256(model)) if resume else {}
+    done = committed_units(cfg.output.dir, units, settings, tokenizer.sha256) if resume else {}
     if done:
         log.info("resuming: %d of %d units already written", len(done), len(units))
-    job = unit_job(cfg, model, run_stamp(settings, sha256(model)))
+    job = unit_job(cfg, tokenizer, run_stamp(settings, tokenizer.sha256))
     result = RunResult({}, reused=len(done), timings=timings)
     fresh = run_units([u for u in units if u.index not in done], job, cfg, result)
     stats = [done.get(u.index) or fresh[u.index] for u in units]
     check_not_empty(stats, cfg)
     write_sources(cfg.output.dir, files)
     remove_strays(cfg.output.dir, {s["file"] for st in stats for split in SPLITS for s in st["splits"][split]["shards"]})
-    result.manifest = build_manifest(cfg, model, given_tokenizer is None, stats, settings, len(files))
+    result.manifest = build_manifest(cfg, tokenizer, given_tokenizer is None, stats, settings, len(files))
     write_manifest(cfg.output.dir, result.manifest)
     return result
 
 
-def unit_job(cfg: DataprepConfig, model: bytes, stamp: str) -> UnitJob:
-    row_bytes = (cfg.pack.seq_len + 1) * token_dtype(load_tokenizer(model).vocab_size()).itemsize
+def planes(cfg: DataprepConfig) -> int:
+    """Token planes in a row: chat rows carry the example index and loss mask beside the tokens."""
+    return len(PLANES) if cfg.input.format == "chat" else 1
+
+
+def unit_job(cfg: DataprepConfig, tokenizer: Tokenizer, stamp: str) -> UnitJob:
+    row_bytes = planes(cfg) * (cfg.pack.seq_len + 1) * token_dtype(tokenizer.vocab_size).itemsize
     return UnitJob(
-        output=cfg.output.dir, tokenizer=model, run_stamp=stamp,
+        output=cfg.output.dir, tokenizer=tokenizer.files, run_stamp=stamp,
         seq_len=cfg.pack.seq_len, rows_per_shard=max(1, int(cfg.pack.shard_mb * 2**20) // row_bytes),
         val_fraction=cfg.pack.val_fraction, seed=cfg.pack.seed, text_field=cfg.input.text_field,
         encoding_errors=cfg.input.encoding_errors, on_bad_record=cfg.input.on_bad_record,
+        format=cfg.input.format, overlong=cfg.pack.overlong,
     )
 
 
@@ -250,27 +266,28 @@ def split_entry(stats: list[dict], split: str) -> dict:
     entries = [st["splits"][split] for st in stats]
     return {
         "shards": [{**s, "unit": st["unit"]} for st in stats for s in st["splits"][split]["shards"]],
-        **{k: sum(e[k] for e in entries) for k in ("rows", "documents", "tokens", "dropped_tokens")},
+        **{k: sum(e[k] for e in entries) for k in entries[0] if k != "shards"},
     }
 
 
-def build_manifest(cfg: DataprepConfig, model: bytes, trained: bool, stats: list[dict], settings: dict,
+def build_manifest(cfg: DataprepConfig, tokenizer: Tokenizer, trained: bool, stats: list[dict], settings: dict,
                    n_files: int) -> dict:
     """Sizes, counts and per-shard entries (each naming its unit); small: the source list is in sources.jsonl."""
-    sp = load_tokenizer(model)
-    dtype = token_dtype(sp.vocab_size())
+    dtype = token_dtype(tokenizer.vocab_size)
     splits = {s: split_entry(stats, s) for s in SPLITS}
-    return {
+    rows = planes(cfg) * (cfg.pack.seq_len + 1)
+    chat = {"chat": {"template": tokenizer.chat_template_name, "overlong": cfg.pack.overlong,
+                     "planes": list(PLANES)}} if cfg.input.format == "chat" else {}
+    return {**chat,
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "seq_len": cfg.pack.seq_len,
-        "row_len": cfg.pack.seq_len + 1,
+        "row_len": rows,
         "dtype": dtype.name,
-        "rows_per_batch": rows_per_batch(cfg.pack.seq_len + 1, dtype),
+        "rows_per_batch": rows_per_batch(rows, dtype),
         "seed": cfg.pack.seed,
         "val_fraction": cfg.pack.val_fraction,
-        "tokenizer": {"file": TOKENIZER, "sha256": sha256(model), "vocab_size": sp.vocab_size(),
-                      "bos_id": sp.bos_id(), "eos_id": sp.eos_id(), "trained": trained},
+        "tokenizer": {**tokenizer.describe(), "trained": trained},
         "splits": splits,
         "units": len(stats),
         "input_bytes": sum(st["input_bytes"] for st in stats),
@@ -299,6 +316,12 @@ def print_summary(result: RunResult, n_files: int, output: str) -> None:
           f"worker start-up {t.workers_start:.1f}s, units {t.units:.1f}s")
     for name, s in m["splits"].items():
         size = sum(sh["bytes"] for sh in s["shards"]) / 1e6
+        if "chat" in m:
+            print(f"  {name:5s}: {s['documents']:,} conversations, {s['rows']:,} rows of {m['seq_len'] + 1} "
+                  f"positions in {len(s['shards'])} shards ({size:.1f} MB), {s['loss_tokens']:,} of "
+                  f"{s['tokens']:,} tokens carry loss, {s['padding_tokens']:,} padding; longer than a row: "
+                  f"{s['truncated']:,} truncated, {s['dropped']:,} dropped ({m['chat']['overlong']})")
+            continue
         print(f"  {name:5s}: {s['documents']:,} docs, {s['rows']:,} rows x {row_len} tokens in {len(s['shards'])} "
               f"shards ({size:.1f} MB), {s['dropped_tokens']:,} tail tokens dropped")
     print(f"  tokenizer: vocab {m['tokenizer']['vocab_size']:,} ({'trained' if m['tokenizer']['trained'] else 'given'}), "

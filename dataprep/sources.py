@@ -214,7 +214,21 @@ def split_long(doc: Document) -> Iterator[Document]:
     yield Document(doc.key, rest, doc.replaced_utf8, ends=doc.ends)
 
 
-def _jsonl_documents(part: Part, text_field: str, encoding_errors: str) -> Iterator:
+@dataclass(frozen=True)
+class Record:
+    """One parsed line of a .jsonl file."""
+
+    key: str
+    """Stable identity (file key and byte offset) used for the train/val split."""
+    where: str
+    """File and line, for error messages."""
+    value: object
+    replaced_utf8: bool = False
+
+
+def jsonl_records(part: Part, encoding_errors: str) -> Iterator[Record | BadRecord]:
+    """The JSON value of each non-blank line of a .jsonl file or byte range of one, or a BadRecord for a line that
+    is not UTF-8 or not JSON."""
     for lineno, (offset, raw) in enumerate(_lines(part), start=1):
         if not raw.strip():
             continue
@@ -224,15 +238,22 @@ def _jsonl_documents(part: Part, text_field: str, encoding_errors: str) -> Itera
             yield bad
             continue
         try:
-            record = json.loads(line)
+            yield Record(f"{part.key}@{offset}", where, json.loads(line), replaced)
         except json.JSONDecodeError as exc:
             yield BadRecord(where, f"not valid JSON ({exc.msg}); fix the line or pass --on-bad-record skip")
+
+
+def _jsonl_documents(part: Part, text_field: str, encoding_errors: str) -> Iterator:
+    for record in jsonl_records(part, encoding_errors):
+        if isinstance(record, BadRecord):
+            yield record
             continue
-        text = record.get(text_field) if isinstance(record, dict) else None
+        text = record.value.get(text_field) if isinstance(record.value, dict) else None
         if not isinstance(text, str):
-            yield BadRecord(where, f"no string field {text_field!r}; set --text-field or pass --on-bad-record skip")
+            yield BadRecord(record.where, f"no string field {text_field!r}; set --text-field or pass "
+                                          "--on-bad-record skip")
         elif text:
-            yield Document(f"{part.key}@{offset}", text, replaced)
+            yield Document(record.key, text, record.replaced_utf8)
 
 
 def open_parquet(path: str) -> pq.ParquetFile:
@@ -272,15 +293,25 @@ def read_documents(part: Part, *, text_field: str, encoding_errors: str) -> Iter
     suffix says is a bad record; a storage error (S3 unreachable, a disk failing) is raised, so the unit is not
     committed and a re-run redoes it."""
     fmt = file_format(part.path) or "text"
+    if fmt == "jsonl":
+        documents = _jsonl_documents(part, text_field, encoding_errors)
+    elif fmt == "parquet":
+        documents = _parquet_documents(part, text_field)
+    else:
+        return _guarded(part, fmt, _text_documents(part, encoding_errors))
+    return _guarded(part, fmt, (d for doc in documents for d in (split_long(doc) if isinstance(doc, Document)
+                                                                 else (doc,))))
+
+
+def read_records(part: Part, *, encoding_errors: str) -> Iterator:
+    """Parsed lines (`Record`) and bad records of a .jsonl file or piece of one, in file order, streamed."""
+    return _guarded(part, "jsonl", jsonl_records(part, encoding_errors))
+
+
+def _guarded(part: Part, fmt: str, records: Iterator) -> Iterator:
+    """`records`, with a file that is not what its suffix says (or a corrupt compressed one) as a bad record."""
     try:
-        if fmt == "jsonl":
-            for doc in _jsonl_documents(part, text_field, encoding_errors):
-                yield from split_long(doc) if isinstance(doc, Document) else (doc,)
-        elif fmt == "parquet":
-            for doc in _parquet_documents(part, text_field):
-                yield from split_long(doc) if isinstance(doc, Document) else (doc,)
-        else:
-            yield from _text_documents(part, encoding_errors)
+        yield from records
     except pa.ArrowInvalid as exc:
         yield BadRecord(part.path, f"not a readable {fmt} file ({_first_line(exc)}); fix or remove it")
     except OSError as exc:

@@ -1,23 +1,46 @@
-"""SentencePiece: train a lossless BPE tokenizer, and encode so that decode(encode(text)) == text, always.
+"""Tokenizers: SentencePiece (the one raylm trains, lossless) or a Hugging Face `tokenizer.json` (a published model's
+own), behind one small interface, and each with a chat template.
 
-Losslessness needs more than byte fallback: identity normalisation, no extra-whitespace removal, no dummy prefix,
-and newline/tab as their own symbols because the trainer sees the corpus line by line. One case SentencePiece
-still gets wrong is a literal U+2581 ('▁', its own space marker), which it decodes as a space; `encode_exact`
-emits that character as its three UTF-8 byte tokens instead.
+SentencePiece losslessness needs more than byte fallback: identity normalisation, no extra-whitespace removal, no
+dummy prefix, and newline/tab as their own symbols because the trainer sees the corpus line by line. One case
+SentencePiece still gets wrong is a literal U+2581 ('▁', its own space marker), which it decodes as a space;
+`encode_exact` emits that character as its three UTF-8 byte tokens instead.
+
+A tokenizer travels as its files (`Tokenizer.files`: name → bytes): `tokenizer.model` for SentencePiece;
+`tokenizer.json` plus, when the folder has them, `tokenizer_config.json` (EOS/BOS tokens, chat template) and
+`chat_template.jinja` for Hugging Face. Datasets, run directories, weights files and exports carry exactly these.
+
+Chat: raylm's SentencePiece tokenizers reserve the role markers of raylm's template (CHAT_MARKERS) as control
+symbols, which text never encodes to: only the template inserts them. A Hugging Face tokenizer brings its own
+template (Jinja, rendered as transformers renders it) and special tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import json
+import re
 from typing import Iterable
 
 import numpy as np
 import sentencepiece as spm
 
-from raylm.errors import DataError
+from raylm import storage
+from raylm.errors import DataError, StorageError
 
 SPACE_MARKER = "\u2581"
+CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+RAYLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+"""raylm's chat template (version 1), in the Jinja form transformers' `apply_chat_template` renders: each message is
+its role marker, its text and `<|end|>`; a reply is generated after `<|assistant|>` and ends at `<|end|>`."""
+RAYLM_CHAT_NAME = "raylm-chat-v1"
 TRAINER_OPTIONS = dict(
     model_type="bpe",
     byte_fallback=True,
@@ -27,6 +50,7 @@ TRAINER_OPTIONS = dict(
     split_digits=True,
     allow_whitespace_only_pieces=True,
     user_defined_symbols=["\n", "\t"],
+    control_symbols=list(CHAT_MARKERS),
     unk_id=0,
     bos_id=1,
     eos_id=2,
@@ -36,6 +60,10 @@ TRAINER_OPTIONS = dict(
     shuffle_input_sentence=False,
     minloglevel=2,
 )
+SP_FILE, HF_FILE, HF_CONFIG, HF_TEMPLATE = "tokenizer.model", "tokenizer.json", "tokenizer_config.json", \
+    "chat_template.jinja"
+TOKENIZER_FILES = (SP_FILE, HF_FILE, HF_CONFIG, HF_TEMPLATE)
+"""Every file name a tokenizer may consist of."""
 
 
 TRAIN_THREADS = 8
@@ -60,21 +88,6 @@ def train_tokenizer(lines: Iterable[str], *, vocab_size: int, num_threads: int =
     return model.getvalue()
 
 
-def load_tokenizer(model_bytes: bytes, where: str = "tokenizer") -> spm.SentencePieceProcessor:
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.LoadFromSerializedProto(model_bytes)
-    except (RuntimeError, OSError):
-        raise DataError(f"{where} is not a SentencePiece model; pass a .model file from SentencePiece") from None
-    if sp.eos_id() < 0:
-        raise DataError(f"{where} has no EOS token; raylm separates documents with EOS")
-    return sp
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _space_marker_ids(sp: spm.SentencePieceProcessor) -> list[int]:
     ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARKER.encode()]
     if min(ids) <= sp.unk_id():
@@ -91,6 +104,221 @@ def encode_exact(sp: spm.SentencePieceProcessor, texts: list[str], num_threads: 
             pieces = sp.encode(text.split(SPACE_MARKER), out_type=int)
             ids[i] = [t for j, piece in enumerate(pieces) for t in (marker if j else []) + piece]
     return ids
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Tokenizer:
+    """What raylm asks of a tokenizer. `encode` is for plain text (documents, prompts typed by a user): with
+    SentencePiece no text ever becomes a control token; `encode_rendered` is for the output of the chat template,
+    where the template's special tokens are tokens."""
+
+    kind: str
+    files: dict[str, bytes]
+    vocab_size: int
+    eos_id: int
+    bos_id: int | None
+    chat_template: str | None
+    """Jinja source of the chat template (None: the tokenizer has none)."""
+    chat_template_name: str | None
+    bos_token: str | None
+    eos_token: str
+
+    def encode(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        raise NotImplementedError
+
+    def encode_rendered(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def special_strings(self) -> list[str]:
+        """Texts that are special tokens in rendered chat: a message containing one would forge the structure."""
+        raise NotImplementedError
+
+    def token_string(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the tokenizer: of the SentencePiece model, or of all the Hugging Face files."""
+        if self.kind == "sentencepiece":
+            return sha256(self.files[SP_FILE])
+        return sha256(b"".join(name.encode() + b"\0" + sha256(data).encode() for name, data in sorted(self.files.items())))
+
+    def describe(self) -> dict:
+        """The tokenizer's entry in a dataset manifest."""
+        return {"kind": self.kind, "files": sorted(self.files), "sha256": self.sha256, "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "chat_template": self.chat_template_name}
+
+
+class SentencePieceTokenizer(Tokenizer):
+    kind = "sentencepiece"
+
+    def __init__(self, model: bytes, where: str):
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(model)
+        except (RuntimeError, OSError):
+            raise DataError(f"{where} is not a SentencePiece model or Hugging Face tokenizer; pass a .model file, "
+                            "a tokenizer.json or a folder holding one") from None
+        if self.sp.eos_id() < 0:
+            raise DataError(f"{where} has no EOS token; raylm separates documents with EOS")
+        self.files, self.vocab_size, self.eos_id = {SP_FILE: model}, self.sp.vocab_size(), self.sp.eos_id()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_token, self.bos_token = self.sp.id_to_piece(self.eos_id), self.sp.id_to_piece(self.sp.bos_id())
+        self.markers = {m: self.sp.piece_to_id(m) for m in CHAT_MARKERS}
+        has_chat = all(self.sp.is_control(i) and i != self.sp.unk_id() for i in self.markers.values())
+        self.chat_template = RAYLM_CHAT_TEMPLATE if has_chat else None
+        self.chat_template_name = RAYLM_CHAT_NAME if has_chat else None
+        self._split = re.compile("(" + "|".join(map(re.escape, CHAT_MARKERS)) + ")")
+
+    def encode(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        return encode_exact(self.sp, texts, num_threads)
+
+    def encode_rendered(self, text: str) -> list[int]:
+        parts = self._split.split(text)
+        pieces = encode_exact(self.sp, parts[0::2], num_threads=1)
+        return [t for i, piece in enumerate(pieces) for t in ([self.markers[parts[2 * i - 1]]] if i else []) + piece]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def special_strings(self) -> list[str]:
+        return list(CHAT_MARKERS)
+
+    def token_string(self, token_id: int) -> str:
+        return self.sp.id_to_piece(token_id)
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class HFTokenizer(Tokenizer):
+    kind = "huggingface"
+    END_OF_TEXT = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<|im_end|>", "<eos>")
+    """EOS of a bare tokenizer.json (no tokenizer_config.json), by the names published models use."""
+
+    def __init__(self, files: dict[str, bytes], where: str):
+        from tokenizers import Tokenizer as Fast
+
+        try:
+            config = json.loads(files.get(HF_CONFIG, b"{}"))
+        except ValueError:
+            raise DataError(f"{where}: {HF_CONFIG} is not valid JSON") from None
+        try:
+            self.tok = Fast.from_str(files[HF_FILE].decode("utf-8", errors="replace"))
+        except Exception as exc:  # the Rust library raises a bare Exception for any file it cannot parse
+            raise DataError(f"{where} is not a Hugging Face tokenizer ({str(exc).splitlines()[0][:200]})") from None
+        self.files, self.vocab_size = files, self.tok.get_vocab_size(with_added_tokens=True)
+        added = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()}
+        self.specials = sorted(added, key=len, reverse=True)
+        eos = _token_text(config.get("eos_token")) or next((t for t in self.END_OF_TEXT if t in added), None)
+        if eos is None or self.tok.token_to_id(eos) is None:
+            raise DataError(f"{where} names no EOS token raylm can find; pass the model's folder (with "
+                            f"{HF_CONFIG}) instead of {HF_FILE} alone")
+        self.eos_id, self.eos_token = self.tok.token_to_id(eos), eos
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.bos_id = self.tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.chat_template = self._template(files, config)
+        self.chat_template_name = (f"hf-{sha256(self.chat_template.encode())[:12]}" if self.chat_template else None)
+
+    @staticmethod
+    def _template(files: dict[str, bytes], config: dict) -> str | None:
+        if HF_TEMPLATE in files:
+            return files[HF_TEMPLATE].decode()
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return template
+
+    def encode(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        if num_threads == 1:
+            return [self.tok.encode(t, add_special_tokens=False).ids for t in texts]
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_rendered(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def special_strings(self) -> list[str]:
+        return self.specials
+
+    def token_string(self, token_id: int) -> str:
+        return self.tok.id_to_token(token_id)
+
+
+def load_tokenizer(files: dict[str, bytes] | bytes, where: str = "tokenizer") -> Tokenizer:
+    """A tokenizer from its files (or the bytes of a SentencePiece model)."""
+    if isinstance(files, bytes):
+        files = {SP_FILE: files}
+    if HF_FILE in files:
+        return HFTokenizer(files, where)
+    if SP_FILE in files:
+        return SentencePieceTokenizer(files[SP_FILE], where)
+    raise DataError(f"{where} holds no {SP_FILE} or {HF_FILE}")
+
+
+def read_tokenizer_files(path: str) -> dict[str, bytes]:
+    """The files of the tokenizer at `path` (local or s3://; every command names it --tokenizer): a SentencePiece
+    .model, a Hugging Face tokenizer.json, or a folder holding either (a Hugging Face model folder, a raylm dataset or
+    run directory)."""
+    try:
+        if storage.is_file(path):
+            if path.endswith(".json"):
+                folder = storage.parent(path)
+                files = {HF_FILE: storage.read_bytes(path)}
+                return {**files, **_present(folder, (HF_CONFIG, HF_TEMPLATE))}
+            return {SP_FILE: storage.read_bytes(path)}
+        found = _present(path, TOKENIZER_FILES)
+    except OSError as exc:
+        raise StorageError(storage.describe_os_error(exc, path)) from None
+    if HF_FILE in found:
+        return {k: v for k, v in found.items() if k != SP_FILE}
+    if SP_FILE in found:
+        return {SP_FILE: found[SP_FILE]}
+    raise DataError(f"--tokenizer {path} does not exist or holds no {SP_FILE} or {HF_FILE}; pass a SentencePiece "
+                    ".model, a Hugging Face tokenizer.json or a folder holding one")
+
+
+def _present(folder: str, names: Iterable[str]) -> dict[str, bytes]:
+    out = {}
+    for name in names:
+        path = storage.join(folder, name)
+        if storage.is_file(path):
+            out[name] = storage.read_bytes(path)
+    return out
+
+
+def write_tokenizer_files(files: dict[str, bytes], folder: str) -> None:
+    for name, data in files.items():
+        storage.write_bytes(storage.join(folder, name), data)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise DataError(f"the chat template refused a conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def render_chat(tokenizer: Tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    """The tokenizer's chat template applied to `messages`, with the variables transformers passes."""
+    return _compiled(tokenizer.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                     bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

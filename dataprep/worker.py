@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from dataprep.shards import SplitPacker
-from dataprep.sources import BadRecord, Document, read_documents
-from dataprep.tokenizer import encode_exact, load_tokenizer, token_dtype
+from dataprep import chat
+from dataprep.shards import ExamplePacker, SplitPacker
+from dataprep.sources import BadRecord, Document, read_documents, read_records
+from dataprep.tokenizer import load_tokenizer, token_dtype
 from dataprep.output import SPLITS, progress_path
 from dataprep.units import Unit
 from raylm import storage
@@ -40,8 +41,8 @@ class UnitJob:
     """Everything a worker needs besides the unit itself (shipped once per actor)."""
 
     output: str
-    tokenizer: bytes
-    """The model itself, not its path: a worker node may not see a local output directory."""
+    tokenizer: dict[str, bytes]
+    """The tokenizer's files themselves, not a path: a worker node may not see a local output directory."""
     run_stamp: str
     seq_len: int
     rows_per_shard: int
@@ -50,6 +51,10 @@ class UnitJob:
     text_field: str
     encoding_errors: str
     on_bad_record: str
+    format: str = "text"
+    """'text': documents packed end to end; 'chat': conversations packed whole with a loss mask."""
+    overlong: str = "truncate"
+    """Chat: what happens to an example longer than a row."""
 
 
 def abort(packers: dict) -> None:
@@ -64,8 +69,8 @@ class PackUnits:
         import ray
 
         self.job = job
-        self.sp = load_tokenizer(job.tokenizer)
-        self.dtype = token_dtype(self.sp.vocab_size())
+        self.tokenizer = load_tokenizer(job.tokenizer)
+        self.dtype = token_dtype(self.tokenizer.vocab_size)
         self.node = ray.get_runtime_context().get_node_id()
         self.ready_at = time.time()
 
@@ -76,11 +81,11 @@ class PackUnits:
     def pack(self, unit: Unit) -> dict:
         """The unit's stats; its shards and commit record are written, unless it met a bad record it must stop at."""
         started, cpu = time.time(), time.process_time()
-        packers = {s: SplitPacker(self.job.output, f"{s}/{unit.name}", self.job.seq_len + 1, self.job.rows_per_shard,
-                                  self.dtype) for s in SPLITS}
+        packers = {s: self._packer(f"{s}/{unit.name}") for s in SPLITS}
         counts = {"bad_records": 0, "replaced_utf8_documents": 0}
+        pack = self._pack_conversations if self.job.format == "chat" else self._pack_documents
         try:
-            error = self._pack_documents(unit, packers, counts)
+            error = pack(unit, packers, counts)
         except BaseException:
             abort(packers)
             raise
@@ -93,6 +98,27 @@ class PackUnits:
                             json.dumps({"stamp": unit.stamp(self.job.run_stamp), "stats": stats}).encode())
         return {**stats, "node": self.node, "ready_at": self.ready_at, "seconds": time.time() - started,
                 "cpu_s": time.process_time() - cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+    def _packer(self, stem: str):
+        if self.job.format == "chat":
+            return ExamplePacker(self.job.output, stem, self.job.seq_len + 1, self.job.rows_per_shard, self.dtype,
+                                 pad_id=self.tokenizer.eos_id, overlong=self.job.overlong)
+        return SplitPacker(self.job.output, stem, self.job.seq_len + 1, self.job.rows_per_shard, self.dtype)
+
+    def _pack_conversations(self, unit: Unit, packers: dict, counts: dict) -> str | None:
+        """Each conversation of the unit, tokenized with its loss mask, to its split's packer; the first bad
+        record's one-line description if the run stops at bad records."""
+        for part in unit.parts:
+            for record in read_records(part, encoding_errors=self.job.encoding_errors):
+                example = record if isinstance(record, BadRecord) else chat.tokenize(self.tokenizer, record)
+                if isinstance(example, BadRecord):
+                    if self.job.on_bad_record == "error":
+                        return f"{example.where}: {example.reason}"
+                    counts["bad_records"] += 1
+                    continue
+                counts["replaced_utf8_documents"] += record.replaced_utf8
+                packers[self._split(example)].add(example.tokens, example.loss)
+        return None
 
     def _pack_documents(self, unit: Unit, packers: dict, counts: dict) -> str | None:
         """Feed every document of the unit to the split packers, ENCODE_CHARS at a time; the first bad record's
@@ -121,13 +147,13 @@ class PackUnits:
 
     def _encode(self, docs: list[Document], packers: dict) -> None:
         """Tokens of `docs` to their split's packer, in order; EOS closes each document."""
-        ids = encode_exact(self.sp, [d.text for d in docs], num_threads=1)  # one core per actor
+        ids = self.tokenizer.encode([d.text for d in docs], num_threads=1)  # one core per actor
         streams: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
         documents = dict.fromkeys(SPLITS, 0)
         for doc, tokens in zip(docs, ids):
             split = self._split(doc)
             if doc.ends:
-                tokens.append(self.sp.eos_id())
+                tokens.append(self.tokenizer.eos_id)
                 documents[split] += 1
             streams[split].append(tokens)
         for split, lists in streams.items():
@@ -135,6 +161,6 @@ class PackUnits:
                 flat = np.fromiter(itertools.chain.from_iterable(lists), self.dtype, count=sum(map(len, lists)))
                 packers[split].add(flat, documents[split])
 
-    def _split(self, doc: Document) -> str:
+    def _split(self, doc: Document | chat.Example) -> str:
         val = self.job.val_fraction > 0 and split_hash(self.job.seed, "split", doc.key) < self.job.val_fraction
         return "val" if val else "train"

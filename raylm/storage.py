@@ -233,6 +233,19 @@ def exists(path: str) -> bool:
         raise StorageError(describe_os_error(exc, path)) from None
 
 
+def is_file(path: str) -> bool:
+    fs, p = filesystem(path)
+    try:
+        return fs.get_file_info(p).type == pafs.FileType.File
+    except OSError as exc:
+        raise StorageError(describe_os_error(exc, path)) from None
+
+
+def parent(path: str) -> str:
+    """The folder holding `path` (an s3:// URL keeps its scheme)."""
+    return posixpath.dirname(path.rstrip("/"))
+
+
 def size(path: str) -> int | None:
     """Size in bytes of a file, or None if it does not exist."""
     fs, p = filesystem(path)

@@ -136,3 +136,78 @@ def logged_steps(run_dir: str) -> list[dict]:
     if not storage.exists(storage.join(run_dir, "metrics.jsonl")):
         return []
     return [m for m in metrics(run_dir) if "loss" in m]
+
+
+INSTRUCTION_WORDS = "apple river stone cloud green happy table light music ocean paper tiger".split()
+
+
+def instruction_task(root, *, conversations: int = 3000, held_out: int = 100) -> list[tuple[str, str]]:
+    """A synthetic instruction task under `root`: corpus/ (pretraining text: sentences of the task's words), chat/
+    (`conversations` in both record forms, half with a system message) and the held-out (prompt, answer) pairs
+    returned, prompts no training conversation has. Tasks: the first or last word of a list, or the two words of a
+    pair swapped."""
+    import random
+
+    rng = random.Random(0)
+    glue = "first last swap the word words of".split()
+    (root / "corpus").mkdir(parents=True)
+    (root / "chat").mkdir()
+    text = (" ".join(rng.choice(INSTRUCTION_WORDS + glue) for _ in range(rng.randint(5, 15))) + "." for _ in range(4000))
+    (root / "corpus" / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in text))
+
+    def task(words: tuple[str, ...]) -> tuple[str, str]:
+        kind = rng.choice(["first", "last", "swap"])
+        if kind == "swap":
+            return f"swap the words: {words[0]} {words[1]}", f"{words[1]} {words[0]}"
+        return f"{kind} word of: {' '.join(words)}", words[0] if kind == "first" else words[-1]
+
+    def sample() -> tuple[str, str]:
+        return task(tuple(rng.sample(INSTRUCTION_WORDS, rng.randint(2, 5))))
+
+    held: dict[str, str] = {}
+    while len(held) < held_out:
+        held.setdefault(*sample())
+    lines = []
+    while len(lines) < conversations:
+        prompt, answer = sample()
+        if prompt in held:
+            continue
+        record = {"prompt": prompt, "response": answer} if len(lines) % 2 else {"messages": [
+            {"role": "system", "content": "Follow the instruction."}, {"role": "user", "content": prompt},
+            {"role": "assistant", "content": answer}]}
+        lines.append(json.dumps(record) + "\n")
+    (root / "chat" / "train.jsonl").write_text("".join(lines))
+    return list(held.items())
+
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+"""Llama-3-Instruct's chat template (its special tokens, header and `trim`), minus the date/tool handling."""
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+"""Llama-3's pre-tokenizer pattern: a run of newlines is one piece whatever follows it."""
+
+
+def hf_tokenizer_dir(root, lines: list[str], *, vocab_size: int = 400) -> str:
+    """A Hugging Face tokenizer folder as published Llama-3 models have: a byte-level BPE `tokenizer.json` (lossless
+    on any text) trained on `lines` with `tokenizers`, and `tokenizer_config.json` naming BOS/EOS and the chat
+    template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    root.mkdir(parents=True)
+    tok.save(str(root / "tokenizer.json"))
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "chat_template": LLAMA3_TEMPLATE,
+              "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    (root / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(root)

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import dataset_files, driver_env, jsonl_corpus, run_captured, upload_dir
+from helpers import dataset_files, driver_env, hf_tokenizer_dir, jsonl_corpus, run_captured, upload_dir
 from dataprep import open_dataset
 from dataprep.__main__ import main
 from raylm import storage
@@ -38,10 +38,8 @@ def unit_streams(ds, split: str) -> list[np.ndarray]:
 def assert_round_trip(ds, corpus_docs: list[str]) -> None:
     """Decoding every unit's rows gives corpus documents in corpus order, each unit ending in a partial document
     (its dropped tail); the counts add up: all corpus tokens = rows x row_len + dropped tails."""
-    from dataprep.tokenizer import encode_exact
-
     sp, m = ds.tokenizer(), ds.manifest
-    assert m["tokens"] == sum(len(ids) + 1 for ids in encode_exact(sp, corpus_docs))
+    assert m["tokens"] == sum(len(ids) + 1 for ids in sp.encode(corpus_docs))
     assert m["documents"] == len(corpus_docs)
     for split in ("train", "val"):
         remaining = iter(corpus_docs)
@@ -154,6 +152,20 @@ def test_given_tokenizer_is_used_and_stamped(local_ray, mixed_corpus, tmp_path):
     ds = open_dataset(str(tmp_path / "second"))
     assert ds.manifest["tokenizer"]["trained"] is False and ds.seq_len == 32
     assert (tmp_path / "second" / "tokenizer.model").read_bytes() == model.read_bytes()
+    assert_round_trip(ds, docs)
+
+
+def test_a_hugging_face_tokenizer_json_dataset_round_trips_text(local_ray, mixed_corpus, tmp_path):
+    """A Llama-3-style tokenizer.json (byte-level BPE, special tokens, chat template beside it) tokenizes the corpus;
+    every document decodes back exactly, and the dataset carries the tokenizer's files."""
+    root, docs = mixed_corpus
+    folder = hf_tokenizer_dir(tmp_path / "llama-tokenizer", docs * 3)
+    code, _, err = prep([root], tmp_path / "ds", "--tokenizer", f"{folder}/tokenizer.json")
+    assert code == 0, err
+    ds = open_dataset(str(tmp_path / "ds"))
+    entry = ds.manifest["tokenizer"]
+    assert entry["kind"] == "huggingface" and entry["files"] == ["tokenizer.json", "tokenizer_config.json"]
+    assert entry["eos_id"] == ds.tokenizer().eos_id == 1 and entry["trained"] is False
     assert_round_trip(ds, docs)
 
 

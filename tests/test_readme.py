@@ -36,7 +36,6 @@ def test_main_job_output_is_raylm_lines_only(own_ray_env, tmp_path):
     only, no Ray chatter below WARNING, no colour codes; and the demo's sample prompt is one a trained model
     continues (no lone '▁', which training rarely sees)."""
     from dataprep import open_dataset
-    from dataprep.tokenizer import encode_exact
     from raylm.config import load_config
     from trainer.job import JobConfig
 
@@ -58,4 +57,4 @@ def test_main_job_output_is_raylm_lines_only(own_ray_env, tmp_path):
 
     prompt = load_config(JobConfig, str(ROOT / "configs" / "demo.toml")).train.sample_prompt
     sp = open_dataset(str(data)).tokenizer()
-    assert prompt and "▁" not in [sp.id_to_piece(i) for i in encode_exact(sp, [prompt])[0]]
+    assert prompt and "▁" not in [sp.token_string(i) for i in sp.encode([prompt])[0]]

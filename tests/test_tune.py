@@ -114,7 +114,7 @@ def test_a_dataset_without_validation_rows_is_refused_before_any_trial(stdlib_da
     manifest = json.loads((Path(stdlib_dataset) / "manifest.json").read_text())
     manifest["splits"]["val"] = {**manifest["splits"]["val"], "shards": [], "rows": 0}
     (no_val / "manifest.json").write_text(json.dumps(manifest))
-    for name in ("train", manifest["tokenizer"]["file"]):
+    for name in ("train", *manifest["tokenizer"]["files"]):
         (no_val / name).symlink_to(Path(stdlib_dataset) / name)
     code, _, err = run_captured(main, ["--data.path", no_val, "--tune.dir", tmp_path / "study"])
     lines = err.strip().splitlines()

@@ -15,7 +15,8 @@ import torch
 from raylm.cli import run_cli
 from raylm.errors import ConfigError
 from trainer.hf import export
-from trainer.weights import load_weights, read_tokenizer, save_weights
+from dataprep.tokenizer import read_tokenizer_files
+from trainer.weights import load_weights, save_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", metavar="PATH", help="a run or step-NNNNNN directory, raylm .pt weights or a Hugging Face folder to export")
     src.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face Llama/Mixtral folder to import")
     p.add_argument("--out", required=True, help="output: a Hugging Face folder (export) or a .pt file (import)")
-    p.add_argument("--tokenizer", metavar="FILE", help="SentencePiece model to ship (default: the one in the weights)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer to ship: a SentencePiece .model, a Hugging Face "
+                   "tokenizer.json or a folder holding one (default: the one in the weights)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the exported tensors (default float32)")
     return p
 
@@ -36,7 +38,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     weights = load_weights(args.checkpoint or args.from_hf)
     if args.tokenizer:
-        weights.tokenizer = read_tokenizer(args.tokenizer)
+        weights.tokenizer = read_tokenizer_files(args.tokenizer)
     if args.checkpoint:
         export(weights.state, weights.cfg, args.out, tokenizer=weights.tokenizer, dtype=DTYPES[args.dtype])
         kind = "Mixtral" if weights.cfg.n_experts else "Llama"

@@ -9,9 +9,9 @@ import torch
 
 from raylm.cli import run_cli
 from raylm.errors import ConfigError, DataError
-from dataprep.tokenizer import encode_exact, load_tokenizer
+from dataprep.tokenizer import load_tokenizer, read_tokenizer_files
 from trainer.model import generate
-from trainer.weights import load_weights, read_tokenizer
+from trainer.weights import load_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,24 +24,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's)")
+    p.add_argument("--tokenizer", help="SentencePiece .model, Hugging Face tokenizer.json or a folder holding one "
+                                       "(default: the checkpoint's)")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    weights = load_weights(args.checkpoint)
-    sp_bytes = read_tokenizer(args.tokenizer) if args.tokenizer else weights.tokenizer
-    if sp_bytes is None:
-        raise DataError(f"{args.checkpoint} carries no tokenizer; pass --tokenizer tokenizer.model")
-    sp = load_tokenizer(sp_bytes, where=args.tokenizer or args.checkpoint)
-    prompt = encode_exact(sp, [args.prompt])[0]
+    weights, tokenizer = load_with_tokenizer(args.checkpoint, args.tokenizer)
+    prompt = tokenizer.encode([args.prompt])[0]
     if not 0 < len(prompt) <= weights.cfg.max_seq_len:
         raise ConfigError(f"--prompt is {len(prompt)} tokens; it must hold 1 to max_seq_len={weights.cfg.max_seq_len}")
     out = generate(weights.model(), prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                   eos_id=sp.eos_id(), generator=torch.Generator().manual_seed(args.seed))
-    print(args.prompt + sp.decode(out[len(prompt):]))
+                   eos_id=tokenizer.eos_id, generator=torch.Generator().manual_seed(args.seed))
+    print(args.prompt + tokenizer.decode(out[len(prompt):]))
     return 0
+
+
+def load_with_tokenizer(checkpoint: str, tokenizer: str | None):
+    """(weights, tokenizer) of a checkpoint; `tokenizer` (a path) replaces the one it carries."""
+    weights = load_weights(checkpoint)
+    files = read_tokenizer_files(tokenizer) if tokenizer else weights.tokenizer
+    if files is None:
+        raise DataError(f"{checkpoint} carries no tokenizer; pass --tokenizer (a tokenizer.model, tokenizer.json "
+                        "or the dataset's directory)")
+    return weights, load_tokenizer(files, where=tokenizer or checkpoint)
 
 
 if __name__ == "__main__":

@@ -160,23 +160,29 @@ def model_config_from_hf(hf, where: str) -> ModelConfig:
         if bad:
             raise DataError(f"{where}: {key}={value!r} is not supported by raylm's model (Llama/Mixtral with "
                             f"default or llama3 RoPE, SiLU, no biases)")
-    return ModelConfig(
+    fields = dict(
         vocab_size=hf.vocab_size, dim=hf.hidden_size, n_layers=hf.num_hidden_layers, n_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_key_value_heads or 0, ffn_hidden=hf.intermediate_size, norm_eps=hf.rms_norm_eps,
         max_seq_len=hf.max_position_embeddings, **rope_fields(rope),
         tie_embeddings=bool(hf.tie_word_embeddings), n_experts=getattr(hf, "num_local_experts", 0),
         top_k=getattr(hf, "num_experts_per_tok", 2), aux_loss_weight=getattr(hf, "router_aux_loss_coef", 0.01),
     )
+    kept = {k: v for k, v in dataclasses.asdict(rest).items() if k not in fields} if rest else {}
+    return ModelConfig(**kept, **fields)
 
 
-def write_tokenizer(sp_model: bytes, out_dir: str, *, max_len: int) -> None:
-    """Write the SentencePiece model and configs that transformers' LlamaTokenizer reads as raylm encodes: no dummy
-    prefix, no BOS/EOS added, and `<s>`-like text in a document is text, not a control token."""
-    from dataprep.tokenizer import load_tokenizer
+def write_tokenizer(tokenizer, out_dir: str, *, max_len: int) -> None:
+    """Write the tokenizer so transformers' AutoTokenizer reads text as raylm encodes it and `apply_chat_template`
+    gives raylm's chat ids. A Hugging Face tokenizer is written as it came. A SentencePiece one gets the configs
+    of a LlamaTokenizer: no dummy prefix, no BOS/EOS added, `<s>`-like text in a document is text, not a control
+    token; raylm's chat markers are tokens (added, not special, so they are matched in the rendered template even
+    though special tokens are split as text) and the chat template is raylm's."""
+    from dataprep.tokenizer import CHAT_MARKERS, write_tokenizer_files
 
-    sp = load_tokenizer(sp_model)
-    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
-        f.write(sp_model)
+    write_tokenizer_files(tokenizer.files, out_dir)
+    if tokenizer.kind == "huggingface":
+        return
+    sp = tokenizer.sp
     config = {
         "tokenizer_class": "LlamaTokenizer",
         "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False, "legacy": False,
@@ -185,28 +191,39 @@ def write_tokenizer(sp_model: bytes, out_dir: str, *, max_len: int) -> None:
         "unk_token": sp.id_to_piece(sp.unk_id()),
         "model_max_length": max_len, "clean_up_tokenization_spaces": False,
     }
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
+        config["added_tokens_decoder"] = {
+            str(sp.piece_to_id(marker)): {"content": marker, "special": False, "lstrip": False, "rstrip": False,
+                                          "normalized": False, "single_word": False} for marker in CHAT_MARKERS}
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=1)
 
 
-def export(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str, *, tokenizer: bytes | None = None,
+def export(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str, *, tokenizer: dict[str, bytes] | None = None,
            dtype: torch.dtype = torch.float32) -> None:
     """Write a Hugging Face folder: config.json, generation_config.json, model.safetensors (sharded at 5 GB, with an
-    index, like `save_pretrained`) and, if given, the SentencePiece tokenizer."""
+    index, like `save_pretrained`) and, if given, the tokenizer's files with its chat template. Generation stops at
+    EOS and, for a chat model, at the token that ends a reply."""
     tf = _transformers()
     from huggingface_hub import save_torch_state_dict
 
     os.makedirs(out_dir, exist_ok=True)
-    bos, eos = 1, 2  # raylm's SentencePiece ids when no tokenizer is shipped
+    bos, eos = 1, [2]  # raylm's SentencePiece ids when no tokenizer is shipped
     if tokenizer is not None:
+        from dataprep.chat import reply_end
         from dataprep.tokenizer import load_tokenizer
 
-        sp = load_tokenizer(tokenizer)
-        bos, eos = sp.bos_id(), sp.eos_id()
-        write_tokenizer(tokenizer, out_dir, max_len=cfg.max_seq_len)
-    config = hf_config(cfg, bos_id=bos, eos_id=eos, dtype=dtype)
+        tok = load_tokenizer(tokenizer)
+        bos, eos = tok.bos_id, [tok.eos_id]
+        if tok.chat_template and reply_end(tok) != tok.eos_id:
+            eos.append(reply_end(tok))
+        write_tokenizer(tok, out_dir, max_len=cfg.max_seq_len)
+    config = hf_config(cfg, bos_id=bos, eos_id=eos[0], dtype=dtype)
     config.save_pretrained(out_dir)
-    tf.GenerationConfig.from_model_config(config).save_pretrained(out_dir)
+    generation = tf.GenerationConfig.from_model_config(config)
+    generation.eos_token_id = eos if len(eos) > 1 else eos[0]
+    generation.save_pretrained(out_dir)
     weights = {k: v.to(dtype) for k, v in to_hf_state_dict(state).items()}
     save_torch_state_dict(weights, out_dir, metadata={"format": "pt"})
 

@@ -372,15 +372,13 @@ class Trainer:
         prompt = self.job.train.sample_prompt
         if not prompt:
             return None
-        from dataprep.tokenizer import encode_exact
-
-        sp = self.dataset.tokenizer()
-        ids = encode_exact(sp, [prompt])[0]
+        tokenizer = self.dataset.tokenizer()
+        ids = tokenizer.encode([prompt])[0]
         self.model.eval()
         out = generate(self.model, ids, self.job.train.sample_tokens, self.job.train.sample_temperature, top_k=50,
-                       eos_id=sp.eos_id(), generator=torch.Generator().manual_seed(self.job.train.seed))
+                       eos_id=tokenizer.eos_id, generator=torch.Generator().manual_seed(self.job.train.seed))
         self.model.train()
-        return prompt + sp.decode(out[len(ids):])
+        return prompt + tokenizer.decode(out[len(ids):])
 
     def close(self) -> None:
         self.ckpt.close()
@@ -389,12 +387,13 @@ class Trainer:
 
 
 def write_run_files(job: JobConfig, dataset) -> None:
-    """The resolved config, and the tokenizer, so a run directory is enough to generate from or export."""
+    """The resolved config, and the tokenizer's files, so a run directory is enough to generate from, chat with or
+    export."""
     from raylm.config import dump_toml
 
     storage.write_bytes(storage.join(job.run.dir, "config.toml"), dump_toml(job).encode())
-    tokenizer = storage.join(dataset.directory, dataset.manifest["tokenizer"]["file"])
-    storage.write_bytes(storage.join(job.run.dir, "tokenizer.model"), storage.read_bytes(tokenizer))
+    for name in dataset.tokenizer_files:
+        storage.write_bytes(storage.join(job.run.dir, name), storage.read_bytes(storage.join(dataset.directory, name)))
 
 
 def run(job: JobConfig, *, report: Callable[[dict, str | None], None] | None = None, lease: str | None = None) -> dict:

@@ -1,8 +1,8 @@
 """Loading model weights for inference and export: a raylm run/checkpoint directory, a Hugging Face folder or a
 raylm weights file (`.pt`).
 
-A raylm weights file holds the ModelConfig, the state dict and the SentencePiece model bytes, so it is enough on
-its own to generate text or export.
+A raylm weights file holds the ModelConfig, the state dict and the tokenizer's files, so it is enough on its own to
+generate text, chat or export.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raylm import storage
+from dataprep.tokenizer import SP_FILE, read_tokenizer_files
 from raylm.errors import DataError
 from trainer import checkpoint
 from trainer.model import ModelConfig, Transformer
@@ -26,8 +26,8 @@ FORMAT = "raylm-weights-v1"
 class Weights:
     cfg: ModelConfig
     state: dict[str, torch.Tensor]
-    tokenizer: bytes | None
-    """SentencePiece model bytes, when known."""
+    tokenizer: dict[str, bytes] | None
+    """The tokenizer's files (dataprep.tokenizer), when known."""
 
     def model(self) -> Transformer:
         with torch.device("meta"):
@@ -42,13 +42,12 @@ NOT_A_TORCH_FILE = (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, Va
 RuntimeError; an empty file: EOFError; a pickle of other objects: UnpicklingError)."""
 
 
-def read_tokenizer(path: str) -> bytes:
-    """The bytes of a SentencePiece model file named on a command line."""
+def tokenizer_files_in(folder: str) -> dict[str, bytes] | None:
+    """The tokenizer files of a run directory or Hugging Face folder, or None when it has none."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise DataError(f"cannot read tokenizer {path}: {exc.strerror}") from None
+        return read_tokenizer_files(folder)
+    except DataError:
+        return None
 
 
 def save_weights(path: str, weights: Weights) -> None:
@@ -62,14 +61,12 @@ def load_weights(path: str) -> Weights:
     if checkpoint.is_checkpoint_path(path):
         step = checkpoint.resolve(path)
         cfg, state = checkpoint.read_model(step)
-        sp_path = storage.join(checkpoint.run_dir_of(step), "tokenizer.model")
-        return Weights(cfg, state, storage.read_bytes(sp_path) if storage.exists(sp_path) else None)
+        return Weights(cfg, state, tokenizer_files_in(checkpoint.run_dir_of(step)))
     if os.path.isdir(path):
         from trainer.hf import import_folder
 
         cfg, state = import_folder(path)
-        sp_path = os.path.join(path, "tokenizer.model")
-        return Weights(cfg, state, read_tokenizer(sp_path) if os.path.exists(sp_path) else None)
+        return Weights(cfg, state, tokenizer_files_in(path))
     if not os.path.isfile(path):
         raise DataError(f"checkpoint {path} does not exist; pass a run or checkpoint directory, a Hugging Face folder "
                         "or a raylm .pt weights file")
@@ -81,4 +78,7 @@ def load_weights(path: str) -> Weights:
         raise DataError(f"{path} cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise DataError(f"{path} is not a raylm weights file (expected format {FORMAT})")
-    return Weights(ModelConfig(**data["model"]), data["state_dict"], data.get("tokenizer"))
+    tokenizer = data.get("tokenizer")
+    if isinstance(tokenizer, bytes):  # files written before Hugging Face tokenizers: a SentencePiece model
+        tokenizer = {SP_FILE: tokenizer}
+    return Weights(ModelConfig(**data["model"]), data["state_dict"], tokenizer)

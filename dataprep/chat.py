@@ -1,0 +1,109 @@
+"""Chat records → token ids with a loss mask, through the tokenizer's own chat template.
+
+A record is a .jsonl line with `messages: [{role, content}, ...]` (roles system, user, assistant) or a
+`prompt`/`response` pair (a user message and the assistant's reply). Only assistant turns carry loss: the template is
+rendered up to each assistant turn with the generation prompt, and again with the turn, and the difference is that
+turn (its text and the end marker the template closes it with, so the model learns to stop). The conversation is
+tokenized segment by segment, and checked to give the same ids as tokenizing the whole rendered conversation: a
+template whose pieces tokenize differently is refused, never silently mis-masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jinja2 import TemplateError
+
+from dataprep.sources import BadRecord, Record
+from dataprep.tokenizer import Tokenizer, render_chat
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Example:
+    key: str
+    tokens: list[int]
+    loss: list[bool]
+    """Whether each token is a target that carries loss (an assistant turn's)."""
+
+
+def conversation(record: Record) -> list[dict] | BadRecord:
+    """The record's messages, checked: known roles, text content, a user turn before the first reply, a reply."""
+    value = record.value
+    if isinstance(value, dict) and "messages" not in value and {"prompt", "response"} <= value.keys():
+        value = {"messages": [{"role": "user", "content": value["prompt"]},
+                              {"role": "assistant", "content": value["response"]}]}
+    messages = value.get("messages") if isinstance(value, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return BadRecord(record.where, "no 'messages' list (or 'prompt' and 'response'); fix the line or pass "
+                                       "--on-bad-record skip")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            return BadRecord(record.where, f"message {i} is not {{role: {'/'.join(ROLES)}, content: text}}; fix the "
+                                           "line or pass --on-bad-record skip")
+    roles = [m["role"] for m in messages if m["role"] != "system"]
+    if not roles or roles[0] != "user" or "assistant" not in roles:
+        return BadRecord(record.where, "a conversation needs a user message first and an assistant reply; fix the "
+                                       "line or pass --on-bad-record skip")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def forged_marker(tokenizer: Tokenizer, messages: list[dict]) -> str | None:
+    """A special token's text found inside a message (it would be read as structure, not text), if any."""
+    specials = tokenizer.special_strings()
+    return next((s for m in messages for s in specials if s in m["content"]), None)
+
+
+def segments(tokenizer: Tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, carries loss) pieces: each assistant turn is a piece of its own."""
+    pieces, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        with_reply = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False)
+        if not prompt.startswith(done) or not with_reply.startswith(prompt):
+            raise ValueError("the template does not render a conversation as its earlier turns plus the new one")
+        pieces += [(prompt[len(done):], False), (with_reply[len(prompt):], True)]
+        done = with_reply
+    whole = render_chat(tokenizer, messages, add_generation_prompt=False)
+    if not whole.startswith(done):
+        raise ValueError("the template does not render a conversation as its earlier turns plus the new one")
+    return pieces + [(whole[len(done):], False)]
+
+
+def tokenize(tokenizer: Tokenizer, record: Record) -> Example | BadRecord:
+    """The record as token ids and loss flags, or why it cannot be used."""
+    messages = conversation(record)
+    if isinstance(messages, BadRecord):
+        return messages
+    marker = forged_marker(tokenizer, messages)
+    if marker:
+        return BadRecord(record.where, f"a message contains the special token {marker!r}; remove it or pass "
+                                       "--on-bad-record skip")
+    try:
+        parts = segments(tokenizer, messages)
+    except (TemplateError, ValueError) as exc:
+        return BadRecord(record.where, f"the chat template ({tokenizer.chat_template_name}) cannot render this "
+                                       f"conversation: {str(exc).splitlines()[0]}")
+    tokens, loss = [], []
+    for text, carries in parts:
+        ids = tokenizer.encode_rendered(text) if text else []
+        tokens += ids
+        loss += [carries] * len(ids)
+    if tokens != tokenizer.encode_rendered("".join(text for text, _ in parts)):
+        return BadRecord(record.where, f"the chat template ({tokenizer.chat_template_name}) tokenizes differently "
+                                       "in pieces than whole, so the assistant turns cannot be masked exactly; use a "
+                                       "template whose turns end in a special token")
+    return Example(record.key, tokens, loss)
+
+
+def reply_end(tokenizer: Tokenizer) -> int:
+    """The token the chat template closes an assistant reply with (where generation stops)."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
+    prompt = render_chat(tokenizer, messages[:1], add_generation_prompt=True)
+    reply = render_chat(tokenizer, messages, add_generation_prompt=False)[len(prompt):]
+    after = reply[reply.index("Yes") + len("Yes"):]
+    ids = tokenizer.encode_rendered(after) if after else []
+    return ids[0] if ids else tokenizer.eos_id
