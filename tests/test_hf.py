@@ -27,12 +27,12 @@ def sp_model(tmp_path_factory) -> bytes:
 
 
 def weights_file(tmp_path, sp_model: bytes, **model) -> str:
-    cfg = ModelConfig(vocab_size=load_tokenizer(sp_model).vocab_size(), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+    cfg = ModelConfig(vocab_size=load_tokenizer(sp_model).vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                       ffn_hidden=128, max_seq_len=128, **model)
     m = Transformer(cfg)
     m.init_weights(7)
     path = str(tmp_path / "w.pt")
-    save_weights(path, Weights(cfg, m.state_dict(), sp_model))
+    save_weights(path, Weights(cfg, m.state_dict(), {"tokenizer.model": sp_model}))
     return path
 
 
@@ -48,7 +48,7 @@ def test_export_loads_in_transformers_and_generates_the_same(tmp_path, sp_model,
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert type(hf).__name__ == ("MixtralForCausalLM" if model.get("n_experts") else "LlamaForCausalLM")
     ours = load_weights(path).model()
-    prompt = encode_exact(load_tokenizer(sp_model), ["def add("])[0]
+    prompt = load_tokenizer(sp_model).encode(["def add("])[0]
     theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
                          eos_token_id=None, pad_token_id=0)[0].tolist()
     assert generate(ours, prompt, 24) == theirs
@@ -58,7 +58,7 @@ def test_hf_tokenizer_matches_sentencepiece(tmp_path, sp_model):
     path = weights_file(tmp_path, sp_model)
     run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "hf"])
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    sp = load_tokenizer(sp_model)
+    sp = load_tokenizer(sp_model).sp
     for text in TEXT + ["  leading spaces", " 1234567 digits", "tabs\tand\nnewlines\n\n", "<s> and </s> are text"]:
         assert tok.encode(text, add_special_tokens=False) == encode_exact(sp, [text])[0], text
         assert tok.decode(encode_exact(sp, [text])[0]) == text
@@ -92,7 +92,7 @@ def test_generate_cli_and_its_errors(tmp_path, sp_model):
     assert code == 2 and err.startswith("error: --prompt is ") and "max_seq_len=128" in err
     code, _, err = run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "o",
                                                   "--tokenizer", tmp_path / "no.model"])
-    assert code == 2 and err.startswith(f"error: cannot read tokenizer {tmp_path / 'no.model'}")
+    assert code == 2 and err.startswith(f"error: --tokenizer {tmp_path / 'no.model'} does not exist")
 
 
 def test_import_refuses_what_raylm_cannot_represent(tmp_path, sp_model):
@@ -129,3 +129,223 @@ def test_import_of_a_sharded_folder_written_by_transformers(tmp_path, sp_model):
     assert (tmp_path / "pub" / "model.safetensors.index.json").exists()
     before, after = load_weights(path), load_weights(str(tmp_path / "pub"))
     assert before.cfg == after.cfg and all(torch.equal(before.state[k], after.state[k]) for k in before.state)
+
+
+# --- --init.from_hf: a run that starts from a Hugging Face folder's weights ---
+
+def processor(sp_model: bytes):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_proto=sp_model)
+
+
+def write_dataset(root, sp_model: bytes, *, seq_len: int = 32, train_rows: int = 48, val_rows: int = 16) -> str:
+    """A finished raylm dataset made in this process (dataprep would start Ray): TEXT tokenized, each document ending
+    in EOS, packed end to end (repeated as needed) into rows of seq_len + 1 tokens."""
+    import numpy as np
+
+    from dataprep.dataset import FORMAT, FORMAT_VERSION, MANIFEST
+    from dataprep.shards import ShardWriter, rows_per_batch
+    from dataprep.tokenizer import sha256, token_dtype
+
+    sp = processor(sp_model)
+    dtype = token_dtype(sp.vocab_size())
+    stream = np.concatenate([ids + [sp.eos_id()] for ids in encode_exact(sp, TEXT)])
+    rows = np.resize(stream, (train_rows + val_rows) * (seq_len + 1)).astype(dtype).reshape(-1, seq_len + 1)
+    root.mkdir()
+    (root / "tokenizer.model").write_bytes(sp_model)
+    splits = {}
+    for split, part in (("train", rows[:train_rows]), ("val", rows[train_rows:])):
+        writer = ShardWriter(str(root), f"{split}/shard-00000.arrow", dtype, seq_len + 1)
+        writer.write(part)
+        splits[split] = {"shards": [writer.close()], "rows": len(part), "tokens": part.size}
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "seq_len": seq_len, "row_len": seq_len + 1,
+        "dtype": dtype.name, "rows_per_batch": rows_per_batch(seq_len + 1, dtype), "seed": 0, "splits": splits,
+        "tokenizer": {"kind": "sentencepiece", "file": "tokenizer.model", "files": ["tokenizer.model"],
+                      "sha256": sha256(sp_model), "vocab_size": sp.vocab_size(), "bos_id": sp.bos_id(),
+                      "eos_id": sp.eos_id()},
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    return str(root)
+
+
+def hf_model(folder, *, vocab: int, experts: int = 0, tied: bool = False, dtype=torch.float32, shard="100KB"):
+    """A tiny random Llama (or Mixtral with `experts`) written by transformers' own save_pretrained, in shards of
+    `shard` with an index, as published checkpoints are."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=tied)
+    cfg = (transformers.MixtralConfig(num_local_experts=experts, num_experts_per_tok=2, **common) if experts
+           else transformers.LlamaConfig(**common))
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    model.save_pretrained(folder, max_shard_size=shard)
+    return model
+
+
+def test_a_run_from_a_hugging_face_folder_trains_exports_and_resumes(tmp_path, sp_model, caplog):
+    """The acceptance path: a sharded Llama folder → `python -m trainer --init.from_hf` (its config.json, not the
+    preset's [model], sets the architecture) → export → transformers generates what raylm generates. The step-0
+    validation loss is the folder's model's own on the same rows, so the weights really came from it; a re-run
+    continues the run's own checkpoint, never re-initialising from the folder."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from dataprep import open_dataset
+    from helpers import TINY, metrics
+    from trainer.__main__ import main as trainer_main
+
+    dataset = write_dataset(tmp_path / "data", sp_model)
+    sp = processor(sp_model)
+    source = tmp_path / "llama"
+    hf = hf_model(source, vocab=sp.vocab_size())
+    assert (source / "model.safetensors.index.json").exists() and len(list(source.glob("*.safetensors"))) > 2
+    run = tmp_path / "run"
+    argv = ["--no-ray", *TINY, "--data.path", dataset, "--run.dir", run, f"--init.from_hf={source}",
+            "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=2"]
+    caplog.set_level("INFO", logger="trainer")
+    code, _, err = run_captured(trainer_main, [*argv, "--train.steps=4"])
+    assert code == 0, err
+    assert f"initialised from Hugging Face {source} (" in caplog.text and "MB read by this rank)" in caplog.text
+
+    rows = torch.from_numpy(open_dataset(dataset).val.rows(np.arange(16)).astype(np.int64))
+    with torch.no_grad():
+        logits = hf(rows[:, :-1]).logits
+    expected = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten()).item()
+    start = metrics(str(run))[0]
+    assert start["step"] == 0 and abs(start["val_loss"] - expected) < 1e-4, (start, expected)
+
+    code, _, err = run_captured(export_cli.main, ["--checkpoint", run, "--out", tmp_path / "hf2"])
+    assert code == 0, err
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2")
+    assert hf2.config.intermediate_size == 128  # the folder's, not configs/tiny.toml's ffn_hidden=192
+    prompt = encode_exact(sp, ["def add("])[0]
+    theirs = hf2.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
+                          eos_token_id=None, pad_token_id=0)[0].tolist()
+    assert generate(load_weights(str(run)).model(), prompt, 24) == theirs
+    before, after = dict(hf.named_parameters()), dict(hf2.named_parameters())
+    assert before.keys() == after.keys() and not any(torch.equal(before[k], after[k]) for k in before)
+
+    caplog.clear()
+    code, _, err = run_captured(trainer_main, [*argv, "--train.steps=6"])
+    assert code == 0, err
+    assert "resumed from" in caplog.text and "initialised from Hugging Face" not in caplog.text
+    assert [m["step"] for m in metrics(str(run)) if "loss" in m] == list(range(1, 7))
+
+
+def rank_loads(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    """One gloo rank: the FSDP2-sharded model of the folder's config, filled by `load_hf_weights`; rank 0 saves the
+    gathered weights and every rank's byte counts."""
+    import torch.distributed as dist
+
+    from trainer.hf import model_config_from_hf, read_config
+    from trainer.hf_shards import load_hf_weights
+    from trainer.job import JobConfig
+    from trainer.parallelize import plain_name
+    from trainer.train import Dist, build_model
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    job = JobConfig()
+    job.model = model_config_from_hf(read_config(folder), folder)
+    model = build_model(job, Dist(rank, world, torch.device("cpu")))
+    read = load_hf_weights(model, folder)
+    reads = [None] * world
+    dist.all_gather_object(reads, (read.headers, read.tensors))
+    state = {plain_name(name): p.full_tensor() for name, p in model.named_parameters()}
+    if rank == 0:
+        torch.save({"state": state, "reads": reads}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("model", [dict(vocab=361), dict(vocab=360, experts=4, tied=True, dtype=torch.bfloat16)],
+                         ids=["llama-uneven-rows", "mixtral-tied-bf16"])
+def test_each_rank_reads_only_its_rows(tmp_path, model):
+    """2 gloo ranks: each reads about half of the tensors' bytes (plus the files' headers), together exactly all of
+    them once, and the gathered model is the folder's weights (cast to fp32). 361 vocabulary rows shard 181/180;
+    Mixtral's ranks read only their own experts' per-expert tensors."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from helpers import free_port
+    from trainer.hf import import_folder
+
+    folder = tmp_path / "hf"
+    hf_model(folder, **model)
+    mp.spawn(rank_loads, args=(2, free_port(), str(folder), str(tmp_path / "out.pt")), nprocs=2)
+    got = torch.load(tmp_path / "out.pt")
+    cfg, expected = import_folder(str(folder))  # the whole-file reader: every tensor, cast to fp32
+    assert got["state"].keys() == expected.keys()
+    assert all(torch.equal(got["state"][k], expected[k]) for k in expected)
+    files = sorted(folder.glob("*.safetensors"))
+    tensors = {k: v for f in files for k, v in load_file(f).items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in files)
+    (h0, t0), (h1, t1) = got["reads"]
+    assert len(files) > 2 and t0 + t1 == total and abs(t0 - total / 2) < 0.02 * total, (t0, t1, total)
+    assert headers <= h0 == h1 < headers + 8 * 1024 * len(files), (h0, headers)
+
+
+def test_init_from_hf_refusals_are_one_line_before_any_worker(tmp_path, sp_model):
+    """A dataset whose tokenizer has more tokens than the model's embedding rows, and two sources of weights, are
+    refused on the driver in one line; a smaller tokenizer is fine (published models pad their embeddings)."""
+    from raylm.config import load_config
+    from trainer.__main__ import check_before_launch, main as trainer_main
+    from trainer.job import JobConfig
+
+    dataset = write_dataset(tmp_path / "data", sp_model)
+    small, padded = tmp_path / "small", tmp_path / "padded"
+    hf_model(small, vocab=300, shard="10GB")
+    hf_model(padded, vocab=384, shard="10GB")
+    common = ["--no-ray", "--config", "configs/tiny.toml", "--data.path", dataset, "--run.dir", tmp_path / "run"]
+    code, out, err = run_captured(trainer_main, [*common, f"--init.from_hf={small}"])
+    assert code == 2 and out == "" and err == (
+        f"error: dataset {dataset} has a 360-token tokenizer but init.from_hf={small} has vocab_size 300; tokenize the "
+        f"data with the model's own tokenizer (python -m dataprep --tokenizer {small} ...)\n")
+    code, _, err = run_captured(trainer_main, [*common, f"--init.from_hf={padded}", f"--checkpoint.resume_from={small}"])
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: --init.from_hf={padded} and "
+                                                                 f"--checkpoint.resume_from={small} ")
+    assert not (tmp_path / "run").exists()
+    job = load_config(JobConfig, "configs/tiny.toml", ["--data.path", dataset, f"--init.from_hf={padded}"])
+    assert check_before_launch(job, max_world=1) == 0
+    assert (job.model.vocab_size, job.model.ffn_hidden, job.model.max_seq_len) == (384, 128, 64)
+
+
+def test_a_folder_that_does_not_match_its_config_names_the_tensor(tmp_path):
+    """A tensor missing or of another shape than config.json implies is a DataError naming it and the folder."""
+    from raylm.errors import DataError
+    from trainer.hf import model_config_from_hf, read_config
+    from trainer.hf_shards import load_hf_weights
+
+    folder = tmp_path / "hf"
+    hf_model(folder, vocab=300)
+    config = json.loads((folder / "config.json").read_text())
+
+    def load_with(**changed) -> None:
+        (folder / "config.json").write_text(json.dumps({**config, **changed}))
+        with torch.device("meta"):
+            model = Transformer(model_config_from_hf(read_config(str(folder)), str(folder)))
+        load_hf_weights(model.to_empty(device="cpu"), str(folder))
+
+    with pytest.raises(DataError, match=rf"^{folder} has no tensor model\.layers\.2\.\S+, which a model of its config"):
+        load_with(num_hidden_layers=3)
+    with pytest.raises(DataError, match=rf"^{folder}: tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape "
+                                        r"\[128, 64\], but its config.json makes it \[256, 64\]$"):
+        load_with(intermediate_size=256)
+
+
+def test_init_from_hf_reads_an_s3_folder(tmp_path, s3_server):
+    """The same loader on s3:// (moto): config.json and the shards' byte ranges through raylm.storage."""
+    from helpers import upload_dir
+    from trainer.hf import import_folder, model_config_from_hf, read_config
+    from trainer.hf_shards import load_hf_weights
+
+    hf_model(tmp_path / "hf", vocab=300, experts=2, tied=True)
+    url = f"{s3_server}/{tmp_path.name}/hf"
+    upload_dir(tmp_path / "hf", url)
+    cfg = model_config_from_hf(read_config(url), url)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    read = load_hf_weights(model.to_empty(device="cpu"), url)
+    local_cfg, expected = import_folder(str(tmp_path / "hf"))
+    assert cfg == local_cfg and read.tensors == sum(v.numel() * 4 for v in expected.values())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())

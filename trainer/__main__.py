@@ -23,8 +23,9 @@ FLAGS = {"--no-ray": "run the loop in this process (or under torchrun) instead o
 
 def check_before_launch(job: JobConfig, *, max_world: int) -> int:
     """Catch user mistakes on the driver, before workers start: dataset present and big enough for a step, every
-    world size the run may have (an elastic run's too) at most the batch, and RUN_DIR's checkpoints (if any) of this
-    very model, dataset and data order. Returns the step the run would continue from (0 for a new run)."""
+    world size the run may have (an elastic run's too) at most the batch, init.from_hf's config.json readable and
+    its vocabulary big enough for the dataset's tokenizer, and RUN_DIR's checkpoints (if any) of this very model,
+    dataset and data order. Returns the step the run would continue from (0 for a new run)."""
     for path in paths(job).values():
         storage.check_bucket(path)
     dataset = open_dataset(job.data.path)

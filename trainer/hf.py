@@ -11,12 +11,14 @@ needs one copy of the weights in memory. `transformers` is needed for the config
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 
 import torch
 
+from raylm import storage
 from raylm.errors import ConfigError, DataError
 from trainer.model import ModelConfig, Transformer
 
@@ -133,7 +135,7 @@ def rope_parameters(cfg: ModelConfig) -> dict:
 
 def rope_fields(rope: dict) -> dict:
     """The ModelConfig RoPE fields for transformers' `rope_parameters` (inverse of `rope_parameters`)."""
-    fields = {"rope_theta": float(rope["rope_theta"])}
+    fields = {"rope_theta": float(rope["rope_theta"]), "rope_scaling": 0.0}
     if rope.get("rope_type", "default") == "llama3":
         fields.update(rope_scaling=float(rope["factor"]), rope_low_freq_factor=float(rope["low_freq_factor"]),
                       rope_high_freq_factor=float(rope["high_freq_factor"]),
@@ -141,11 +143,29 @@ def rope_fields(rope: dict) -> dict:
     return fields
 
 
-def model_config_from_hf(hf, where: str) -> ModelConfig:
+def check_model_type(model_type, where: str) -> None:
+    if model_type not in SUPPORTED:
+        raise DataError(f"{where}: model_type={model_type!r}; raylm imports {' and '.join(SUPPORTED)} models")
+
+
+def read_config(folder: str):
+    """The transformers config of a Hugging Face folder (local or s3://), made from its config.json alone."""
+    path = storage.join(folder, "config.json")
+    if not storage.exists(path):
+        raise DataError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    try:
+        data = json.loads(storage.read_bytes(path))
+    except ValueError:
+        raise DataError(f"{path} is not valid JSON") from None
+    check_model_type(data.get("model_type") if isinstance(data, dict) else None, folder)
+    return _transformers().AutoConfig.for_model(**data)
+
+
+def model_config_from_hf(hf, where: str, *, rest: ModelConfig | None = None) -> ModelConfig:
     """A ModelConfig computing the same function as a transformers Llama/Mixtral config, or a DataError saying why
-    there is none."""
-    if hf.model_type not in SUPPORTED:
-        raise DataError(f"{where}: model_type={hf.model_type!r}; raylm imports {' and '.join(SUPPORTED)} models")
+    there is none. The fields the HF config does not determine (training-only ones such as init_std) come from
+    `rest`, else are the defaults."""
+    check_model_type(hf.model_type, where)
     rope = getattr(hf, "rope_parameters", None) or {"rope_theta": getattr(hf, "rope_theta", 10000.0)}
     unsupported = {
         "rope_type": (rope.get("rope_type"), rope.get("rope_type", "default") not in ("default", "llama3")),

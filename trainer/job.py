@@ -113,6 +113,15 @@ class RayConfig:
 
 
 @dataclass(kw_only=True)
+class InitConfig:
+    from_hf: str = ""
+    """A Hugging Face Llama/Mixtral folder (local or s3://, safetensors) whose weights start the run at step 0 with a
+    fresh optimizer. The model's architecture comes from its config.json: the [model] section's architecture fields
+    are ignored (fields config.json does not set are kept). A run directory with a committed checkpoint of its own
+    resumes from that instead."""
+
+
+@dataclass(kw_only=True)
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -124,12 +133,18 @@ class JobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+    def __post_init__(self):
+        if self.init.from_hf and self.checkpoint.resume_from:
+            raise ConfigError(f"--init.from_hf={self.init.from_hf} and --checkpoint.resume_from="
+                              f"{self.checkpoint.resume_from} both say where the weights come from; pass only one")
 
 
 def paths(job: JobConfig) -> dict[str, str]:
     """The job's storage locations by option, for the checks that name the one at fault."""
     return {"--data.path": job.data.path, "--run.dir": job.run.dir,
-            "--checkpoint.resume_from": job.checkpoint.resume_from}
+            "--checkpoint.resume_from": job.checkpoint.resume_from, "--init.from_hf": job.init.from_hf}
 
 
 def make_paths_absolute(job: JobConfig) -> None:
@@ -138,3 +153,5 @@ def make_paths_absolute(job: JobConfig) -> None:
     job.run.dir = storage.absolute(job.run.dir)
     if job.checkpoint.resume_from:
         job.checkpoint.resume_from = storage.absolute(job.checkpoint.resume_from)
+    if job.init.from_hf:
+        job.init.from_hf = storage.absolute(job.init.from_hf)

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from dataprep import open_dataset
 from raylm import storage
-from raylm.errors import RaylmError
+from raylm.errors import DataError, RaylmError
 from trainer import checkpoint
 from trainer.checkpoint import Checkpointer, inject_fault
 from trainer.data import BatchPlan, StepLoader, val_batches
@@ -80,13 +80,17 @@ def init_distributed(device_name: str) -> Dist:
 
 
 def build_model(job: JobConfig, d: Dist) -> nn.Module:
-    """Meta → AC/compile/FSDP2 → materialise with world-size-independent initial values."""
+    """Meta → AC/compile/FSDP2 → materialise with world-size-independent initial values (left uninitialised when
+    the weights will come from init.from_hf)."""
     with torch.device("meta"):
         model = Transformer(job.model)
     mesh = init_device_mesh(d.device.type, (d.world,))
     model = parallelize(model, mesh=mesh, parallel=job.parallel)
-    materialize(model, device=d.device,
-                initial_value=lambda name, shape: initial_value(name, shape, job.model, job.train.seed))
+    if job.init.from_hf:
+        model.to_empty(device=d.device)  # every weight comes from the folder or the run's checkpoint: nothing to init
+    else:
+        materialize(model, device=d.device,
+                    initial_value=lambda name, shape: initial_value(name, shape, job.model, job.train.seed))
     model.init_buffers()
     return model
 
@@ -171,8 +175,20 @@ def evaluate(model, batches: list[torch.Tensor], device: torch.device) -> float:
 
 
 def resolve_model(job: JobConfig, dataset) -> None:
-    """The dataset decides the vocabulary; the context must hold its sequences."""
-    job.model.vocab_size = dataset.vocab_size
+    """The dataset decides the vocabulary, or with init.from_hf the folder's config.json decides the architecture
+    (and a dataset whose tokenizer has more tokens than the model's embedding rows is refused); the context must hold
+    the dataset's sequences. The same on the driver and on every worker."""
+    if job.init.from_hf:
+        from trainer.hf import model_config_from_hf, read_config
+
+        source = job.init.from_hf
+        job.model = model_config_from_hf(read_config(source), source, rest=job.model)
+        if dataset.vocab_size > job.model.vocab_size:
+            raise DataError(f"dataset {dataset.directory} has a {dataset.vocab_size}-token tokenizer but init.from_hf="
+                            f"{source} has vocab_size {job.model.vocab_size}; tokenize the data with the model's own "
+                            f"tokenizer (python -m dataprep --tokenizer {source} ...)")
+    else:
+        job.model.vocab_size = dataset.vocab_size
     job.model.max_seq_len = max(job.model.max_seq_len, dataset.seq_len)
 
 
@@ -213,8 +229,9 @@ class Trainer:
                      f"{self.tokens_per_step:,}", self.peak_flops / 1e9, torch.get_num_threads())
 
     def resume(self) -> int:
-        """Load the run's newest committed checkpoint (or checkpoint.resume_from when the run has none); returns the
-        step to continue from. Rank 0 picks the checkpoint, so every rank loads the same one."""
+        """Load the run's newest committed checkpoint (or, when the run has none, checkpoint.resume_from or the weights
+        of init.from_hf); returns the step to continue from. Rank 0 picks the checkpoint, so every rank loads the
+        same one."""
         cfg = self.job.checkpoint
         choice: list = [None]
         if self.d.rank == 0:
@@ -228,7 +245,7 @@ class Trainer:
         if isinstance(choice[0], RaylmError):
             raise choice[0]
         if choice[0] is None:
-            return 0
+            return self.init_from_hf() if self.job.init.from_hf else 0
         path, own = choice[0]
         warm_start = cfg.load_weights_only and not own
         state = checkpoint.read_train_state(path)
@@ -250,6 +267,18 @@ class Trainer:
                 log.warning("optim.%s is %s in this run, %s in the checkpoint: %s applies from step %d", key, new,
                             old, new, step + 1)
         return step
+
+    def init_from_hf(self) -> int:
+        """Step 0 from the weights of init.from_hf (the optimizer stays fresh): each rank reads only its shards."""
+        from trainer.hf_shards import load_hf_weights
+
+        source = self.job.init.from_hf
+        read = load_hf_weights(self.model, source)
+        self.model.init_buffers()
+        if self.d.rank == 0:
+            log.info("initialised from Hugging Face %s (%.1fM params, %.1f MB read by this rank)", source,
+                     self.job.model.num_params() / 1e6, read.total / 1e6)
+        return 0
 
     def identity(self) -> dict:
         return checkpoint.run_identity(self.job.model, self.dataset, data_seed=self.job.data.seed,
