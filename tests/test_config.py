@@ -66,7 +66,7 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     assert load_config(JobConfig, str(tmp_path / "config.toml"), []) == job
 
 
-@pytest.mark.parametrize("preset", ["tiny", "demo", "125m", "350m", "1b", "llama3-8b", "moe"])
+@pytest.mark.parametrize("preset", ["tiny", "demo", "125m", "350m", "1b", "llama3-8b", "moe", "sft-demo", "sft-llama3-8b"])
 def test_presets_load(preset):
     assert load_config(JobConfig, f"configs/{preset}.toml", []).model.dim > 0
 

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_st
 from raylm import storage
 from raylm.errors import ConfigError, DataError, StorageError
 from trainer.lease import LeaseLost, check_held
-from trainer.model import ModelConfig, Transformer
+from trainer.model import NOT_IN_WEIGHTS, ModelConfig, Transformer
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Detected an existing checkpoint", category=UserWarning)
@@ -206,7 +206,8 @@ def run_identity(model: ModelConfig, dataset, *, data_seed: int, global_batch: i
     """What a checkpoint shares with any run that continues it, keyed as the user sets each value: the model, the
     dataset it reads (tokenizer, sequence length, rows) and the data order. train.steps and the lr schedule are not
     in it: raising them is how a run is extended."""
-    identity = {f"model.{key}": value for key, value in dataclasses.asdict(model).items()}
+    identity = {f"model.{key}": value for key, value in dataclasses.asdict(model).items()
+                if key != "attention"}  # a kernel choice: a run may switch it when it resumes
     return identity | {
         "dataset tokenizer sha256": dataset.manifest["tokenizer"]["sha256"], "dataset seq_len": dataset.seq_len,
         "dataset train rows": len(dataset.train), "data.seed": data_seed, "train.global_batch": global_batch,
@@ -219,7 +220,9 @@ def check_continues(state: dict, identity: dict, path: str, *, own: bool, weight
     order (with `weights_only`, only the model must match): loading would fail deep in DCP or, worse, succeed.
     `own`: the checkpoint is the run directory's own (else it came from checkpoint.resume_from)."""
     saved = state.get("identity", {})
-    keys = [k for k in identity if saved.get(k) != identity[k] and (k.startswith("model.") or not weights_only)]
+    same_weights = {f"model.{key}" for key in NOT_IN_WEIGHTS} if weights_only else set()
+    keys = [k for k in identity if saved.get(k) != identity[k] and k not in same_weights
+            and (k.startswith("model.") or not weights_only)]
     if not keys:
         return
     show = lambda value: f"{value[:12]}…" if isinstance(value, str) and len(value) > 16 else value  # noqa: E731

@@ -206,5 +206,5 @@ def val_batches(split: Split, *, rows: int, seed: int, micro_batch: int, rank: i
         return []
     start, stop = split_evenly(len(chosen), world, rank)
     data = torch.from_numpy(split.rows(chosen[start:stop]).astype(np.int64)) if stop > start else \
-        torch.zeros((0, split.row_len), dtype=torch.int64)
+        torch.zeros((0, *split.shape), dtype=torch.int64)
     return micro_batches(data, micro_batch=micro_batch, count=micro_batch_count(len(chosen), world, micro_batch))

@@ -7,6 +7,7 @@ gate‖up and (E, D, H) down tensors), so weights map 1:1 to `LlamaForCausalLM` 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -14,8 +15,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 RESIDUAL_OUTPUTS = ("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.experts_w2")
+ATTENTION = ("sdpa", "flex")
+NOT_IN_WEIGHTS = ("attention", "max_seq_len")
+"""ModelConfig fields that change no weight: the attention kernel, and the RoPE table's length. A checkpoint loads
+into a model that differs from it only in these."""
 
 
 @dataclass(kw_only=True)
@@ -63,6 +69,10 @@ class ModelConfig:
     """Weight of the MoE load-balancing loss added to the LM loss."""
     init_std: float = 0.02
     """Std of the normal init; residual output projections get init_std / sqrt(2 · n_layers)."""
+    attention: str = "sdpa"
+    """Kernel for packed examples (chat data), where attention is block-causal: 'sdpa' with a dense (T, T) mask per
+    row (CPU, short rows), or 'flex', FlexAttention's block-sparse kernel (the GPU setting; it is compiled). Plain
+    causal attention always uses SDPA's causal kernel. Not part of the architecture: any value loads any weights."""
 
     def __post_init__(self):
         n_kv = self.n_kv_heads or self.n_heads
@@ -86,6 +96,7 @@ class ModelConfig:
             (self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0"),
             (self.aux_loss_weight >= 0, "aux_loss_weight", self.aux_loss_weight, "must be >= 0"),
             (self.init_std > 0, "init_std", self.init_std, "must be > 0"),
+            (self.attention in ATTENTION, "attention", self.attention, f"must be one of {', '.join(ATTENTION)}"),
         ]
         for ok, name, value, rule in checks:
             if not ok:
@@ -182,7 +193,7 @@ def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tens
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, hd); cos/sin: (T, hd)."""
+    """x: (B, H, T, hd); cos/sin: (T, hd), or (B, 1, T, hd) when positions differ by row (packed examples)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).type_as(x)
@@ -218,21 +229,38 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start: int = 0,
+                mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
+        """`mask`: which keys each query may see when it is not plain causal attention (packed examples): a
+        (B, 1, T, T) boolean mask for SDPA or a FlexAttention BlockMask."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, causal = None, True
+        gqa = self.kv_heads != self.n_heads
+        if isinstance(mask, BlockMask):
+            out = flex(q, k, v, mask, gqa)  # (B, H, T, hd)
+            return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        causal = mask is None
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
             if start > 0:  # queries at positions start.. attend to every cached key up to their own position
                 causal = False
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=self.kv_heads != self.n_heads)  # (B, H, T, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention)
+
+
+def flex(q, k, v, block_mask: BlockMask, gqa: bool) -> torch.Tensor:
+    """FlexAttention, compiled on GPU (eager it is a slow reference); CPU runs it eagerly, forward only."""
+    attend = _compiled_flex() if q.is_cuda else flex_attention
+    return attend(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 class FeedForward(nn.Module):
@@ -300,8 +328,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = MoE(cfg) if cfg.n_experts else FeedForward(cfg.dim, cfg.hidden)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer, start)  # (B, T, D)
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0,
+                mask: torch.Tensor | BlockMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.layer, start, mask)  # (B, T, D)
         ffn, aux = self.feed_forward(self.ffn_norm(h))
         return h + ffn, aux
 
@@ -329,18 +358,25 @@ class Transformer(nn.Module):
             param.copy_(initial_value(name, param.shape, self.cfg, seed))
         self.init_buffers()
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+                segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, T) → (logits (B, T, vocab), MoE load-balancing loss averaged over blocks (0 if dense)).
 
         With `cache`, tokens sit at positions start..start+T-1 and their keys/values are stored for later steps.
+        With `segments` (B, T), a row holds several examples (a run of equal ids each): positions restart at each
+        example and attention never crosses one, so each example computes what it would alone.
         """
         h = self.tok_embeddings(tokens)  # (B, T, D)
         T = tokens.shape[1]
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        mask = None
+        if segments is not None:
+            positions = positions_in_segments(segments)  # (B, T)
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd)
+            mask = block_causal_mask(segments, flex=self.cfg.attention == "flex")
         aux = torch.zeros((), device=h.device, dtype=torch.float32)
         for block in self.layers:
-            h, block_aux = block(h, cos, sin, cache, start)
+            h, block_aux = block(h, cos, sin, cache, start, mask)
             aux = aux + block_aux
         h = self.norm(h)
         logits = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
@@ -349,6 +385,27 @@ class Transformer(nn.Module):
     def new_cache(self, max_len: int) -> KVCache:
         """An empty KV cache for up to `max_len` positions (any batch size)."""
         return KVCache(self.cfg.n_layers, max_len)
+
+
+def positions_in_segments(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token within its segment (a run of equal ids): 0 at each segment's first token."""
+    T = segments.shape[1]
+    index = torch.arange(T, device=segments.device).expand_as(segments)
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return index - torch.where(first, index, 0).cummax(dim=1).values
+
+
+def block_causal_mask(segments: torch.Tensor, *, flex: bool) -> torch.Tensor | BlockMask:
+    """Query i sees key j iff j <= i in the same segment: a dense (B, 1, T, T) boolean mask, or a BlockMask."""
+    B, T = segments.shape
+    if flex:
+        def same_segment_causal(b, h, q, kv):
+            return (kv <= q) & (segments[b, q] == segments[b, kv])
+
+        return create_block_mask(same_segment_causal, B, None, T, T, device=segments.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return (causal & (segments[:, :, None] == segments[:, None, :])).unsqueeze(1)
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:

@@ -106,25 +106,55 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm
 
 
+def unpack(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(tokens (B, T+1), segments (B, T+1) or None, target weights (B, T) or None) of a batch. Pretraining rows
+    (B, T+1) are one token stream: every target counts. Chat rows (B, 3, T+1) hold the example index and loss mask
+    beside the tokens (dataprep.shards.PLANES): a target counts if it carries loss and its example is its input's."""
+    if rows.dim() == 2:
+        return rows, None, None
+    tokens, segments, loss = rows.unbind(1)
+    weights = (loss[:, 1:] > 0) & (segments[:, 1:] == segments[:, :-1])
+    return tokens, segments, weights.float()
+
+
+def count_loss_tokens(batch: torch.Tensor) -> torch.Tensor | int:
+    """Targets of `batch` that carry loss."""
+    _, _, weights = unpack(batch)
+    return batch[:, 1:].numel() if weights is None else weights.sum()
+
+
+def masked_loss_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Summed next-token cross-entropy in fp32 over the targets that carry loss (all of them without weights)."""
+    if weights is None:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return (losses * weights.flatten()).sum()
+
+
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed next-token cross-entropy in fp32, MoE auxiliary loss) for rows of seq_len + 1 tokens. An empty batch
-    (a rank short of rows) runs a one-row forward whose loss counts zero, so FSDP's collectives still line up."""
-    rows = batch if len(batch) else torch.zeros((1, batch.shape[1]), dtype=batch.dtype, device=batch.device)
-    logits, aux = model(rows[:, :-1])  # (B, T, V)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="sum")
+    """(summed next-token cross-entropy over loss-carrying targets, MoE auxiliary loss) for a batch of rows. An
+    empty batch (a rank short of rows) runs a one-row forward whose loss counts zero, so FSDP's collectives still
+    line up."""
+    rows = batch if len(batch) else torch.zeros((1, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
+    tokens, segments, weights = unpack(rows)
+    logits, aux = model(tokens[:, :-1], segments=None if segments is None else segments[:, :-1])  # (B, T, V)
+    loss = masked_loss_sum(logits, tokens[:, 1:], weights)
     return (loss, aux) if len(batch) else (loss * 0.0, aux * 0.0)
 
 
 def loss_tokens(micro_batches: list[torch.Tensor], device: torch.device,
                 preemption: Preemption | None = None) -> torch.Tensor:
-    """The step's global count of loss tokens (every rank's): each token's loss is weighted by its inverse. The same
-    all-reduce carries the count of ranks with a preemption notice (posted to `preemption`)."""
-    counts = torch.full((2,), float(sum(b[:, 1:].numel() for b in micro_batches)), device=device)  # fills, no copy
+    """The step's global count of loss tokens (every rank's): each token's loss is weighted by its inverse, so the
+    loss is the mean over the step's loss-carrying tokens on any world size. The same all-reduce carries the count
+    of ranks with a preemption notice (posted to `preemption`)."""
+    counts = torch.zeros(2, device=device)
+    for batch in micro_batches:
+        counts[0] += count_loss_tokens(batch)  # a device sum for chat rows: still no host sync
     counts[1].fill_(preemption.requested() if preemption else 0.0)
     dist.all_reduce(counts)
     if preemption is not None:
         preemption.post(counts[1])
-    return counts[0]
+    return counts[0].clamp(min=1.0)  # a chat step whose examples were all prompt: a zero loss, not 0 / 0
 
 
 def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight: float, global_batch: int,
@@ -169,7 +199,7 @@ def evaluate(model, batches: list[torch.Tensor], device: torch.device) -> float:
     for batch in batches:
         loss_sum, _ = lm_loss(model, batch.to(device))
         sums[0] += loss_sum
-        sums[1] += batch[:, 1:].numel()
+        sums[1] += count_loss_tokens(batch)
     dist.all_reduce(sums)
     return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
 
