@@ -135,3 +135,8 @@ def test_dataprep_preset_loads_with_the_shared_loader():
                             "--output", "s3://b/datasets/web", "--seq-len", "1024"])
     assert not demo and cfg.input.paths == ["s3://b/corpus/"] and cfg.output.dir == "s3://b/datasets/web"
     assert cfg.pack.seq_len == 1024 and cfg.pack.unit_mb == 256.0 and cfg.workers.num_workers == 256
+
+
+def test_the_sft_demo_preset_fine_tunes_the_demo_model():
+    """configs/sft-demo.toml warm-starts from the README's demo run: its [model] must be the demo's."""
+    assert load_config(JobConfig, "configs/sft-demo.toml", []).model == load_config(JobConfig, "configs/demo.toml", []).model

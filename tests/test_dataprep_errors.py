@@ -161,3 +161,28 @@ def test_a_bad_record_keeps_finished_units_and_the_advice_resumes(local_ray, tmp
     assert code == 0 and int(out.split(" reused")[0].rsplit(", ", 1)[1]) >= 1, out
     assert run_captured(main, [*args, "--output", tmp_path / "fresh", "--on-bad-record", "skip"])[0] == 0
     assert dataset_files(tmp_path / "ds") == dataset_files(tmp_path / "fresh")
+
+
+def test_chat_data_needs_a_chat_tokenizer_and_jsonl_before_any_work(tmp_path):
+    """Refused on the driver before Ray starts: no --tokenizer, a SentencePiece model without raylm's chat markers
+    (one trained before chat support), a non-.jsonl input."""
+    import io
+
+    import sentencepiece as spm
+
+    from dataprep.tokenizer import TRAINER_OPTIONS, train_tokenizer
+
+    chats = tmp_path / "chats"
+    chats.mkdir()
+    (chats / "a.jsonl").write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    assert "--format chat needs --tokenizer" in run([chats], tmp_path / "ds", "--format", "chat")
+    old, lines = io.BytesIO(), GOOD.splitlines() * 3
+    options = {k: v for k, v in TRAINER_OPTIONS.items() if k != "control_symbols"}
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=old, vocab_size=320, **options)
+    (tmp_path / "old.model").write_bytes(old.getvalue())
+    assert "has no chat template" in run([chats], tmp_path / "ds", "--format", "chat", "--tokenizer",
+                                         tmp_path / "old.model")
+    (tmp_path / "chat.model").write_bytes(train_tokenizer(lines, vocab_size=320, num_threads=1))
+    (chats / "b.txt").write_text("plain text")
+    assert f"{chats / 'b.txt'} is not a .jsonl file" in run([chats], tmp_path / "ds", "--format", "chat",
+                                                            "--tokenizer", tmp_path / "chat.model")
