@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu.sh [--smoke] [--out DIR] [-- --section.field=value ...]
 #
-#   --smoke   on CPU: the tiny preset, fp32, no compile, 8 stdlib files, SDPA for chat; ~50 s on 2 cores
+#   --smoke   on CPU: the tiny preset, fp32, no compile, 8 stdlib files, SDPA for chat; ~2 min on 2 cores
 #   --out     where the dataset, run directories and logs go (default: a new directory under $TMPDIR or /tmp)
 #   -- ...    extra trainer overrides for every run (e.g. -- --train.micro_batch=4 on a GPU with less memory)
 #

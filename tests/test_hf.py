@@ -54,14 +54,34 @@ def test_export_loads_in_transformers_and_generates_the_same(tmp_path, sp_model,
     assert generate(ours, prompt, 24) == theirs
 
 
-def test_hf_tokenizer_matches_sentencepiece(tmp_path, sp_model):
+@pytest.mark.parametrize("chat", [False, True], ids=["pretraining-tokenizer", "chat-tokenizer"])
+def test_hf_tokenizer_matches_sentencepiece(tmp_path, sp_model, chat):
+    """Text encodes and decodes as raylm does. A tokenizer without chat markers keeps `<s>` typed in a document as
+    text; a chat export behaves as every chat model: its special tokens are matched in text (raylm's own encode
+    keeps them text), so its template's markers are tokens and replies decode clean."""
+    if not chat:
+        import io
+
+        import sentencepiece as spm
+
+        from dataprep.tokenizer import TRAINER_OPTIONS
+
+        lines, model = [l for t in TEXT * 40 for l in t.split("\n") if l], io.BytesIO()
+        options = {k: v for k, v in TRAINER_OPTIONS.items() if k != "control_symbols"}
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=360,
+                                       num_threads=1, **options)
+        sp_model = model.getvalue()
     path = weights_file(tmp_path, sp_model)
     run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "hf"])
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     sp = load_tokenizer(sp_model).sp
-    for text in TEXT + ["  leading spaces", " 1234567 digits", "tabs\tand\nnewlines\n\n", "<s> and </s> are text"]:
+    special = ["<s> and </s> are text"]
+    for text in TEXT + ["  leading spaces", " 1234567 digits", "tabs\tand\nnewlines\n\n"] + ([] if chat else special):
         assert tok.encode(text, add_special_tokens=False) == encode_exact(sp, [text])[0], text
         assert tok.decode(encode_exact(sp, [text])[0]) == text
+    if chat:
+        assert tok.encode(special[0], add_special_tokens=False)[0] == sp.bos_id()
+        assert tok.decode(encode_exact(sp, special)[0]) == special[0]
     # the one known difference: SentencePiece's space marker typed as text. raylm encodes it as its UTF-8 bytes so it
     # decodes back exactly; transformers' pipeline turns it into the space piece. Decoding raylm's ids stays exact.
     marker = "a\u2581b"

@@ -194,9 +194,11 @@ def model_config_from_hf(hf, where: str, *, rest: ModelConfig | None = None) -> 
 def write_tokenizer(tokenizer, out_dir: str, *, max_len: int) -> None:
     """Write the tokenizer so transformers' AutoTokenizer reads text as raylm encodes it and `apply_chat_template`
     gives raylm's chat ids. A Hugging Face tokenizer is written as it came. A SentencePiece one gets the configs
-    of a LlamaTokenizer: no dummy prefix, no BOS/EOS added, `<s>`-like text in a document is text, not a control
-    token; raylm's chat markers are tokens (added, not special, so they are matched in the rendered template even
-    though special tokens are split as text) and the chat template is raylm's."""
+    of a LlamaTokenizer: no dummy prefix, no BOS/EOS added. Without a chat template, `<s>`-like text in a document
+    stays text, as raylm encodes it. With one (raylm's markers), the export behaves as every chat model does: the
+    markers are special tokens, matched in the rendered template and left out by `decode(skip_special_tokens=True)`,
+    so special tokens' text typed into a prompt is matched too (raylm's own encode keeps it text, and refuses it in
+    chat data)."""
     from dataprep.tokenizer import CHAT_MARKERS, write_tokenizer_files
 
     write_tokenizer_files(tokenizer.files, out_dir)
@@ -212,10 +214,9 @@ def write_tokenizer(tokenizer, out_dir: str, *, max_len: int) -> None:
         "model_max_length": max_len, "clean_up_tokenization_spaces": False,
     }
     if tokenizer.chat_template:
-        config["chat_template"] = tokenizer.chat_template
-        config["added_tokens_decoder"] = {
-            str(sp.piece_to_id(marker)): {"content": marker, "special": False, "lstrip": False, "rstrip": False,
-                                          "normalized": False, "single_word": False} for marker in CHAT_MARKERS}
+        config.update(chat_template=tokenizer.chat_template, split_special_tokens=False, added_tokens_decoder={
+            str(sp.piece_to_id(marker)): {"content": marker, "special": True, "lstrip": False, "rstrip": False,
+                                          "normalized": False, "single_word": False} for marker in CHAT_MARKERS})
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=1)
 

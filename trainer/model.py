@@ -403,7 +403,8 @@ def block_causal_mask(segments: torch.Tensor, *, flex: bool) -> torch.Tensor | B
         def same_segment_causal(b, h, q, kv):
             return (kv <= q) & (segments[b, q] == segments[b, kv])
 
-        return create_block_mask(same_segment_causal, B, None, T, T, device=segments.device)
+        return create_block_mask(same_segment_causal, B, None, T, T, device=segments.device,
+                                 _compile=segments.is_cuda)  # compiled, it never builds the (T, T) mask in memory
     causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
     return (causal & (segments[:, :, None] == segments[:, None, :])).unsqueeze(1)
 
