@@ -6,6 +6,10 @@ Ray Data runs one task per work unit (consecutive input files up to pack.unit_mb
 writes its own shards; the manifest is written last. Killed and run again with the same command, it keeps the
 finished units. With no input, the demo corpus is this Python's standard library (*.py, invalid UTF-8 replaced),
 written to data/stdlib with CPU-sized defaults (vocab 8000, seq_len 256, 2 MB units) unless given.
+
+    python -m dataprep --format chat --input CHATS.jsonl --tokenizer MODEL_OR_RUN --output DIR   # for fine-tuning
+
+turns conversations into packed rows with a loss mask on the assistant turns, through the tokenizer's chat template.
 """
 
 from __future__ import annotations

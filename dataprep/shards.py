@@ -187,7 +187,6 @@ class SplitPacker:
 PLANES = ("tokens", "example", "loss")
 """The planes of a row of chat data, each `seq_len + 1` long: token ids; the example each position belongs to (1, 2,
 … within the row, 0 for padding); whether the token at that position is a target that carries loss."""
-OVERLONG = ("truncate", "drop")
 
 
 class ExamplePacker:
