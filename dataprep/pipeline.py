@@ -19,6 +19,8 @@ from collections import Counter
 from contextlib import closing
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from dataprep.config import DataprepConfig
 from dataprep.dataset import FORMAT, FORMAT_VERSION, read_manifest
 from dataprep.output import (SOURCES, SPLITS, committed_units, has_committed_units, prepare_output,
@@ -80,6 +82,10 @@ def check_chat_inputs(cfg: DataprepConfig, files: list[FileEntry], tokenizer: To
     other = next((f.path for f in files if file_format(f.path) != "jsonl"), None)
     if other:
         raise DataError(f"--format chat reads .jsonl conversations; {other} is not a .jsonl file")
+    most = np.iinfo(token_dtype(tokenizer.vocab_size)).max
+    if cfg.pack.seq_len + 1 > most:  # a row's example indices are stored in the token dtype
+        raise ConfigError(f"pack.seq_len={cfg.pack.seq_len} (--seq-len): chat rows with this tokenizer hold at most "
+                          f"{most} positions; lower it")
 
 
 def run_settings(cfg: DataprepConfig, files: list[FileEntry], given_tokenizer: Tokenizer | None) -> dict:

@@ -17,6 +17,7 @@ template (Jinja, rendered as transformers renders it) and special tokens.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import hashlib
 import io
@@ -169,7 +170,8 @@ class SentencePieceTokenizer(Tokenizer):
             raise DataError(f"{where} has no EOS token; raylm separates documents with EOS")
         self.files, self.vocab_size, self.eos_id = {SP_FILE: model}, self.sp.vocab_size(), self.sp.eos_id()
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
-        self.eos_token, self.bos_token = self.sp.id_to_piece(self.eos_id), self.sp.id_to_piece(self.sp.bos_id())
+        self.eos_token = self.sp.id_to_piece(self.eos_id)
+        self.bos_token = self.sp.id_to_piece(self.bos_id) if self.bos_id is not None else None
         self.markers = {m: self.sp.piece_to_id(m) for m in CHAT_MARKERS}
         has_chat = all(self.sp.is_control(i) and i != self.sp.unk_id() for i in self.markers.values())
         self.chat_template = RAYLM_CHAT_TEMPLATE if has_chat else None
@@ -214,9 +216,9 @@ class HFTokenizer(Tokenizer):
         try:
             self.tok = Fast.from_str(files[HF_FILE].decode("utf-8", errors="replace"))
         except Exception as exc:  # the Rust library raises a bare Exception for any file it cannot parse
-            raise DataError(f"{where} is not a Hugging Face tokenizer ({str(exc).splitlines()[0][:200]})") from None
+            raise DataError(f"{where} is not a Hugging Face tokenizer ({str(exc).splitlines()[0][:200]})") from exc
         self.files, self.vocab_size = files, self.tok.get_vocab_size(with_added_tokens=True)
-        added = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()}
+        added = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
         self.specials = sorted(added, key=len, reverse=True)
         eos = _token_text(config.get("eos_token")) or next((t for t in self.END_OF_TEXT if t in added), None)
         if eos is None or self.tok.token_to_id(eos) is None:
@@ -238,11 +240,13 @@ class HFTokenizer(Tokenizer):
         return template
 
     def encode(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        self.tok.encode_special_tokens = True  # a special token's text in a document is text, as in SentencePiece
         if num_threads == 1:
             return [self.tok.encode(t, add_special_tokens=False).ids for t in texts]
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def encode_rendered(self, text: str) -> list[int]:
+        self.tok.encode_special_tokens = False  # the template's special tokens are tokens
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
@@ -302,16 +306,26 @@ def write_tokenizer_files(files: dict[str, bytes], folder: str) -> None:
         storage.write_bytes(storage.join(folder, name), data)
 
 
+TEMPLATE_DATE = datetime.date(2024, 7, 26)
+"""The date a template's `strftime_now` sees (Llama 3.x put today's date in the system turn): fixed, so a dataset's
+bytes never depend on the day it was made. It is the date Llama 3.1's template falls back to."""
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    from jinja2 import TemplateError
+
     def raise_exception(message):
-        raise DataError(f"the chat template refused a conversation: {message}")
+        raise TemplateError(message)  # a conversation this template refuses: a bad record, not a failed run
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: TEMPLATE_DATE.strftime(fmt))
     return env.from_string(template)
 
 

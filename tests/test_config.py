@@ -140,3 +140,8 @@ def test_dataprep_preset_loads_with_the_shared_loader():
 def test_the_sft_demo_preset_fine_tunes_the_demo_model():
     """configs/sft-demo.toml warm-starts from the README's demo run: its [model] must be the demo's."""
     assert load_config(JobConfig, "configs/sft-demo.toml", []).model == load_config(JobConfig, "configs/demo.toml", []).model
+
+
+def test_flex_attention_is_refused_on_cpu_before_any_work():
+    with pytest.raises(ConfigError, match="model.attention=flex needs GPUs"):
+        load_config(JobConfig, None, ["--model.attention=flex", "--train.device=cpu"])

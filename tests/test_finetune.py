@@ -85,6 +85,38 @@ def test_a_hugging_face_template_gives_transformers_ids_and_masks_each_reply(hf)
     assert example.tokens == theirs and example.tokens[0] == hf.bos_id
     assert hf.decode([t for t, loss in zip(example.tokens, example.loss) if loss]) == "Yes 🎉<|eot_id|>ok<|eot_id|>"
     assert hf.token_string(reply_end(hf)) == "<|eot_id|>"
+    # in a document, a special token's text is text (as SentencePiece keeps it), and still round-trips
+    document = "the end <|eot_id|> of it"
+    assert reply_end(hf) not in hf.encode([document])[0] and hf.decode(hf.encode([document])[0]) == document
+
+
+def test_a_template_that_refuses_a_conversation_makes_it_a_bad_record(hf, sp):
+    """Llama-2/Mistral-style templates call raise_exception on roles that do not alternate: that line is a bad record
+    (skipped with --on-bad-record skip), never a failed run. A SentencePiece model without BOS loads too."""
+    import io
+
+    import sentencepiece as spm
+
+    from dataprep.tokenizer import TRAINER_OPTIONS
+
+    strict = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+              "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>' + m['content'] | tojson(ensure_ascii=True)"
+              " + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant"
+              "<|end_header_id|>' }}{% endif %}")
+    config = {**json.loads(hf.files["tokenizer_config.json"]), "chat_template": strict}
+    tokenizer = load_tokenizer({**hf.files, "tokenizer_config.json": json.dumps(config).encode()})
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "c"}]
+    bad = tokenize(tokenizer, Record("k", "chats.jsonl:3", {"messages": messages}))
+    assert isinstance(bad, BadRecord) and bad.where == "chats.jsonl:3" and "roles must alternate" in bad.reason
+    good = tokenize(tokenizer, Record("k", "chats.jsonl:4", {"prompt": "é", "response": "ü"}))
+    assert tokenizer.decode([t for t, loss in zip(good.tokens, good.loss) if loss]) == '"\\u00fc"<|eot_id|>'
+    model, lines = io.BytesIO(), [line for text in MIXED_DOCS.values() for line in text.split("\n") if line] * 30
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=400, num_threads=1,
+                                   **{**TRAINER_OPTIONS, "bos_id": -1})
+    no_bos = load_tokenizer(model.getvalue())
+    assert no_bos.bos_id is None and no_bos.bos_token is None and no_bos.chat_template_name == sp.chat_template_name
 
 
 def _folder_of(tokenizer) -> str:
@@ -136,10 +168,22 @@ def test_each_example_of_a_packed_row_computes_what_it_computes_alone(tmp_path):
         start += len(ids)
 
 
+def expected_targets(examples: list[tuple[list[int], list[bool]]], positions: int) -> torch.Tensor:
+    """The loss-carrying targets of examples packed into one row, from their own flags: target j predicts position
+    j + 1, which carries loss iff its token does and it is not its example's first."""
+    weights, start = torch.zeros(positions - 1), 0
+    for tokens, loss in examples:
+        for i in range(1, len(tokens)):
+            weights[start + i - 1] = float(loss[i])
+        start += len(tokens)
+    return weights[None]
+
+
 def test_prompt_tokens_get_zero_gradient(tmp_path):
     torch.manual_seed(1)
     examples = [(torch.randint(3, 400, (n,)).tolist(), [False] * (n - k) + [True] * k) for n, k in ((9, 3), (11, 4))]
     tokens, segments, weights = unpack(chat_rows(examples, tmp_path, positions=24))
+    assert torch.equal(weights, expected_targets(examples, 24))  # the mask, from the examples' flags alone
     model = small_model()
     logits, _ = model(tokens[:, :-1], segments=segments[:, :-1])
     logits = logits.detach().requires_grad_()

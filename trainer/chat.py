@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from dataprep.chat import reply_end
+from dataprep.chat import forged_marker, reply_end
 from dataprep.tokenizer import Tokenizer, render_chat
 from raylm.cli import run_cli
 from raylm.errors import DataError
@@ -76,6 +76,10 @@ def main(argv: list[str]) -> int:
             print("(new conversation)")
             continue
         if not text:
+            continue
+        marker = forged_marker(tokenizer, [{"content": text}])
+        if marker:
+            print(f"(your message contains the special token {marker!r}, which would be read as structure; rephrase)")
             continue
         messages.append({"role": "user", "content": text})
         answer = reply(model, tokenizer, messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

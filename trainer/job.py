@@ -139,6 +139,14 @@ class JobConfig:
         if self.init.from_hf and self.checkpoint.resume_from:
             raise ConfigError(f"--init.from_hf={self.init.from_hf} and --checkpoint.resume_from="
                               f"{self.checkpoint.resume_from} both say where the weights come from; pass only one")
+        check_kernel(self, self.train.device)
+
+
+def check_kernel(job: JobConfig, device: str) -> None:
+    """FlexAttention trains on GPUs only: refused on the driver for --train.device=cpu, on workers that got no GPU."""
+    if job.model.attention == "flex" and device == "cpu":
+        raise ConfigError("model.attention=flex needs GPUs (FlexAttention has no backward on CPU); use "
+                          "--model.attention=sdpa on CPU, or --ray.use_gpu=true")
 
 
 def paths(job: JobConfig) -> dict[str, str]:

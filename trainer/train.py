@@ -30,7 +30,7 @@ from raylm.errors import DataError, RaylmError
 from trainer import checkpoint
 from trainer.checkpoint import Checkpointer, inject_fault
 from trainer.data import BatchPlan, StepLoader, val_batches
-from trainer.job import JobConfig
+from trainer.job import JobConfig, check_kernel
 from trainer.metrics import MetricsLog, device_peak_flops, peak_memory_gib
 from trainer.model import Transformer, generate, initial_value
 from trainer.optim import build_optimizer, build_scheduler, changed_optim, set_schedule_step
@@ -231,6 +231,7 @@ class Trainer:
                  lease: str | None = None):
         self.job, self.report = job, report
         self.d = init_distributed(job.train.device)
+        check_kernel(job, self.d.device.type)
         self.dataset = open_dataset(job.data.path)
         resolve_model(job, self.dataset)
         self.plan = BatchPlan(job.train.global_batch, job.train.micro_batch, self.d.world)
