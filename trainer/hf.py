@@ -237,8 +237,9 @@ def export(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str, *, to
 
         tok = load_tokenizer(tokenizer)
         bos, eos = tok.bos_id, [tok.eos_id]
-        if tok.chat_template and reply_end(tok) != tok.eos_id:
-            eos.append(reply_end(tok))
+        end = reply_end(tok) if tok.chat_template else tok.eos_id
+        if end != tok.eos_id:
+            eos.append(end)
         write_tokenizer(tok, out_dir, max_len=cfg.max_seq_len)
     config = hf_config(cfg, bos_id=bos, eos_id=eos[0], dtype=dtype)
     config.save_pretrained(out_dir)
