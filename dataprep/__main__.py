@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from dataprep.config import DataprepConfig, alias_help, expand_aliases
-from raylm.cli import configure_logging, parse_job_args, run_cli
+from dataprep.config import ALIASES, DataprepConfig
+from raylm.cli import configure_logging, expand_short_options, parse_job_args, run_cli, short_help
 from raylm.errors import ConfigError
 
 DEMO_PRESET = {
@@ -32,8 +32,9 @@ DEMO_PRESET = {
 
 def parse_args(argv: list[str]) -> tuple[DataprepConfig, bool]:
     """(config, whether it is the demo). The demo preset sits under the TOML file and the command line."""
-    argv, paths = expand_aliases(argv)
-    description = f"{__doc__}\nShort options (the first version's flags):\n{alias_help()}"
+    argv, lists = expand_short_options(argv, ALIASES, lists=("input.paths",), prog="python -m dataprep")
+    paths = lists.get("input.paths")
+    description = f"{__doc__}\nShort options (the first version's flags):\n{short_help(ALIASES)}"
     cfg, _ = parse_job_args(argv, prog="python -m dataprep", description=description, root=DataprepConfig)
     demo = not (paths or cfg.input.paths)
     if demo:

@@ -4,7 +4,6 @@ TOML < `--section.field=value`), plus the short flags of the first version (`--i
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, field
 
 from raylm.storage import StorageConfig
@@ -79,7 +78,8 @@ class PackConfig:
     seq_len: int = 2048
     """Tokens per training sequence; rows hold seq_len + 1."""
     val_fraction: float = 0.005
-    """Share of documents sent to val/ (by a seeded hash of their file and position)."""
+    """Share of documents sent to val/ (by a seeded hash of their file and position); 1 makes a held-out set for
+    `python -m trainer.eval` and --eval.datasets, all of it in val/."""
     seed: int = 0
     """Seeds the tokenizer sample and the train/val split."""
     unit_mb: float = 256.0
@@ -94,7 +94,7 @@ class PackConfig:
     def __post_init__(self):
         _check([
             (self.seq_len >= 1, "pack.seq_len", self.seq_len, "must be >= 1"),
-            (0 <= self.val_fraction < 1, "pack.val_fraction", self.val_fraction, "must be in [0, 1)"),
+            (0 <= self.val_fraction <= 1, "pack.val_fraction", self.val_fraction, "must be in [0, 1]"),
             (self.unit_mb > 0, "pack.unit_mb", self.unit_mb, "must be > 0"),
             (self.shard_mb > 0, "pack.shard_mb", self.shard_mb, "must be > 0"),
             (self.overlong in OVERLONG, "pack.overlong", self.overlong, "must be truncate or drop"),
@@ -158,47 +158,3 @@ ALIASES = {
     "--overwrite": "output.overwrite",
 }
 """The first version's flags, kept so every command written for it still runs."""
-
-
-def expand_aliases(argv: list[str]) -> tuple[list[str], list[str] | None]:
-    """(argv in `--section.field=value` form, the paths of `--input PATH [PATH ...]` or None).
-
-    `--input` takes several values, so its paths come back as a list rather than one comma-joined override (a path
-    may hold a comma)."""
-    out, paths, i = [], None, 0
-    while i < len(argv):
-        flag, eq, value = argv[i].partition("=")
-        if flag not in ALIASES:
-            check_not_a_typo(flag)
-            out.append(argv[i])
-        elif flag == "--input":
-            paths = [value] if eq else []
-            while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                paths.append(argv[i + 1])
-                i += 1
-            if not paths:
-                raise ConfigError("--input needs at least one PATH")
-        elif flag == "--overwrite" and not eq:
-            out.append(f"--{ALIASES[flag]}=true")
-        elif eq:
-            out.append(f"--{ALIASES[flag]}={value}")
-        elif i + 1 < len(argv):
-            out.append(f"--{ALIASES[flag]}={argv[i + 1]}")
-            i += 1
-        else:
-            raise ConfigError(f"{flag} needs a value")
-        i += 1
-    return out, paths
-
-
-def check_not_a_typo(flag: str) -> None:
-    """A `--word` that is neither a short option nor `--section.field` is refused here, naming the nearest option."""
-    if flag.startswith("--") and "." not in flag and flag not in ("--config", "--help"):
-        close = difflib.get_close_matches(flag, ALIASES, n=1, cutoff=0.8)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise ConfigError(f"unknown option {flag}{hint} (see python -m dataprep --help)")
-
-
-def alias_help() -> str:
-    width = max(map(len, ALIASES))
-    return "\n".join(f"  {flag:{width}}  = --{field}" for flag, field in ALIASES.items())

@@ -137,6 +137,8 @@ class Split:
                  max_open: int = 64, max_footers: int = 8192, max_inflight: int = 16):
         self.paths = [storage.join(directory, s["file"]) for s in entry["shards"]]
         self._starts = np.cumsum([0] + [s["rows"] for s in entry["shards"]])
+        sources = [s.get("source") for s in entry["shards"]]
+        self._shard_sources = None if None in sources else np.array(sources, dtype=np.int32)
         self.rows_per_batch, self.row_len, self.dtype = rows_per_batch, row_len, np.dtype(dtype)
         self.row_bytes = row_len * self.dtype.itemsize
         self.shape = (row_len,) if planes == 1 else (planes, row_len // planes)
@@ -151,6 +153,13 @@ class Split:
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    def row_sources(self) -> np.ndarray | None:
+        """The source id of each row 0..len-1 (int32, an index into `PackedDataset.source_names`), from the shards'
+        entries alone (a shard holds one source's rows); None for a dataset made before sources were recorded."""
+        if self._shard_sources is None:
+            return None
+        return np.repeat(self._shard_sources, np.diff(self._starts))
 
     def __getitem__(self, i: int) -> np.ndarray:
         """Row `i`, of shape `shape`."""
@@ -241,6 +250,12 @@ class PackedDataset:
     @property
     def eos_id(self) -> int:
         return self.manifest["tokenizer"]["eos_id"]
+
+    @property
+    def source_names(self) -> list[str]:
+        """The name of each source (input) by id, as `Split.row_sources` gives them; [] for a dataset made before
+        sources were recorded."""
+        return self.manifest.get("source_names", [])
 
     @cached_property
     def train(self) -> Split:

@@ -4,14 +4,20 @@ that are not done yet, and write the manifest from their stats.
 Determinism: units are fixed by the sorted listing and `pack.unit_mb`; a document's split is a seeded hash of its
 file and position; the tokenizer sample is chosen by a seeded hash; each unit's shards depend on nothing but its
 input. So the bytes are the same on any cluster, with any Ray Data settings, and after any number of resumes.
+
+Sources: each input is one source (a domain: web, code, books…); a unit packs each source into rows and shards of
+its own, and the manifest names the source of every shard, so held-out loss can be measured per source.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import posixpath
+import re
 import resource
 import sysconfig
 import time
@@ -28,11 +34,11 @@ from dataprep.output import (SOURCES, SPLITS, committed_units, has_committed_uni
                              write_sources)
 from dataprep.sample import sample_and_train, sample_plan
 from dataprep.shards import PLANES, rows_per_batch
-from dataprep.sources import file_format
+from dataprep.sources import COMPRESSIONS, file_format
 from dataprep.tokenizer import (SP_FILE, Tokenizer, load_tokenizer, read_tokenizer_files, token_dtype,
                                 write_tokenizer_files)
 from dataprep.units import Unit, plan_units
-from dataprep.worker import PackUnits, UnitJob
+from dataprep.worker import SOURCE_COUNTS, PackUnits, UnitJob
 from raylm import storage
 from raylm.errors import ConfigError, DataError
 from raylm.ray_session import check_local_paths, init_ray, quiet_ray_data
@@ -40,6 +46,9 @@ from raylm.storage import FileEntry
 
 log = logging.getLogger(__name__)
 DEMO_EXCLUDE = "site-packages/"
+DEMO_SOURCE = "stdlib"
+"""The demo corpus's one source."""
+WILDCARD = re.compile(r"[*?\[]")
 
 
 def demo_inputs() -> list[str]:
@@ -47,18 +56,50 @@ def demo_inputs() -> list[str]:
     return [os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py")]
 
 
+def source_names(inputs: list[str]) -> list[str]:
+    """The name of each input's source, in input order: its last folder or prefix before any wildcard, or a named
+    file's name without format and compression suffixes (`data/web/` → web, `s3://b/dolma/books/*.json.gz` → books,
+    `corpus/wiki.jsonl.gz` → wiki). Inputs that would share a name are named by their whole path instead (trailing
+    '/' stripped), so two inputs never pass for one source."""
+    names = [_source_name(path) for path in inputs]
+    shared = {name for name, n in Counter(names).items() if n > 1}
+    names = [(path.rstrip("/") or path) if name in shared else name for path, name in zip(inputs, names)]
+    twice = next((name for name, n in Counter(names).items() if n > 1), None)
+    if twice:
+        raise ConfigError(f"--input {twice} is given twice; give each input once (each input is one source)")
+    return names
+
+
+def _source_name(path: str) -> str:
+    wildcard = WILDCARD.search(path)
+    folder = path[:wildcard.start()].rpartition("/")[0] if wildcard else path.rstrip("/")
+    name = posixpath.basename(posixpath.normpath(folder)) if folder else ""
+    if name in ("", ".", ".."):
+        return path.rstrip("/") or path
+    return name if wildcard or path.endswith("/") else without_suffixes(name)
+
+
+def without_suffixes(name: str) -> str:
+    """A file name without its compression suffix, then its format suffix: `wiki.jsonl.gz` → wiki."""
+    stem, ext = posixpath.splitext(name)
+    if ext.lower() in COMPRESSIONS:
+        name = stem
+    stem = posixpath.splitext(name)[0]
+    return stem if stem and file_format(name) else name
+
+
 def list_corpus(inputs: list[str], *, max_files: int | None = None, exclude: str | None = None) -> list[FileEntry]:
-    """Every readable file of the inputs in path order, deduplicated.
+    """Every readable file of the inputs in path order, deduplicated: a file several inputs list belongs to the
+    first of them (its `source` is that input's index).
 
     A file named on the command line is always read (as text unless its suffix says otherwise); files found under
     a directory, prefix or glob only if their type is known, so images or archives beside the text are skipped.
     """
-    found = {
-        e.path: e
-        for path in inputs
-        for e in storage.list_files(path)
-        if (e.named or file_format(e.path) is not None) and not (exclude and exclude in e.key)
-    }
+    found: dict[str, FileEntry] = {}
+    for source, path in enumerate(inputs):
+        for e in storage.list_files(path):
+            if (e.named or file_format(e.path) is not None) and not (exclude and exclude in e.key):
+                found.setdefault(e.path, dataclasses.replace(e, source=source))
     files = [found[p] for p in sorted(found)]
     if not files:
         raise DataError(f"no readable files in {' '.join(inputs)} (raylm reads text/source, .jsonl and .parquet files)")
@@ -88,11 +129,16 @@ def check_chat_inputs(cfg: DataprepConfig, files: list[FileEntry], tokenizer: To
                           f"{most} positions; lower it")
 
 
-def run_settings(cfg: DataprepConfig, files: list[FileEntry], given_tokenizer: Tokenizer | None) -> dict:
-    """The settings stamp of a run: options, the tokenizer given (by content) and the exact source files."""
+def run_settings(cfg: DataprepConfig, files: list[FileEntry], given_tokenizer: Tokenizer | None,
+                 names: list[str]) -> dict:
+    """The settings stamp of a run: options, the tokenizer given (by content) and the exact source files. With
+    several sources, also their names and each file's source (shards then hold one source each, so such a dataset
+    made before sources were recorded is never resumed); with one, the stamp datasets always had."""
     given = {"tokenizer_sha256": given_tokenizer.sha256} if given_tokenizer else {}
-    sources = hashlib.sha256(json.dumps([[f.path, f.size] for f in files]).encode()).hexdigest()
-    return {**cfg.settings(), **given, "sources_sha256": sources}
+    several = len(names) > 1
+    listed = [[f.path, f.size, f.source] if several else [f.path, f.size] for f in files]
+    sources = hashlib.sha256(json.dumps(listed).encode()).hexdigest()
+    return {**cfg.settings(), **given, **({"sources": names} if several else {}), "sources_sha256": sources}
 
 
 @dataclass
@@ -129,11 +175,12 @@ def run(cfg: DataprepConfig, *, demo: bool = False) -> RunResult:
              "--tokenizer.file": cfg.tokenizer.file or ""}
     for path in [output, *cfg.input.paths, cfg.tokenizer.file or ""]:
         storage.check_bucket(path)
+    names = [DEMO_SOURCE] if demo else source_names(cfg.input.paths)
     files = list_corpus(cfg.input.paths, max_files=cfg.input.max_files, exclude=DEMO_EXCLUDE if demo else None)
     given_tokenizer = read_given_tokenizer(cfg.tokenizer.file) if cfg.tokenizer.file else None
     if cfg.input.format == "chat":
         check_chat_inputs(cfg, files, given_tokenizer)
-    settings = run_settings(cfg, files, given_tokenizer)
+    settings = run_settings(cfg, files, given_tokenizer, names)
     check_local_paths(where, shared_fs=cfg.storage.shared_fs)
     existed = storage.exists(output)
     state = prepare_output(output, settings, overwrite=cfg.output.overwrite)
@@ -148,7 +195,8 @@ def run(cfg: DataprepConfig, *, demo: bool = False) -> RunResult:
     quiet_ray_data()
     timings.ray_start = time.perf_counter() - t
     try:
-        result = make_dataset(cfg, files, units, given_tokenizer, settings, resume=state == "resume", timings=timings)
+        result = make_dataset(cfg, files, names, units, given_tokenizer, settings, resume=state == "resume",
+                              timings=timings)
     except BaseException as exc:
         if not has_committed_units(output):  # nothing worth resuming: leave the output as the run found it
             remove_unfinished(output, existed=existed)
@@ -182,22 +230,22 @@ def get_tokenizer(cfg: DataprepConfig, files: list[FileEntry], given: Tokenizer 
     return given
 
 
-def make_dataset(cfg: DataprepConfig, files: list[FileEntry], units: list[Unit], given_tokenizer: Tokenizer | None,
-                 settings: dict, *, resume: bool, timings: Timings) -> RunResult:
+def make_dataset(cfg: DataprepConfig, files: list[FileEntry], names: list[str], units: list[Unit],
+                 given_tokenizer: Tokenizer | None, settings: dict, *, resume: bool, timings: Timings) -> RunResult:
     t = time.perf_counter()
     tokenizer = get_tokenizer(cfg, files, given_tokenizer, settings, resume=resume)
     timings.tokenizer = time.perf_counter() - t
     done = committed_units(cfg.output.dir, units, settings, tokenizer.sha256) if resume else {}
     if done:
         log.info("resuming: %d of %d units already written", len(done), len(units))
-    job = unit_job(cfg, tokenizer, run_stamp(settings, tokenizer.sha256))
+    job = unit_job(cfg, tokenizer, run_stamp(settings, tokenizer.sha256), sources=len(names))
     result = RunResult({}, reused=len(done), timings=timings)
     fresh = run_units([u for u in units if u.index not in done], job, cfg, result)
     stats = [done.get(u.index) or fresh[u.index] for u in units]
     check_not_empty(stats, cfg)
     write_sources(cfg.output.dir, files)
     remove_strays(cfg.output.dir, {s["file"] for st in stats for split in SPLITS for s in st["splits"][split]["shards"]})
-    result.manifest = build_manifest(cfg, tokenizer, given_tokenizer is None, stats, settings, len(files))
+    result.manifest = build_manifest(cfg, tokenizer, given_tokenizer is None, stats, settings, len(files), names)
     write_manifest(cfg.output.dir, result.manifest)
     return result
 
@@ -207,14 +255,14 @@ def planes(cfg: DataprepConfig) -> int:
     return len(PLANES) if cfg.input.format == "chat" else 1
 
 
-def unit_job(cfg: DataprepConfig, tokenizer: Tokenizer, stamp: str) -> UnitJob:
+def unit_job(cfg: DataprepConfig, tokenizer: Tokenizer, stamp: str, *, sources: int) -> UnitJob:
     row_bytes = planes(cfg) * (cfg.pack.seq_len + 1) * token_dtype(tokenizer.vocab_size).itemsize
     return UnitJob(
         output=cfg.output.dir, tokenizer=tokenizer.files, run_stamp=stamp,
         seq_len=cfg.pack.seq_len, rows_per_shard=max(1, int(cfg.pack.shard_mb * 2**20) // row_bytes),
         val_fraction=cfg.pack.val_fraction, seed=cfg.pack.seed, text_field=cfg.input.text_field,
         encoding_errors=cfg.input.encoding_errors, on_bad_record=cfg.input.on_bad_record,
-        format=cfg.input.format, overlong=cfg.pack.overlong,
+        format=cfg.input.format, overlong=cfg.pack.overlong, sources=sources,
     )
 
 
@@ -262,25 +310,39 @@ def run_units(units: list[Unit], job: UnitJob, cfg: DataprepConfig, result: RunR
 def check_not_empty(stats: list[dict], cfg: DataprepConfig) -> None:
     if sum(st["splits"][s]["documents"] for st in stats for s in SPLITS) == 0:
         raise DataError(f"the corpus in {' '.join(cfg.input.paths)} has no documents (all files empty or skipped)")
-    if sum(st["splits"]["train"]["rows"] for st in stats) == 0:
-        tokens = sum(st["splits"]["train"]["tokens"] for st in stats)
-        raise DataError(f"the corpus has {tokens} training tokens, less than one row of --seq-len "
+    split = "val" if cfg.pack.val_fraction == 1 else "train"  # a held-out set for evaluation: val only
+    if sum(st["splits"][split]["rows"] for st in stats) == 0:
+        tokens = sum(st["splits"][split]["tokens"] for st in stats)
+        raise DataError(f"the corpus has {tokens} {split} tokens, less than one row of --seq-len "
                         f"{cfg.pack.seq_len} + 1 in any unit; add text, lower --seq-len or raise --pack.unit_mb")
 
 
-def split_entry(stats: list[dict], split: str) -> dict:
+def split_entry(stats: list[dict], split: str, names: list[str]) -> dict:
+    """A split's shards (each naming its unit and source) and counts; with several sources, also each one's."""
     entries = [st["splits"][split] for st in stats]
-    return {
+    entry = {
         "shards": [{**s, "unit": st["unit"]} for st in stats for s in st["splits"][split]["shards"]],
-        **{k: sum(e[k] for e in entries) for k in entries[0] if k != "shards"},
+        **{k: sum(e[k] for e in entries) for k in entries[0] if k not in ("shards", "by_source")},
     }
+    return {**entry, "by_source": counts_by_source(entries, names)} if len(names) > 1 else entry
+
+
+def counts_by_source(entries: list[dict], names: list[str]) -> dict[str, dict]:
+    """SOURCE_COUNTS of every source, by name, summed over the units' entries of a split (zero where it has none)."""
+    totals = {name: dict.fromkeys(SOURCE_COUNTS, 0) for name in names}
+    for entry in entries:
+        for source, counts in entry["by_source"].items():
+            for k in SOURCE_COUNTS:
+                totals[names[int(source)]][k] += counts[k]
+    return totals
 
 
 def build_manifest(cfg: DataprepConfig, tokenizer: Tokenizer, trained: bool, stats: list[dict], settings: dict,
-                   n_files: int) -> dict:
-    """Sizes, counts and per-shard entries (each naming its unit); small: the source list is in sources.jsonl."""
+                   n_files: int, names: list[str]) -> dict:
+    """Sizes, counts and per-shard entries (each naming its unit and source); small: the source file list is in
+    sources.jsonl. `source_names[i]` names source i."""
     dtype = token_dtype(tokenizer.vocab_size)
-    splits = {s: split_entry(stats, s) for s in SPLITS}
+    splits = {s: split_entry(stats, s, names) for s in SPLITS}
     rows = planes(cfg) * (cfg.pack.seq_len + 1)
     chat = {"chat": {"template": tokenizer.chat_template_name, "overlong": cfg.pack.overlong,
                      "planes": list(PLANES)}} if cfg.input.format == "chat" else {}
@@ -302,6 +364,7 @@ def build_manifest(cfg: DataprepConfig, tokenizer: Tokenizer, trained: bool, sta
         "bad_records": sum(st["bad_records"] for st in stats),
         "replaced_utf8_documents": sum(st["replaced_utf8_documents"] for st in stats),
         "sources": {"file": SOURCES, "count": n_files},
+        "source_names": names,
         "settings": settings,
     }
 
@@ -333,6 +396,9 @@ def print_summary(result: RunResult, n_files: int, output: str) -> None:
     print(f"  tokenizer: vocab {m['tokenizer']['vocab_size']:,} ({'trained' if m['tokenizer']['trained'] else 'given'}), "
           f"{m['dtype']}; bad records skipped: {m['bad_records']}, "
           f"documents with invalid UTF-8 replaced: {m['replaced_utf8_documents']}")
+    if len(m["source_names"]) > 1:
+        rows = [f"{name} {c['rows']:,}" for name, c in m["splits"]["val"]["by_source"].items()]
+        print(f"  val rows by source: {', '.join(rows)}")
     if m["splits"]["val"]["rows"] == 0:
         print("  warning: val/ has no full row; raise --val-fraction or lower --seq-len for a validation split")
     print(f"  dataset: {output}")

@@ -58,6 +58,8 @@ class Part:
     """End byte or row group, exclusive; None = the end of the file."""
     first_row: int = 0
     """Parquet: index in the file of the first row of row group `start` (rows are keyed by it)."""
+    source: int = 0
+    """Id of the source (input) the file belongs to: a unit packs each source's documents into rows of their own."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from raylm import storage
 from raylm.errors import DataError, StorageError
 
 SPACE_MARKER = "\u2581"
+BYTE_PIECE = re.compile("<0x[0-9A-F]{2}>")
 CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 RAYLM_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -143,6 +144,15 @@ class Tokenizer:
     def token_string(self, token_id: int) -> str:
         raise NotImplementedError
 
+    @functools.cached_property
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of text each token id stands for in running text (0 for EOS and other special tokens): what
+        bits per byte divides by, so models with different vocabularies compare."""
+        return np.array([self._bytes_of(i) for i in range(self.vocab_size)], dtype=np.int64)
+
+    def _bytes_of(self, token_id: int) -> int:
+        raise NotImplementedError
+
     @property
     def sha256(self) -> str:
         """Identity of the tokenizer: of the SentencePiece model, or of all the Hugging Face files."""
@@ -195,6 +205,13 @@ class SentencePieceTokenizer(Tokenizer):
     def token_string(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)
 
+    def _bytes_of(self, token_id: int) -> int:
+        if self.sp.is_byte(token_id):
+            return 1
+        if self.sp.is_control(token_id) or self.sp.is_unknown(token_id):
+            return 0
+        return len(self.sp.id_to_piece(token_id).replace(SPACE_MARKER, " ").encode())
+
 
 def _token_text(value) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
@@ -218,7 +235,8 @@ class HFTokenizer(Tokenizer):
         except Exception as exc:  # the Rust library raises a bare Exception for any file it cannot parse
             raise DataError(f"{where} is not a Hugging Face tokenizer ({str(exc).splitlines()[0][:200]})") from exc
         self.files, self.vocab_size = files, self.tok.get_vocab_size(with_added_tokens=True)
-        added = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        self._added = self.tok.get_added_tokens_decoder()
+        added = {t.content: i for i, t in self._added.items() if t.special}
         self.specials = sorted(added, key=len, reverse=True)
         eos = _token_text(config.get("eos_token")) or next((t for t in self.END_OF_TEXT if t in added), None)
         if eos is None or self.tok.token_to_id(eos) is None:
@@ -257,6 +275,25 @@ class HFTokenizer(Tokenizer):
 
     def token_string(self, token_id: int) -> str:
         return self.tok.id_to_token(token_id)
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        return '"ByteLevel"' in json.dumps(json.loads(self.files[HF_FILE]).get("decoder"))
+
+    def _bytes_of(self, token_id: int) -> int:
+        """By the decoder's convention: byte-level BPE (GPT-2, Llama 3) spells each byte as one character;
+        SentencePiece-style files (Llama 2, Mistral) use '▁' for a space and <0xNN> for a byte fallback."""
+        added = self._added.get(token_id)
+        if added is not None:
+            return 0 if added.special else len(added.content.encode())
+        piece = self.tok.id_to_token(token_id)
+        if piece is None:
+            return 0
+        if self._byte_level:
+            return len(piece)
+        if BYTE_PIECE.fullmatch(piece):
+            return 1
+        return len(piece.replace(SPACE_MARKER, " ").encode())
 
 
 def load_tokenizer(files: dict[str, bytes] | bytes, where: str = "tokenizer") -> Tokenizer:

@@ -41,8 +41,13 @@ class Unit:
         return hashlib.sha256(f"{run_stamp}\0{self.to_json()}".encode()).hexdigest()
 
 
+def _part(f: FileEntry, start: int = 0, end: int | None = None, first_row: int = 0) -> Part:
+    """A file, or a piece of it, carrying the file's source."""
+    return Part(f.path, f.size, f.key, start, end, first_row, source=f.source)
+
+
 def _byte_ranges(f: FileEntry, unit_bytes: int) -> list[tuple[Part, int]]:
-    return [(Part(f.path, f.size, f.key, start, min(start + unit_bytes, f.size)), min(unit_bytes, f.size - start))
+    return [(_part(f, start, min(start + unit_bytes, f.size)), min(unit_bytes, f.size - start))
             for start in range(0, f.size, unit_bytes)]
 
 
@@ -52,13 +57,13 @@ def _row_group_ranges(f: FileEntry, unit_bytes: int) -> list[tuple[Part, int]]:
     try:
         meta = open_parquet(f.path).metadata
     except (OSError, pa.ArrowException):
-        return [(Part(f.path, f.size, f.key), f.size)]
+        return [(_part(f), f.size)]
     parts, start, first_row, rows, size = [], 0, 0, 0, 0
     for g in range(meta.num_row_groups):
         group = meta.row_group(g)
         rows, size = rows + group.num_rows, size + group.total_byte_size
         if size >= unit_bytes or g == meta.num_row_groups - 1:
-            parts.append((Part(f.path, f.size, f.key, start, g + 1, first_row), size))
+            parts.append((_part(f, start, g + 1, first_row), size))
             start, first_row, rows, size = g + 1, first_row + rows, 0, 0
     return parts
 
@@ -66,7 +71,7 @@ def _row_group_ranges(f: FileEntry, unit_bytes: int) -> list[tuple[Part, int]]:
 def pieces(f: FileEntry, unit_bytes: int) -> list[tuple[Part, int]]:
     """(part, its input bytes) of a file: itself, or byte ranges / row-group ranges when it is big and cuttable."""
     if f.size <= unit_bytes or not splittable(f.path):
-        return [(Part(f.path, f.size, f.key), f.size)]
+        return [(_part(f), f.size)]
     if file_format(f.path) == "jsonl":
         return _byte_ranges(f, unit_bytes)
     return _row_group_ranges(f, unit_bytes)

@@ -1,5 +1,8 @@
 """What a Ray worker does with one work unit: read, tokenize, pack and write its shards, then commit it.
 
+Each source (input) of the unit has packers of its own, so a row, and a shard, holds one source's tokens: held-out
+loss can be measured per source from the manifest alone.
+
 The driver gets back only the unit's stats (rows, tokens, documents, shard bytes and sha256, dropped tail, bad
 records, the node it ran on): what it receives grows with the number of units, never with the number of tokens.
 A unit is committed by its record in `_progress/` (written after its shards); a re-run reuses exactly the units
@@ -13,7 +16,9 @@ import itertools
 import json
 import resource
 import time
+from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -55,11 +60,51 @@ class UnitJob:
     """'text': documents packed end to end; 'chat': conversations packed whole with a loss mask."""
     overlong: str = "truncate"
     """Chat: what happens to an example longer than a row."""
+    sources: int = 1
+    """Sources of the dataset. With more than one, shard names carry the source; with one they are the names
+    datasets had before sources were recorded, so such a dataset keeps its bytes."""
 
 
-def abort(packers: dict) -> None:
-    for packer in packers.values():
-        packer.abort()
+SOURCE_COUNTS = ("rows", "tokens", "documents")
+"""What a split's entry counts for each source."""
+Packer = SplitPacker | ExamplePacker
+
+
+class UnitPackers:
+    """A unit's packers, one per (split, source) present in it, each made when its first tokens come: a row, and so
+    a shard, never mixes sources."""
+
+    def __init__(self, make: Callable[[str], Packer], unit_name: str, *, tagged: bool):
+        self.make, self.unit_name, self.tagged = make, unit_name, tagged
+        self.packers: dict[tuple[str, int], Packer] = {}
+
+    def __getitem__(self, key: tuple[str, int]) -> Packer:
+        """The packer of (split, source id)."""
+        if key not in self.packers:
+            self.packers[key] = self.make(self._stem(*key))
+        return self.packers[key]
+
+    def _stem(self, split: str, source: int) -> str:
+        """`{split}/{unit}`, with `-sNNN` for the source only when the dataset has several."""
+        return f"{split}/{self.unit_name}" + (f"-s{source:03d}" if self.tagged else "")
+
+    def abort(self) -> None:
+        for packer in self.packers.values():
+            packer.abort()
+
+    def finish(self) -> dict[str, dict]:
+        """Each split's entry for the unit: its sources' shards in source order, each naming its source; their
+        counts summed; and `by_source`, the SOURCE_COUNTS of each source present (keyed by source id)."""
+        return {split: self._finish_split(split) for split in SPLITS}
+
+    def _finish_split(self, split: str) -> dict:
+        entries = {source: self.packers[split, source].finish() for s, source in sorted(self.packers) if s == split}
+        if not entries:  # no document of the unit went to this split: a packer never fed gives zero counts, no shard
+            return {**self.make(self._stem(split, 0)).finish(), "by_source": {}}
+        counts = {k: sum(e[k] for e in entries.values()) for k in next(iter(entries.values())) if k != "shards"}
+        shards = [{**shard, "source": source} for source, e in entries.items() for shard in e["shards"]]
+        by_source = {str(source): {k: e[k] for k in SOURCE_COUNTS} for source, e in entries.items()}
+        return {"shards": shards, **counts, "by_source": by_source}
 
 
 class PackUnits:
@@ -81,19 +126,18 @@ class PackUnits:
     def pack(self, unit: Unit) -> dict:
         """The unit's stats; its shards and commit record are written, unless it met a bad record it must stop at."""
         started, cpu = time.time(), time.process_time()
-        packers = {s: self._packer(f"{s}/{unit.name}") for s in SPLITS}
+        packers = UnitPackers(self._packer, unit.name, tagged=self.job.sources > 1)
         counts = {"bad_records": 0, "replaced_utf8_documents": 0}
         pack = self._pack_conversations if self.job.format == "chat" else self._pack_documents
         try:
             error = pack(unit, packers, counts)
         except BaseException:
-            abort(packers)
+            packers.abort()
             raise
         if error:
-            abort(packers)
+            packers.abort()
             return {"unit": unit.index, "error": error}
-        stats = {"unit": unit.index, "input_bytes": unit.input_bytes, **counts,
-                 "splits": {s: p.finish() for s, p in packers.items()}}
+        stats = {"unit": unit.index, "input_bytes": unit.input_bytes, **counts, "splits": packers.finish()}
         storage.write_bytes(progress_path(self.job.output, unit),
                             json.dumps({"stamp": unit.stamp(self.job.run_stamp), "stats": stats}).encode())
         return {**stats, "node": self.node, "ready_at": self.ready_at, "seconds": time.time() - started,
@@ -105,9 +149,9 @@ class PackUnits:
                                  pad_id=self.tokenizer.eos_id, overlong=self.job.overlong)
         return SplitPacker(self.job.output, stem, self.job.seq_len + 1, self.job.rows_per_shard, self.dtype)
 
-    def _pack_conversations(self, unit: Unit, packers: dict, counts: dict) -> str | None:
-        """Each conversation of the unit, tokenized with its loss mask, to its split's packer; the first bad
-        record's one-line description if the run stops at bad records."""
+    def _pack_conversations(self, unit: Unit, packers: UnitPackers, counts: dict) -> str | None:
+        """Each conversation of the unit, tokenized with its loss mask, to its split's and source's packer; the first
+        bad record's one-line description if the run stops at bad records."""
         for part in unit.parts:
             for record in read_records(part, encoding_errors=self.job.encoding_errors):
                 example = record if isinstance(record, BadRecord) else chat.tokenize(self.tokenizer, record)
@@ -117,14 +161,14 @@ class PackUnits:
                     counts["bad_records"] += 1
                     continue
                 counts["replaced_utf8_documents"] += record.replaced_utf8
-                packers[self._split(example)].add(example.tokens, example.loss)
+                packers[self._split(example), part.source].add(example.tokens, example.loss)
         return None
 
-    def _pack_documents(self, unit: Unit, packers: dict, counts: dict) -> str | None:
-        """Feed every document of the unit to the split packers, ENCODE_CHARS at a time; the first bad record's
-        one-line description if the run stops at bad records."""
+    def _pack_documents(self, unit: Unit, packers: UnitPackers, counts: dict) -> str | None:
+        """Feed every document of the unit to its split's and source's packer, ENCODE_CHARS at a time; the first
+        bad record's one-line description if the run stops at bad records."""
         read = {"text_field": self.job.text_field, "encoding_errors": self.job.encoding_errors}
-        pending: list[Document] = []
+        pending: list[tuple[int, Document]] = []
         chars, replaced = 0, False
         for part in unit.parts:
             for record in read_documents(part, **read):
@@ -137,7 +181,7 @@ class PackUnits:
                 if record.ends:
                     counts["replaced_utf8_documents"] += replaced
                     replaced = False
-                pending.append(record)
+                pending.append((part.source, record))
                 chars += len(record.text)
                 if chars >= ENCODE_CHARS:
                     self._encode(pending, packers)
@@ -145,21 +189,21 @@ class PackUnits:
         self._encode(pending, packers)
         return None
 
-    def _encode(self, docs: list[Document], packers: dict) -> None:
-        """Tokens of `docs` to their split's packer, in order; EOS closes each document."""
-        ids = self.tokenizer.encode([d.text for d in docs], num_threads=1)  # one core per actor
-        streams: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
-        documents = dict.fromkeys(SPLITS, 0)
-        for doc, tokens in zip(docs, ids):
-            split = self._split(doc)
+    def _encode(self, docs: list[tuple[int, Document]], packers: UnitPackers) -> None:
+        """Tokens of `docs` (each with its source id) to their split's and source's packer, in order; EOS closes each
+        document."""
+        ids = self.tokenizer.encode([d.text for _, d in docs], num_threads=1)  # one core per actor
+        streams: dict[tuple[str, int], list[list[int]]] = {}
+        documents: Counter = Counter()
+        for (source, doc), tokens in zip(docs, ids):
+            key = (self._split(doc), source)
             if doc.ends:
                 tokens.append(self.tokenizer.eos_id)
-                documents[split] += 1
-            streams[split].append(tokens)
-        for split, lists in streams.items():
-            if lists:
-                flat = np.fromiter(itertools.chain.from_iterable(lists), self.dtype, count=sum(map(len, lists)))
-                packers[split].add(flat, documents[split])
+                documents[key] += 1
+            streams.setdefault(key, []).append(tokens)
+        for key, lists in streams.items():
+            flat = np.fromiter(itertools.chain.from_iterable(lists), self.dtype, count=sum(map(len, lists)))
+            packers[key].add(flat, documents[key])
 
     def _split(self, doc: Document | chat.Example) -> str:
         val = self.job.val_fraction > 0 and split_hash(self.job.seed, "split", doc.key) < self.job.val_fraction

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -46,6 +47,47 @@ def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[
             rest.append(arg)
         i += 1
     return load_config(root, toml_path, rest, preset=preset), given
+
+
+def expand_short_options(argv: list[str], short: dict[str, str], *, lists: tuple[str, ...] = (), prog: str,
+                         flags: dict[str, str] | None = None) -> tuple[list[str], dict[str, list[str]]]:
+    """(argv with each short option `--flag VALUE` as `--section.field=VALUE`, the values of list options).
+
+    A list option (`--input PATH [PATH ...]`) takes every value up to the next option; its values come back apart
+    rather than comma-joined (a path may hold a comma). A short option given bare is `=true` (`--overwrite`). A
+    `--word` that is neither a short option, one of the command's `flags` nor `--section.field` is refused, naming
+    the nearest option."""
+    out, given, i = [], {}, 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag not in short:
+            if flag.startswith("--") and "." not in flag and flag not in ("--config", "--help", *(flags or {})):
+                close = difflib.get_close_matches(flag, short, n=1, cutoff=0.8)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise ConfigError(f"unknown option {flag}{hint} (see {prog} --help)")
+            out.append(argv[i])
+        elif short[flag] in lists:
+            values = [value] if eq else []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                values.append(argv[i + 1])
+                i += 1
+            if not values:
+                raise ConfigError(f"{flag} needs at least one value")
+            given[short[flag]] = values
+        elif eq:
+            out.append(f"--{short[flag]}={value}")
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(f"--{short[flag]}={argv[i + 1]}")
+            i += 1
+        else:
+            out.append(f"--{short[flag]}")  # bare: true for a bool field, a one-line error for any other
+        i += 1
+    return out, given
+
+
+def short_help(short: dict[str, str]) -> str:
+    width = max(map(len, short))
+    return "\n".join(f"  {flag:{width}}  = --{field}" for flag, field in short.items())
 
 
 class _StderrHandler(logging.StreamHandler):

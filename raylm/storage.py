@@ -106,6 +106,8 @@ class FileEntry:
     """Path relative to the input it was found under (its name, if the input is the file): stable across moves."""
     named: bool = False
     """The input was this file itself, not a directory, prefix or glob holding it."""
+    source: int = 0
+    """Id of the dataset source (the input of the run) the file belongs to; set by dataprep's corpus listing."""
 
 
 def _url(path: str, fs_path: str) -> str:
