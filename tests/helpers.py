@@ -211,3 +211,35 @@ def hf_tokenizer_dir(root, lines: list[str], *, vocab_size: int = 400) -> str:
               "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     (root / "tokenizer_config.json").write_text(json.dumps(config))
     return str(root)
+
+
+def write_packed_dataset(root, tokenizer, splits: dict[str, dict[str, list[str]]], *, seq_len: int) -> str:
+    """A finished raylm dataset made in this process (dataprep would start Ray), recording sources as dataprep
+    does: each split is {source: documents}; each source's documents are tokenized, closed by EOS, packed end to end
+    into rows of seq_len + 1 of its own (the partial last row dropped) in a shard of its own."""
+    import numpy as np
+
+    from dataprep.dataset import FORMAT, FORMAT_VERSION, MANIFEST
+    from dataprep.shards import ShardWriter, rows_per_batch
+    from dataprep.tokenizer import token_dtype, write_tokenizer_files
+
+    root.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    names = sorted({source for docs in splits.values() for source in docs})
+    entries = {}
+    for split, by_source in splits.items():
+        shards = []
+        for source, docs in sorted(by_source.items()):
+            stream = np.array([t for ids in tokenizer.encode(docs) for t in ids + [tokenizer.eos_id]])
+            rows = stream[:len(stream) // (seq_len + 1) * (seq_len + 1)].astype(dtype).reshape(-1, seq_len + 1)
+            writer = ShardWriter(str(root), f"{split}/{source}-000.arrow", dtype, seq_len + 1)
+            writer.write(rows)
+            shards.append({**writer.close(), "source": names.index(source)})
+        entries[split] = {"shards": shards, "rows": sum(s["rows"] for s in shards),
+                          "tokens": sum(s["rows"] for s in shards) * (seq_len + 1)}
+    write_tokenizer_files(tokenizer.files, str(root))
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "seq_len": seq_len, "row_len": seq_len + 1,
+                "dtype": dtype.name, "rows_per_batch": rows_per_batch(seq_len + 1, dtype), "seed": 0,
+                "splits": entries, "tokenizer": tokenizer.describe(), "source_names": names}
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    return str(root)

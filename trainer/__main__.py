@@ -15,6 +15,7 @@ from raylm.cli import configure_logging, run_cli
 from trainer import checkpoint
 from raylm.cli import parse_job_args
 from trainer.data import check_fits
+from trainer.evaluation import check_evaluation
 from trainer.job import JobConfig, make_paths_absolute, paths
 from trainer.train import resolve_model
 
@@ -24,13 +25,15 @@ FLAGS = {"--no-ray": "run the loop in this process (or under torchrun) instead o
 def check_before_launch(job: JobConfig, *, max_world: int) -> int:
     """Catch user mistakes on the driver, before workers start: dataset present and big enough for a step, every
     world size the run may have (an elastic run's too) at most the batch, init.from_hf's config.json readable and
-    its vocabulary big enough for the dataset's tokenizer, and RUN_DIR's checkpoints (if any) of this very model,
-    dataset and data order. Returns the step the run would continue from (0 for a new run)."""
+    its vocabulary big enough for the dataset's tokenizer, [eval]'s datasets and tasks usable with the model's
+    tokenizer and context, and RUN_DIR's checkpoints (if any) of this very model, dataset and data order. Returns
+    the step the run would continue from (0 for a new run)."""
     for path in paths(job).values():
         storage.check_bucket(path)
     dataset = open_dataset(job.data.path)
     check_fits(dataset, global_batch=job.train.global_batch, world=max_world)
     resolve_model(job, dataset)
+    check_evaluation(job.eval, tokenizer=dataset.tokenizer(), max_len=job.model.max_seq_len)
     newest = checkpoint.latest_committed(job.run.dir)
     if newest is None:
         return 0

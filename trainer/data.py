@@ -198,13 +198,11 @@ def val_rows(n_rows: int, *, rows: int, seed: int) -> np.ndarray:
     return np.sort(Permutation(n_rows, [seed, VAL_STREAM])(np.arange(count))) if count else np.zeros(0, np.int64)
 
 
-def val_batches(split: Split, *, rows: int, seed: int, micro_batch: int, rank: int, world: int) -> list[torch.Tensor]:
-    """This rank's share of the validation slice in micro-batches; the shares differ by at most a row and every
-    rank gets the same number of micro-batches (the last may be empty), as FSDP's collective forwards require."""
-    chosen = val_rows(len(split), rows=rows, seed=seed)
-    if len(chosen) == 0:
-        return []
-    start, stop = split_evenly(len(chosen), world, rank)
-    data = torch.from_numpy(split.rows(chosen[start:stop]).astype(np.int64)) if stop > start else \
-        torch.zeros((0, *split.shape), dtype=torch.int64)
-    return micro_batches(data, micro_batch=micro_batch, count=micro_batch_count(len(chosen), world, micro_batch))
+def val_micro_batches(n_rows: int, *, rows: int, seed: int, micro_batch: int, rank: int, world: int) -> list[np.ndarray]:
+    """Row indices of this rank's micro-batches of the validation slice. The slice is cut into micro-batches once,
+    the same on any W, and rank r takes micro-batches r, r + W, …: a row is scored in the same batch on any world
+    size. Every rank gets as many micro-batches (the last may be empty), as FSDP's collective forwards require."""
+    chosen = val_rows(n_rows, rows=rows, seed=seed)
+    batches = [chosen[i:i + micro_batch] for i in range(0, len(chosen), micro_batch)]
+    mine = batches[rank::world]
+    return mine + [np.zeros(0, np.int64)] * (-(-len(batches) // world) - len(mine))

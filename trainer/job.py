@@ -8,6 +8,7 @@ from raylm import storage
 from raylm.errors import ConfigError
 from raylm.storage import StorageConfig
 from trainer.checkpoint import CheckpointConfig, FaultConfig
+from trainer.evaluation import EvalConfig
 from trainer.lease import SETTLE_S
 from trainer.model import ModelConfig
 from trainer.optim import OptimConfig
@@ -42,7 +43,8 @@ class TrainConfig:
     log_every: int = 10
     """Steps between metric logs (each a host sync)."""
     eval_every: int = 100
-    """Steps between validation passes (and at the end); 0 = only at the end."""
+    """Steps between evaluations (and at the end; 0 = only at the end): the validation slice, and the held-out
+    datasets and tasks of [eval]."""
     eval_rows: int = 32
     """Rows in the validation slice: a seeded random sample of the whole val split (data.seed), the same on any W."""
     sample_prompt: str = "def"
@@ -134,6 +136,7 @@ class JobConfig:
     fault: FaultConfig = field(default_factory=FaultConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         if self.init.from_hf and self.checkpoint.resume_from:
@@ -152,7 +155,16 @@ def check_kernel(job: JobConfig, device: str) -> None:
 def paths(job: JobConfig) -> dict[str, str]:
     """The job's storage locations by option, for the checks that name the one at fault."""
     return {"--data.path": job.data.path, "--run.dir": job.run.dir,
-            "--checkpoint.resume_from": job.checkpoint.resume_from, "--init.from_hf": job.init.from_hf}
+            "--checkpoint.resume_from": job.checkpoint.resume_from, "--init.from_hf": job.init.from_hf,
+            **eval_paths(job.eval)}
+
+
+def eval_paths(cfg: EvalConfig) -> dict[str, str]:
+    """`--eval.datasets` (`--eval.datasets[i]` when there are several) and the same for tasks."""
+    def label(option: str, values: list[str]) -> dict[str, str]:
+        return {option if len(values) == 1 else f"{option}[{i}]": v for i, v in enumerate(values)}
+
+    return {**label("--eval.datasets", cfg.datasets), **label("--eval.tasks", cfg.tasks)}
 
 
 def make_paths_absolute(job: JobConfig) -> None:
@@ -163,3 +175,9 @@ def make_paths_absolute(job: JobConfig) -> None:
         job.checkpoint.resume_from = storage.absolute(job.checkpoint.resume_from)
     if job.init.from_hf:
         job.init.from_hf = storage.absolute(job.init.from_hf)
+    make_eval_paths_absolute(job.eval)
+
+
+def make_eval_paths_absolute(cfg: EvalConfig) -> None:
+    cfg.datasets = [storage.absolute(p) for p in cfg.datasets]
+    cfg.tasks = [storage.absolute(p) for p in cfg.tasks]

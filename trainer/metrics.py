@@ -68,14 +68,25 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def format_line(m: dict) -> str:
-    val = f"val {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f})" if "val_loss" in m else None
+    evals = evaluation_parts(m)
     if "loss" not in m:  # an evaluation-only line (step 0)
-        return f"step {m['step']:>6d} | {val}"
-    parts = [f"step {m['step']:>6d}", f"loss {m['loss']:.4f}"] + ([val] if val else [])
+        return " | ".join([f"step {m['step']:>6d}", *evals])
+    parts = [f"step {m['step']:>6d}", f"loss {m['loss']:.4f}", *evals]
     parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.2f}", f"{m['tokens_per_s']:,.0f} tok/s",
               f"mfu {100 * m['mfu']:.1f}%", f"step {1000 * m['step_time_s']:.0f}ms",
               f"data {100 * m['data_wait_share']:.1f}%", f"mem {m['peak_mem_gib']:.2f}GiB"]
     return " | ".join(parts)
+
+
+def evaluation_parts(m: dict) -> list[str]:
+    """The validation slice's loss, perplexity and bits per byte, each held-out dataset's loss and each task's
+    accuracy, when the line has them (evaluation steps)."""
+    parts = [f"val {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f}, {m['val_bpb']:.3f} bpb)"] if "val_loss" in m else []
+    for key, value in m.items():
+        kind, _, rest = key.partition("/")
+        if (kind == "eval" and rest.endswith("/loss")) or (kind == "task" and rest.endswith("/acc")):
+            parts.append(f"{rest.rsplit('/', 1)[0]} {value:.3f}")
+    return parts
 
 
 class MetricsLog:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import socket
 import time
@@ -29,7 +28,10 @@ from raylm import storage
 from raylm.errors import DataError, RaylmError
 from trainer import checkpoint
 from trainer.checkpoint import Checkpointer, inject_fault
-from trainer.data import BatchPlan, StepLoader, val_batches
+from trainer.data import BatchPlan, StepLoader
+from trainer.evaluation import metrics as eval_metrics
+from trainer.evaluation import open_evaluation
+from trainer.heldout import flat_metrics, held_out, loss_sums, report
 from trainer.job import JobConfig, check_kernel
 from trainer.metrics import MetricsLog, device_peak_flops, peak_memory_gib
 from trainer.model import Transformer, generate, initial_value
@@ -82,10 +84,7 @@ def init_distributed(device_name: str) -> Dist:
 def build_model(job: JobConfig, d: Dist) -> nn.Module:
     """Meta → AC/compile/FSDP2 → materialise with world-size-independent initial values (left uninitialised when
     the weights will come from init.from_hf)."""
-    with torch.device("meta"):
-        model = Transformer(job.model)
-    mesh = init_device_mesh(d.device.type, (d.world,))
-    model = parallelize(model, mesh=mesh, parallel=job.parallel)
+    model = shard_on_meta(job.model, d, job.parallel)
     if job.init.from_hf:
         model.to_empty(device=d.device)  # every weight comes from the folder or the run's checkpoint: nothing to init
     else:
@@ -93,6 +92,13 @@ def build_model(job: JobConfig, d: Dist) -> nn.Module:
                     initial_value=lambda name, shape: initial_value(name, shape, job.model, job.train.seed))
     model.init_buffers()
     return model
+
+
+def shard_on_meta(cfg, d: Dist, parallel) -> nn.Module:
+    """The model built on the meta device with AC/compile/FSDP2 applied over all ranks: nothing allocated yet."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return parallelize(model, mesh=init_device_mesh(d.device.type, (d.world,)), parallel=parallel)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -131,14 +137,21 @@ def masked_loss_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.
     return (losses * weights.flatten()).sum()
 
 
-def lm_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed next-token cross-entropy over loss-carrying targets, MoE auxiliary loss) for a batch of rows. An
-    empty batch (a rank short of rows) runs a one-row forward whose loss counts zero, so FSDP's collectives still
-    line up."""
+def forward_rows(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                                   torch.Tensor]:
+    """(logits (B, T, V), targets (B, T), target weights or None, MoE auxiliary loss) of a batch of rows. An empty
+    batch (a rank short of rows) runs a one-row forward of zeros instead, so FSDP's collectives still line up."""
     rows = batch if len(batch) else torch.zeros((1, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
     tokens, segments, weights = unpack(rows)
-    logits, aux = model(tokens[:, :-1], segments=None if segments is None else segments[:, :-1])  # (B, T, V)
-    loss = masked_loss_sum(logits, tokens[:, 1:], weights)
+    logits, aux = model(tokens[:, :-1], segments=None if segments is None else segments[:, :-1])
+    return logits, tokens[:, 1:], weights, aux
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token cross-entropy over loss-carrying targets, MoE auxiliary loss) for a batch of rows; an
+    empty batch's loss counts zero."""
+    logits, targets, weights, aux = forward_rows(model, batch)
+    loss = masked_loss_sum(logits, targets, weights)
     return (loss, aux) if len(batch) else (loss * 0.0, aux * 0.0)
 
 
@@ -192,18 +205,6 @@ def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight:
     return total, norm, finite
 
 
-@torch.no_grad()
-def evaluate(model, batches: list[torch.Tensor], device: torch.device) -> float:
-    """Token-weighted mean validation loss over all ranks' parts of the validation slice: the same on any W."""
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in batches:
-        loss_sum, _ = lm_loss(model, batch.to(device))
-        sums[0] += loss_sum
-        sums[1] += count_loss_tokens(batch)
-    dist.all_reduce(sums)
-    return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
-
-
 def resolve_model(job: JobConfig, dataset) -> None:
     """The dataset decides the vocabulary, or with init.from_hf the folder's config.json decides the architecture
     (and a dataset whose tokenizer has more tokens than the model's embedding rows is refused); the context must hold
@@ -244,8 +245,13 @@ class Trainer:
         self.start_step = self.resume()
         self.loader = StepLoader(self.dataset.train, plan=self.plan, rank=self.d.rank, seed=job.data.seed,
                                  read_ahead=job.data.read_ahead)
-        self.val = val_batches(self.dataset.val, rows=job.train.eval_rows, seed=job.data.seed,
-                               micro_batch=job.train.micro_batch, rank=self.d.rank, world=self.d.world)
+        tokenizer = self.dataset.tokenizer()
+        self.val = held_out(self.dataset, name="val", token_bytes=tokenizer.token_bytes, rows=job.train.eval_rows,
+                            seed=job.data.seed, micro_batch=job.train.micro_batch, rank=self.d.rank,
+                            world=self.d.world, keep=True) if job.train.eval_rows and len(self.dataset.val) else None
+        self.evaluation = open_evaluation(job.eval, tokenizer=tokenizer, max_len=job.model.max_seq_len,
+                                          micro_batch=job.train.micro_batch, rank=self.d.rank, world=self.d.world,
+                                          keep=True)
         self.tokens_per_step = self.plan.global_batch * self.dataset.seq_len
         self.flops_per_token = job.model.flops_per_token(self.dataset.seq_len)
         self.peak_flops = self._mean_over_ranks(device_peak_flops(self.d.device))
@@ -330,7 +336,7 @@ class Trainer:
         return t.item() / self.d.world
 
     def fit(self) -> list[dict]:
-        history = [self.initial_eval()] if self.start_step == 0 and self.val else []
+        history = [self.initial_eval()] if self.start_step == 0 and (self.val or self.evaluation) else []
         window, last_logged = time.perf_counter(), self.start_step
         window_loss = torch.zeros((), device=self.d.device)  # summed on device: no host sync between log steps
         for step in range(self.start_step, self.job.train.steps):
@@ -380,10 +386,17 @@ class Trainer:
                                    "--optim.lr, raise --optim.warmup_steps or check the data")
 
     def initial_eval(self) -> dict:
-        """Validation loss of the untrained model: the baseline the falling curve starts from."""
-        loss = evaluate(self.model, self.val, self.d.device)
-        m = {"step": 0, "tokens": 0, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        """The evaluation of the untrained model: the baseline the curves start from."""
+        m = {"step": 0, "tokens": 0, **self.evaluate()}
         self.publish(m)
+        return m
+
+    def evaluate(self) -> dict:
+        """The validation slice's val_loss, val_ppl and val_bpb (and per source), and [eval]'s datasets and tasks;
+        collective."""
+        m = flat_metrics("val_", report(self.val, loss_sums(self.model, self.val, self.d.device))) if self.val else {}
+        if self.evaluation:
+            m |= eval_metrics(self.evaluation.run(self.model, self.d.device))
         return m
 
     def publish(self, m: dict) -> None:
@@ -421,9 +434,8 @@ class Trainer:
         }
         if final_wait is not None:  # part of checkpoint_blocked_s: the last save's write, which a run must finish
             m["checkpoint_final_wait_s"] = final_wait
-        if self.is_eval_step(step) and self.val:
-            m["val_loss"] = evaluate(self.model, self.val, self.d.device)
-            m["val_ppl"] = math.exp(min(m["val_loss"], 50.0))
+        if self.is_eval_step(step):
+            m |= self.evaluate()
         self.publish(m)
         return m
 

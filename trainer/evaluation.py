@@ -1,0 +1,118 @@
+"""What an evaluation scores, in the training loop (`--eval.*`) and in `python -m trainer.eval`: held-out datasets
+(loss, perplexity, bits per byte, per source) and multiple-choice tasks (accuracy, length-normalised accuracy).
+
+Every input is checked on the driver before workers start: each dataset must be tokenized with the model's tokenizer
+and have val rows that fit the model's context, each task must parse and fit the context.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+
+import torch
+
+from dataprep import open_dataset
+from raylm.errors import ConfigError, DataError
+from trainer.heldout import flat_metrics, held_out, loss_sums, report
+from trainer.multiple_choice import load_task, score_task, task_name
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    datasets: list[str] = field(default_factory=list)
+    """Held-out datasets (local or s3://), each scored on its val split: loss, perplexity and bits per byte, per
+    source when the dataset records sources. Make one from held-out text with the model's tokenizer:
+    `python -m dataprep --input TEXT --tokenizer RUN_DIR --val-fraction 1 --output DIR`."""
+    tasks: list[str] = field(default_factory=list)
+    """Multiple-choice tasks (local or s3://): .jsonl lines {"query": str, "choices": [str, ...], "gold": int}."""
+    rows: int = 256
+    """Rows scored per held-out dataset: a seeded sample of its val split, the same on any W (0 = all)."""
+    task_items: int = 0
+    """Items scored per task: a seeded sample, the same on any W (0 = all)."""
+    seed: int = 0
+    """Seeds the samples of rows and items."""
+
+    def __post_init__(self):
+        for name in ("rows", "task_items"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
+        check_unique([dataset_name(p) for p in self.datasets], "eval.datasets")
+        check_unique([task_name(p) for p in self.tasks], "eval.tasks")
+
+
+def dataset_name(path: str) -> str:
+    return posixpath.basename(path.rstrip("/"))
+
+
+def check_unique(names: list[str], option: str) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"{option} has two entries named {name!r} (results are keyed by the last path "
+                              "component); give one another directory or file name")
+        seen.add(name)
+
+
+def open_held_out(path: str, *, tokenizer_sha256: str, max_len: int):
+    """A held-out dataset the model can score: its tokenizer is the model's, its val rows fit the context."""
+    dataset = open_dataset(path)
+    if dataset.manifest["tokenizer"]["sha256"] != tokenizer_sha256:
+        raise DataError(f"eval dataset {path} was tokenized with another tokenizer than the model's; make it with "
+                        "`python -m dataprep --tokenizer RUN_DIR ...` (the run's or training dataset's tokenizer)")
+    if len(dataset.val) == 0:
+        raise DataError(f"eval dataset {path} has no val rows; make held-out sets with --val-fraction 1")
+    if dataset.seq_len > max_len:
+        raise DataError(f"eval dataset {path} has rows of {dataset.seq_len} tokens, longer than the model's "
+                        f"max_seq_len={max_len}; make it with --seq-len {max_len} or less")
+    return dataset
+
+
+@dataclass
+class Evaluation:
+    """One rank's held-out sets and tasks, opened once and scored at every call."""
+
+    sets: list = field(default_factory=list)
+    tasks: list = field(default_factory=list)
+    micro_batch: int = 1
+    rank: int = 0
+    world: int = 1
+
+    def __bool__(self) -> bool:
+        return bool(self.sets or self.tasks)
+
+    @torch.no_grad()
+    def run(self, model, device: torch.device) -> dict:
+        """{"datasets": {name: figures}, "tasks": {name: accuracy}}; collective."""
+        datasets = {held.name: report(held, loss_sums(model, held, device)) for held in self.sets}
+        tasks = {task.name: score_task(model, task, micro_batch=self.micro_batch, device=device, rank=self.rank,
+                                       world=self.world) for task in self.tasks}
+        return {"datasets": datasets, "tasks": tasks}
+
+
+def open_evaluation(cfg: EvalConfig, *, tokenizer, max_len: int, micro_batch: int, rank: int = 0,
+                    world: int = 1, keep: bool = False) -> Evaluation:
+    """The configured sets and tasks for this rank (`keep`: hold the held-out rows in memory, for repeated use)."""
+    sets = [held_out(open_held_out(path, tokenizer_sha256=tokenizer.sha256, max_len=max_len),
+                     name=dataset_name(path), token_bytes=tokenizer.token_bytes, rows=cfg.rows, seed=cfg.seed, micro_batch=micro_batch, rank=rank,
+                     world=world, keep=keep) for path in cfg.datasets]
+    tasks = [load_task(path, tokenizer, max_len=max_len, limit=cfg.task_items, seed=cfg.seed) for path in cfg.tasks]
+    return Evaluation(sets, tasks, micro_batch, rank, world)
+
+
+def check_evaluation(cfg: EvalConfig, *, tokenizer, max_len: int) -> None:
+    """Refuse a missing or foreign dataset, or a task that does not parse, before any worker starts."""
+    for path in cfg.datasets:
+        open_held_out(path, tokenizer_sha256=tokenizer.sha256, max_len=max_len)
+    for path in cfg.tasks:
+        load_task(path, tokenizer, max_len=max_len, limit=cfg.task_items, seed=cfg.seed)
+
+
+def metrics(results: dict) -> dict:
+    """Flat metric names for the sinks: eval/{dataset}/loss|ppl|bpb (and /{source}), task/{task}/acc|acc_norm."""
+    out = {}
+    for name, figures in results["datasets"].items():
+        out |= flat_metrics(f"eval/{name}/", figures)
+    for name, acc in results["tasks"].items():
+        out |= {f"task/{name}/acc": acc["acc"], f"task/{name}/acc_norm": acc["acc_norm"]}
+    return out

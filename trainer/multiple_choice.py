@@ -1,0 +1,167 @@
+"""Multiple-choice tasks (HellaSwag, ARC, PIQA … in llm-foundry's .jsonl form): each choice scored by the summed
+log-probability of its continuation after the query; accuracy and length-normalised accuracy.
+
+The conventions are lm-evaluation-harness's, so figures compare with published ones: the continuation of a choice
+is " " + choice; a query's trailing whitespace moves to the continuation; the continuation's tokens are those the
+whole text has past the query's own tokens; the length normalisation divides by the choice's characters; ties go
+to the first choice. Every context starts with EOS, the token raylm's packing puts before each document.
+
+Scoring is batched and sharded like held-out loss: requests are sorted by length and cut into micro-batches once,
+rank r runs micro-batches r, r + W, …, and one all-reduce gathers every request's score, so each request is scored
+in the same batch on any world size.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raylm import storage
+from raylm.errors import DataError
+
+DELIMITER = " "
+
+
+@dataclass(frozen=True)
+class Item:
+    query: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+@dataclass
+class Task:
+    name: str
+    items: list[Item]
+    requests: list[tuple[list[int], int]]
+    """(token ids, continuation length) of every choice of every item, item by item."""
+
+
+def task_name(path: str) -> str:
+    return posixpath.basename(path.rstrip("/")).removesuffix(".jsonl")
+
+
+def parse_item(line: str, where: str) -> Item:
+    """One task line, `{"query": str, "choices": [str, ...], "gold": int}`; a mistake names the line and field."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        raise DataError(f"{where}: not a JSON object; each line is {{\"query\", \"choices\", \"gold\"}}") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: not a JSON object; each line is {{\"query\", \"choices\", \"gold\"}}")
+    query, choices, gold = record.get("query"), record.get("choices"), record.get("gold")
+    if not isinstance(query, str):
+        raise DataError(f"{where}: \"query\" must be a string, got {query!r}")
+    if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
+        raise DataError(f"{where}: \"choices\" must be a list of at least 2 non-empty strings, got {choices!r}")
+    if not (type(gold) is int and 0 <= gold < len(choices)):
+        raise DataError(f"{where}: \"gold\" must be the index of the right choice (0 to {len(choices) - 1}), "
+                        f"got {gold!r}")
+    return Item(query, tuple(choices), gold)
+
+
+def read_items(path: str) -> list[Item]:
+    """The items of a task file (local or s3://)."""
+    try:
+        text = storage.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise DataError(f"task {path} does not exist; pass a .jsonl file of {{\"query\", \"choices\", \"gold\"}} "
+                        "lines") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"task {path} is not UTF-8 text (byte {exc.start})") from None
+    items = [parse_item(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not items:
+        raise DataError(f"task {path} has no items")
+    return items
+
+
+def encode_pair(tokenizer, context: str, continuation: str, max_len: int) -> tuple[list[int], int]:
+    """(EOS + context + continuation tokens, cut from the left to max_len + 1; the continuation's length)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole, prefix = tokenizer.encode([context + continuation, context], num_threads=1)
+    cont = whole[len(prefix):]
+    if not cont:
+        raise DataError(f"continuation {continuation!r} after {context[-40:]!r} has no tokens of its own")
+    if len(cont) > max_len:
+        raise DataError(f"a continuation of {len(cont)} tokens does not fit the model's {max_len}-token context")
+    return ([tokenizer.eos_id] + whole)[-(max_len + 1):], len(cont)
+
+
+def load_task(path: str, tokenizer, *, max_len: int, limit: int = 0, seed: int = 0) -> Task:
+    """A task ready to score: its items (a seeded `limit` of them, in file order, when limit > 0) and requests."""
+    items = read_items(path)
+    if 0 < limit < len(items):
+        keep = np.sort(np.random.default_rng([seed, len(items)]).permutation(len(items))[:limit])
+        items = [items[i] for i in keep]
+    requests = [encode_pair(tokenizer, item.query, DELIMITER + choice, max_len) for item in items
+                for choice in item.choices]
+    return Task(task_name(path), items, requests)
+
+
+def request_batches(requests: list[tuple[list[int], int]], *, micro_batch: int, rank: int,
+                    world: int) -> list[np.ndarray]:
+    """Request indices of this rank's micro-batches: longest first (little padding), cut the same on any W, rank r
+    takes micro-batches r, r + W, …, every rank as many (the last may be empty)."""
+    order = np.argsort([-len(ids) for ids, _ in requests], kind="stable")
+    batches = [order[i:i + micro_batch] for i in range(0, len(order), micro_batch)]
+    mine = batches[rank::world]
+    return mine + [np.zeros(0, np.int64)] * (-(-len(batches) // world) - len(mine))
+
+
+def continuation_logprobs(model, batch: list[tuple[list[int], int]], device: torch.device) -> torch.Tensor:
+    """(requests, 2) float64: each continuation's summed log-probability and whether every one of its tokens is the
+    model's greedy choice. An empty batch runs one dummy row (FSDP's forwards are collective) and returns none."""
+    rows = batch or [([0, 0], 1)]
+    width = max(len(ids) for ids, _ in rows) - 1
+    tokens = torch.zeros((len(rows), width + 1), dtype=torch.long)
+    for i, (ids, _) in enumerate(rows):
+        tokens[i, :len(ids)] = torch.tensor(ids)
+    tokens = tokens.to(device)
+    logits, _ = model(tokens[:, :-1])
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    out = torch.zeros((len(batch), 2), dtype=torch.float64, device=device)
+    for i, (ids, n) in enumerate(batch):
+        span = slice(len(ids) - 1 - n, len(ids) - 1)
+        target = tokens[i, span.start + 1:span.stop + 1]
+        out[i, 0] = logprobs[i, span].gather(1, target[:, None]).sum()
+        out[i, 1] = float(bool((logprobs[i, span].argmax(-1) == target).all()))
+    return out
+
+
+@torch.no_grad()
+def score_requests(model, requests: list[tuple[list[int], int]], *, micro_batch: int, device: torch.device,
+                   rank: int = 0, world: int = 1) -> np.ndarray:
+    """(requests, 2): every request's continuation log-probability and greedy flag, on every rank. Collective
+    when world > 1."""
+    out = torch.zeros((len(requests), 2), dtype=torch.float64, device=device)
+    for chosen in request_batches(requests, micro_batch=micro_batch, rank=rank, world=world):
+        scores = continuation_logprobs(model, [requests[i] for i in chosen], device)
+        out[torch.from_numpy(chosen).to(device)] = scores
+    if world > 1:
+        dist.all_reduce(out)  # each request was scored on exactly one rank
+    return out.cpu().numpy()
+
+
+def accuracy(items: list[Item], loglikelihoods: np.ndarray) -> dict:
+    """acc, acc_norm (log-likelihood per character of the choice) and which items each got right."""
+    correct, correct_norm, at = [], [], 0
+    for item in items:
+        ll = loglikelihoods[at:at + len(item.choices)]
+        at += len(item.choices)
+        chars = np.array([len(c) for c in item.choices], dtype=np.float64)
+        correct.append(int(np.argmax(ll)) == item.gold)
+        correct_norm.append(int(np.argmax(ll / chars)) == item.gold)
+    return {"acc": float(np.mean(correct)), "acc_norm": float(np.mean(correct_norm)), "items": len(items),
+            "correct": correct}
+
+
+def score_task(model, task: Task, *, micro_batch: int, device: torch.device, rank: int = 0, world: int = 1) -> dict:
+    scores = score_requests(model, task.requests, micro_batch=micro_batch, device=device, rank=rank, world=world)
+    return accuracy(task.items, scores[:, 0])
