@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import torch
 
 from dataprep import open_dataset
 from dataprep.tokenizer import load_tokenizer, train_tokenizer
-from helpers import TINY, metrics, run_captured, write_packed_dataset
+from helpers import TINY, driver_env, metrics, run_captured, write_packed_dataset
 from raylm.errors import DataError
 from trainer.heldout import held_out, loss_sums, report
 from trainer.model import ModelConfig, Transformer
@@ -170,15 +172,15 @@ def test_eval_gives_the_same_figures_on_one_and_two_workers(trained, local_ray, 
     code, _, err = run_captured(dataprep, ["--input", tmp_path / "facts", tmp_path / "words", "--output", held,
                                            "--tokenizer", run, "--val-fraction", "1", "--seq-len", "16"])
     assert code == 0, err
-    results = {}
-    for workers in (1, 2):
-        out = tmp_path / f"w{workers}.json"
-        launch = ["--no-ray"] if workers == 1 else ["--ray.num_workers=2"]
-        code, stdout, err = run_captured(evaluate, [*launch, "--checkpoint", run, "--data.path", held, "--tasks", task,
-                                                    "--run.micro_batch=3", "--out", out])
-        assert code == 0, err
-        assert "bits/byte" in stdout and "likes" in stdout
-        results[workers] = json.loads(out.read_text())
+    args = ["--checkpoint", run, "--data.path", held, "--tasks", task, "--run.micro_batch=3", "--out"]
+    code, _, err = run_captured(evaluate, ["--no-ray", *args, tmp_path / "w1.json"])
+    assert code == 0, err
+    proc = subprocess.run([sys.executable, "-m", "trainer.eval", "--ray.num_workers=2", *map(str, args),
+                           tmp_path / "w2.json"], capture_output=True, text=True, timeout=600,
+                          env=driver_env(local_ray.get_runtime_context().gcs_address))  # as a user runs it
+    assert proc.returncode == 0, proc.stderr
+    assert "bits/byte" in proc.stdout and "likes" in proc.stdout and "held " in proc.stdout
+    results = {w: json.loads((tmp_path / f"w{w}.json").read_text()) for w in (1, 2)}
     one, two = results[1], results[2]
     assert (one["workers"], two["workers"]) == (1, 2)
     assert set(one["datasets"]["held"]["by_source"]) == {"facts", "words"}
@@ -186,3 +188,24 @@ def test_eval_gives_the_same_figures_on_one_and_two_workers(trained, local_ray, 
     flat = lambda f: [f["loss"], f["bpb"], f["tokens"], f["bytes"]] + [  # noqa: E731
         v for s in sorted(f["by_source"]) for v in (f["by_source"][s]["loss"], f["by_source"][s]["bpb"])]
     assert np.allclose(flat(one["datasets"]["held"]), flat(two["datasets"]["held"]), rtol=1e-9, atol=0)
+
+
+def test_a_dataset_of_another_tokenizer_or_a_broken_task_is_refused_before_any_work(trained, tmp_path):
+    from trainer.__main__ import main as train
+    from trainer.eval import main as evaluate
+
+    run, task, _, data = trained
+    other = load_tokenizer(train_tokenizer([f"{w} {w}" for w in WORDS * 30], vocab_size=300, num_threads=1))
+    foreign = write_packed_dataset(tmp_path / "foreign", other, {"val": {"x": [" ".join(WORDS)] * 20}}, seq_len=16)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"query": "q", "choices": ["a", "b"], "gold": 5}\n')
+    for main, argv in ((evaluate, ["--no-ray", "--checkpoint", run, "--data.path", foreign]),
+                       (train, ["--no-ray", *TINY, "--data.path", data, "--run.dir", tmp_path / "r",
+                                f"--eval.datasets={foreign}"])):
+        code, _, err = run_captured(main, argv)
+        assert code == 2 and err.count("\n") == 1 and "was tokenized with another tokenizer" in err, err
+    code, _, err = run_captured(evaluate, ["--no-ray", "--checkpoint", run, "--tasks", broken])
+    assert code == 2 and "broken.jsonl:1: \"gold\" must be the index" in err, err
+    code, _, err = run_captured(evaluate, ["--no-ray", "--data.path", data])
+    assert code == 2 and "--checkpoint is required" in err, err
+    assert not (tmp_path / "r").exists(), "refused before the run directory was made"

@@ -1,4 +1,5 @@
-"""Ray Train: the same training loop in a TorchTrainer, one worker per process (GPU or CPU), metrics to Ray.
+"""Ray Train: the same training loop in a TorchTrainer, one worker per process (GPU or CPU), metrics to Ray; and
+`python -m trainer.eval`'s scoring the same way (`launch_eval`).
 
 Every worker reports at each log step (`ray.train.report`), so the run's metrics show in the Ray dashboard's
 Train view. RUN_DIR itself is Ray's run directory (storage_path = its parent, name = its last component), so the
@@ -12,6 +13,7 @@ import json
 import logging
 import posixpath
 import sys
+from typing import TYPE_CHECKING
 
 from raylm import storage
 from raylm.errors import RaylmError
@@ -22,6 +24,9 @@ from raylm.ray_session import check_local_paths
 from trainer.job import JobConfig, paths
 from trainer.lease import held
 from trainer.preemption import Preempted
+
+if TYPE_CHECKING:
+    from trainer.eval_job import EvalJob
 
 log = logging.getLogger(__name__)
 
@@ -184,4 +189,44 @@ def fit(job: JobConfig, *, lease: str, driver_node: str, callbacks: list | None)
             raise WorkerLost(f"a worker died or was preempted ({death}) and the run's restarts are spent "
                              f"(ray.max_failures={job.ray.max_failures}); run the same command again to continue "
                              "from the newest committed checkpoint") from exc
+        raise
+
+
+def eval_worker(config: dict) -> dict:
+    """Runs on each Ray Train worker; rank 0's return value becomes `Result.return_value`."""
+    from trainer.eval_job import EvalJob, evaluate, job_paths
+
+    quiet_user_error_tracebacks()
+    job = from_dict(EvalJob, config["job"])
+    check_local_paths(job_paths(job), shared_fs=job.storage.shared_fs, where=config["driver_node"])
+    return evaluate(job)
+
+
+def launch_eval(job: EvalJob) -> dict:
+    """The evaluation under Ray Train on job.ray.num_workers workers; a worker's user error is raised as itself."""
+    import ray
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainer.eval_job import job_paths
+
+    init_ray()
+    check_local_paths(job_paths(job), shared_fs=job.storage.shared_fs)
+    resources = {"CPU": job.ray.cpus_per_worker, **({"GPU": 1} if job.ray.use_gpu else {})}
+    trainer = TorchTrainer(
+        eval_worker,
+        train_loop_config={"job": to_dict(job), "driver_node": ray.get_runtime_context().get_node_id()},
+        scaling_config=ScalingConfig(num_workers=job.ray.num_workers, use_gpu=job.ray.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=f"raylm-eval-{ray.get_runtime_context().get_job_id()}",
+                             logging_config=LoggingConfig(log_level="WARNING"),
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+        torch_config=TorchConfig(backend="nccl" if job.ray.use_gpu else "gloo"),
+    )
+    try:
+        return trainer.fit().return_value
+    except Exception as exc:  # noqa: BLE001 - a worker's user error is re-raised as itself
+        user_error = user_error_of(exc)
+        if user_error is not None:
+            raise user_error from exc
         raise

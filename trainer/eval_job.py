@@ -1,0 +1,127 @@
+"""The job `python -m trainer.eval` runs: its config, and what every rank does (load the checkpoint sharded,
+score the held-out datasets and tasks). Ray Train (trainer.ray_launch.launch_eval), torchrun and a single process
+run this same code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from raylm import storage
+from raylm.errors import ConfigError, DataError
+from raylm.storage import StorageConfig
+from trainer.evaluation import EvalConfig, open_evaluation
+from trainer.job import eval_paths
+from trainer.model import ModelConfig
+from trainer.parallelize import ParallelConfig
+
+
+@dataclass(kw_only=True)
+class EvalRunConfig:
+    checkpoint: str = ""
+    """The model: a run directory (its newest committed checkpoint), a step-NNNNNN directory or a Hugging Face
+    folder (local or s3://)."""
+    out: str = ""
+    """Also write the results as JSON here (local or s3://; '' = print only)."""
+    micro_batch: int = 8
+    """Most rows (or choices) per forward on one worker."""
+    mixed_precision: str = "fp32"
+    """'bf16' (the GPU setting) or 'fp32'."""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cuda' or 'cpu'."""
+
+    def __post_init__(self):
+        if self.micro_batch < 1:
+            raise ConfigError(f"run.micro_batch must be >= 1, got {self.micro_batch}")
+        ParallelConfig(mixed_precision=self.mixed_precision)  # the same check as training's
+
+
+@dataclass(kw_only=True)
+class WorkersConfig:
+    num_workers: int = 1
+    """Workers (one process each; one GPU each with use_gpu), the model sharded over them."""
+    use_gpu: bool = False
+    """Evaluate on GPUs with NCCL (the GPU switch); CPU workers use gloo."""
+    cpus_per_worker: float = 1.0
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ConfigError(f"ray.num_workers must be >= 1, got {self.num_workers}")
+
+
+@dataclass(kw_only=True)
+class EvalJob:
+    run: EvalRunConfig = field(default_factory=EvalRunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: WorkersConfig = field(default_factory=WorkersConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+@dataclass
+class Checkpoint:
+    """A model to evaluate: its config, where its weights are and its tokenizer's files."""
+
+    cfg: ModelConfig
+    path: str
+    hf: bool
+    tokenizer: dict[str, bytes]
+
+
+def find_checkpoint(path: str) -> Checkpoint:
+    """The checkpoint at `path`: a raylm run or step directory, or a Hugging Face folder (config.json)."""
+    from trainer import checkpoint
+    from trainer.weights import tokenizer_files_in
+
+    if checkpoint.is_checkpoint_path(path):
+        step = checkpoint.resolve(path)
+        cfg = ModelConfig(**checkpoint.read_train_state(step)["model"])
+        found = Checkpoint(cfg, step, False, tokenizer_files_in(checkpoint.run_dir_of(step)))
+    elif storage.exists(storage.join(path, "config.json")):
+        from trainer.hf import model_config_from_hf, read_config
+
+        found = Checkpoint(model_config_from_hf(read_config(path), path, rest=ModelConfig()), path, True,
+                           tokenizer_files_in(path))
+    else:
+        raise DataError(f"--checkpoint {path} is neither a raylm run or step directory nor a Hugging Face folder "
+                        "(config.json)")
+    if found.tokenizer is None:
+        raise DataError(f"--checkpoint {path} carries no tokenizer; its datasets cannot be checked against it")
+    return found
+
+
+def load_sharded(found: Checkpoint, d, parallel: ParallelConfig) -> nn.Module:
+    """The model sharded over the ranks, each rank reading only its shards of the weights."""
+    from trainer import checkpoint
+    from trainer.train import shard_on_meta
+
+    model = shard_on_meta(found.cfg, d, parallel)
+    model.to_empty(device=d.device)
+    if found.hf:
+        from trainer.hf_shards import load_hf_weights
+
+        load_hf_weights(model, found.path)
+    else:
+        checkpoint.load(found.path, model, None)
+    model.init_buffers()
+    return model.eval()
+
+
+def evaluate(job: EvalJob) -> dict:
+    """Every rank: load, score, and return {"checkpoint", "datasets", "tasks"}."""
+    from dataprep.tokenizer import load_tokenizer
+    from trainer.train import init_distributed
+
+    d = init_distributed(job.run.device)
+    found = find_checkpoint(job.run.checkpoint)
+    model = load_sharded(found, d, ParallelConfig(mixed_precision=job.run.mixed_precision))
+    evaluation = open_evaluation(job.eval, tokenizer=load_tokenizer(found.tokenizer, where=job.run.checkpoint),
+                                 max_len=found.cfg.max_seq_len, micro_batch=job.run.micro_batch, rank=d.rank,
+                                 world=d.world)
+    return {"checkpoint": found.path, "workers": d.world, **evaluation.run(model, d.device)}
+
+
+def job_paths(job: EvalJob) -> dict[str, str]:
+    return {"--checkpoint": job.run.checkpoint, "--out": job.run.out, **eval_paths(job.eval)}
+
+
