@@ -29,7 +29,8 @@ from trainer.data import BatchPlan, StepLoader
 from trainer.metrics import measure_matmul_flops
 from trainer.model import ModelConfig, Transformer
 from trainer.optim import OptimConfig, build_optimizer
-from trainer.train import free_port, lm_loss
+from trainer.loss import lm_loss
+from trainer.train import free_port
 
 DATASET = "data/bench-stdlib-512"
 MODEL = {"dim": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 4, "ffn_hidden": 1408}

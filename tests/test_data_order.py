@@ -9,7 +9,7 @@ import torch
 from dataprep.dataset import Split
 from raylm.errors import ConfigError
 from dataprep.shards import ShardWriter
-from trainer.data import BatchPlan, EpochOrder, Permutation, StepLoader, micro_batches, val_micro_batches
+from trainer.data import BatchPlan, EpochOrder, Permutation, StepLoader, micro_batches, rank_micro_batches, rows_per_source, val_rows
 
 
 @pytest.fixture
@@ -89,19 +89,25 @@ def test_more_workers_than_the_batch_is_refused_with_the_fields():
 
 
 def test_validation_slice_is_spread_over_the_split_and_batched_the_same_on_any_world_size(split):
-    whole = np.concatenate(val_micro_batches(len(split), rows=12, seed=0, micro_batch=4, rank=0, world=1))
+    whole = val_rows(len(split), rows=12, seed=0)
     assert len(whole) == 12 and whole.tolist() != list(range(12)), "not the first rows of val/"
     assert whole.max() >= 20, "rows from the second shard too"
+    alone = {micro: rank_micro_batches(whole, micro_batch=micro, rank=0, world=1) for micro in (1, 2, 3, 4)}
     for world, micro in ((2, 3), (5, 2), (12, 1), (16, 4)):  # 16 > 12: some ranks hold no rows
-        parts = [val_micro_batches(len(split), rows=12, seed=0, micro_batch=micro, rank=r, world=world)
-                 for r in range(world)]
+        parts = [rank_micro_batches(whole, micro_batch=micro, rank=r, world=world) for r in range(world)]
         assert len({len(p) for p in parts}) == 1, "every rank must run the same number of forward passes"
         batches = [b for p in parts for b in p if len(b)]
-        alone = val_micro_batches(len(split), rows=12, seed=0, micro_batch=micro, rank=0, world=1)
-        assert sorted(map(tuple, batches)) == sorted(map(tuple, alone)), "a row's batch depends on W"
-        assert sorted(np.concatenate(batches)) == sorted(whole)
-    other = np.concatenate(val_micro_batches(len(split), rows=12, seed=1, micro_batch=4, rank=0, world=1))
-    assert not np.array_equal(whole, other)
+        assert sorted(map(tuple, batches)) == sorted(map(tuple, alone[micro])), "a row's batch depends on W"
+    assert not np.array_equal(whole, val_rows(len(split), rows=12, seed=1))
+
+
+def test_held_out_rows_are_sampled_per_source():
+    sources = np.array([0] * 90 + [1] * 8 + [2] * 30)
+    chosen = rows_per_source(sources, rows=10, seed=0)
+    assert np.bincount(sources[chosen]).tolist() == [10, 8, 10], "a small source is measured on as many rows"
+    assert np.array_equal(chosen, np.sort(chosen)) and len(set(chosen)) == len(chosen)
+    assert np.array_equal(rows_per_source(sources, rows=0, seed=0), np.arange(128))
+    assert not np.array_equal(chosen, rows_per_source(sources, rows=10, seed=1))
 
 
 def test_split_reads_rows_with_ranged_reads_and_bounded_open_shards(split, tmp_path):

@@ -65,7 +65,8 @@ def test_each_token_counts_the_bytes_it_stands_for(tokenizer, tmp_path):
     from helpers import hf_tokenizer_dir
     from dataprep.tokenizer import read_tokenizer_files
 
-    texts = ["def f(x):\n\treturn x ** 2  # naïve café 数字 ▁ \U0001F600", "  spaces   and\n\nnewlines", "<|end|> x"]
+    texts = ["def f(x):\n\treturn x ** 2  # naïve café 数字 ▁ \U0001F600", "  spaces   and\n\nnewlines",
+             "<|end|> x"]
     hf = load_tokenizer(read_tokenizer_files(hf_tokenizer_dir(tmp_path / "hf", texts * 20)))
     for tok in (tokenizer, hf):
         for text in texts:
@@ -73,7 +74,7 @@ def test_each_token_counts_the_bytes_it_stands_for(tokenizer, tmp_path):
         assert tok.token_bytes[tok.eos_id] == 0
 
 
-def test_a_task_line_that_is_wrong_is_named_with_its_field(tmp_path):
+def test_a_task_line_that_is_wrong_is_named_with_its_field(tokenizer, tmp_path):
     task = tmp_path / "t.jsonl"
     good = {"query": "q", "choices": ["a", "b"], "gold": 1}
     for bad, message in (({**good, "gold": 2}, r"t.jsonl:2: \"gold\" must be the index"),
@@ -85,6 +86,11 @@ def test_a_task_line_that_is_wrong_is_named_with_its_field(tmp_path):
     task.write_text(json.dumps(good) + "\n{oops\n")
     with pytest.raises(DataError, match="t.jsonl:2: not a JSON object"):
         read_items(str(task))
+    task.write_text(json.dumps(good) + "\n" + json.dumps({**good, "choices": ["a", "b " * 40]}) + "\n")
+    with pytest.raises(DataError, match="t.jsonl:2: a continuation of .* does not fit the model's 16-token context"):
+        load_task(str(task), tokenizer, max_len=16)
+    with pytest.raises(DataError, match="is a directory; pass a readable .jsonl file"):
+        read_items(str(tmp_path))
 
 
 def memory_task(root, *, items: int = 26, choices: int = 4) -> tuple[str, list[str]]:
@@ -118,8 +124,9 @@ def trained(tokenizer, tmp_path_factory):
                                 seq_len=32)
     run = root / "run"
     code, _, err = run_captured(main, ["--no-ray", *TINY, "--data.path", data, "--run.dir", run, "--train.steps=150",
-                                       "--train.eval_every=75", "--optim.lr=1e-2", "--train.micro_batch=8", "--eval.tasks", task,
-                                       "--eval.datasets", held, "--eval.rows=0", "--checkpoint.every=0"])
+                                       "--train.eval_every=75", "--optim.lr=1e-2", "--train.micro_batch=8",
+                                       "--eval.tasks", task, "--eval.datasets", held, "--eval.rows=0",
+                                       "--checkpoint.every=0"])
     assert code == 0, err
     return str(run), task, held, data
 

@@ -16,7 +16,8 @@ from dataprep.shards import ExamplePacker
 from dataprep.sources import BadRecord, Record
 from dataprep.tokenizer import CHAT_MARKERS, RAYLM_CHAT_NAME, load_tokenizer, read_tokenizer_files, train_tokenizer
 from trainer.model import ModelConfig, Transformer
-from trainer.train import count_loss_tokens, lm_loss, loss_tokens, masked_loss_sum, unpack
+from trainer.loss import count_loss_tokens, lm_loss, masked_loss_sum, unpack
+from trainer.train import loss_tokens
 
 
 @pytest.fixture(scope="module")

@@ -141,6 +141,10 @@ def test_model_args_and_generation_settings_it_cannot_honour_are_refused(checkpo
         harness.RaylmLM.create_from_arg_obj({"checkpont": checkpoint}, cli_defaults)
     with pytest.raises(ConfigError, match="has no 'auto'"):
         harness.RaylmLM.create_from_arg_obj({"checkpoint": checkpoint}, {**cli_defaults, "batch_size": "auto"})
+    with pytest.raises(ConfigError, match="dtype='float16' for raylm: it takes float32 or bfloat16"):
+        harness.RaylmLM.create_from_arg_obj({"checkpoint": checkpoint, "dtype": "float16"}, cli_defaults)
+    bf16 = harness.RaylmLM.create_from_arg_obj({"checkpoint": checkpoint, "dtype": "bfloat16"}, cli_defaults)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="num_beams"):
         lm.generate_until([Instance("generate_until", {}, ("alpha", {"until": [], "num_beams": 4}), 0)])
 

@@ -191,18 +191,27 @@ class StepLoader:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def val_rows(n_rows: int, *, rows: int, seed: int) -> np.ndarray:
+def val_rows(n_rows: int, *, rows: int, seed: int, key: tuple[int, ...] = ()) -> np.ndarray:
     """The validation slice: `rows` row indices drawn without replacement from the whole val split by a seeded
     permutation (so every source is represented, not the alphabetically first), sorted for read locality."""
     count = min(rows, n_rows)
-    return np.sort(Permutation(n_rows, [seed, VAL_STREAM])(np.arange(count))) if count else np.zeros(0, np.int64)
+    return np.sort(Permutation(n_rows, [seed, VAL_STREAM, *key])(np.arange(count))) if count else np.zeros(0, np.int64)
 
 
-def val_micro_batches(n_rows: int, *, rows: int, seed: int, micro_batch: int, rank: int, world: int) -> list[np.ndarray]:
-    """Row indices of this rank's micro-batches of the validation slice. The slice is cut into micro-batches once,
-    the same on any W, and rank r takes micro-batches r, r + W, …: a row is scored in the same batch on any world
-    size. Every rank gets as many micro-batches (the last may be empty), as FSDP's collective forwards require."""
-    chosen = val_rows(n_rows, rows=rows, seed=seed)
+def rows_per_source(sources: np.ndarray, *, rows: int, seed: int) -> np.ndarray:
+    """`rows` seeded rows of each source (all of a source's rows when rows is 0 or it has fewer), sorted: a small
+    source is measured on as many rows as a big one."""
+    picked = []
+    for source in np.unique(sources):
+        mine = np.flatnonzero(sources == source)
+        picked.append(mine[val_rows(len(mine), rows=rows or len(mine), seed=seed, key=(int(source),))])
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
+def rank_micro_batches(chosen: np.ndarray, *, micro_batch: int, rank: int, world: int) -> list[np.ndarray]:
+    """This rank's micro-batches of the rows `chosen`. They are cut into micro-batches once, the same on any W, and
+    rank r takes micro-batches r, r + W, …: a row is scored in the same batch on any world size. Every rank gets as
+    many micro-batches (the last may be empty), as FSDP's collective forwards require."""
     batches = [chosen[i:i + micro_batch] for i in range(0, len(chosen), micro_batch)]
     mine = batches[rank::world]
     return mine + [np.zeros(0, np.int64)] * (-(-len(batches) // world) - len(mine))

@@ -22,8 +22,7 @@ from raylm import storage
 from raylm.cli import configure_logging, expand_short_options, parse_job_args, run_cli, short_help
 from raylm.errors import ConfigError
 from trainer.eval_job import EvalJob, evaluate, find_checkpoint, job_paths
-from trainer.evaluation import check_evaluation
-from trainer.job import make_eval_paths_absolute
+from trainer.evaluation import check_evaluation, make_eval_paths_absolute
 
 FLAGS = {"--no-ray": "run in this process (or under torchrun) instead of Ray Train"}
 SHORT = {"--checkpoint": "run.checkpoint", "--data.path": "eval.datasets", "--tasks": "eval.tasks",
@@ -41,13 +40,14 @@ def check_before_launch(job: EvalJob) -> None:
     for path in job_paths(job).values():
         storage.check_bucket(path)
     found = find_checkpoint(job.run.checkpoint)
+    job.run.checkpoint = found.path  # the step found now, not a newer one committed while the workers start
     check_evaluation(job.eval, tokenizer=load_tokenizer(found.tokenizer, where=job.run.checkpoint),
                      max_len=found.cfg.max_seq_len)
 
 
 def parse_args(argv: list[str]) -> tuple[EvalJob, set[str]]:
-    argv, lists = expand_short_options(argv, SHORT, lists=("eval.datasets", "eval.tasks"), prog="python -m trainer.eval",
-                                       flags=FLAGS)
+    argv, lists = expand_short_options(argv, SHORT, lists=("eval.datasets", "eval.tasks"),
+                                       prog="python -m trainer.eval", flags=FLAGS)
     description = f"{__doc__}\nShort options:\n{short_help(SHORT)}"
     job, flags = parse_job_args(argv, prog="python -m trainer.eval", description=description, flags=FLAGS,
                                 root=EvalJob)

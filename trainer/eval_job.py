@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from raylm import storage
-from raylm.errors import ConfigError, DataError
+from raylm.errors import ConfigError, DataError, RaylmError
 from raylm.storage import StorageConfig
-from trainer.evaluation import EvalConfig, open_evaluation
-from trainer.job import eval_paths
+from trainer.evaluation import EvalConfig, eval_paths, open_evaluation
 from trainer.model import ModelConfig
 from trainer.parallelize import ParallelConfig
 
@@ -25,7 +25,8 @@ class EvalRunConfig:
     out: str = ""
     """Also write the results as JSON here (local or s3://; '' = print only)."""
     micro_batch: int = 8
-    """Most rows (or choices) per forward on one worker."""
+    """Most rows (or choices) per forward on one worker; its logits (micro_batch × seq_len × vocab) must fit beside
+    the model's shard: lower it for long rows and large vocabularies."""
     mixed_precision: str = "fp32"
     """'bf16' (the GPU setting) or 'fp32'."""
     device: str = "auto"
@@ -107,13 +108,29 @@ def load_sharded(found: Checkpoint, d, parallel: ParallelConfig) -> nn.Module:
     return model.eval()
 
 
+def checkpoint_of_rank0(path: str, rank: int) -> Checkpoint:
+    """Rank 0's finding, on every rank: a live run may commit a newer step between two ranks' looks, and ranks
+    loading different steps into one sharded model would score neither. Rank 0's user error is raised on every rank
+    (the others would otherwise wait forever)."""
+    found: list = [None]
+    if rank == 0:
+        try:
+            found = [find_checkpoint(path)]
+        except RaylmError as exc:
+            found = [exc]
+    torch.distributed.broadcast_object_list(found, src=0)
+    if isinstance(found[0], RaylmError):
+        raise found[0]
+    return found[0]
+
+
 def evaluate(job: EvalJob) -> dict:
     """Every rank: load, score, and return {"checkpoint", "datasets", "tasks"}."""
     from dataprep.tokenizer import load_tokenizer
     from trainer.train import init_distributed
 
     d = init_distributed(job.run.device)
-    found = find_checkpoint(job.run.checkpoint)
+    found = checkpoint_of_rank0(job.run.checkpoint, d.rank)
     model = load_sharded(found, d, ParallelConfig(mixed_precision=job.run.mixed_precision))
     evaluation = open_evaluation(job.eval, tokenizer=load_tokenizer(found.tokenizer, where=job.run.checkpoint),
                                  max_len=found.cfg.max_seq_len, micro_batch=job.run.micro_batch, rank=d.rank,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dataprep import open_dataset
+from raylm import storage
 from raylm.errors import ConfigError, DataError
 from trainer.heldout import flat_metrics, held_out, loss_sums, report
 from trainer.multiple_choice import load_task, score_task, task_name
@@ -27,7 +28,8 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=list)
     """Multiple-choice tasks (local or s3://): .jsonl lines {"query": str, "choices": [str, ...], "gold": int}."""
     rows: int = 256
-    """Rows scored per held-out dataset: a seeded sample of its val split, the same on any W (0 = all)."""
+    """Rows scored of each source of each held-out dataset: a seeded sample of its val split, the same on any W
+    (0 = all; in the training loop the rows are then kept in memory)."""
     task_items: int = 0
     """Items scored per task: a seeded sample, the same on any W (0 = all)."""
     seed: int = 0
@@ -39,6 +41,19 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
         check_unique([dataset_name(p) for p in self.datasets], "eval.datasets")
         check_unique([task_name(p) for p in self.tasks], "eval.tasks")
+
+
+def eval_paths(cfg: EvalConfig) -> dict[str, str]:
+    """`--eval.datasets` (`--eval.datasets[i]` when there are several) and the same for tasks."""
+    def label(option: str, values: list[str]) -> dict[str, str]:
+        return {option if len(values) == 1 else f"{option}[{i}]": v for i, v in enumerate(values)}
+
+    return {**label("--eval.datasets", cfg.datasets), **label("--eval.tasks", cfg.tasks)}
+
+
+def make_eval_paths_absolute(cfg: EvalConfig) -> None:
+    cfg.datasets = [storage.absolute(p) for p in cfg.datasets]
+    cfg.tasks = [storage.absolute(p) for p in cfg.tasks]
 
 
 def dataset_name(path: str) -> str:
@@ -94,8 +109,9 @@ def open_evaluation(cfg: EvalConfig, *, tokenizer, max_len: int, micro_batch: in
                     world: int = 1, keep: bool = False) -> Evaluation:
     """The configured sets and tasks for this rank (`keep`: hold the held-out rows in memory, for repeated use)."""
     sets = [held_out(open_held_out(path, tokenizer_sha256=tokenizer.sha256, max_len=max_len),
-                     name=dataset_name(path), token_bytes=tokenizer.token_bytes, rows=cfg.rows, seed=cfg.seed, micro_batch=micro_batch, rank=rank,
-                     world=world, keep=keep) for path in cfg.datasets]
+                     name=dataset_name(path), token_bytes=tokenizer.token_bytes, rows=cfg.rows, seed=cfg.seed,
+                     micro_batch=micro_batch, rank=rank, world=world, per_source=True, keep=keep)
+            for path in cfg.datasets]
     tasks = [load_task(path, tokenizer, max_len=max_len, limit=cfg.task_items, seed=cfg.seed) for path in cfg.tasks]
     return Evaluation(sets, tasks, micro_batch, rank, world)
 

@@ -8,7 +8,8 @@ lm-eval equals raylm's scorer's on the same model, item by item.
 
 --model_args: checkpoint (a run or step directory, a Hugging Face folder or raylm .pt weights), tokenizer (a path
 replacing the checkpoint's), batch_size (default: lm-eval's --batch_size), device (default: lm-eval's --device,
-else CUDA when present). Sampled generations draw from torch's global generator, which lm-eval's --seed sets.
+else CUDA when present), dtype (float32, or bfloat16 for a big model on a GPU). Sampled generations draw from
+torch's global generator, which lm-eval's --seed sets.
 
 lm-eval is an optional extra: pip install 'raylm[eval]'.
 """
@@ -22,6 +23,7 @@ import torch
 
 from raylm.cli import run_cli
 from raylm.errors import ConfigError
+from trainer.export import DTYPES
 from trainer.generate import load_with_tokenizer
 from trainer.model import generate
 from trainer.multiple_choice import encode_pair, score_requests
@@ -34,7 +36,7 @@ except ModuleNotFoundError as exc:
     LM = object  # lm-eval is an optional extra: the module still imports, and main() says how to install it
 
 MISSING = "lm-evaluation-harness is not installed; pip install 'raylm[eval]'"
-MODEL_ARGS = ("checkpoint", "tokenizer", "batch_size", "device")
+MODEL_ARGS = ("checkpoint", "tokenizer", "batch_size", "device", "dtype")
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
 """The generation settings the adapter honours; a task asking for any other is refused, not half-obeyed."""
 MAX_GEN_TOKS = 256
@@ -46,13 +48,15 @@ class RaylmLM(LM):
     """lm-eval's model `raylm`: a raylm checkpoint, scored and sampled by raylm's own functions on one device."""
 
     def __init__(self, checkpoint: str, tokenizer: str | None = None, batch_size: int | str = 1,
-                 device: str | None = None):
+                 device: str | None = None, dtype: str = "float32"):
         super().__init__()
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype={dtype!r} for raylm: it takes {' or '.join(DTYPES)}")
         weights, self.tokenizer = load_with_tokenizer(checkpoint, tokenizer)
         self.max_len = weights.cfg.max_seq_len
         self.batch_size = micro_batch(batch_size)
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = weights.model().to(self._device)
+        self.model = weights.model().to(self._device, DTYPES[dtype])
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> RaylmLM:

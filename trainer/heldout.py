@@ -1,14 +1,15 @@
 """Held-out loss, perplexity and bits per byte of a dataset's val split, per source when the dataset records
 sources: a collective over ranks that gives the same figures on any world size.
 
-A row's loss is computed in the same micro-batch on any W (`trainer.data.val_micro_batches`), so only the order of
-a float64 sum differs. Bits per byte = total NLL / (ln 2 × UTF-8 bytes of the targets scored), each token counting the bytes of
-text it stands for (`Tokenizer.token_bytes`; 0 for EOS), so models with different tokenizers compare.
+A row's loss is computed in the same micro-batch on any W (`trainer.data.rank_micro_batches`), so only the order of
+a float64 sum differs. Bits per byte = total NLL / (ln 2 × UTF-8 bytes of the targets scored), each token counting
+the bytes of text it stands for (`Tokenizer.token_bytes`; 0 for EOS), so models with different tokenizers compare.
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.data import val_micro_batches
+from trainer.data import rank_micro_batches, rows_per_source, val_rows
+from trainer.loss import forward_rows
 
 
 @dataclass
@@ -37,48 +39,67 @@ class HeldOut:
     again (in the training loop)."""
 
     def rows(self):
-        """(rows, their source ids) of each micro-batch, read as needed (and kept when caching)."""
-        for i, chosen in enumerate(self.batches):
-            if self.cache is not None and i < len(self.cache):
-                data = self.cache[i]
-            else:
-                data = self.split.rows(chosen) if len(chosen) else np.zeros((0, *self.split.shape), np.int64)
+        """(rows, their source ids) of each micro-batch; the next micro-batch is read while this one is scored (and
+        every one kept when caching)."""
+        if self.cache is not None and len(self.cache) == len(self.batches):
+            reads = iter(self.cache)
+        else:
+            if self.cache is not None:
+                self.cache.clear()  # a pass cut short by an error left part of it
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-heldout")
+            ahead = [pool.submit(self._read, chosen) for chosen in self.batches[:1]]
+            reads = self._read_ahead(pool, ahead)
+        for chosen, data in zip(self.batches, reads):
+            yield torch.from_numpy(data.astype(np.int64)), torch.from_numpy(self.sources[chosen].astype(np.int64))
+
+    def _read_ahead(self, pool: ThreadPoolExecutor, ahead: list):
+        try:
+            for i in range(len(self.batches)):
+                data = ahead.pop(0).result()
+                if i + 1 < len(self.batches):
+                    ahead.append(pool.submit(self._read, self.batches[i + 1]))
                 if self.cache is not None:
                     self.cache.append(data)
-            yield torch.from_numpy(data.astype(np.int64)), torch.from_numpy(self.sources[chosen].astype(np.int64))
+                yield data
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _read(self, chosen: np.ndarray) -> np.ndarray:
+        return self.split.rows(chosen) if len(chosen) else np.zeros((0, *self.split.shape), np.int64)
 
 
 def held_out(dataset, *, name: str, token_bytes: np.ndarray, rows: int, seed: int, micro_batch: int, rank: int,
-             world: int, keep: bool = False) -> HeldOut:
-    """This rank's part of `rows` seeded rows of the dataset's val split (all of them when rows is 0);
-    `token_bytes`: its tokenizer's (`Tokenizer.token_bytes`)."""
+             world: int, per_source: bool = False, keep: bool = False) -> HeldOut:
+    """This rank's part of a seeded sample of the dataset's val split: `rows` rows of it, or with `per_source`
+    `rows` of each source (0: all rows). `token_bytes`: its tokenizer's (`Tokenizer.token_bytes`)."""
     split = dataset.val
-    mine = val_micro_batches(len(split), rows=rows or len(split), seed=seed, micro_batch=micro_batch, rank=rank,
-                             world=world)
     sources = split.row_sources()
-    names = dataset.source_names or [name]
-    return HeldOut(name, split, mine, np.zeros(len(split), np.int32) if sources is None else sources, names,
-                   torch.from_numpy(token_bytes), [] if keep else None)
+    sources = np.zeros(len(split), np.int32) if sources is None else sources
+    chosen = rows_per_source(sources, rows=rows, seed=seed) if per_source else \
+        val_rows(len(split), rows=rows or len(split), seed=seed)
+    return HeldOut(name, split, rank_micro_batches(chosen, micro_batch=micro_batch, rank=rank, world=world), sources,
+                   dataset.source_names or [name], torch.from_numpy(token_bytes), [] if keep else None)
 
 
 def row_losses(model, rows: torch.Tensor, token_bytes: torch.Tensor) -> torch.Tensor:
     """(rows, 3): each row's summed NLL, targets scored and their UTF-8 bytes. Chat rows score only the targets that
-    carry loss (trainer.train.unpack)."""
-    from trainer.train import forward_rows
-
+    carry loss (trainer.loss.unpack). The fp32 cross-entropy goes a row at a time: a batch's (B, T, vocab) fp32
+    copy would not fit beside a large vocabulary."""
     logits, targets, weights, _ = forward_rows(model, rows)
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
-    weights = torch.ones_like(losses) if weights is None else weights
-    nbytes = token_bytes.to(targets.device)[targets].float()
-    return torch.stack([(losses * weights).sum(1), weights.sum(1), (nbytes * weights).sum(1)], 1).double()
+    weights = torch.ones(targets.shape, device=targets.device) if weights is None else weights
+    nll = torch.stack([(F.cross_entropy(logits[i].float(), targets[i], reduction="none") * weights[i]).sum()
+                       for i in range(len(targets))])
+    nbytes = (token_bytes[targets].float() * weights).sum(1)
+    return torch.stack([nll, weights.sum(1), nbytes], 1).double()
 
 
 @torch.no_grad()
 def loss_sums(model, held: HeldOut, device: torch.device) -> torch.Tensor:
     """(sources, 3) float64 sums over all ranks' rows: NLL, targets, bytes. Collective."""
     sums = torch.zeros((len(held.source_names), 3), dtype=torch.float64, device=device)
+    token_bytes = held.token_bytes.to(device)
     for rows, sources in held.rows():
-        per_row = row_losses(model, rows.to(device), held.token_bytes)
+        per_row = row_losses(model, rows.to(device), token_bytes)
         sums.index_add_(0, sources.to(device), per_row[:len(rows)])  # an empty batch's one dummy row counts nothing
     if dist.is_initialized():
         dist.all_reduce(sums)
@@ -102,9 +123,10 @@ def report(held: HeldOut, sums: torch.Tensor) -> dict:
     return out
 
 
-def flat_metrics(prefix: str, figures_: dict, keys: tuple[str, ...] = ("loss", "ppl", "bpb")) -> dict:
-    """Metric names for a sink: `{prefix}loss`, … and per source `{prefix}loss/{source}`, `{prefix}bpb/{source}`."""
-    out = {f"{prefix}{k}": figures_[k] for k in keys}
+def flat_metrics(prefix: str, figures_: dict) -> dict:
+    """Metric names for a sink: `{prefix}loss|ppl|bpb`, and per source `{prefix}loss/{source}` and
+    `{prefix}bpb/{source}`."""
+    out = {f"{prefix}{k}": figures_[k] for k in ("loss", "ppl", "bpb")}
     for source, f in figures_.get("by_source", {}).items():
         out |= {f"{prefix}loss/{source}": f["loss"], f"{prefix}bpb/{source}": f["bpb"]}
     return out

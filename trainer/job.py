@@ -8,7 +8,7 @@ from raylm import storage
 from raylm.errors import ConfigError
 from raylm.storage import StorageConfig
 from trainer.checkpoint import CheckpointConfig, FaultConfig
-from trainer.evaluation import EvalConfig
+from trainer.evaluation import EvalConfig, eval_paths, make_eval_paths_absolute
 from trainer.lease import SETTLE_S
 from trainer.model import ModelConfig
 from trainer.optim import OptimConfig
@@ -159,14 +159,6 @@ def paths(job: JobConfig) -> dict[str, str]:
             **eval_paths(job.eval)}
 
 
-def eval_paths(cfg: EvalConfig) -> dict[str, str]:
-    """`--eval.datasets` (`--eval.datasets[i]` when there are several) and the same for tasks."""
-    def label(option: str, values: list[str]) -> dict[str, str]:
-        return {option if len(values) == 1 else f"{option}[{i}]": v for i, v in enumerate(values)}
-
-    return {**label("--eval.datasets", cfg.datasets), **label("--eval.tasks", cfg.tasks)}
-
-
 def make_paths_absolute(job: JobConfig) -> None:
     """Local paths resolved against the launching directory: Ray workers run elsewhere."""
     job.data.path = storage.absolute(job.data.path)
@@ -176,8 +168,3 @@ def make_paths_absolute(job: JobConfig) -> None:
     if job.init.from_hf:
         job.init.from_hf = storage.absolute(job.init.from_hf)
     make_eval_paths_absolute(job.eval)
-
-
-def make_eval_paths_absolute(cfg: EvalConfig) -> None:
-    cfg.datasets = [storage.absolute(p) for p in cfg.datasets]
-    cfg.tasks = [storage.absolute(p) for p in cfg.tasks]

@@ -32,6 +32,8 @@ class Item:
     query: str
     choices: tuple[str, ...]
     gold: int
+    where: str = ""
+    """Its file and line, for the errors that come with tokenizing it."""
 
 
 @dataclass
@@ -62,7 +64,7 @@ def parse_item(line: str, where: str) -> Item:
     if not (type(gold) is int and 0 <= gold < len(choices)):
         raise DataError(f"{where}: \"gold\" must be the index of the right choice (0 to {len(choices) - 1}), "
                         f"got {gold!r}")
-    return Item(query, tuple(choices), gold)
+    return Item(query, tuple(choices), gold, where)
 
 
 def read_items(path: str) -> list[Item]:
@@ -72,6 +74,8 @@ def read_items(path: str) -> list[Item]:
     except FileNotFoundError:
         raise DataError(f"task {path} does not exist; pass a .jsonl file of {{\"query\", \"choices\", \"gold\"}} "
                         "lines") from None
+    except OSError as exc:
+        raise DataError(f"task {storage.describe_os_error(exc, path)}; pass a readable .jsonl file") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"task {path} is not UTF-8 text (byte {exc.start})") from None
     items = [parse_item(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
@@ -80,7 +84,8 @@ def read_items(path: str) -> list[Item]:
     return items
 
 
-def encode_pair(tokenizer, context: str, continuation: str, max_len: int) -> tuple[list[int], int]:
+def encode_pair(tokenizer, context: str, continuation: str, max_len: int, where: str = "a request"
+                ) -> tuple[list[int], int]:
     """(EOS + context + continuation tokens, cut from the left to max_len + 1; the continuation's length)."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
@@ -88,9 +93,10 @@ def encode_pair(tokenizer, context: str, continuation: str, max_len: int) -> tup
     whole, prefix = tokenizer.encode([context + continuation, context], num_threads=1)
     cont = whole[len(prefix):]
     if not cont:
-        raise DataError(f"continuation {continuation!r} after {context[-40:]!r} has no tokens of its own")
+        raise DataError(f"{where}: continuation {continuation!r} has no tokens of its own after the query")
     if len(cont) > max_len:
-        raise DataError(f"a continuation of {len(cont)} tokens does not fit the model's {max_len}-token context")
+        raise DataError(f"{where}: a continuation of {len(cont)} tokens does not fit the model's {max_len}-token "
+                        "context")
     return ([tokenizer.eos_id] + whole)[-(max_len + 1):], len(cont)
 
 
@@ -100,7 +106,7 @@ def load_task(path: str, tokenizer, *, max_len: int, limit: int = 0, seed: int =
     if 0 < limit < len(items):
         keep = np.sort(np.random.default_rng([seed, len(items)]).permutation(len(items))[:limit])
         items = [items[i] for i in keep]
-    requests = [encode_pair(tokenizer, item.query, DELIMITER + choice, max_len) for item in items
+    requests = [encode_pair(tokenizer, item.query, DELIMITER + choice, max_len, item.where) for item in items
                 for choice in item.choices]
     return Task(task_name(path), items, requests)
 
@@ -117,7 +123,9 @@ def request_batches(requests: list[tuple[list[int], int]], *, micro_batch: int, 
 
 def continuation_logprobs(model, batch: list[tuple[list[int], int]], device: torch.device) -> torch.Tensor:
     """(requests, 2) float64: each continuation's summed log-probability and whether every one of its tokens is the
-    model's greedy choice. An empty batch runs one dummy row (FSDP's forwards are collective) and returns none."""
+    model's greedy choice, left on the device (no host sync). The log-softmax is taken over the continuation's
+    positions only: a batch's whole (B, T, vocab) in fp32 would not fit beside a large vocabulary. An empty batch
+    runs one dummy row (FSDP's forwards are collective) and returns none."""
     rows = batch or [([0, 0], 1)]
     width = max(len(ids) for ids, _ in rows) - 1
     tokens = torch.zeros((len(rows), width + 1), dtype=torch.long)
@@ -125,13 +133,12 @@ def continuation_logprobs(model, batch: list[tuple[list[int], int]], device: tor
         tokens[i, :len(ids)] = torch.tensor(ids)
     tokens = tokens.to(device)
     logits, _ = model(tokens[:, :-1])
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
     out = torch.zeros((len(batch), 2), dtype=torch.float64, device=device)
     for i, (ids, n) in enumerate(batch):
-        span = slice(len(ids) - 1 - n, len(ids) - 1)
-        target = tokens[i, span.start + 1:span.stop + 1]
-        out[i, 0] = logprobs[i, span].gather(1, target[:, None]).sum()
-        out[i, 1] = float(bool((logprobs[i, span].argmax(-1) == target).all()))
+        logprobs = torch.log_softmax(logits[i, len(ids) - 1 - n:len(ids) - 1].float(), dim=-1)
+        target = tokens[i, len(ids) - n:len(ids)]
+        out[i, 0] = logprobs.gather(1, target[:, None]).sum()
+        out[i, 1] = (logprobs.argmax(-1) == target).all()
     return out
 
 

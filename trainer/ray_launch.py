@@ -150,41 +150,58 @@ def launch(job: JobConfig, *, callbacks: list | None = None):
         return fit(job, lease=lease.token, driver_node=context.get_node_id(), callbacks=callbacks)
 
 
-def fit(job: JobConfig, *, lease: str, driver_node: str, callbacks: list | None):
-    """TorchTrainer.fit of the job, its failure turned into one line when it is a user's to fix."""
-    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+def torch_trainer(worker, config: dict, *, workers: int | tuple[int, int], use_gpu: bool, cpus_per_worker: float,
+                  scaling: dict | None = None, **run):
+    """A TorchTrainer of `worker` on `workers` workers (a (min, max) range: elastic), quiet as raylm's commands are;
+    `run`: the rest of its RunConfig."""
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resources = {"CPU": job.ray.cpus_per_worker, **({"GPU": 1} if job.ray.use_gpu else {})}
-    fs, path = storage.filesystem(job.run.dir)
-    workers = (job.ray.min_workers, job.ray.num_workers) if job.ray.min_workers else job.ray.num_workers
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"job": to_dict(job), "lease": lease, "driver_node": driver_node},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=job.ray.use_gpu, resources_per_worker=resources,
-                                     elastic_resize_monitor_interval_s=job.ray.resize_check_s),
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    return TorchTrainer(
+        worker, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     **(scaling or {})),
         run_config=RunConfig(
-            name=posixpath.basename(path), storage_path=posixpath.dirname(path), storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=job.ray.max_failures), callbacks=callbacks,
             logging_config=LoggingConfig(log_level="WARNING"),
             # Train's print patch tees each print to stdout and to its logger: every line would show twice
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-        ),
-        torch_config=TorchConfig(backend="nccl" if job.ray.use_gpu else "gloo"),
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}, **run),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
-    forget_pruned_checkpoints(job.run.dir)
+
+
+def fit_raising_user_errors(trainer):
+    """trainer.fit(), with a worker's user error (but a preemption) raised as itself, printed as one line (with
+    --debug, with Ray's whole chain), and Ctrl-C as KeyboardInterrupt."""
     try:
         return trainer.fit()
     except SystemExit:  # Ray's Ctrl-C handler aborts the run, then exits the driver this way
         raise KeyboardInterrupt() from None
     except Exception as exc:  # noqa: BLE001 - a worker's user error is re-raised as itself
         user_error = user_error_of(exc)
-        if isinstance(user_error, Preempted):
-            death = f"{user_error}"
-        elif user_error is not None:  # printed as one line; with --debug, with Ray's whole chain
+        if user_error is not None and not isinstance(user_error, Preempted):
             raise user_error from exc
-        else:
-            death = lost_worker(exc)
+        raise
+
+
+def fit(job: JobConfig, *, lease: str, driver_node: str, callbacks: list | None):
+    """TorchTrainer.fit of the job, its failure turned into one line when it is a user's to fix."""
+    from ray.train import FailureConfig
+
+    fs, path = storage.filesystem(job.run.dir)
+    trainer = torch_trainer(
+        train_worker, {"job": to_dict(job), "lease": lease, "driver_node": driver_node},
+        workers=(job.ray.min_workers, job.ray.num_workers) if job.ray.min_workers else job.ray.num_workers,
+        use_gpu=job.ray.use_gpu, cpus_per_worker=job.ray.cpus_per_worker,
+        scaling={"elastic_resize_monitor_interval_s": job.ray.resize_check_s},
+        name=posixpath.basename(path), storage_path=posixpath.dirname(path), storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=job.ray.max_failures), callbacks=callbacks)
+    forget_pruned_checkpoints(job.run.dir)
+    try:
+        return fit_raising_user_errors(trainer)
+    except Exception as exc:  # noqa: BLE001 - a preemption or a lost worker with the restarts spent: one line
+        user_error = user_error_of(exc)
+        death = f"{user_error}" if isinstance(user_error, Preempted) else lost_worker(exc)
         if death is not None:
             raise WorkerLost(f"a worker died or was preempted ({death}) and the run's restarts are spent "
                              f"(ray.max_failures={job.ray.max_failures}); run the same command again to continue "
@@ -203,30 +220,16 @@ def eval_worker(config: dict) -> dict:
 
 
 def launch_eval(job: EvalJob) -> dict:
-    """The evaluation under Ray Train on job.ray.num_workers workers; a worker's user error is raised as itself."""
+    """`python -m trainer.eval`'s scoring under Ray Train on job.ray.num_workers workers (a failed worker fails the
+    evaluation: it holds no state worth a restart)."""
     import ray
-    from ray.train import LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainer.eval_job import job_paths
 
     init_ray()
     check_local_paths(job_paths(job), shared_fs=job.storage.shared_fs)
-    resources = {"CPU": job.ray.cpus_per_worker, **({"GPU": 1} if job.ray.use_gpu else {})}
-    trainer = TorchTrainer(
-        eval_worker,
-        train_loop_config={"job": to_dict(job), "driver_node": ray.get_runtime_context().get_node_id()},
-        scaling_config=ScalingConfig(num_workers=job.ray.num_workers, use_gpu=job.ray.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=f"raylm-eval-{ray.get_runtime_context().get_job_id()}",
-                             logging_config=LoggingConfig(log_level="WARNING"),
-                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
-        torch_config=TorchConfig(backend="nccl" if job.ray.use_gpu else "gloo"),
-    )
-    try:
-        return trainer.fit().return_value
-    except Exception as exc:  # noqa: BLE001 - a worker's user error is re-raised as itself
-        user_error = user_error_of(exc)
-        if user_error is not None:
-            raise user_error from exc
-        raise
+    context = ray.get_runtime_context()
+    trainer = torch_trainer(eval_worker, {"job": to_dict(job), "driver_node": context.get_node_id()},
+                            workers=job.ray.num_workers, use_gpu=job.ray.use_gpu,
+                            cpus_per_worker=job.ray.cpus_per_worker, name=f"raylm-eval-{context.get_job_id()}")
+    return fit_raising_user_errors(trainer).return_value

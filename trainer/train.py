@@ -18,7 +18,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
@@ -32,6 +31,7 @@ from trainer.data import BatchPlan, StepLoader
 from trainer.evaluation import metrics as eval_metrics
 from trainer.evaluation import open_evaluation
 from trainer.heldout import flat_metrics, held_out, loss_sums, report
+from trainer.loss import count_loss_tokens, lm_loss
 from trainer.job import JobConfig, check_kernel
 from trainer.metrics import MetricsLog, device_peak_flops, peak_memory_gib
 from trainer.model import Transformer, generate, initial_value
@@ -110,49 +110,6 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, norm)
     return norm
-
-
-def unpack(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(tokens (B, T+1), segments (B, T+1) or None, target weights (B, T) or None) of a batch. Pretraining rows
-    (B, T+1) are one token stream: every target counts. Chat rows (B, 3, T+1) hold the example index and loss mask
-    beside the tokens (dataprep.shards.PLANES): a target counts if it carries loss and its example is its input's."""
-    if rows.dim() == 2:
-        return rows, None, None
-    tokens, segments, loss = rows.unbind(1)
-    weights = (loss[:, 1:] > 0) & (segments[:, 1:] == segments[:, :-1])
-    return tokens, segments, weights.float()
-
-
-def count_loss_tokens(batch: torch.Tensor) -> torch.Tensor | int:
-    """Targets of `batch` that carry loss."""
-    _, _, weights = unpack(batch)
-    return batch[:, 1:].numel() if weights is None else weights.sum()
-
-
-def masked_loss_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Summed next-token cross-entropy in fp32 over the targets that carry loss (all of them without weights)."""
-    if weights is None:
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return (losses * weights.flatten()).sum()
-
-
-def forward_rows(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                                   torch.Tensor]:
-    """(logits (B, T, V), targets (B, T), target weights or None, MoE auxiliary loss) of a batch of rows. An empty
-    batch (a rank short of rows) runs a one-row forward of zeros instead, so FSDP's collectives still line up."""
-    rows = batch if len(batch) else torch.zeros((1, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
-    tokens, segments, weights = unpack(rows)
-    logits, aux = model(tokens[:, :-1], segments=None if segments is None else segments[:, :-1])
-    return logits, tokens[:, 1:], weights, aux
-
-
-def lm_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed next-token cross-entropy over loss-carrying targets, MoE auxiliary loss) for a batch of rows; an
-    empty batch's loss counts zero."""
-    logits, targets, weights, aux = forward_rows(model, batch)
-    loss = masked_loss_sum(logits, targets, weights)
-    return (loss, aux) if len(batch) else (loss * 0.0, aux * 0.0)
 
 
 def loss_tokens(micro_batches: list[torch.Tensor], device: torch.device,

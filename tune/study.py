@@ -24,6 +24,7 @@ from raylm.errors import ConfigError
 from raylm.ray_session import check_local_paths, init_ray, verbose
 from raylm.config import dump_toml, from_dict, to_dict
 from trainer.data import check_fits
+from trainer.evaluation import check_evaluation, eval_paths
 from trainer.job import JobConfig
 from tune.config import TuneConfig, TuneJobConfig
 
@@ -251,10 +252,11 @@ def require_state_api() -> None:
 
 def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
     """Run (or resume) the study; returns its rows and the best one, with the outputs written."""
-    where = {"--data.path": job.data.path, "--tune.dir": job.tune.dir}
+    where = {"--data.path": job.data.path, "--tune.dir": job.tune.dir, **eval_paths(job.eval)}
     for path in where.values():
         storage.check_bucket(path)
     dataset = open_dataset(job.data.path)
+    check_evaluation(job.eval, tokenizer=dataset.tokenizer(), max_len=max(job.model.max_seq_len, dataset.seq_len))
     for batch in job.tune.batch:  # checked here, as the trainer checks at launch, not trial by trial in the workers
         try:
             check_fits(dataset, global_batch=batch, world=job.ray.num_workers, needs_val=True)
