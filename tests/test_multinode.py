@@ -270,9 +270,10 @@ def train_workers_by_node(cluster) -> dict[str, str]:
 def test_a_random_study_spreads_over_the_nodes_stops_poor_trials_and_its_best_config_trains(multinode,
                                                                                                s3_stdlib_dataset,
                                                                                                s3_server):
-    """Six trials of one worker each, two at a time (one per worker node); ASHA stops some at a mark; trials that
-    complete saw equal tokens; results.csv/png and best.toml go to S3, and the config the study's printed command
-    names reads back from there with the best trial's values."""
+    """Six trials of one worker each, two at a time (one per worker node), searched on a μP proxy of half the width;
+    ASHA stops some at a mark; trials with batch sizes 8 and 12 and a budget that divides neither validate, stop and
+    complete at exactly the same token counts; results.csv/png and best.toml go to S3, and the config the study's
+    printed command names reads back from there with the best trial's values at the configured width."""
     import csv
     import io
 
@@ -282,9 +283,9 @@ def test_a_random_study_spreads_over_the_nodes_stops_poor_trials_and_its_best_co
     before = train_workers_by_node(multinode)
     tune_dir = f"{s3_server}/studies/{uuid.uuid4().hex[:6]}"
     proc = subprocess.run([sys.executable, "-m", "tune", *STUDY, "--data.path", s3_stdlib_dataset, "--tune.dir",
-                           tune_dir, "--tune.samples=6", "--tune.lr=1e-4:3e-2", "--train.steps=3",
-                           "--train.log_every=1"], env=driver_env(multinode.address), capture_output=True, text=True,
-                          timeout=600)
+                           tune_dir, "--tune.samples=6", "--tune.lr=1e-4:3e-2", "--tune.batch=8,12",
+                           "--tune.budget_tokens=20000", "--model.mup_base_dim=32", "--tune.proxy_dim=32"],
+                          env=driver_env(multinode.address), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     trial_nodes = {node for actor, node in train_workers_by_node(multinode).items() if actor not in before}
     assert trial_nodes == {node.node_id for node in multinode.worker_nodes}, trial_nodes
@@ -292,8 +293,14 @@ def test_a_random_study_spreads_over_the_nodes_stops_poor_trials_and_its_best_co
     assert len(rows) == 6 and {r["status"] for r in rows} <= {"completed", "stopped early", "diverged"}
     assert any(r["status"] == "stopped early" for r in rows), rows  # ASHA cut at least one trial at a mark
     completed = [r for r in rows if r["status"] == "completed"]
-    assert completed and all(int(r["tokens"]) == 20480 for r in completed)  # equal tokens, not equal steps
-    assert all(int(r["tokens"]) < 20480 for r in rows if r["status"] == "stopped early")
+    mark = 3 * 24 * 64  # 20000 / 4 marks, cut to whole steps of both batches: a multiple of lcm(8, 12) × seq_len 64
+    assert {r["global_batch"] for r in rows} == {"8", "12"}, rows
+    assert completed and all(int(r["tokens"]) == 4 * mark for r in completed)  # equal tokens, not equal steps
+    assert all(int(r["tokens"]) in (mark, 2 * mark, 3 * mark) for r in rows if r["status"] == "stopped early")
+    for trial in storage.list_dirs(f"{tune_dir}/trials"):  # every validation of every trial at the same counts
+        evals = [m["tokens"] for m in metrics(trial) if "val_loss" in m]
+        assert evals == [k * mark for k in range(len(evals))], (trial, evals)
+        assert load_config(JobConfig, storage.join(trial, "config.toml"), []).model.dim == 32  # the proxy
     best = min(completed, key=lambda r: float(r["final_val_loss"]))
     assert f"lr {float(best['lr']):.3g}, global batch {best['global_batch']}" in proc.stdout
     png = storage.read_bytes(f"{tune_dir}/results.png")
@@ -302,4 +309,7 @@ def test_a_random_study_spreads_over_the_nodes_stops_poor_trials_and_its_best_co
     assert command[:4] == ["python", "-m", "trainer", "--config"] and command[4] == f"{tune_dir}/best.toml", command
     tuned = load_config(JobConfig, command[4], [])  # what the trainer reads first, from S3
     assert (tuned.optim.lr, tuned.train.global_batch) == (float(best["lr"]), int(best["global_batch"]))
+    assert (tuned.model.dim, tuned.model.n_heads, tuned.model.mup_base_dim) == (64, 4, 32)  # the configured width
+    assert storage.read_bytes(command[4]).decode().startswith("# optim.lr and train.global_batch are the best of a "
+                                                              "study at proxy width 32")
     assert tuned.run.dir == f"{tune_dir}/best-run" and tuned.data.path == s3_stdlib_dataset

@@ -186,6 +186,7 @@ def model_config_from_hf(hf, where: str, *, rest: ModelConfig | None = None) -> 
         max_seq_len=hf.max_position_embeddings, **rope_fields(rope),
         tie_embeddings=bool(hf.tie_word_embeddings), n_experts=getattr(hf, "num_local_experts", 0),
         top_k=getattr(hf, "num_experts_per_tok", 2), aux_loss_weight=getattr(hf, "router_aux_loss_coef", 0.01),
+        mup_base_dim=0,  # a Hugging Face model computes the standard parametrisation's function
     )
     kept = {k: v for k, v in dataclasses.asdict(rest).items() if k not in fields} if rest else {}
     return ModelConfig(**kept, **fields)
@@ -241,6 +242,7 @@ def export(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str, *, to
         if end != tok.eos_id:
             eos.append(end)
         write_tokenizer(tok, out_dir, max_len=cfg.max_seq_len)
+    state, cfg = standard_parametrisation(state, cfg)
     config = hf_config(cfg, bos_id=bos, eos_id=eos[0], dtype=dtype)
     config.save_pretrained(out_dir)
     generation = tf.GenerationConfig.from_model_config(config)
@@ -248,6 +250,16 @@ def export(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str, *, to
     generation.save_pretrained(out_dir)
     weights = {k: v.to(dtype) for k, v in to_hf_state_dict(state).items()}
     save_torch_state_dict(weights, out_dir, metadata={"format": "pt"})
+
+
+def standard_parametrisation(state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+    """The same function without μP's multiplier: the 1 / m on the logits folded into an LM head of its own (a
+    tied embedding is untied for it), so the exported model needs no custom code."""
+    if not cfg.mup_base_dim:
+        return state, cfg
+    head = state["tok_embeddings.weight" if cfg.tie_embeddings else "output.weight"]
+    folded = {**state, "output.weight": head / cfg.width_mult}
+    return folded, dataclasses.replace(cfg, mup_base_dim=0, tie_embeddings=False)
 
 
 def read_safetensors(folder: str) -> dict[str, torch.Tensor]:

@@ -18,6 +18,11 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 RESIDUAL_OUTPUTS = ("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.experts_w2")
+HIDDEN_MATRICES = ("attention.wq.", "attention.wk.", "attention.wv.", "attention.wo.", "feed_forward.w1.",
+                   "feed_forward.w2.", "feed_forward.w3.", "feed_forward.experts_w13", "feed_forward.experts_w2",
+                   "feed_forward.gate.")
+"""μP's hidden matrices: every matrix whose fan-in grows with width, but the LM head (the MoE router's fan-out is
+fixed, but like the experts it is trained at η/m: its update grows with its fan-in)."""
 ATTENTION = ("sdpa", "flex")
 NOT_IN_WEIGHTS = ("attention", "max_seq_len")
 """ModelConfig fields that change no weight: the attention kernel, and the RoPE table's length. A checkpoint loads
@@ -69,6 +74,11 @@ class ModelConfig:
     """Weight of the MoE load-balancing loss added to the LM loss."""
     init_std: float = 0.02
     """Std of the normal init; residual output projections get init_std / sqrt(2 · n_layers)."""
+    mup_base_dim: int = 0
+    """μP (maximal update parametrisation, for AdamW) with width multiplier m = dim / mup_base_dim: hidden matrices
+    are initialised with std / sqrt(m) and trained at lr / m, the LM head's logits are scaled by 1 / m; embeddings,
+    norms and the head train at lr. The best lr of a model of width mup_base_dim is then the best lr at any width
+    (grown by heads of the same head_dim). 0 = the standard parametrisation."""
     attention: str = "sdpa"
     """Kernel for packed examples (chat data), where attention is block-causal: 'sdpa' with a dense (T, T) mask per
     row (CPU, short rows), or 'flex', FlexAttention's block-sparse kernel (the GPU setting; it is compiled). Plain
@@ -96,6 +106,7 @@ class ModelConfig:
             (self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0"),
             (self.aux_loss_weight >= 0, "aux_loss_weight", self.aux_loss_weight, "must be >= 0"),
             (self.init_std > 0, "init_std", self.init_std, "must be > 0"),
+            (self.mup_base_dim >= 0, "mup_base_dim", self.mup_base_dim, "must be >= 0 (0 = off)"),
             (self.attention in ATTENTION, "attention", self.attention, f"must be one of {', '.join(ATTENTION)}"),
         ]
         for ok, name, value, rule in checks:
@@ -105,6 +116,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def width_mult(self) -> float:
+        """μP's width multiplier m = dim / mup_base_dim (1 without μP)."""
+        return self.dim / self.mup_base_dim if self.mup_base_dim else 1.0
 
     @property
     def kv_heads(self) -> int:
@@ -145,12 +161,19 @@ class ModelConfig:
         return 6 * matmul + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
 
+def is_hidden(name: str) -> bool:
+    """Whether parameter `name` is one of μP's hidden matrices (names survive FSDP2, compile and checkpoints)."""
+    return any(part in name for part in HIDDEN_MATRICES)
+
+
 def initial_value(name: str, shape, cfg: ModelConfig, seed: int) -> torch.Tensor:
     """The initial value of parameter `name`: drawn from a generator seeded by (seed, name), so it is the same
-    whatever the init order, device count or sharding."""
+    whatever the init order, device count or sharding. Under μP a hidden matrix's std is divided by sqrt(m)."""
     if name.endswith("norm.weight"):
         return torch.ones(shape)
     std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith(RESIDUAL_OUTPUTS) else cfg.init_std
+    if is_hidden(name):
+        std /= math.sqrt(cfg.width_mult)
     digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest, "big") & (2**63 - 1))
     return torch.randn(shape, generator=generator) * std
@@ -380,6 +403,8 @@ class Transformer(nn.Module):
             aux = aux + block_aux
         h = self.norm(h)
         logits = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+        if self.cfg.mup_base_dim:
+            logits = logits / self.cfg.width_mult  # μP: the head's fan-in grows with width, its logits must not
         return logits, aux / len(self.layers)
 
     def new_cache(self, max_len: int) -> KVCache:

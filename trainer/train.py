@@ -195,7 +195,7 @@ class Trainer:
         self.plan = BatchPlan(job.train.global_batch, job.train.micro_batch, self.d.world)
         torch.manual_seed(job.train.seed)
         self.model = build_model(job, self.d)
-        self.optimizer = build_optimizer(self.model, optim=job.optim)
+        self.optimizer = build_optimizer(self.model, optim=job.optim, width_mult=job.model.width_mult)
         self.scheduler = build_scheduler(self.optimizer, optim=job.optim, total_steps=job.train.steps)
         self.ckpt = Checkpointer(job.run.dir, job.checkpoint, rank=self.d.rank, device=self.d.device, lease=lease)
         self.preemption = Preemption(self.d.device, grace_s=job.checkpoint.preempt_grace_s)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from raylm.errors import ConfigError
 from trainer.job import JobConfig
+from trainer.model import ModelConfig
 
 SEARCHES = ("random", "optuna")
 
@@ -39,6 +41,10 @@ class TuneConfig:
     """Trials at once (0 = as many as the cluster's CPUs or GPUs hold)."""
     diverge_factor: float = 1.5
     """A trial whose training loss exceeds this × ln(vocabulary) (the loss of a uniform guess) ends as diverged."""
+    proxy_dim: int = 0
+    """Search on a proxy of this width (same depth, head_dim, data and tokens; fewer heads) and write best.toml for
+    the configured width with the proxy's best lr: under μP (--model.mup_base_dim) the best lr transfers across
+    width. 0 = search at the configured width."""
 
     def __post_init__(self):
         grid_or_range = self.lr_grid or self.lr_range  # parses, and raises on a bad value
@@ -46,6 +52,8 @@ class TuneConfig:
             raise ConfigError(f"tune.lr={self.lr!r} is empty; give LOW:HIGH or a comma list")
         if not self.batch or min(self.batch) < 1:
             raise ConfigError(f"tune.batch={self.batch} must list at least one global batch size >= 1, e.g. 16,32,64")
+        if self.proxy_dim < 0:
+            raise ConfigError(f"tune.proxy_dim must be >= 0 (0 = off), got {self.proxy_dim}")
         for name in ("samples", "budget_tokens", "marks", "grace_marks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"tune.{name} must be >= 1, got {getattr(self, name)}")
@@ -78,6 +86,18 @@ class TuneConfig:
     def diverged_loss(self, vocab_size: int) -> float:
         return self.diverge_factor * math.log(vocab_size)
 
+    def mark_tokens(self, seq_len: int) -> int:
+        """Training tokens between two marks: a whole number of steps of every batch size (a multiple of their
+        least common multiple × seq_len), so every trial validates, and meets ASHA, at exactly the same counts."""
+        unit = math.lcm(*self.batch) * seq_len
+        mark = self.budget_tokens // self.marks // unit * unit
+        if mark == 0:
+            raise ConfigError(f"tune.budget_tokens={self.budget_tokens} over {self.marks} marks is less than one step of "
+                              f"every batch size in tune.batch={','.join(map(str, self.batch))} ({unit:,} tokens: "
+                              f"their least common multiple × seq_len {seq_len}); raise it to at least "
+                              f"{unit * self.marks:,}, or use batch sizes that divide one another")
+        return mark
+
 
 def _positive(text: str, whole: str) -> float:
     try:
@@ -92,3 +112,23 @@ def _positive(text: str, whole: str) -> float:
 @dataclass(kw_only=True)
 class TuneJobConfig(JobConfig):
     tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tune.proxy_dim:
+            proxy_model(self.model, self.tune.proxy_dim)  # refuses a width the model cannot shrink to
+
+
+def proxy_model(model: ModelConfig, dim: int) -> ModelConfig:
+    """The model at width `dim` for a proxy study: same depth and head_dim, fewer heads (kv heads in the same
+    grouping), the SwiGLU hidden size scaled with width. μP's lr transfers across width grown this way."""
+    if not model.mup_base_dim:
+        raise ConfigError(f"tune.proxy_dim={dim}: a proxy's best lr transfers to the configured width only under μP; "
+                          "set --model.mup_base_dim (e.g. to the proxy width)")
+    heads, group = dim // model.head_dim, model.n_heads // model.kv_heads
+    if dim % model.head_dim or heads % group:
+        raise ConfigError(f"tune.proxy_dim={dim} must be a multiple of head_dim × (n_heads / n_kv_heads) = "
+                          f"{model.head_dim * group}: the proxy keeps the heads' width and grouping, with fewer heads")
+    ffn = round(model.ffn_hidden * dim / model.dim) if model.ffn_hidden else 0
+    return dataclasses.replace(model, dim=dim, n_heads=heads, n_kv_heads=heads // group if model.n_kv_heads else 0,
+                               ffn_hidden=ffn)

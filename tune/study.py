@@ -26,7 +26,7 @@ from raylm.config import dump_toml, from_dict, to_dict
 from trainer.data import check_fits
 from trainer.evaluation import check_evaluation, eval_paths
 from trainer.job import JobConfig
-from tune.config import TuneConfig, TuneJobConfig
+from tune.config import TuneConfig, TuneJobConfig, proxy_model
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ COLUMNS = ("trial", "lr", "global_batch", "tokens", "final_val_loss", "best_val_
 
 
 def trial_steps(batch: int, seq_len: int, tune: TuneConfig) -> tuple[int, int]:
-    """(steps, steps between validation marks) of a trial: `marks` marks at equal token counts, whatever the batch."""
-    every = max(1, round(tune.budget_tokens / tune.marks / (batch * seq_len)))
+    """(steps, steps between validation marks) of a trial: `marks` marks at exactly the same token counts, whatever
+    the batch."""
+    every = tune.mark_tokens(seq_len) // (batch * seq_len)
     return every * tune.marks, every
 
 
@@ -45,6 +46,8 @@ def trial_job(config: dict, study: dict, run_dir: str) -> JobConfig:
     """The training job of one trial: the study's job with the trial's lr and batch, sized to the token budget."""
     job, tune = from_dict(JobConfig, study["job"]), TuneConfig(**study["tune"])
     job.optim.lr, job.train.global_batch = config["lr"], config["batch"]
+    if tune.proxy_dim:
+        job.model = proxy_model(job.model, tune.proxy_dim)
     job.train.steps, job.train.eval_every = trial_steps(config["batch"], study["seq_len"], tune)
     job.train.log_every = job.checkpoint.every = job.train.eval_every  # every report carries val_loss
     job.train.max_loss = tune.diverged_loss(study["vocab_size"])
@@ -125,14 +128,14 @@ def build_tuner(job: TuneJobConfig, *, seq_len: int, vocab_size: int):
         "lr": raytune.grid_search(grid) if grid else raytune.loguniform(*cfg.lr_range),
         "batch": raytune.grid_search(cfg.batch) if grid else raytune.choice(cfg.batch),
     }
-    mark_tokens = cfg.budget_tokens // cfg.marks
+    mark_tokens = cfg.mark_tokens(seq_len)
     return raytune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=raytune.TuneConfig(
             metric="val_loss", mode="min", num_samples=1 if grid else cfg.samples,  # training is deterministic
             search_alg=search_algorithm(cfg, cfg.max_concurrent or concurrent_trials(job)),
-            scheduler=ASHAScheduler(time_attr="tokens", max_t=cfg.budget_tokens,
+            scheduler=ASHAScheduler(time_attr="tokens", max_t=mark_tokens * cfg.marks,
                                     grace_period=mark_tokens * cfg.grace_marks, reduction_factor=cfg.reduction_factor),
         ),
         run_config=raytune.RunConfig(name=STUDY, storage_path=path, storage_filesystem=fs,
@@ -219,7 +222,16 @@ def write_outputs(job: TuneJobConfig, rows: list[dict], best: dict, *, vocab_siz
     tuned = from_dict(JobConfig, to_dict(job))
     tuned.optim.lr, tuned.train.global_batch = best["lr"], best["global_batch"]
     tuned.model.vocab_size, tuned.run.dir = vocab_size, storage.join(job.tune.dir, BEST_RUN)
-    storage.write_bytes(storage.join(job.tune.dir, "best.toml"), dump_toml(tuned).encode())
+    storage.write_bytes(storage.join(job.tune.dir, "best.toml"), (transfer_note(job) + dump_toml(tuned)).encode())
+
+
+def transfer_note(job: TuneJobConfig) -> str:
+    """best.toml's opening comment when the study ran on a proxy."""
+    if not job.tune.proxy_dim:
+        return ""
+    return (f"# optim.lr and train.global_batch are the best of a study at proxy width {job.tune.proxy_dim} "
+            f"(same depth, head_dim, data and tokens). This job is for model.dim = {job.model.dim}: under muP "
+            f"(model.mup_base_dim = {job.model.mup_base_dim}) the best lr transfers across width.\n")
 
 
 def format_table(rows: list[dict], best: dict) -> str:
@@ -262,6 +274,7 @@ def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
             check_fits(dataset, global_batch=batch, world=job.ray.num_workers, needs_val=True)
         except ConfigError as exc:
             raise ConfigError(f"--tune.batch {batch}: {exc}") from None
+    job.tune.mark_tokens(dataset.seq_len)  # refuses a budget too small for every batch size, before Ray starts
     init_ray(log_to_driver=verbose())  # trials' lines would interleave; the study prints a line per trial
     check_local_paths(where, shared_fs=job.storage.shared_fs)
     require_state_api()
