@@ -69,6 +69,9 @@ def report(table: dict, lrs: list[float], widths: list[int]) -> None:
         worse = transferred / table[mup, wide][best_lr(table[mup, wide])] - 1
         print(f"{'muP' if mup else 'standard'}: the best lr moves {moved:+d} grid steps from width {narrow} to {wide}; "
               f"width {wide} at width {narrow}'s best lr is {100 * worse:.2f} % above its best loss")
+        if mup:
+            met = abs(moved) <= 1 and worse <= 0.01
+            print(f"targets (muP: best lr within one grid step, transferred loss within 1 %): {'met' if met else 'MISSED'}")
 
 
 def main() -> None:

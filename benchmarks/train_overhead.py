@@ -49,7 +49,7 @@ def plain_loop(steps: int, skip: int) -> dict:
     cfg = ModelConfig(**MODEL, vocab_size=ds.vocab_size, max_seq_len=ds.seq_len)
     model = Transformer(cfg)
     model.init_weights(0)
-    optimizer = build_optimizer(model, optim=OptimConfig(lr=1e-3))
+    optimizer = build_optimizer(model, optim=OptimConfig(lr=1e-3), width_mult=1.0)
     loader = StepLoader(ds.train, plan=BatchPlan(global_batch=GLOBAL_BATCH, micro_batch=GLOBAL_BATCH, world=1),
                         rank=0, seed=0)
     peak = measure_matmul_flops()

@@ -66,7 +66,12 @@ def test_hidden_matrices_train_at_lr_over_m_by_name_and_the_rest_at_lr():
     assert all(lr_of[id(names[n])] == pytest.approx(1e-2 / 4) for n in hidden)
     assert all(lr_of[id(p)] == 1e-2 for n, p in names.items() if n not in hidden)  # embeddings, norms, head
     assert optimizer.param_groups[0]["lr"] == 1e-2, "the logged lr (the first group's) is the base lr"
-    standard = build_optimizer(model, optim=OptimConfig(lr=1e-2))
+    assert optimizer.param_groups[-1]["weight_decay"] == pytest.approx(0.1 * 4), "lr · weight decay kept"
+    wrapped = "layers.0._checkpoint_wrapped_module."  # the names under activation checkpointing
+    assert all(is_hidden(wrapped + n) for n in ("attention.wq.weight", "feed_forward.w2.weight",
+                                                 "feed_forward.experts_w13", "feed_forward.gate.weight"))
+    assert not any(is_hidden(n) for n in ("output.weight", "tok_embeddings.weight", wrapped + "ffn_norm.weight"))
+    standard = build_optimizer(model, optim=OptimConfig(lr=1e-2), width_mult=1.0)
     assert [len(g["params"]) for g in standard.param_groups] == [len(hidden) + 1, 2 * 2 + 2]
 
 
@@ -79,6 +84,9 @@ def test_a_mup_run_resumes_exactly(stdlib_dataset, tmp_path):
     assert run_captured(main, [*args, "--run.dir", tmp_path / "resumed", "--train.steps=3"])[0] == 0
     assert run_captured(main, [*args, "--run.dir", tmp_path / "resumed", "--train.steps=6"])[0] == 0
     assert losses(str(tmp_path / "resumed")) == losses(str(tmp_path / "straight"))
+    standard = [a for a in args if not a.startswith("--model.mup_base_dim")]
+    code, _, err = run_captured(main, [*standard, "--run.dir", tmp_path / "resumed", "--train.steps=9"])
+    assert code == 2 and "trained with model.mup_base_dim=32" in err and "model.mup_base_dim=0" in err, err
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -92,7 +100,7 @@ def test_the_export_folds_mup_into_the_weights_and_computes_the_same_logits(tmp_
     model.init_weights(3)
     export(model.state_dict(), cfg, str(tmp_path / "hf"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert not hf.config.tie_word_embeddings
+    assert hf.config.tie_word_embeddings == tied, "the fold keeps the tie"
     tokens = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, _ = model.eval()(tokens)
@@ -109,6 +117,22 @@ def test_the_proxy_keeps_depth_and_head_width_with_fewer_heads():
         proxy_model(target, 256)
     with pytest.raises(ConfigError, match="only under μP; set --model.mup_base_dim"):
         proxy_model(ModelConfig(dim=4096, n_heads=32), 512)
+    auto = ModelConfig(dim=2048, n_heads=32, n_kv_heads=8, ffn_multiplier=1.3, mup_base_dim=256)  # the 1b preset
+    assert proxy_model(auto, 256).hidden / 256 == pytest.approx(auto.hidden / 2048, rel=0.01), "the FFN shrinks too"
+    with pytest.raises(ConfigError, match="narrower than the model's dim=2048"):
+        proxy_model(auto, 2048)
+
+
+def test_a_proxy_or_mup_run_that_starts_from_other_weights_is_refused():
+    from raylm.config import load_config
+    from trainer.job import JobConfig
+    from tune.config import TuneJobConfig
+
+    with pytest.raises(ConfigError, match="--init.from_hf=hf starts from a standard-parametrisation model"):
+        load_config(JobConfig, None, ["--init.from_hf=hf", "--model.mup_base_dim=256"])
+    with pytest.raises(ConfigError, match="tune.proxy_dim=256 trains proxies from scratch; --checkpoint.resume_from"):
+        load_config(TuneJobConfig, None, ["--checkpoint.resume_from=runs/x", "--model.mup_base_dim=256",
+                                          "--tune.proxy_dim=256"])
 
 
 def test_trials_of_every_batch_size_meet_at_exactly_the_same_token_counts():

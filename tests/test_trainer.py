@@ -80,7 +80,7 @@ def grad_shards_worker(rank: int, world: int, port: int, dataset: str, unsharded
             seen.append(isinstance(g, DTensor) and g.placements[0].is_shard()
                         and g.to_local().numel() <= -(-p.numel() // world))
 
-    optimizer = build_optimizer(model, optim=job.optim)
+    optimizer = build_optimizer(model, optim=job.optim, width_mult=job.model.width_mult)
     train_step(model, optimizer, batches, grad_clip=1.0, aux_weight=0.0, global_batch=16,
                sync_every_micro_batch=not unsharded, after_backward=check)
     before = [p.detach().clone() for p in model.parameters()]

@@ -202,6 +202,10 @@ def read_train_state(path: str) -> dict:
     return json.loads(storage.read_bytes(storage.join(path, TRAIN_STATE)))
 
 
+MODEL_DEFAULTS = {f"model.{key}": value for key, value in dataclasses.asdict(ModelConfig()).items()}
+"""A checkpoint saved before a model field existed was trained with that field's default."""
+
+
 def run_identity(model: ModelConfig, dataset, *, data_seed: int, global_batch: int) -> dict:
     """What a checkpoint shares with any run that continues it, keyed as the user sets each value: the model, the
     dataset it reads (tokenizer, sequence length, rows) and the data order. train.steps and the lr schedule are not
@@ -219,7 +223,7 @@ def check_continues(state: dict, identity: dict, path: str, *, own: bool, weight
     """Refuse, in one line naming every differing field, to continue a checkpoint of another model, dataset or data
     order (with `weights_only`, only the model must match): loading would fail deep in DCP or, worse, succeed.
     `own`: the checkpoint is the run directory's own (else it came from checkpoint.resume_from)."""
-    saved = state.get("identity", {})
+    saved = {**MODEL_DEFAULTS, **state.get("identity", {})}  # a model field added since counts as its default
     same_weights = {f"model.{key}" for key in NOT_IN_WEIGHTS} if weights_only else set()
     keys = [k for k in identity if saved.get(k) != identity[k] and k not in same_weights
             and (k.startswith("model.") or not weights_only)]

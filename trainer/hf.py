@@ -253,13 +253,11 @@ def export(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str, *, to
 
 
 def standard_parametrisation(state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict, ModelConfig]:
-    """The same function without μP's multiplier: the 1 / m on the logits folded into an LM head of its own (a
-    tied embedding is untied for it), so the exported model needs no custom code."""
+    """The same function without μP's multiplier, so the exported model needs no custom code: the logits are linear
+    in the final RMSNorm's gain, so the 1 / m folds into it (a tied embedding stays tied, no tensor is added)."""
     if not cfg.mup_base_dim:
         return state, cfg
-    head = state["tok_embeddings.weight" if cfg.tie_embeddings else "output.weight"]
-    folded = {**state, "output.weight": head / cfg.width_mult}
-    return folded, dataclasses.replace(cfg, mup_base_dim=0, tie_embeddings=False)
+    return {**state, "norm.weight": state["norm.weight"] / cfg.width_mult}, dataclasses.replace(cfg, mup_base_dim=0)
 
 
 def read_safetensors(folder: str) -> dict[str, torch.Tensor]:

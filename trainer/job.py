@@ -142,6 +142,9 @@ class JobConfig:
         if self.init.from_hf and self.checkpoint.resume_from:
             raise ConfigError(f"--init.from_hf={self.init.from_hf} and --checkpoint.resume_from="
                               f"{self.checkpoint.resume_from} both say where the weights come from; pass only one")
+        if self.init.from_hf and self.model.mup_base_dim:
+            raise ConfigError(f"--init.from_hf={self.init.from_hf} starts from a standard-parametrisation model; drop "
+                              f"--model.mup_base_dim={self.model.mup_base_dim} (μP is for models trained from scratch)")
         check_kernel(self, self.train.device)
 
 

@@ -21,8 +21,10 @@ RESIDUAL_OUTPUTS = ("attention.wo.weight", "feed_forward.w2.weight", "feed_forwa
 HIDDEN_MATRICES = ("attention.wq.", "attention.wk.", "attention.wv.", "attention.wo.", "feed_forward.w1.",
                    "feed_forward.w2.", "feed_forward.w3.", "feed_forward.experts_w13", "feed_forward.experts_w2",
                    "feed_forward.gate.")
-"""μP's hidden matrices: every matrix whose fan-in grows with width, but the LM head (the MoE router's fan-out is
-fixed, but like the experts it is trained at η/m: its update grows with its fan-in)."""
+"""μP's hidden matrices: every matrix whose fan-in grows with width except the LM head. The MoE router is one too:
+its fan-out (the experts) is fixed, but its update grows with its fan-in as a hidden matrix's does, so it trains at
+lr / m; it starts at std / √m like them (strict μP would give this output-like matrix std / m: at init the router's
+logits are then larger by √m, a softer start the training lr does not depend on)."""
 ATTENTION = ("sdpa", "flex")
 NOT_IN_WEIGHTS = ("attention", "max_seq_len")
 """ModelConfig fields that change no weight: the attention kernel, and the RoPE table's length. A checkpoint loads
@@ -76,9 +78,10 @@ class ModelConfig:
     """Std of the normal init; residual output projections get init_std / sqrt(2 · n_layers)."""
     mup_base_dim: int = 0
     """μP (maximal update parametrisation, for AdamW) with width multiplier m = dim / mup_base_dim: hidden matrices
-    are initialised with std / sqrt(m) and trained at lr / m, the LM head's logits are scaled by 1 / m; embeddings,
-    norms and the head train at lr. The best lr of a model of width mup_base_dim is then the best lr at any width
-    (grown by heads of the same head_dim). 0 = the standard parametrisation."""
+    are initialised with std / sqrt(m) and trained at lr / m with weight decay × m (so lr · weight decay, AdamW's
+    shrink per step, is the same at every width), the LM head's logits are scaled by 1 / m; embeddings, norms and
+    the head train at lr. The best lr of a model of width mup_base_dim is then the best lr at any width (grown by
+    heads of the same head_dim). 0 = the standard parametrisation."""
     attention: str = "sdpa"
     """Kernel for packed examples (chat data), where attention is block-causal: 'sdpa' with a dense (T, T) mask per
     row (CPU, short rows), or 'flex', FlexAttention's block-sparse kernel (the GPU setting; it is compiled). Plain

@@ -58,17 +58,18 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "embed" in name
 
 
-def build_optimizer(model: nn.Module, *, optim: OptimConfig, width_mult: float = 1.0) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, *, optim: OptimConfig, width_mult: float) -> torch.optim.AdamW:
     """AdamW over parameter groups built by parameter name (so they are the same under FSDP2, compile and after a
     resume): decayed matrices and (unless configured) undecayed norms/embeddings; under μP (width_mult m != 1) the
-    hidden matrices form a last group of their own at lr / m. The fused kernel (CUDA and CPU, DTensor shards included)
+    hidden matrices form a last group of their own at lr / m, with weight decay × m: torch's AdamW shrinks by
+    lr · weight_decay per step, which then stays the same at every width (as microsoft/mup's MuAdamW does). The fused kernel (CUDA and CPU, DTensor shards included)
     reads `optimizer.found_inf` and skips a non-finite step on the device, with no host sync."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decayed = {n for n, p in params if optim.decay_norms_and_embeddings or not _no_decay(n, p)}
     hidden = {n for n in decayed if width_mult != 1 and is_hidden(n)}
     groups = [{"params": [p for n, p in params if n in decayed - hidden], "weight_decay": optim.weight_decay},
               {"params": [p for n, p in params if n not in decayed], "weight_decay": 0.0},
-              {"params": [p for n, p in params if n in hidden], "weight_decay": optim.weight_decay,
+              {"params": [p for n, p in params if n in hidden], "weight_decay": optim.weight_decay * width_mult,
                "lr": optim.lr / width_mult}]  # last: the first group's lr is the one logged, η
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=(optim.beta1, optim.beta2),
                              eps=optim.eps, fused=True)

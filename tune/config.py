@@ -92,10 +92,11 @@ class TuneConfig:
         unit = math.lcm(*self.batch) * seq_len
         mark = self.budget_tokens // self.marks // unit * unit
         if mark == 0:
+            hint = ", or use batch sizes that divide one another" if unit > max(self.batch) * seq_len else ""
             raise ConfigError(f"tune.budget_tokens={self.budget_tokens} over {self.marks} marks is less than one step of "
                               f"every batch size in tune.batch={','.join(map(str, self.batch))} ({unit:,} tokens: "
                               f"their least common multiple × seq_len {seq_len}); raise it to at least "
-                              f"{unit * self.marks:,}, or use batch sizes that divide one another")
+                              f"{unit * self.marks:,}{hint}")
         return mark
 
 
@@ -115,8 +116,14 @@ class TuneJobConfig(JobConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.tune.proxy_dim:
-            proxy_model(self.model, self.tune.proxy_dim)  # refuses a width the model cannot shrink to
+        if not self.tune.proxy_dim:
+            return
+        start = ("--init.from_hf", self.init.from_hf) if self.init.from_hf else \
+            ("--checkpoint.resume_from", self.checkpoint.resume_from)
+        if start[1]:
+            raise ConfigError(f"tune.proxy_dim={self.tune.proxy_dim} trains proxies from scratch; {start[0]}={start[1]} "
+                              "starts from weights of the configured width: drop one of them")
+        proxy_model(self.model, self.tune.proxy_dim)  # refuses a width the model cannot shrink to
 
 
 def proxy_model(model: ModelConfig, dim: int) -> ModelConfig:
@@ -129,6 +136,7 @@ def proxy_model(model: ModelConfig, dim: int) -> ModelConfig:
     if dim % model.head_dim or heads % group:
         raise ConfigError(f"tune.proxy_dim={dim} must be a multiple of head_dim × (n_heads / n_kv_heads) = "
                           f"{model.head_dim * group}: the proxy keeps the heads' width and grouping, with fewer heads")
-    ffn = round(model.ffn_hidden * dim / model.dim) if model.ffn_hidden else 0
+    if dim >= model.dim:
+        raise ConfigError(f"tune.proxy_dim={dim} must be narrower than the model's dim={model.dim}")
     return dataclasses.replace(model, dim=dim, n_heads=heads, n_kv_heads=heads // group if model.n_kv_heads else 0,
-                               ffn_hidden=ffn)
+                               ffn_hidden=round(model.hidden * dim / model.dim))  # every hidden size × the same ratio

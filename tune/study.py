@@ -274,13 +274,14 @@ def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
             check_fits(dataset, global_batch=batch, world=job.ray.num_workers, needs_val=True)
         except ConfigError as exc:
             raise ConfigError(f"--tune.batch {batch}: {exc}") from None
-    job.tune.mark_tokens(dataset.seq_len)  # refuses a budget too small for every batch size, before Ray starts
+    mark = job.tune.mark_tokens(dataset.seq_len)  # refuses a budget too small for every batch size, before Ray starts
     init_ray(log_to_driver=verbose())  # trials' lines would interleave; the study prints a line per trial
     check_local_paths(where, shared_fs=job.storage.shared_fs)
     require_state_api()
     tuner = build_tuner(job, seq_len=dataset.seq_len, vocab_size=dataset.vocab_size)
-    print(f"study in {job.tune.dir}; each trial's curves: tensorboard --logdir {storage.join(job.tune.dir, 'trials')}",
-          flush=True)
+    proxy = f" at proxy width {job.tune.proxy_dim}" if job.tune.proxy_dim else ""
+    print(f"study in {job.tune.dir}: {mark * job.tune.marks:,} training tokens a trial{proxy}, validated every "
+          f"{mark:,}; each trial's curves: tensorboard --logdir {storage.join(job.tune.dir, 'trials')}", flush=True)
     rows = summarize(tuner.fit(), job.tune, dataset.seq_len)
     best = best_row(rows)
     write_outputs(job, rows, best, vocab_size=dataset.vocab_size)
