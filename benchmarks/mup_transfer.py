@@ -71,7 +71,8 @@ def report(table: dict, lrs: list[float], widths: list[int]) -> None:
               f"width {wide} at width {narrow}'s best lr is {100 * worse:.2f} % above its best loss")
         if mup:
             met = abs(moved) <= 1 and worse <= 0.01
-            print(f"targets (muP: best lr within one grid step, transferred loss within 1 %): {'met' if met else 'MISSED'}")
+            print("targets (muP: best lr within one grid step, transferred loss within 1 %): "
+                  f"{'met' if met else 'MISSED'}")
 
 
 def main() -> None:

@@ -30,7 +30,8 @@ def coordinates(width: int, *, mup: bool, steps: int = 4, lr: float = 1e-2) -> d
     seen: dict[str, float] = {}
     hooks = [model.tok_embeddings.register_forward_hook(lambda m, i, o: seen.__setitem__("embedding", o.abs().mean()))]
     for n, block in enumerate(model.layers):
-        hooks.append(block.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(f"block {n}", o[0].abs().mean())))
+        hooks.append(block.register_forward_hook(
+            lambda m, i, o, n=n: seen.__setitem__(f"block {n}", o[0].abs().mean())))
     for _ in range(steps):
         loss, _ = lm_loss(model, batch)
         (loss / batch[:, 1:].numel()).backward()

@@ -62,8 +62,9 @@ def build_optimizer(model: nn.Module, *, optim: OptimConfig, width_mult: float) 
     """AdamW over parameter groups built by parameter name (so they are the same under FSDP2, compile and after a
     resume): decayed matrices and (unless configured) undecayed norms/embeddings; under μP (width_mult m != 1) the
     hidden matrices form a last group of their own at lr / m, with weight decay × m: torch's AdamW shrinks by
-    lr · weight_decay per step, which then stays the same at every width (as microsoft/mup's MuAdamW does). The fused kernel (CUDA and CPU, DTensor shards included)
-    reads `optimizer.found_inf` and skips a non-finite step on the device, with no host sync."""
+    lr · weight_decay per step, which then stays the same at every width (as microsoft/mup's MuAdamW does). The
+    fused kernel (CUDA and CPU, DTensor shards included) reads `optimizer.found_inf` and skips a non-finite step on
+    the device, with no host sync."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decayed = {n for n, p in params if optim.decay_norms_and_embeddings or not _no_decay(n, p)}
     hidden = {n for n in decayed if width_mult != 1 and is_hidden(n)}

@@ -93,8 +93,8 @@ class TuneConfig:
         mark = self.budget_tokens // self.marks // unit * unit
         if mark == 0:
             hint = ", or use batch sizes that divide one another" if unit > max(self.batch) * seq_len else ""
-            raise ConfigError(f"tune.budget_tokens={self.budget_tokens} over {self.marks} marks is less than one step of "
-                              f"every batch size in tune.batch={','.join(map(str, self.batch))} ({unit:,} tokens: "
+            raise ConfigError(f"tune.budget_tokens={self.budget_tokens} over {self.marks} marks is less than one "
+                              f"step of every batch size in tune.batch={','.join(map(str, self.batch))} ({unit:,} tokens: "
                               f"their least common multiple × seq_len {seq_len}); raise it to at least "
                               f"{unit * self.marks:,}{hint}")
         return mark
@@ -121,8 +121,8 @@ class TuneJobConfig(JobConfig):
         start = ("--init.from_hf", self.init.from_hf) if self.init.from_hf else \
             ("--checkpoint.resume_from", self.checkpoint.resume_from)
         if start[1]:
-            raise ConfigError(f"tune.proxy_dim={self.tune.proxy_dim} trains proxies from scratch; {start[0]}={start[1]} "
-                              "starts from weights of the configured width: drop one of them")
+            raise ConfigError(f"tune.proxy_dim={self.tune.proxy_dim} trains proxies from scratch; "
+                              f"{start[0]}={start[1]} starts from weights of the configured width: drop one of them")
         proxy_model(self.model, self.tune.proxy_dim)  # refuses a width the model cannot shrink to
 
 
