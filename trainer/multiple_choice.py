@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from raylm import storage
 from raylm.errors import DataError
+from trainer.data import rank_micro_batches
 
 DELIMITER = " "
 
@@ -111,16 +112,6 @@ def load_task(path: str, tokenizer, *, max_len: int, limit: int = 0, seed: int =
     return Task(task_name(path), items, requests)
 
 
-def request_batches(requests: list[tuple[list[int], int]], *, micro_batch: int, rank: int,
-                    world: int) -> list[np.ndarray]:
-    """Request indices of this rank's micro-batches: longest first (little padding), cut the same on any W, rank r
-    takes micro-batches r, r + W, …, every rank as many (the last may be empty)."""
-    order = np.argsort([-len(ids) for ids, _ in requests], kind="stable")
-    batches = [order[i:i + micro_batch] for i in range(0, len(order), micro_batch)]
-    mine = batches[rank::world]
-    return mine + [np.zeros(0, np.int64)] * (-(-len(batches) // world) - len(mine))
-
-
 def continuation_logprobs(model, batch: list[tuple[list[int], int]], device: torch.device) -> torch.Tensor:
     """(requests, 2) float64: each continuation's summed log-probability and whether every one of its tokens is the
     model's greedy choice, left on the device (no host sync). The log-softmax is taken over the continuation's
@@ -148,7 +139,8 @@ def score_requests(model, requests: list[tuple[list[int], int]], *, micro_batch:
     """(requests, 2): every request's continuation log-probability and greedy flag, on every rank. Collective
     when world > 1."""
     out = torch.zeros((len(requests), 2), dtype=torch.float64, device=device)
-    for chosen in request_batches(requests, micro_batch=micro_batch, rank=rank, world=world):
+    longest_first = np.argsort([-len(ids) for ids, _ in requests], kind="stable")  # little padding per batch
+    for chosen in rank_micro_batches(longest_first, micro_batch=micro_batch, rank=rank, world=world):
         scores = continuation_logprobs(model, [requests[i] for i in chosen], device)
         out[torch.from_numpy(chosen).to(device)] = scores
     if world > 1:
