@@ -145,3 +145,17 @@ def test_the_sft_demo_preset_fine_tunes_the_demo_model():
 def test_flex_attention_is_refused_on_cpu_before_any_work():
     with pytest.raises(ConfigError, match="model.attention=flex needs GPUs"):
         load_config(JobConfig, None, ["--model.attention=flex", "--train.device=cpu"])
+
+
+def test_auto_attention_is_flexattention_on_cuda_and_sdpa_elsewhere():
+    """The default steers packed rows on a GPU to FlexAttention's block-sparse kernel: CUDA's SDPA with a dense mask
+    and grouped-query heads falls back to its math kernel (fp32 (B, H, T, T) scores in every layer)."""
+    import torch
+
+    from trainer.model import ModelConfig, attention_kernel
+
+    assert ModelConfig().attention == "auto"
+    assert attention_kernel("auto", torch.device("cuda", 0)) == "flex"
+    assert attention_kernel("auto", torch.device("cpu")) == "sdpa"
+    assert attention_kernel("sdpa", torch.device("cuda", 0)) == "sdpa"
+    load_config(JobConfig, None, ["--train.device=cpu"])  # auto is never refused

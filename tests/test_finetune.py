@@ -150,6 +150,8 @@ def test_examples_are_packed_whole_and_overlong_ones_counted(tmp_path):
 
 
 def test_each_example_of_a_packed_row_computes_what_it_computes_alone(tmp_path):
+    from torch._dynamo.utils import counters
+
     torch.manual_seed(0)
     lengths = [7, 12, 5, 9]
     examples = [(torch.randint(3, 400, (n,)).tolist(), [True] * n) for n in lengths]
@@ -159,8 +161,10 @@ def test_each_example_of_a_packed_row_computes_what_it_computes_alone(tmp_path):
     model = small_model()
     with torch.no_grad():
         packed, _ = model(tokens, segments=segments)
-        model.cfg.attention = "flex"  # the GPU kernel, run eagerly on CPU (forward only)
+        model.cfg.attention = "flex"  # the GPU kernel, compiled as on a GPU (CPU runs its forward only)
+        compiled = counters["stats"]["unique_graphs"]
         flex, _ = model(tokens, segments=segments)
+    assert counters["stats"]["unique_graphs"] > compiled, "FlexAttention and its block mask run compiled"
     start = 0
     for ids, _ in examples:
         alone, _ = model(torch.tensor([ids]))

@@ -59,7 +59,8 @@ def main(argv: list[str]) -> int:
     if tokenizer.chat_template is None:
         raise DataError(f"{args.checkpoint}'s tokenizer has no chat template; chat with a model fine-tuned on "
                         "chat data (python -m dataprep --format chat)")
-    model, generator = weights.model(), torch.Generator().manual_seed(args.seed)
+    model = weights.model()
+    generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(args.seed)
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     print("chat: /reset starts over, /quit leaves", flush=True)

@@ -300,8 +300,9 @@ class Checkpointer:
                  lease: str | None = None):
         self.run_dir, self.cfg, self.rank, self.device, self.lease = run_dir, cfg, rank, device, lease
         self.group = dist.new_group(backend="gloo")  # the background writes' collectives, apart from training's
-        self.stager = DefaultStager(StagingOptions(use_pinned_memory=device.type == "cuda", use_shared_memory=False,
-                                                   use_async_staging=True, use_non_blocking_copy=False))
+        cuda = device.type == "cuda"  # pinned buffers and copies on a stream of the stager's own, beside the compute
+        self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                   use_async_staging=True, use_non_blocking_copy=cuda))
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-checkpoint")
         self.pending: Future | None = None
         self.staging: Future | None = None
@@ -318,6 +319,8 @@ class Checkpointer:
         state = {"model": model_sd, "optim": optim_sd}
         path = step_dir(self.run_dir, step)
         if self.cfg.async_save:
+            if self.device.type == "cuda":  # the stager's stream must see this step's update before it copies
+                self.stager._staging_stream.wait_stream(torch.cuda.current_stream())
             staged = self.staging = self.stager.stage(state)  # a Future: the copy runs while the next step computes
             self.pending = self.pool.submit(lambda: self._write_and_commit(staged.result(), path, step, train_state))
         else:

@@ -149,8 +149,12 @@ class StepLoader:
     compute; each step's rows are fetched with several requests in flight (see `Split.rows`).
     """
 
-    def __init__(self, split: Split, *, plan: BatchPlan, rank: int, seed: int, read_ahead: int = 2):
+    def __init__(self, split: Split, *, plan: BatchPlan, rank: int, seed: int, read_ahead: int = 2,
+                 pin_memory: bool = False):
         self.split, self.plan, self.rank, self.read_ahead = split, plan, rank, read_ahead
+        self.pin_memory = pin_memory
+        """Page-lock each step's rows (on the reading thread): a copy to a GPU from pageable memory is synchronous,
+        from pinned memory it runs beside the compute (`.to(device, non_blocking=True)`)."""
         self.order = EpochOrder(len(split), seed)
         self._pool = ThreadPoolExecutor(max_workers=max(1, read_ahead), thread_name_prefix="raylm-prefetch")
         self._ahead: deque[tuple[int, Future]] = deque()
@@ -163,6 +167,8 @@ class StepLoader:
 
     def _read(self, step: int) -> list[torch.Tensor]:
         rows = torch.from_numpy(self.split.rows(self.rank_rows(step)).astype(np.int64))
+        if self.pin_memory:
+            rows = rows.pin_memory()
         return micro_batches(rows, micro_batch=self.plan.micro_batch, count=self.plan.grad_accum)
 
     def batches(self, step: int) -> list[torch.Tensor]:

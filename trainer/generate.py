@@ -35,8 +35,10 @@ def main(argv: list[str]) -> int:
     prompt = tokenizer.encode([args.prompt])[0]
     if not 0 < len(prompt) <= weights.cfg.max_seq_len:
         raise ConfigError(f"--prompt is {len(prompt)} tokens; it must hold 1 to max_seq_len={weights.cfg.max_seq_len}")
-    out = generate(weights.model(), prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                   eos_id=tokenizer.eos_id, generator=torch.Generator().manual_seed(args.seed))
+    model = weights.model()
+    generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(args.seed)
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                   eos_id=tokenizer.eos_id, generator=generator)
     print(args.prompt + tokenizer.decode(out[len(prompt):]))
     return 0
 

@@ -152,7 +152,7 @@ def check_kernel(job: JobConfig, device: str) -> None:
     """FlexAttention trains on GPUs only: refused on the driver for --train.device=cpu, on workers that got no GPU."""
     if job.model.attention == "flex" and device == "cpu":
         raise ConfigError("model.attention=flex needs GPUs (FlexAttention has no backward on CPU); use "
-                          "--model.attention=sdpa on CPU, or --ray.use_gpu=true")
+                          "--model.attention=auto (flex on GPUs, sdpa on CPU), or --ray.use_gpu=true")
 
 
 def paths(job: JobConfig) -> dict[str, str]:

@@ -40,7 +40,7 @@ directory so several jobs' curves stay apart: what cluster/grafana/raylm.json pl
 def measure_matmul_flops(n: int = 2048, seconds: float = 1.0) -> float:
     """Dense fp32 n×n matmul FLOP/s on this process's threads: the CPU 'peak' for MFU. The fastest single matmul
     counts, not the mean: anything else running (another rank's start-up, the OS) only slows some of them."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device="cpu"), torch.randn(n, n, device="cpu")
     a @ b  # warm-up
     best, start = float("inf"), time.perf_counter()
     while time.perf_counter() - start < seconds:

@@ -25,7 +25,7 @@ HIDDEN_MATRICES = ("attention.wq.", "attention.wk.", "attention.wv.", "attention
 its fan-out (the experts) is fixed, but its update grows with its fan-in as a hidden matrix's does, so it trains at
 lr / m; it starts at std / √m like them (strict μP would give this output-like matrix std / m: at init the router's
 logits are then larger by √m, a softer start the training lr does not depend on)."""
-ATTENTION = ("sdpa", "flex")
+ATTENTION = ("auto", "sdpa", "flex")
 NOT_IN_WEIGHTS = ("attention", "max_seq_len")
 """ModelConfig fields that change no weight: the attention kernel, and the RoPE table's length. A checkpoint loads
 into a model that differs from it only in these."""
@@ -82,10 +82,12 @@ class ModelConfig:
     shrink per step, is the same at every width), the LM head's logits are scaled by 1 / m; embeddings, norms and
     the head train at lr. The best lr of a model of width mup_base_dim is then the best lr at any width (grown by
     heads of the same head_dim). 0 = the standard parametrisation."""
-    attention: str = "sdpa"
-    """Kernel for packed examples (chat data), where attention is block-causal: 'sdpa' with a dense (T, T) mask per
-    row (CPU, short rows), or 'flex', FlexAttention's block-sparse kernel (the GPU setting; it is compiled). Plain
-    causal attention always uses SDPA's causal kernel. Not part of the architecture: any value loads any weights."""
+    attention: str = "auto"
+    """Kernel for packed examples (chat data), where attention is block-causal: 'flex', FlexAttention's
+    block-sparse kernel (compiled; it never builds a (T, T) mask), or 'sdpa' with a dense (T, T) boolean mask per
+    row, which CUDA runs in its slow math kernel; 'auto' = flex on CUDA, sdpa elsewhere (FlexAttention has no
+    backward on CPU). Plain causal attention always uses SDPA's causal kernel. Not part of the architecture: any
+    value loads any weights."""
 
     def __post_init__(self):
         n_kv = self.n_kv_heads or self.n_heads
@@ -169,17 +171,24 @@ def is_hidden(name: str) -> bool:
     return any(part in name for part in HIDDEN_MATRICES)
 
 
+def attention_kernel(attention: str, device: torch.device) -> str:
+    """The kernel `attention` ('auto', 'sdpa' or 'flex') means on `device`: 'auto' is flex on CUDA, sdpa elsewhere."""
+    if attention == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    return attention
+
+
 def initial_value(name: str, shape, cfg: ModelConfig, seed: int) -> torch.Tensor:
     """The initial value of parameter `name`: drawn from a generator seeded by (seed, name), so it is the same
     whatever the init order, device count or sharding. Under μP a hidden matrix's std is divided by sqrt(m)."""
     if name.endswith("norm.weight"):
-        return torch.ones(shape)
+        return torch.ones(shape, device="cpu")
     std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith(RESIDUAL_OUTPUTS) else cfg.init_std
     if is_hidden(name):
         std /= math.sqrt(cfg.width_mult)
     digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest, "big") & (2**63 - 1))
-    return torch.randn(shape, generator=generator) * std
+    generator = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "big") & (2**63 - 1))
+    return torch.randn(shape, generator=generator, device="cpu") * std  # on the CPU: the same bits on any device
 
 
 class RMSNorm(nn.Module):
@@ -279,14 +288,15 @@ class Attention(nn.Module):
 
 
 @functools.cache
-def _compiled_flex():
-    return torch.compile(flex_attention)
+def _compiled(fn):
+    """`fn` compiled once per process: eager FlexAttention is a slow reference, and a compiled create_block_mask
+    never builds the (T, T) mask in memory."""
+    return torch.compile(fn)
 
 
 def flex(q, k, v, block_mask: BlockMask, gqa: bool) -> torch.Tensor:
-    """FlexAttention, compiled on GPU (eager it is a slow reference); CPU runs it eagerly, forward only."""
-    attend = _compiled_flex() if q.is_cuda else flex_attention
-    return attend(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    """FlexAttention, compiled (on CPU it has a forward only: training there uses SDPA)."""
+    return _compiled(flex_attention)(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 class FeedForward(nn.Module):
@@ -399,7 +409,7 @@ class Transformer(nn.Module):
         if segments is not None:
             positions = positions_in_segments(segments)  # (B, T)
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd)
-            mask = block_causal_mask(segments, flex=self.cfg.attention == "flex")
+            mask = block_causal_mask(segments, flex=attention_kernel(self.cfg.attention, segments.device) == "flex")
         aux = torch.zeros((), device=h.device, dtype=torch.float32)
         for block in self.layers:
             h, block_aux = block(h, cos, sin, cache, start, mask)
@@ -431,8 +441,7 @@ def block_causal_mask(segments: torch.Tensor, *, flex: bool) -> torch.Tensor | B
         def same_segment_causal(b, h, q, kv):
             return (kv <= q) & (segments[b, q] == segments[b, kv])
 
-        return create_block_mask(same_segment_causal, B, None, T, T, device=segments.device,
-                                 _compile=segments.is_cuda)  # compiled, it never builds the (T, T) mask in memory
+        return _compiled(create_block_mask)(same_segment_causal, B, None, T, T, device=segments.device)
     causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
     return (causal & (segments[:, :, None] == segments[:, None, :])).unsqueeze(1)
 

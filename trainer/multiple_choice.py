@@ -119,9 +119,9 @@ def continuation_logprobs(model, batch: list[tuple[list[int], int]], device: tor
     runs one dummy row (FSDP's forwards are collective) and returns none."""
     rows = batch or [([0, 0], 1)]
     width = max(len(ids) for ids, _ in rows) - 1
-    tokens = torch.zeros((len(rows), width + 1), dtype=torch.long)
+    tokens = torch.zeros((len(rows), width + 1), dtype=torch.long, device="cpu")  # built on the host, sent once
     for i, (ids, _) in enumerate(rows):
-        tokens[i, :len(ids)] = torch.tensor(ids)
+        tokens[i, :len(ids)] = torch.tensor(ids, device="cpu")
     tokens = tokens.to(device)
     logits, _ = model(tokens[:, :-1])
     out = torch.zeros((len(batch), 2), dtype=torch.float64, device=device)

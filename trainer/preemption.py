@@ -78,7 +78,7 @@ class Preemption:
     def __init__(self, device: torch.device, *, grace_s: float):
         _NOTICE.grace_s = grace_s
         cuda = device.type == "cuda"
-        self._host = torch.zeros((), pin_memory=cuda)
+        self._host = torch.zeros((), device="cpu", pin_memory=cuda)
         self._copied = torch.cuda.Event() if cuda else None
 
     def __enter__(self) -> "Preemption":

@@ -34,7 +34,7 @@ from trainer.heldout import flat_metrics, held_out, loss_sums, report
 from trainer.loss import count_loss_tokens, lm_loss
 from trainer.job import JobConfig, check_kernel
 from trainer.metrics import MetricsLog, device_peak_flops, peak_memory_gib
-from trainer.model import Transformer, generate, initial_value
+from trainer.model import Transformer, attention_kernel, generate, initial_value
 from trainer.optim import build_optimizer, build_scheduler, changed_optim, set_schedule_step
 from trainer.parallelize import materialize, parallelize
 from trainer.preemption import Preempted, Preemption
@@ -201,7 +201,7 @@ class Trainer:
         self.preemption = Preemption(self.d.device, grace_s=job.checkpoint.preempt_grace_s)
         self.start_step = self.resume()
         self.loader = StepLoader(self.dataset.train, plan=self.plan, rank=self.d.rank, seed=job.data.seed,
-                                 read_ahead=job.data.read_ahead)
+                                 read_ahead=job.data.read_ahead, pin_memory=self.d.device.type == "cuda")
         tokenizer = self.dataset.tokenizer()
         self.val = held_out(self.dataset, name="val", token_bytes=tokenizer.token_bytes, rows=job.train.eval_rows,
                             seed=job.data.seed, micro_batch=job.train.micro_batch, rank=self.d.rank,
@@ -221,6 +221,9 @@ class Trainer:
                      "peak %.0f GFLOP/s per worker (%d threads)", job.model.num_params() / 1e6,
                      job.model.num_params(active=True) / 1e6, self.d.world, self.plan.grad_accum, self.plan.micro_batch,
                      f"{self.tokens_per_step:,}", self.peak_flops / 1e9, torch.get_num_threads())
+            if len(self.dataset.train.shape) > 1:  # rows of packed examples: block-causal attention
+                log.info("attention: %s for packed examples (model.attention=%s on %s)",
+                         attention_kernel(job.model.attention, self.d.device), job.model.attention, self.d.device.type)
 
     def resume(self) -> int:
         """Load the run's newest committed checkpoint (or, when the run has none, checkpoint.resume_from or the weights
@@ -253,7 +256,7 @@ class Trainer:
         for group, values in zip(self.optimizer.param_groups, configured):
             group.update(values)  # this run's --optim.* values, not the checkpoint's
         set_schedule_step(self.scheduler, step)
-        torch.set_rng_state(torch.tensor(bytearray.fromhex(state["rng"]), dtype=torch.uint8))
+        torch.set_rng_state(torch.tensor(bytearray.fromhex(state["rng"]), dtype=torch.uint8, device="cpu"))
         if self.d.rank == 0:
             log.info("resumed from %s at step %d (saved by %d workers, now %d)", path, step, state["world"],
                      self.d.world)
@@ -404,8 +407,9 @@ class Trainer:
         tokenizer = self.dataset.tokenizer()
         ids = tokenizer.encode([prompt])[0]
         self.model.eval()
+        generator = torch.Generator(device=self.d.device).manual_seed(self.job.train.seed)  # where the logits are
         out = generate(self.model, ids, self.job.train.sample_tokens, self.job.train.sample_temperature, top_k=50,
-                       eos_id=tokenizer.eos_id, generator=torch.Generator().manual_seed(self.job.train.seed))
+                       eos_id=tokenizer.eos_id, generator=generator)
         self.model.train()
         return prompt + tokenizer.decode(out[len(ids):])
 
