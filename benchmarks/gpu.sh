@@ -95,7 +95,7 @@ else
     switches=(--train.device=cuda --ray.use_gpu=true --parallel.mixed_precision=bf16 --parallel.compile=true)
     moe_size=()
     attention=flex flex_device=cuda
-    preempt=(--train.global_batch=32 --train.micro_batch=16) preempt_every=5
+    preempt=(--train.global_batch=32 --train.micro_batch=8) preempt_every=5  # eager: more activation memory
     evaluate=(--run.device=cuda --run.mixed_precision=bf16 --eval.rows=256)
     device=$("$py" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")')
     if [[ -z $device ]]; then
@@ -111,7 +111,7 @@ mkdir -p "$out/logs" "$out/runs"
 data="$out/data-seq$seq_len" last=${presets[-1]} failed=0
 note "${presets[*]} on $device (torch $version), seq $seq_len, $steps steps per run; output in $out"
 
-fail() {  # fail CHECK SUBJECT DETAIL: a FAIL line on stdout, the end of its log on stderr
+fail() {  # fail CHECK SUBJECT DETAIL: a FAIL line on stdout, counted
     printf '%-8s %-16s FAIL  %s\n' "$1" "$2" "$3"
     failed=$((failed + 1))
 }
@@ -150,7 +150,7 @@ bench() {  # bench CONFIG LAUNCHER [DATASET LABEL OVERRIDE...]: one run, then it
         fail "$name" "$label" "no figures from $run/metrics.jsonl (gpu_report's error above)"
 }
 
-check() {  # check ARGS...: python -m benchmarks.gpu_checks ARGS, its line on stdout
+check() {  # check ARGS...: python -m benchmarks.gpu_checks ARGS, its line on stdout (a crash's traceback: checks.log)
     local t0=$SECONDS
     "$py" -m benchmarks.gpu_checks "$@" 2>>"$out/logs/checks.log" || failed=$((failed + 1))
     note "$1: $(took $((SECONDS - t0)))"

@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 
 NOTICE = re.compile(r"preemption notice: checkpoint at step (\d+) committed ([\d.]+)s after it \(grace (\d+)s\)")
 RESUMED = re.compile(r"resumed from \S+ at step (\d+)")
@@ -244,7 +245,17 @@ def main() -> int:
     pre.add_argument("--after-step", type=int, required=True)
     pre.add_argument("--timeout-s", type=float, default=600.0)
     args = ap.parse_args()
-    command = [a for a in getattr(args, "command", [])]
+    try:
+        return run_check(args)
+    except Exception as exc:  # a crash is this check's FAIL line; the traceback goes to stderr (gpu.sh: its log)
+        traceback.print_exc()
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        return verdict(args.check, getattr(args, "subject", "packed vs alone"), False,
+                       f"{type(exc).__name__}: {reason} (traceback on stderr)")
+
+
+def run_check(args: argparse.Namespace) -> int:
+    command = list(getattr(args, "command", []))
     command = command[1:] if command[:1] == ["--"] else command
     if args.check == "flex":
         return flex_check(args.device)
