@@ -1,20 +1,40 @@
 #!/usr/bin/env bash
-# GPU check: tokens/s, MFU and peak memory of the 1b preset, then 125m, under torchrun and under Ray Train (bf16,
-# torch.compile, FSDP2 on 1 GPU), then 125m fine-tuned on packed chat data with FlexAttention's block-causal kernel
-# (--model.attention=flex), one line each on stdout; progress and timings go to stderr.
+# GPU checks: what only a GPU can show, one line each on stdout (a figure, or PASS/FAIL/SKIP and why); progress and
+# timings on stderr; every run's log under --out. Sized to take under 10 min on one H100 (an estimate: the CPU smoke
+# is what has run so far).
 #
 #   bash benchmarks/gpu.sh [--smoke] [--out DIR] [-- --section.field=value ...]
 #
-#   --smoke   on CPU: the tiny preset, fp32, no compile, 8 stdlib files, SDPA for chat; ~2 min on 2 cores
+#   --smoke   on CPU at tiny size: the tiny preset, fp32, no compile, 20 stdlib files; ~2 min on 2 cores
 #   --out     where the dataset, run directories and logs go (default: a new directory under $TMPDIR or /tmp)
-#   -- ...    extra trainer overrides for every run (e.g. -- --train.micro_batch=4 on a GPU with less memory)
+#   -- ...    extra trainer overrides for every training run (e.g. -- --train.micro_batch=4 on a smaller GPU)
 #
-# Installs nothing but the project (`pip install -e .` into $PYTHON, default `python`, when raylm is missing).
+# The checks, in order (--smoke: tiny for 1b and 125m, MoE at tiny size, SDPA for the fine-tuning run):
+#   1b, 125m  tokens/s, MFU and peak memory, bf16 + torch.compile + FSDP2 on 1 GPU, under torchrun, then under
+#             Ray Train when Ray is here
+#   sample    the 125m torchrun run keeps train.sample_prompt at its default: PASS if it exits 0 and prints the
+#             end-of-run sample (generated on the GPU after the last checkpoint)
+#   flex      4 examples of different lengths packed in one row through compiled FlexAttention, forward and
+#             backward, bf16: PASS if each example's logits and the gradients equal running it alone (SDPA causal)
+#             within bf16 tolerance, with the largest errors (--smoke: fp32 forward only; no backward on CPU)
+#   sft       125m fine-tuned on packed chat data with FlexAttention's block-causal kernel: tokens/s, MFU, memory
+#   moe       configs/moe.toml (8 experts, top-2), bf16 + compile: tokens/s, MFU, peak memory
+#   eval      python -m trainer.eval --no-ray on the 125m torchrun run's checkpoint: PASS and its bits per byte
+#   preempt   SIGTERM to the training rank of a torchrun run (125m, eager) once it has logged a step: PASS if the
+#             checkpoint of its step commits within checkpoint.preempt_grace_s and the same command resumes from it
+# A failed check prints FAIL (with its log's path) and the others still run; the exit status is 1 if any failed.
+#
+# Bare-box mode (a GPU box with torch but no Ray, no package index): when `ray` does not import or raylm is not
+# installed for $PYTHON, the Ray half is skipped (one line on stderr says so), dataprep runs in this process
+# (--workers.local=true) and every run uses torchrun. Nothing is ever installed: `pip install -e .` (and torch for
+# the GPU's CUDA) first for the Ray half. Either way the code is this checkout's (PYTHONPATH=. is prepended) and
+# $PYTHON (default `python`) needs torch >= 2.8.
+#
 # The dataset is the Python standard library (python -m dataprep's demo corpus) at seq 2048 with a 32k vocabulary
-# (--smoke: 8 files, seq 64, vocab 512). Each run trains 31 steps and logs every 10 (--smoke: 13 and 4); a line is
-# the mean of the log windows after the first (compile, warm-up), leaving out the last step's window, which holds
-# the end-of-run checkpoint (deleted after the run). dataprep and Ray Train join the Ray cluster in RAY_ADDRESS if
-# set (or one started with `ray start` on this machine), else each starts a local Ray of its own.
+# (--smoke: 20 files, seq 64, vocab 512). Each throughput run trains 31 steps and logs every 10 (--smoke: 13 and 4);
+# a line is the mean of the log windows after the first (compile, warm-up), leaving out the last step's window,
+# which holds the end-of-run checkpoint (deleted after the run). With Ray, dataprep and Ray Train join the Ray
+# cluster in RAY_ADDRESS if set (or one started with `ray start` on this machine), else each starts a local Ray.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -32,84 +52,131 @@ while (($#)); do
 done
 [[ -z $out || $out == /* ]] || out="$PWD/$out"  # relative to where it was called from, before the cd
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, whichever raylm is installed
 py=${PYTHON:-python}
 
 note() { echo "gpu.sh: $*" >&2; }
 took() { printf '%d min %02d s' $(($1 / 60)) $(($1 % 60)); }
 free_port() { "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-if ! "$py" -c 'import importlib.metadata as m, importlib.util as u; m.version("raylm")
-assert all(u.find_spec(name) for name in ("torch", "ray", "sentencepiece"))' 2>/dev/null; then
-    note "raylm is not installed for $py: pip install -e . (on a GPU machine install torch for its CUDA first)"
-    "$py" -m pip install -e .
+if ! version=$("$py" -c 'import torch; print(torch.__version__)' 2>/dev/null); then
+    echo "error: $py cannot import torch; install torch (for the GPU's CUDA) or point PYTHON at a Python that has it" >&2
+    exit 2
 fi
+if ! "$py" -c 'import sys, torch; sys.exit(tuple(map(int, torch.__version__.split(".")[:2])) < (2, 8))'; then
+    echo "error: gpu.sh needs torch >= 2.8 (FlexAttention, FSDP2), $py has torch $version" >&2
+    exit 2
+fi
+if ! missing=$("$py" -c 'import dataprep.pipeline, trainer.train, trainer.eval_job, torch.utils.tensorboard' 2>&1); then
+    echo "error: $py cannot import what the runs need ($(tail -n 1 <<<"$missing")); install it (no Ray needed)" >&2
+    exit 2
+fi
+# The Ray half needs Ray, and raylm installed: a Ray cluster's workers import it from their own Python
+why_bare=""
+"$py" -c 'import ray' 2>/dev/null || why_bare="ray does not import"
+(cd / && env -u PYTHONPATH "$py" -c 'import raylm' 2>/dev/null) || why_bare+="${why_bare:+ and }raylm is not installed"
+[[ -z $why_bare ]] || note "bare-box mode ($why_bare for $py): the Ray half is skipped; torchrun only, dataprep" \
+    "in this process, nothing installed (pip install -e . first for the Ray half)"
 
 if ((smoke)); then
     presets=(tiny) steps=13 log_every=4 seq_len=64
-    declare -A global=([tiny]=8) micro=([tiny]=4)
-    prep=(--max-files 8 --vocab-size 512 --seq-len "$seq_len")
+    declare -A global=([tiny]=8 [moe]=8) micro=([tiny]=4 [moe]=4)
+    prep=(--max-files 20 --vocab-size 512 --seq-len "$seq_len" --val-fraction 0.2)
     switches=(--train.device=cpu --ray.use_gpu=false --parallel.mixed_precision=fp32 --parallel.compile=false)
-    attention=sdpa  # FlexAttention has no backward on CPU
+    moe_size=(--model.dim=64 --model.n_layers=2 --model.n_heads=4 --model.n_kv_heads=2 --model.ffn_hidden=128)
+    attention=sdpa flex_device=cpu  # FlexAttention has no backward on CPU
+    preempt=(--train.global_batch=4 --train.micro_batch=4) preempt_every=4
+    evaluate=(--run.device=cpu --run.mixed_precision=fp32 --eval.rows=32)
     device=CPU
 else
     presets=(1b 125m) steps=31 log_every=10 seq_len=2048
-    declare -A global=([1b]=16 [125m]=32) micro=([1b]=8 [125m]=16)  # micro-batches sized for 80 GB
-    prep=(--vocab-size 32000 --seq-len "$seq_len")
+    declare -A global=([1b]=16 [125m]=32 [moe]=32) micro=([1b]=8 [125m]=16 [moe]=16)  # sized for 80 GB
+    prep=(--vocab-size 32000 --seq-len "$seq_len" --val-fraction 0.02)
     switches=(--train.device=cuda --ray.use_gpu=true --parallel.mixed_precision=bf16 --parallel.compile=true)
-    attention=flex
+    moe_size=()
+    attention=flex flex_device=cuda
+    preempt=(--train.global_batch=32 --train.micro_batch=8) preempt_every=5  # eager: more activation memory
+    evaluate=(--run.device=cuda --run.mixed_precision=bf16 --eval.rows=256)
     device=$("$py" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")')
     if [[ -z $device ]]; then
-        echo "error: torch sees no CUDA GPU (torch $("$py" -c 'import torch; print(torch.__version__)')); on a" \
-            "CPU machine, bash benchmarks/gpu.sh --smoke checks this script" >&2
+        echo "error: torch sees no CUDA GPU (torch $version); on a CPU machine, bash benchmarks/gpu.sh --smoke" \
+            "checks this script" >&2
         exit 2
     fi
 fi
+launchers=(torchrun ray-train) local_prep=()
+[[ -z $why_bare ]] || launchers=(torchrun) local_prep=(--workers.local=true)
 out=${out:-$(mktemp -d "${TMPDIR:-/tmp}/raylm-gpu.XXXXXX")}
 mkdir -p "$out/logs" "$out/runs"
-data="$out/data-seq$seq_len"
-note "${presets[*]} on $device, seq $seq_len, $steps steps per run; output in $out"
+data="$out/data-seq$seq_len" last=${presets[-1]} failed=0
+note "${presets[*]} on $device (torch $version), seq $seq_len, $steps steps per run; output in $out"
+
+fail() {  # fail CHECK SUBJECT DETAIL: a FAIL line on stdout, counted
+    printf '%-8s %-16s FAIL  %s\n' "$1" "$2" "$3"
+    failed=$((failed + 1))
+}
 
 start=$SECONDS
-if ! "$py" -m dataprep --output "$data" "${prep[@]}" >"$out/logs/dataprep.log" 2>&1; then
+if ! "$py" -m dataprep --output "$data" "${prep[@]}" ${local_prep[@]+"${local_prep[@]}"} >"$out/logs/dataprep.log" 2>&1; then
     tail -n 40 "$out/logs/dataprep.log" >&2
     echo "error: dataprep failed; its log is $out/logs/dataprep.log" >&2
     exit 1
 fi
 note "dataset ready in $(took $((SECONDS - start)))"
 
-bench() {  # bench PRESET LAUNCHER [DATASET LABEL OVERRIDE...]: one run, then its line on stdout
-    local preset=$1 launcher=$2 dataset=${3:-$data} label=${4:-$2} t0=$SECONDS cmd
-    local run="$out/runs/$preset-$label" log="$out/logs/$preset-$label.log"
-    local more=("${@:5}")
-    case $launcher in
+trainer_cmd() {  # trainer_cmd LAUNCHER: the command line that starts the trainer (into the array `cmd`)
+    case $1 in
         torchrun) cmd=("$py" -m torch.distributed.run --nproc_per_node=1 --master_port="$(free_port)"
                        -m trainer --no-ray) ;;
         ray-train) cmd=("$py" -m trainer --ray.num_workers=1) ;;
     esac
-    rm -rf "$run"  # a finished run directory would only say so
-    if ! "${cmd[@]}" --config "configs/$preset.toml" --data.path "$dataset" --run.dir "$run" "${switches[@]}" \
-        --train.steps="$steps" --train.log_every="$log_every" --train.global_batch="${global[$preset]}" \
-        --train.micro_batch="${micro[$preset]}" --optim.warmup_steps=10 --train.eval_every=0 --train.eval_rows=0 \
-        --train.sample_prompt= --checkpoint.every=0 ${more[@]+"${more[@]}"} ${extra[@]+"${extra[@]}"} >"$log" 2>&1; then
-        tail -n 40 "$log" >&2
-        echo "error: $preset $label failed; its log is $log" >&2
-        exit 1
-    fi
-    rm -rf "$run/checkpoints"  # the end-of-run checkpoint (~12 GB for 1b) is not what is measured
-    note "$preset $label: $(took $((SECONDS - t0)))"
-    "$py" -m benchmarks.gpu_report "$run" --preset "$preset" --launcher "$label"
 }
 
+bench() {  # bench CONFIG LAUNCHER [DATASET LABEL OVERRIDE...]: one run, then its figure line on stdout; 1 if it failed
+    local config=$1 launcher=$2 dataset=${3:-$data} label=${4:-$2} t0=$SECONDS cmd name=${1##*/}
+    local run="$out/runs/$name-$label" log="$out/logs/$name-$label.log" more=("${@:5}")
+    trainer_cmd "$launcher"
+    rm -rf "$run"  # a finished run directory would only say so
+    if ! "${cmd[@]}" --config "configs/$config.toml" --data.path "$dataset" --run.dir "$run" "${switches[@]}" \
+        --train.steps="$steps" --train.log_every="$log_every" --train.global_batch="${global[$name]}" \
+        --train.micro_batch="${micro[$name]}" --optim.warmup_steps=10 --train.eval_every=0 --train.eval_rows=0 \
+        --checkpoint.every=0 ${more[@]+"${more[@]}"} ${extra[@]+"${extra[@]}"} >"$log" 2>&1; then
+        tail -n 40 "$log" >&2
+        fail "$name" "$label" "the run failed; its log is $log"
+        return 1
+    fi
+    note "$name $label: $(took $((SECONDS - t0)))"
+    "$py" -m benchmarks.gpu_report "$run" --preset "$name" --launcher "$label" ||
+        fail "$name" "$label" "no figures from $run/metrics.jsonl (gpu_report's error above)"
+}
+
+check() {  # check ARGS...: python -m benchmarks.gpu_checks ARGS, its line on stdout (a crash's traceback: checks.log)
+    local t0=$SECONDS
+    "$py" -m benchmarks.gpu_checks "$@" 2>>"$out/logs/checks.log" || failed=$((failed + 1))
+    note "$1: $(took $((SECONDS - t0)))"
+}
+
+# Throughput. The last preset's torchrun run keeps the default end-of-run sample and its checkpoint (for eval).
 for preset in "${presets[@]}"; do
-    bench "$preset" torchrun
-    bench "$preset" ray-train
+    for launcher in "${launchers[@]}"; do
+        if [[ $preset != "$last" || $launcher != torchrun ]]; then
+            bench "$preset" "$launcher" "$data" "$launcher" --train.sample_prompt= || true
+            rm -rf "$out/runs/$preset-$launcher/checkpoints"  # the end-of-run checkpoint (~12 GB for 1b)
+        elif bench "$preset" torchrun; then
+            check sample "$out/logs/$preset-torchrun.log" --subject "$preset torchrun"
+        else
+            fail sample "$preset torchrun" "the run failed; its log is $out/logs/$preset-torchrun.log"
+        fi
+    done
 done
+
+check flex --device "$flex_device"
 
 # Chat fine-tuning: conversations cut from the same corpus (a chunk of a file, then the next chunk as the reply),
 # tokenized with the dataset's tokenizer and raylm's chat template, packed whole into rows with a loss mask.
 chats="$out/chats" chat_data="$out/chat-seq$seq_len"
 mkdir -p "$chats"
-"$py" - "$chats/chats.jsonl" "${presets[-1]}" <<'PY'
+"$py" - "$chats/chats.jsonl" "$last" <<'PY'
 import glob, json, os, random, sys, sysconfig
 files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:400 if sys.argv[2] != "tiny" else 40]
 rng = random.Random(0)
@@ -122,11 +189,38 @@ with open(sys.argv[1], "w") as out:
             if "<|" not in prompt + reply:
                 out.write(json.dumps({"prompt": prompt, "response": reply}) + "\n")
 PY
-if ! "$py" -m dataprep --format chat --input "$chats" --tokenizer "$data" --output "$chat_data" --seq-len "$seq_len" \
-    --val-fraction 0 >"$out/logs/dataprep-chat.log" 2>&1; then
+if "$py" -m dataprep --format chat --input "$chats" --tokenizer "$data" --output "$chat_data" --seq-len "$seq_len" \
+    --val-fraction 0 ${local_prep[@]+"${local_prep[@]}"} >"$out/logs/dataprep-chat.log" 2>&1; then
+    bench "$last" torchrun "$chat_data" "sft-$attention" --model.attention="$attention" --train.sample_prompt= || true
+    rm -rf "$out/runs/$last-sft-$attention/checkpoints"
+else
     tail -n 40 "$out/logs/dataprep-chat.log" >&2
-    echo "error: chat dataprep failed; its log is $out/logs/dataprep-chat.log" >&2
-    exit 1
+    fail sft "chat dataprep" "its log is $out/logs/dataprep-chat.log"
 fi
-bench "${presets[-1]}" torchrun "$chat_data" "sft-$attention" --model.attention="$attention"
-note "done in $(took $((SECONDS - start))); logs and metrics.jsonl in $out"
+
+bench moe torchrun "$data" torchrun --train.sample_prompt= ${moe_size[@]+"${moe_size[@]}"} || true
+rm -rf "$out/runs/moe-torchrun/checkpoints"
+
+run="$out/runs/$last-torchrun"
+if [[ -d $run/checkpoints ]]; then
+    check eval --results "$out/eval-$last.json" --log "$out/logs/eval-$last.log" --subject "$last torchrun" -- \
+        "$py" -m torch.distributed.run --nproc_per_node=1 --master_port="$(free_port)" -m trainer.eval --no-ray \
+        --checkpoint "$run" --data.path "$data" --out "$out/eval-$last.json" "${evaluate[@]}"
+    rm -rf "$run/checkpoints"
+else
+    fail eval "$last torchrun" "no checkpoint: the $last torchrun run failed"
+fi
+
+# Preemption: eager (compiling twice, before and after, would only cost time), 40 steps, SIGTERM once a step is logged
+trainer_cmd torchrun
+run="$out/runs/$last-preempt"
+rm -rf "$run"
+check preempt --run-dir "$run" --log "$out/logs/$last-preempt.log" --after-step "$preempt_every" \
+    --subject "$last torchrun" -- "${cmd[@]}" --config "configs/$last.toml" --data.path "$data" --run.dir "$run" \
+    "${switches[@]}" --parallel.compile=false --train.steps=40 --train.log_every="$preempt_every" "${preempt[@]}" \
+    --optim.warmup_steps=10 --train.eval_every=0 --train.eval_rows=0 --train.sample_prompt= --checkpoint.every=0 \
+    ${extra[@]+"${extra[@]}"}
+rm -rf "$run/checkpoints"
+
+note "done in $(took $((SECONDS - start))); $failed failed; logs and metrics.jsonl in $out"
+((failed == 0))

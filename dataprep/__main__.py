@@ -4,8 +4,10 @@
 
 Ray Data runs one task per work unit (consecutive input files up to pack.unit_mb): it reads, tokenizes, packs and
 writes its own shards; the manifest is written last. Killed and run again with the same command, it keeps the
-finished units. With no input, the demo corpus is this Python's standard library (*.py, invalid UTF-8 replaced),
-written to data/stdlib with CPU-sized defaults (vocab 8000, seq_len 256, 2 MB units) unless given.
+finished units. `--workers.local=true` trains the tokenizer and runs the units in this process instead, one after
+another, without Ray (a machine with no Ray installed): the same bytes. With no input, the demo corpus is this
+Python's standard library (*.py, invalid UTF-8 replaced), written to data/stdlib with CPU-sized defaults (vocab
+8000, seq_len 256, 2 MB units) unless given.
 
     python -m dataprep --format chat --input CHATS.jsonl --tokenizer MODEL_OR_RUN --output DIR   # for fine-tuning
 

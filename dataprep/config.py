@@ -113,6 +113,9 @@ class OutputConfig:
 class WorkersConfig:
     num_workers: int | None = None
     """Tokenizer actors, one CPU each, started as the cluster has CPUs for them (default: one per CPU present)."""
+    local: bool = False
+    """Without Ray: train the tokenizer and pack every unit in this process, one unit after another (a machine
+    with no Ray installed, such as a bare GPU box). The same bytes as on any Ray cluster; only slower."""
 
     def __post_init__(self):
         _check([(self.num_workers is None or self.num_workers >= 1, "workers.num_workers", self.num_workers,

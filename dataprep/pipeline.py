@@ -1,5 +1,6 @@
 """The dataprep run, on the driver: list the corpus, cut it into units, get a tokenizer, let Ray Data run the units
-that are not done yet, and write the manifest from their stats.
+that are not done yet, and write the manifest from their stats. With `workers.local` the driver trains the tokenizer
+and runs the units itself, one after another, and never imports Ray.
 
 Determinism: units are fixed by the sorted listing and `pack.unit_mb`; a document's split is a seeded hash of its
 file and position; the tokenizer sample is chosen by a seeded hash; each unit's shards depend on nothing but its
@@ -24,6 +25,7 @@ import time
 from collections import Counter
 from contextlib import closing
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 DEMO_EXCLUDE = "site-packages/"
 DEMO_SOURCE = "stdlib"
 """The demo corpus's one source."""
+LOCAL_NODE = "local"
+"""What the summary calls the node of units packed with `workers.local`."""
 WILDCARD = re.compile(r"[*?\[]")
 
 
@@ -181,7 +185,8 @@ def run(cfg: DataprepConfig, *, demo: bool = False) -> RunResult:
     if cfg.input.format == "chat":
         check_chat_inputs(cfg, files, given_tokenizer)
     settings = run_settings(cfg, files, given_tokenizer, names)
-    check_local_paths(where, shared_fs=cfg.storage.shared_fs)
+    if not cfg.workers.local:  # one process on one machine: its paths are its own
+        check_local_paths(where, shared_fs=cfg.storage.shared_fs)
     existed = storage.exists(output)
     state = prepare_output(output, settings, overwrite=cfg.output.overwrite)
     if state == "finished":
@@ -191,8 +196,9 @@ def run(cfg: DataprepConfig, *, demo: bool = False) -> RunResult:
     timings = Timings(listing=time.perf_counter() - t0)
     log.info("corpus: %d files, %.1f MB, %d units", len(files), sum(f.size for f in files) / 1e6, len(units))
     t = time.perf_counter()
-    init_ray()
-    quiet_ray_data()
+    if not cfg.workers.local:
+        init_ray()
+        quiet_ray_data()
     timings.ray_start = time.perf_counter() - t
     try:
         result = make_dataset(cfg, files, names, units, given_tokenizer, settings, resume=state == "resume",
@@ -212,22 +218,28 @@ def run(cfg: DataprepConfig, *, demo: bool = False) -> RunResult:
 def get_tokenizer(cfg: DataprepConfig, files: list[FileEntry], given: Tokenizer | None, settings: dict, *,
                   resume: bool) -> Tokenizer:
     """The run's tokenizer: the one a resumed run already wrote, the user's, or one trained on a sample in a Ray
-    task (on a worker node of a cluster: the driver's node may have no CPUs to spare)."""
-    import ray
-
+    task (on a worker node of a cluster: the driver's node may have no CPUs to spare), or here (`workers.local`)."""
     if resume:
         return load_tokenizer(read_tokenizer_files(cfg.output.dir), where=cfg.output.dir)
     if given is None:
         plan = sample_plan(files, seed=cfg.pack.seed, sample_mb=cfg.tokenizer.sample_mb,
                            sample_file_mb=cfg.tokenizer.sample_file_mb)
-        task = ray.remote(num_cpus=1, max_retries=3)(sample_and_train)
-        model, lines = ray.get(task.remote(plan, text_field=cfg.input.text_field, vocab_size=cfg.tokenizer.vocab_size))
+        train = sample_and_train if cfg.workers.local else in_ray_task(sample_and_train)
+        model, lines = train(plan, text_field=cfg.input.text_field, vocab_size=cfg.tokenizer.vocab_size)
         given = load_tokenizer({SP_FILE: model})
         log.info("trained a %d-token BPE tokenizer on %d lines from %d files", cfg.tokenizer.vocab_size, lines,
                  len(plan["parts"]))
     write_tokenizer_files(given.files, cfg.output.dir)
     write_run_record(cfg.output.dir, settings, given.sha256)
     return given
+
+
+def in_ray_task(fn: Callable) -> Callable:
+    """`fn` run as a Ray task of one CPU (retried if its node dies), returning its result."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=3)(fn)
+    return lambda *args, **kwargs: ray.get(task.remote(*args, **kwargs))
 
 
 def make_dataset(cfg: DataprepConfig, files: list[FileEntry], names: list[str], units: list[Unit],
@@ -281,30 +293,44 @@ def actor_pool(cfg: DataprepConfig, units: int):
 
 
 def run_units(units: list[Unit], job: UnitJob, cfg: DataprepConfig, result: RunResult) -> dict[int, dict]:
-    """Stats of `units`, run in a Ray Data actor pool in any order; the first bad record stops the run."""
-    import ray
-
+    """Stats of `units`, run in a Ray Data actor pool in any order, or in this process one after another
+    (`workers.local`); the first bad record stops the run."""
     if not units:
         return {}
-    pool, cpus = actor_pool(cfg, len(units))
-    submitted = time.time()
-    ds = ray.data.from_items([{"unit": u.to_json()} for u in units], override_num_blocks=len(units))
-    ds = ds.map_batches(PackUnits, fn_constructor_kwargs={"job": job}, batch_size=1, batch_format="pyarrow",
-                        compute=pool, num_cpus=cpus)
-    stats, first_ready = {}, float("inf")
-    with closing(iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))) as batches:
-        for batch in batches:
-            result.driver_received_bytes += batch.nbytes
-            for text in batch.column("stats").to_pylist():
-                unit = json.loads(text)
-                if "error" in unit:
-                    raise DataError(unit["error"])
-                stats[unit["unit"]] = unit
-                first_ready = min(first_ready, unit["ready_at"])
+    submitted, stats = time.time(), {}
+    packed = pack_here(units, job) if cfg.workers.local else pack_in_ray_data(units, job, cfg, result)
+    with closing(packed):  # a bad record stops the Ray Data iterator now, not when it is garbage
+        for unit in packed:
+            if "error" in unit:
+                raise DataError(unit["error"])
+            stats[unit["unit"]] = unit
+    first_ready = min(unit["ready_at"] for unit in stats.values())
     result.timings.workers_start = first_ready - submitted
     result.timings.units = time.time() - first_ready
     result.units = [stats[u.index] for u in units]
     return stats
+
+
+def pack_here(units: list[Unit], job: UnitJob) -> Iterator[dict]:
+    """Each unit's stats, packed in this process in unit order."""
+    packer = PackUnits(job, node=LOCAL_NODE)
+    for unit in units:
+        yield packer.pack(unit)
+
+
+def pack_in_ray_data(units: list[Unit], job: UnitJob, cfg: DataprepConfig, result: RunResult) -> Iterator[dict]:
+    """Each unit's stats as a Ray Data actor pool finishes it."""
+    import ray
+
+    pool, cpus = actor_pool(cfg, len(units))
+    ds = ray.data.from_items([{"unit": u.to_json()} for u in units], override_num_blocks=len(units))
+    ds = ds.map_batches(PackUnits, fn_constructor_kwargs={"job": job}, batch_size=1, batch_format="pyarrow",
+                        compute=pool, num_cpus=cpus)
+    with closing(iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))) as batches:
+        for batch in batches:
+            result.driver_received_bytes += batch.nbytes
+            for text in batch.column("stats").to_pylist():
+                yield json.loads(text)
 
 
 def check_not_empty(stats: list[dict], cfg: DataprepConfig) -> None:

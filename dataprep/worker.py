@@ -1,4 +1,4 @@
-"""What a Ray worker does with one work unit: read, tokenize, pack and write its shards, then commit it.
+"""What a Ray worker (or the driver, with `workers.local`) does with one work unit: read, tokenize, pack and write its shards, then commit it.
 
 Each source (input) of the unit has packers of its own, so a row, and a shard, holds one source's tokens: held-out
 loss can be measured per source from the manifest alone.
@@ -65,6 +65,13 @@ class UnitJob:
     datasets had before sources were recorded, so such a dataset keeps its bytes."""
 
 
+def ray_node_id() -> str:
+    """The Ray node this actor runs on (the summary counts units by node)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 SOURCE_COUNTS = ("rows", "tokens", "documents")
 """What a split's entry counts for each source."""
 Packer = SplitPacker | ExamplePacker
@@ -108,15 +115,14 @@ class UnitPackers:
 
 
 class PackUnits:
-    """Ray Data actor: one unit per call (the tokenizer is loaded once per actor)."""
+    """Ray Data actor: one unit per call (the tokenizer is loaded once per actor). `workers.local` calls `pack` in
+    the driver's process instead, with `node` given: Ray is then never imported."""
 
-    def __init__(self, job: UnitJob):
-        import ray
-
+    def __init__(self, job: UnitJob, *, node: str | None = None):
         self.job = job
         self.tokenizer = load_tokenizer(job.tokenizer)
         self.dtype = token_dtype(self.tokenizer.vocab_size)
-        self.node = ray.get_runtime_context().get_node_id()
+        self.node = node if node is not None else ray_node_id()
         self.ready_at = time.time()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
