@@ -14,14 +14,13 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import json
 import sys
 import textwrap
 import types
 import typing
 from functools import lru_cache
 from typing import Any, TypeVar
-
-import tomli_w
 
 from raylm.errors import ConfigError, StorageError
 
@@ -183,8 +182,27 @@ def from_dict(root_cls: type[T], data: dict) -> T:
 
 
 def dump_toml(cfg) -> str:
-    """The resolved config as TOML that `load_config` reads back to an equal config."""
-    return tomli_w.dumps(to_dict(cfg))
+    """The resolved config as TOML that `load_config` reads back to an equal config. A config is sections of
+    scalars and lists, so it is written here: a GPU box with torch alone (no TOML writer) runs the trainer."""
+    lines = []
+    for name, values in to_dict(cfg).items():
+        lines += [f"[{name}]", *(f"{json.dumps(k)} = {toml_value(v)}" for k, v in values.items()), ""]
+    return "\n".join(lines)
+
+
+def toml_value(value) -> str:
+    """A TOML literal of a config value (bool, int, float, str, list or dict of them)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # TOML reads Python's repr of ints and floats, inf and nan included
+    if isinstance(value, str):  # JSON's escapes are TOML's, once DEL (a control character to TOML) is escaped too
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items() if v is not None) + "}"
+    raise TypeError(f"no TOML literal for {type(value).__name__} {value!r}")
 
 
 @lru_cache(maxsize=None)

@@ -76,12 +76,13 @@ def bare_python(tmp_path) -> str:
 
 
 def test_gpu_script_smoke_on_a_bare_box(tmp_path):
-    """No Ray (a `ray` package that raises ImportError first on PYTHONPATH) and raylm not installed: the Ray half
-    is skipped with one line on stderr, dataprep runs in the driver, every other check still passes."""
-    hidden = tmp_path / "hidden" / "ray"
-    hidden.mkdir(parents=True)
-    (hidden / "__init__.py").write_text("raise ImportError('ray is not installed on this box')\n")
-    env = {**driver_env(""), "PYTHON": bare_python(tmp_path), "PYTHONPATH": str(hidden.parent)}
+    """No Ray and no TensorBoard (packages that raise ImportError, first on PYTHONPATH) and raylm not installed:
+    the Ray half is skipped with one line on stderr, dataprep runs in the driver, every other check still passes."""
+    hidden = tmp_path / "hidden"
+    for name in ("ray", "tensorboard"):
+        (hidden / name).mkdir(parents=True)
+        (hidden / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on this box')\n")
+    env = {**driver_env(""), "PYTHON": bare_python(tmp_path), "PYTHONPATH": str(hidden)}
     del env["RAY_ADDRESS"]
     proc = run_smoke(tmp_path, env)
     assert check_lines(proc.stdout) == ["tiny torchrun", "sample", "flex", "tiny sft-sdpa", "moe torchrun", "eval",
@@ -89,6 +90,7 @@ def test_gpu_script_smoke_on_a_bare_box(tmp_path):
     bare = [line for line in proc.stderr.splitlines() if "Ray half" in line]
     assert len(bare) == 1 and "ray does not import and raylm is not installed" in bare[0], proc.stderr
     assert "units by node: local x" in (tmp_path / "out" / "logs" / "dataprep.log").read_text()
+    assert "tensorboard is not installed" in (tmp_path / "out" / "logs" / "tiny-torchrun.log").read_text()
     assert_outputs(tmp_path / "out", ["torchrun"])
 
 

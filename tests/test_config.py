@@ -159,3 +159,15 @@ def test_auto_attention_is_flexattention_on_cuda_and_sdpa_elsewhere():
     assert attention_kernel("auto", torch.device("cpu")) == "sdpa"
     assert attention_kernel("sdpa", torch.device("cuda", 0)) == "sdpa"
     load_config(JobConfig, None, ["--train.device=cpu"])  # auto is never refused
+
+
+def test_dump_toml_writes_what_tomllib_reads_back_for_any_string_and_number():
+    """raylm writes its TOML itself (no writer package on a bare GPU box): every string and number survives."""
+    import tomllib
+
+    from raylm.config import toml_value
+
+    values = ['plain', 'quote " and \\ backslash', "new\nline\ttab", "emoji 🎉 and ▁", "del \x7f bell \x07", "",
+              0, -3, 1e-05, 3.0e-4, 1e300, float("inf"), True, False, ["a", "b"], [1, 2.5], {"k": "v", "n": 1}]
+    for value in values:
+        assert tomllib.loads(f"x = {toml_value(value)}")["x"] == value, value

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import resource
+import sys
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +36,15 @@ GAUGES = {"loss": "raylm_loss", "val_loss": "raylm_val_loss", "tokens_per_s": "r
           "checkpoint_blocked_s": "raylm_checkpoint_blocked_seconds", "workers": "raylm_workers", "step": "raylm_step"}
 """Ray's Prometheus gauges of rank 0's log steps (exported as ray_<name>), tagged with the Ray job and the run
 directory so several jobs' curves stay apart: what cluster/grafana/raylm.json plots."""
+
+
+class NoTensorBoard:
+    """The TensorBoard writer where tensorboard is not installed: writes nothing."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    flush = close = add_scalar
 
 
 def measure_matmul_flops(n: int = 2048, seconds: float = 1.0) -> float:
@@ -124,15 +134,18 @@ class MetricsLog:
         return [l for l in storage.read_bytes(self.path).decode().splitlines() if l.strip()]
 
     def _new_tb_writer(self):
-        from torch.utils.tensorboard import SummaryWriter
-
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # a GPU box with torch alone: the other sinks still get every metric
+            if self.tb_files == 0:
+                log.warning("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
+            return NoTensorBoard()
         self.tb_files += 1
         return SummaryWriter(self.tb_dir, filename_suffix=f".{self.tb_files}")
 
     def _gauges(self) -> dict:
-        import ray
-
-        if not ray.is_initialized():
+        ray = sys.modules.get("ray")  # a run without Ray never imports it: it may not even be installed
+        if ray is None or not ray.is_initialized():
             return {}
         from ray.util.metrics import Gauge
 
