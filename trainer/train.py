@@ -379,7 +379,8 @@ class Trainer:
         swings far more than the trend it is read for), the rates are over the window, grad_norm is the last step's.
         At the last step (the run's, or a preempted run's) the final checkpoint's commit is waited for first (and
         counted as blocked time), so the last report carries it. Rank 0 checks the preemption grace against the
-        step time and the newest save's."""
+        step time and the newest save's, from the second window on (the first one's warm-up and compilation are not
+        what a step takes)."""
         self.stop_if_diverged()
         dist.all_reduce(loss)  # SUM of each rank's share of the global token-weighted mean
         mean_loss = loss.item()
@@ -401,7 +402,7 @@ class Trainer:
         if self.is_eval_step(step):
             m |= self.evaluate()
         self.publish(m)
-        if self.sink:
+        if self.sink and step - steps > self.start_step:
             self.preemption.check_grace(step_time, self.ckpt.save_seconds, measured_by="this run")
         return m
 
