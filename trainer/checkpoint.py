@@ -446,7 +446,7 @@ class FaultConfig:
     kill_at_step: int = 0
     """Tests and demos: rank fault.rank dies hard (os._exit) after this step, once per run dir (0 = never)."""
     rank: int = 0
-    """The rank that dies."""
+    """The rank that dies (kill_at_step) or gets the notice (sigterm_at_step)."""
     step_delay_s: float = 0.0
     """Tests and demos: every rank sleeps this long after each step, so a run lasts long enough to remove a node,
     send a preemption notice or add a node back by hand and watch it recover."""

@@ -3,7 +3,8 @@
 One step: this rank's share of the step's rows from the loader (the step is the data cursor), forward/backward per
 micro-batch with each token's loss weighted by 1 / (the step's global token count), gradients reduce-scattered and
 summed, global-norm clipping, AdamW (which skips a step whose norm is not finite, on device), schedule. The host
-waits on the device only at log steps and saves: that is where metrics are read and a non-finite step stops the run.
+waits on the device only at log steps and saves, where metrics are read and a non-finite step stops the run, and at
+each step's end until the device is past its backward (whether a rank got a preemption notice: trainer/preemption.py).
 """
 
 from __future__ import annotations
