@@ -180,8 +180,10 @@ def test_a_second_job_on_the_run_directory_stops_naming_the_holder(spot_run):
 
 
 def test_a_preemption_notice_saves_the_step_and_the_run_resumes_from_it(spot_run):
-    """SIGTERM to one worker: the run commits a checkpoint at most a couple of steps on (not at checkpoint.every),
-    inside the grace period, and Ray's restart resumes from exactly that checkpoint."""
+    """SIGTERM to one worker: the run commits a checkpoint at the step the notice lands in, or the next one for a
+    notice after that step's last backward or between steps (not at checkpoint.every), inside the grace period, and
+    Ray's restart resumes from exactly that checkpoint. The bound allows for the logged steps read here lagging the
+    loop (tests/test_preemption.py pins the step exactly)."""
     out = spot_run.output
     assert spot_run.exit_code == 0, out[-5000:]
     notice = re.search(r"preemption notice: checkpoint at step (\d+) committed ([\d.]+)s after it \(grace 25s\)", out)

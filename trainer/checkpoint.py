@@ -19,10 +19,12 @@ import os
 import pickle
 import posixpath
 import re
+import signal
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -74,8 +76,9 @@ class CheckpointConfig:
     retries: int = 3
     """Attempts at writing a checkpoint, with exponential backoff, before the run stops with an error."""
     preempt_grace_s: float = 25.0
-    """After a preemption notice (SIGTERM to a worker) the run finishes its step, saves and commits; a worker still
-    at it this long after the signal exits anyway (spot and Kubernetes give ~30 s, AWS spot 2 min)."""
+    """After a preemption notice (SIGTERM to a worker) the run finishes its step (or, for a notice after the step's
+    last backward, one more), saves and commits; a worker still at it this long after the signal exits anyway
+    (spot and Kubernetes give ~30 s, AWS spot 2 min). The run warns once when its measured step + save exceed it."""
 
     def __post_init__(self):
         if self.preempt_grace_s <= 0:
@@ -311,10 +314,14 @@ class Checkpointer:
         """The newest checkpoint committed and not yet handed out by `take_committed` (reported to Ray)."""
         self.blocked_seconds = 0.0
         """Time the loop spent waiting on checkpoints since `take_blocked`."""
+        self.save_seconds: float | None = None
+        """Seconds from the start of the save of `committed` (or of the newest one handed out) to its commit
+        (staging, write, commit): what a preemption notice waits for after its step."""
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> None:
         t0 = time.perf_counter()
         self._wait()
+        started = time.perf_counter()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         path = step_dir(self.run_dir, step)
@@ -322,14 +329,17 @@ class Checkpointer:
             if self.device.type == "cuda":  # the stager's stream must see this step's update before it copies
                 self.stager._staging_stream.wait_stream(torch.cuda.current_stream())
             staged = self.staging = self.stager.stage(state)  # a Future: the copy runs while the next step computes
-            self.pending = self.pool.submit(lambda: self._write_and_commit(staged.result(), path, step, train_state))
+            self.pending = self.pool.submit(
+                lambda: self._write_and_commit(staged.result(), path, step, train_state, started))
         else:
-            self.committed = self._write_and_commit(state, path, step, train_state)
+            self.committed, self.save_seconds = self._write_and_commit(state, path, step, train_state, started)
         self.blocked_seconds += time.perf_counter() - t0
 
-    def _write_and_commit(self, state: dict, path: str, step: int, train_state: dict) -> str:
+    def _write_and_commit(self, state: dict, path: str, step: int, train_state: dict,
+                          started: float) -> tuple[str, float]:
         """Every rank's write, then rank 0's commit (if this job still holds the run directory's lease); a failed
-        commit fails the save on every rank alike."""
+        commit fails the save on every rank alike. Returns the path and the seconds since `started`, the
+        perf_counter() at the save's start, to the commit."""
         self._write(state, path)
         failure: list = [None]
         if self.rank == 0:
@@ -347,9 +357,10 @@ class Checkpointer:
         dist.broadcast_object_list(failure, src=0, group=self.group)
         if failure[0] is not None:
             raise failure[0]
+        seconds = time.perf_counter() - started
         if self.rank == 0:
             self.prune()
-        return path
+        return path, seconds
 
     def _write(self, state: dict, path: str) -> None:
         """dcp.save with retries on storage failures. A failure on any rank fails the save on every rank (DCP
@@ -381,7 +392,7 @@ class Checkpointer:
         """Wait for the save in flight (re-raising its error)."""
         if self.pending is not None:
             future, self.pending = self.pending, None
-            self.committed = future.result()
+            self.committed, self.save_seconds = future.result()
 
     def finish(self) -> float:
         """Wait for the save in flight, counted as blocked time: the end of a run. Returns the seconds waited."""
@@ -438,15 +449,29 @@ class FaultConfig:
     kill_at_step: int = 0
     """Tests and demos: rank fault.rank dies hard (os._exit) after this step, once per run dir (0 = never)."""
     rank: int = 0
-    """The rank that dies."""
+    """The rank that dies (kill_at_step) or gets the notice (sigterm_at_step)."""
     step_delay_s: float = 0.0
     """Tests and demos: every rank sleeps this long after each step, so a run lasts long enough to remove a node,
     send a preemption notice or add a node back by hand and watch it recover."""
+    sigterm_at_step: int = 0
+    """Tests and demos: rank fault.rank sends itself SIGTERM (a preemption notice) during this step, after its first
+    micro-batch's backward, once per run dir (0 = never)."""
 
     def __post_init__(self):
-        if self.kill_at_step < 0 or self.rank < 0 or self.step_delay_s < 0:
-            raise ConfigError(f"fault.kill_at_step, fault.rank and fault.step_delay_s must be >= 0, got "
-                              f"{self.kill_at_step}, {self.rank}, {self.step_delay_s}")
+        if min(self.kill_at_step, self.rank, self.step_delay_s, self.sigterm_at_step) < 0:
+            raise ConfigError(f"fault.kill_at_step, fault.rank, fault.step_delay_s and fault.sigterm_at_step must be "
+                              f">= 0, got {self.kill_at_step}, {self.rank}, {self.step_delay_s}, "
+                              f"{self.sigterm_at_step}")
+
+
+def _first_time(run_dir: str, name: str, what: str) -> bool:
+    """Whether a fault is injected for the first time in this run dir (then marked there, so a restarted run that
+    reaches the step again runs through it)."""
+    marker = storage.join(run_dir, name)
+    if storage.exists(marker):
+        return False
+    storage.write_bytes(marker, f"{what}\n".encode())
+    return True
 
 
 def inject_fault(fault: FaultConfig, *, run_dir: str, step: int, rank: int) -> None:
@@ -456,10 +481,23 @@ def inject_fault(fault: FaultConfig, *, run_dir: str, step: int, rank: int) -> N
         time.sleep(fault.step_delay_s)
     if fault.kill_at_step != step or fault.rank != rank:
         return
-    marker = storage.join(run_dir, f"fault-injected-step-{step:06d}")
-    if storage.exists(marker):
+    if not _first_time(run_dir, f"fault-injected-step-{step:06d}", f"rank {rank} killed at step {step}"):
         return
-    storage.write_bytes(marker, f"rank {rank} killed at step {step}\n".encode())
     log.warning("fault injection: rank %d exits at step %d", rank, step)
     logging.shutdown()
     os._exit(1)
+
+
+def notice_fault(fault: FaultConfig, *, run_dir: str, step: int, rank: int) -> Callable[[int], None] | None:
+    """The `after_backward` hook of step `step` (counted from 1, as it is saved) that sends this rank a preemption
+    notice in the middle of the step, when configured; None otherwise."""
+    if fault.sigterm_at_step != step or fault.rank != rank:
+        return None
+
+    def signal_self(micro_batch: int) -> None:
+        if micro_batch == 0 and _first_time(run_dir, f"fault-sigterm-step-{step:06d}",
+                                            f"rank {rank} sent itself SIGTERM in step {step}"):
+            log.warning("fault injection: rank %d sends itself SIGTERM in step %d", rank, step)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return signal_self

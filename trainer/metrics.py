@@ -128,6 +128,10 @@ class MetricsLog:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-metrics")
         self.pending: list[Future] = []
 
+    def last(self, key: str) -> float | None:
+        """The newest value of `key` in the lines kept from earlier segments of the run (None if none has it)."""
+        return next((m[key] for m in map(json.loads, reversed(self.lines)) if key in m), None)
+
     def _existing(self) -> list[str]:
         if not storage.exists(self.path):
             return []

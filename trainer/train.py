@@ -3,7 +3,8 @@
 One step: this rank's share of the step's rows from the loader (the step is the data cursor), forward/backward per
 micro-batch with each token's loss weighted by 1 / (the step's global token count), gradients reduce-scattered and
 summed, global-norm clipping, AdamW (which skips a step whose norm is not finite, on device), schedule. The host
-waits on the device only at log steps and saves: that is where metrics are read and a non-finite step stops the run.
+waits on the device only at log steps and saves, where metrics are read and a non-finite step stops the run, and at
+each step's end until the device is past its backward (whether a rank got a preemption notice: trainer/preemption.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataprep import open_dataset
 from raylm import storage
 from raylm.errors import DataError, RaylmError
 from trainer import checkpoint
-from trainer.checkpoint import Checkpointer, inject_fault
+from trainer.checkpoint import Checkpointer, inject_fault, notice_fault
 from trainer.data import BatchPlan, StepLoader
 from trainer.evaluation import metrics as eval_metrics
 from trainer.evaluation import open_evaluation
@@ -112,19 +113,14 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm
 
 
-def loss_tokens(micro_batches: list[torch.Tensor], device: torch.device,
-                preemption: Preemption | None = None) -> torch.Tensor:
+def loss_tokens(micro_batches: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The step's global count of loss tokens (every rank's): each token's loss is weighted by its inverse, so the
-    loss is the mean over the step's loss-carrying tokens on any world size. The same all-reduce carries the count
-    of ranks with a preemption notice (posted to `preemption`)."""
-    counts = torch.zeros(2, device=device)
+    loss is the mean over the step's loss-carrying tokens on any world size."""
+    count = torch.zeros((), device=device)
     for batch in micro_batches:
-        counts[0] += count_loss_tokens(batch)  # a device sum for chat rows: still no host sync
-    counts[1].fill_(preemption.requested() if preemption else 0.0)
-    dist.all_reduce(counts)
-    if preemption is not None:
-        preemption.post(counts[1])
-    return counts[0].clamp(min=1.0)  # a chat step whose examples were all prompt: a zero loss, not 0 / 0
+        count += count_loss_tokens(batch)  # a device sum for chat rows: still no host sync
+    dist.all_reduce(count)
+    return count.clamp(min=1.0)  # a chat step whose examples were all prompt: a zero loss, not 0 / 0
 
 
 def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight: float, global_batch: int,
@@ -139,9 +135,9 @@ def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight:
     `sync_every_micro_batch` FSDP accumulates full unsharded gradients and reduces once per step. A step whose
     gradient norm is not finite makes no update: the fused AdamW skips it on device (`found_inf`).
     `before_update` runs just before the parameters change (a checkpoint's copy of them must be done by then);
-    `preemption` learns with the token count whether any rank got a preemption notice."""
+    `preemption` learns after the last backward whether any rank got a preemption notice."""
     device = micro_batches[0].device
-    tokens = loss_tokens(micro_batches, device, preemption)
+    tokens = loss_tokens(micro_batches, device)
     total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         if not sync_every_micro_batch:
@@ -152,6 +148,8 @@ def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight:
         total += loss.detach()
         if after_backward is not None:
             after_backward(i)
+    if preemption is not None:
+        preemption.exchange()  # as late as a notice can still save this step, with the update left to queue
     norm = clip_grad_norm(model, grad_clip)
     finite = torch.isfinite(norm)
     optimizer.found_inf = (~finite).float()  # read by the fused AdamW kernel: no update, no step count
@@ -216,6 +214,9 @@ class Trainer:
         """(first step whose gradient norm was not finite, that norm), -1 while none: kept on device, read at log
         steps and before saves, so no step waits on the host."""
         self.sink = MetricsLog(job.run.dir, start_step=self.start_step) if self.d.rank == 0 else None
+        if self.sink:  # a resumed run (the usual case after a preemption) is checked before its first step
+            self.preemption.check_grace(self.sink.last("step_time_s"), self.sink.last("checkpoint_save_s"),
+                                        measured_by=f"the previous run in {job.run.dir}")
         if self.d.rank == 0:
             log.info("model %.1fM params (%.1fM active), %d workers x %d micro-batches of <= %d, %s tokens/step, "
                      "peak %.0f GFLOP/s per worker (%d threads)", job.model.num_params() / 1e6,
@@ -305,7 +306,8 @@ class Trainer:
                 self.model, self.optimizer, batches, grad_clip=self.job.optim.grad_clip,
                 aux_weight=self.job.model.aux_loss_weight, global_batch=self.plan.global_batch,
                 sync_every_micro_batch=not self.job.parallel.unsharded_grad_accumulation,
-                before_update=self.ckpt.wait_staged, preemption=self.preemption)
+                before_update=self.ckpt.wait_staged, preemption=self.preemption,
+                after_backward=notice_fault(self.job.fault, run_dir=self.job.run.dir, step=step + 1, rank=self.d.rank))
             self.note_nonfinite(finite, norm, step + 1)
             window_loss += loss
             self.scheduler.step()
@@ -316,7 +318,8 @@ class Trainer:
                 self.ckpt.save(done, self.model, self.optimizer, self.train_state(done))
             if done % self.job.train.log_every == 0 or self.is_eval_step(done) or preempted:
                 steps = done - last_logged  # a preempted run logs its last, shorter window too
-                history.append(self.log_step(done, window_loss / steps, norm, time.perf_counter() - window, steps))
+                history.append(self.log_step(done, window_loss / steps, norm, time.perf_counter() - window, steps,
+                                             last=preempted or done == self.job.train.steps))
                 window, last_logged = time.perf_counter(), done
                 window_loss.zero_()
             if preempted:
@@ -330,7 +333,7 @@ class Trainer:
         self.ckpt.finish()
         since = self.preemption.seconds_since_notice()
         if since is not None:  # the rank that got the notice
-            log.warning("preemption notice: checkpoint at step %d committed %.1fs after it (grace %.0fs)", step, since,
+            log.warning("preemption notice: checkpoint at step %d committed %.1fs after it (grace %gs)", step, since,
                         self.job.checkpoint.preempt_grace_s)
         raise Preempted(f"preempted: stopped at step {step} with its checkpoint committed")
 
@@ -360,10 +363,13 @@ class Trainer:
         return m
 
     def publish(self, m: dict) -> None:
-        """To rank 0's sinks, then to Ray from every rank with the checkpoint committed since the last report."""
+        """To rank 0's sinks, then to Ray from every rank with the checkpoint committed since the last report (and
+        its save's seconds in `m`, read back by a resumed run's `check_grace`)."""
+        committed = self.ckpt.take_committed()
+        if committed:
+            m["checkpoint_save_s"] = self.ckpt.save_seconds
         if self.sink:
             self.sink.write(m)
-        committed = self.ckpt.take_committed()
         if self.report:
             self.report(m, committed if self.d.rank == 0 else None)
 
@@ -371,18 +377,21 @@ class Trainer:
         every = self.job.train.eval_every
         return step == self.job.train.steps or (every > 0 and step % every == 0)
 
-    def log_step(self, step: int, loss: torch.Tensor, norm: torch.Tensor, elapsed: float, steps: int) -> dict:
+    def log_step(self, step: int, loss: torch.Tensor, norm: torch.Tensor, elapsed: float, steps: int, *,
+                 last: bool) -> dict:
         """Metrics of the `steps` steps since the last log step: `loss` is their mean training loss (one step's loss
         swings far more than the trend it is read for), the rates are over the window, grad_norm is the last step's.
-        At the last step the final checkpoint's commit is waited for first (and counted as blocked time), so the
-        last report carries it."""
+        At the last step (the run's, or a preempted run's) the final checkpoint's commit is waited for first (and
+        counted as blocked time), so the last report carries it. Rank 0 checks the preemption grace against the
+        step time and the newest save's, from the second window on (the first one's warm-up and compilation are not
+        what a step takes)."""
         self.stop_if_diverged()
         dist.all_reduce(loss)  # SUM of each rank's share of the global token-weighted mean
         mean_loss = loss.item()
         if self.job.train.max_loss and not mean_loss <= self.job.train.max_loss:  # `not <=`: NaN too
             raise TrainingDiverged(f"training loss {mean_loss:.4g} at step {step} exceeds train.max_loss="
                                    f"{self.job.train.max_loss:g}; lower --optim.lr or raise --optim.warmup_steps")
-        final_wait = self.ckpt.finish() if step == self.job.train.steps else None
+        final_wait = self.ckpt.finish() if last else None
         step_time = elapsed / steps
         tokens_per_s = self.tokens_per_step / step_time
         m = {
@@ -397,6 +406,8 @@ class Trainer:
         if self.is_eval_step(step):
             m |= self.evaluate()
         self.publish(m)
+        if self.sink and step - steps > self.start_step:
+            self.preemption.check_grace(step_time, self.ckpt.save_seconds, measured_by="this run")
         return m
 
     def sample(self) -> str | None:
