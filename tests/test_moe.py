@@ -1,0 +1,186 @@
+"""MoE experts: the padded-buffer kernels against a per-expert loop, one compiled graph, experts sharded on dim 1
+over more ranks than experts (training as on one rank, checkpoints resharded to other world sizes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import free_port
+from trainer.model import ModelConfig, MoE
+
+torch.set_num_threads(2)
+EXPERTS, DIM, HIDDEN = 4, 32, 24
+"""Tiny: 2·HIDDEN = 48 and DIM = 32 rows of dim 1 split evenly over 8 ranks, which 4 experts do not."""
+STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ = 3, 16, 2, 8
+
+
+def moe_layer(dtype: torch.dtype, *, dim: int = DIM, hidden: int = HIDDEN) -> MoE:
+    torch.manual_seed(0)
+    moe = MoE(ModelConfig(dim=dim, n_heads=2, ffn_hidden=hidden, n_experts=EXPERTS, top_k=2))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return moe.to(dtype)
+
+
+def per_expert_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The reference: each expert's group of routed rows taken with host-known sizes and multiplied on its own."""
+    flat = x.reshape(-1, x.shape[-1])
+    weights, experts = F.softmax(moe.gate(flat).float(), dim=-1).topk(moe.top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    order = experts.flatten().argsort(stable=True)
+    token = order // moe.top_k
+    groups = flat[token].split(torch.bincount(experts.flatten(), minlength=moe.n_experts).tolist())
+    outs = []
+    for e, group in enumerate(groups):
+        gate, up = F.linear(group, moe.experts_w13[e]).chunk(2, dim=-1)
+        outs.append(F.linear(F.silu(gate) * up, moe.experts_w2[e]))
+    y = torch.cat(outs) * weights.flatten()[order, None]
+    return torch.zeros_like(flat).index_add(0, token, y.type_as(flat)).view(x.shape)
+
+
+def output_and_grads(moe, fn, x: torch.Tensor, probe: torch.Tensor) -> list[torch.Tensor]:
+    """fn(x) and the gradients of <fn(x), probe> for x and every parameter of `moe`."""
+    moe.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    out = fn(x)
+    out = out[0] if isinstance(out, tuple) else out
+    (out.float() * probe).sum().backward()
+    return [out.detach(), x.grad] + [p.grad for p in moe.parameters()]
+
+
+@pytest.mark.parametrize("dtype,dim,grouped", [(torch.float32, DIM, False), (torch.bfloat16, DIM, True),
+                                               (torch.bfloat16, 36, False)],
+                         ids=["fp32-blocks", "bf16-grouped-mm", "bf16-unaligned-blocks"])
+def test_experts_equal_the_per_expert_loop(dtype, dim, grouped):
+    """Outputs and every gradient equal the loop's: to 1e-5 in fp32; in bf16 to its rounding. Ragged groups: 3·13
+    tokens, one expert given none. bf16 with a dim that is no multiple of 8 takes the block kernel."""
+    moe = moe_layer(dtype, dim=dim)
+    assert moe.uses_grouped_mm() == grouped
+    with torch.no_grad():
+        moe.gate.weight[1] = -10.0 * moe.gate.weight[1].abs().sum() * torch.sign(moe.gate.weight[0])  # expert 1 idle
+    x = torch.randn(3, 13, dim).to(dtype)
+    probe = torch.randn(3, 13, dim)
+    ours = output_and_grads(moe, moe, x, probe)
+    loop = output_and_grads(moe, lambda t: per_expert_loop(moe, t), x, probe)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(ours, loop):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_moe_compiles_to_one_graph_with_eager_results(dtype):
+    """No graph break (no host sync, no shape that depends on the routing), and compiled forward and backward equal
+    eager."""
+    moe = moe_layer(dtype)
+    x, probe = torch.randn(2, 9, DIM).to(dtype), torch.randn(2, 9, DIM)
+    explained = torch._dynamo.explain(moe)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(moe, fullgraph=True)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    for a, b in zip(output_and_grads(moe, compiled, x, probe), output_and_grads(moe, moe, x, probe)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+# --- experts sharded on dim 1 (trainer/parallelize.py) ---
+
+def job_config():
+    from trainer.job import JobConfig
+
+    job = JobConfig()
+    job.model = ModelConfig(vocab_size=64, dim=DIM, n_layers=2, n_heads=4, ffn_hidden=HIDDEN, n_experts=EXPERTS,
+                            top_k=2, max_seq_len=SEQ)
+    job.optim.lr, job.optim.warmup_steps = 3e-3, 0
+    return job
+
+
+def rank_micro_batches(rank: int, world: int, step: int) -> list[torch.Tensor]:
+    """This rank's share of the step's rows, in micro-batches of MICRO_BATCH: the same micro-batches on any world
+    size, so even the per-micro-batch load-balancing loss is the same."""
+    rows = torch.randint(0, 64, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(step))
+    share = rows[rank * GLOBAL_BATCH // world:(rank + 1) * GLOBAL_BATCH // world]
+    return list(share.split(MICRO_BATCH))
+
+
+def full_state(model, optimizer) -> dict[str, torch.Tensor]:
+    """Every weight and AdamW moment, gathered whole (collective)."""
+    from trainer.parallelize import plain_name
+
+    state = {}
+    for name, p in model.named_parameters():
+        state[plain_name(name)] = p.full_tensor()
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[f"{plain_name(name)}/{key}"] = optimizer.state[p][key].full_tensor()
+    return state
+
+
+def sharded_worker(rank: int, world: int, port: int, mode: str, path: str, out: str) -> None:
+    """One gloo rank. mode 'train': STEPS steps, recording each step's loss and each expert tensor's placement and
+    local shape, then a checkpoint at `path` and the gathered state; 'load': the checkpoint at `path` loaded."""
+    import torch.distributed as dist
+
+    from trainer.checkpoint import CheckpointConfig, Checkpointer, load
+    from trainer.optim import build_optimizer
+    from trainer.train import Dist, build_model, train_step
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    job = job_config()
+    model = build_model(job, Dist(rank, world, torch.device("cpu")))
+    optimizer = build_optimizer(model, optim=job.optim, width_mult=1.0)
+    result = {"experts": {n: (p.placements, tuple(p.to_local().shape), tuple(p.shape))
+                          for n, p in model.named_parameters() if "experts" in n}}
+    if mode == "train":
+        losses = []
+        for step in range(STEPS):
+            loss, _, _ = train_step(model, optimizer, rank_micro_batches(rank, world, step), grad_clip=1.0,
+                                    aux_weight=job.model.aux_loss_weight, global_batch=GLOBAL_BATCH)
+            dist.all_reduce(loss)
+            losses.append(loss.item())
+        result["losses"] = losses
+        checkpointer = Checkpointer(path, CheckpointConfig(async_save=False), rank=rank, device=torch.device("cpu"))
+        checkpointer.save(STEPS, model, optimizer, {"step": STEPS})
+        checkpointer.close()
+    else:
+        load(path, model, optimizer)
+    result["state"] = full_state(model, optimizer)
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+
+def spawn(world: int, mode: str, path, out) -> dict:
+    import torch.multiprocessing as mp
+
+    mp.spawn(sharded_worker, args=(world, free_port(), mode, str(path), str(out)), nprocs=world)
+    return torch.load(out, weights_only=False)
+
+
+def test_experts_shard_on_dim_1_train_as_one_rank_and_reshard(tmp_path):
+    """8 ranks, 4 experts: each rank holds at most ⌈N / 8⌉ of the N rows of dim 1 of every expert (on dim 0 ranks
+    0-3 would hold a whole expert each and ranks 4-7 none), and every step's loss equals one rank's to 1e-5,
+    load-balancing loss included (its micro-batches are the same on both world sizes). Its checkpoint loads on 1 and
+    on 3 ranks (where 48 rows of dim 1 split evenly, 32 do not: one tensor on dim 1, one on dim 0) with the same
+    weights and AdamW moments."""
+    from torch.distributed.tensor import Shard
+
+    run = tmp_path / "w8"
+    eight = spawn(8, "train", run, tmp_path / "w8.pt")
+    for name, (placements, local, shape) in eight["experts"].items():
+        assert placements == (Shard(1),) and local[0] == EXPERTS and local[2] == shape[2], name
+        assert local[1] <= math.ceil(shape[1] / 8), (name, local, shape)
+    one = spawn(1, "train", tmp_path / "w1", tmp_path / "w1.pt")
+    assert len(eight["losses"]) == STEPS and eight["losses"][-1] != eight["losses"][0]
+    assert eight["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-5)
+
+    checkpoint = run / "checkpoints" / f"step-{STEPS:06d}"
+    for world in (1, 3):
+        loaded = spawn(world, "load", checkpoint, tmp_path / f"load{world}.pt")
+        if world == 3:
+            placements = {n.split(".")[-1]: p for n, (p, _, _) in loaded["experts"].items()}
+            assert placements == {"experts_w13": (Shard(1),), "experts_w2": (Shard(0),)}
+        assert loaded["state"].keys() == eight["state"].keys()
+        assert all(torch.equal(loaded["state"][k], v) for k, v in eight["state"].items())
