@@ -118,44 +118,44 @@ def full_state(model, optimizer) -> dict[str, torch.Tensor]:
     return state
 
 
-def sharded_worker(rank: int, world: int, port: int, mode: str, path: str, out: str) -> None:
-    """One gloo rank. mode 'train': STEPS steps, recording each step's loss and each expert tensor's placement and
-    local shape, then a checkpoint at `path` and the gathered state; 'load': the checkpoint at `path` loaded."""
+def sharded_worker(rank: int, world: int, port: int, steps: int, save_to: str, load_from: str, out: str) -> None:
+    """One gloo rank: `steps` training steps (recording each step's loss and each expert tensor's placement and local
+    shape), then a checkpoint written to `save_to` and/or the one in `load_from` loaded (unless ""); rank 0 saves
+    what it found and the gathered state."""
     import torch.distributed as dist
 
     from trainer.checkpoint import CheckpointConfig, Checkpointer, load
     from trainer.optim import build_optimizer
     from trainer.train import Dist, build_model, train_step
 
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     job = job_config()
     model = build_model(job, Dist(rank, world, torch.device("cpu")))
     optimizer = build_optimizer(model, optim=job.optim, width_mult=1.0)
     result = {"experts": {n: (p.placements, tuple(p.to_local().shape), tuple(p.shape))
-                          for n, p in model.named_parameters() if "experts" in n}}
-    if mode == "train":
-        losses = []
-        for step in range(STEPS):
-            loss, _, _ = train_step(model, optimizer, rank_micro_batches(rank, world, step), grad_clip=1.0,
-                                    aux_weight=job.model.aux_loss_weight, global_batch=GLOBAL_BATCH)
-            dist.all_reduce(loss)
-            losses.append(loss.item())
-        result["losses"] = losses
-        checkpointer = Checkpointer(path, CheckpointConfig(async_save=False), rank=rank, device=torch.device("cpu"))
-        checkpointer.save(STEPS, model, optimizer, {"step": STEPS})
+                          for n, p in model.named_parameters() if "experts" in n}, "losses": []}
+    for step in range(steps):
+        loss, _, _ = train_step(model, optimizer, rank_micro_batches(rank, world, step), grad_clip=1.0,
+                                aux_weight=job.model.aux_loss_weight, global_batch=GLOBAL_BATCH)
+        dist.all_reduce(loss)
+        result["losses"].append(loss.item())
+    if save_to:
+        checkpointer = Checkpointer(save_to, CheckpointConfig(async_save=False), rank=rank, device=torch.device("cpu"))
+        checkpointer.save(steps, model, optimizer, {"step": steps})
         checkpointer.close()
-    else:
-        load(path, model, optimizer)
+    if load_from:
+        load(load_from, model, optimizer)
     result["state"] = full_state(model, optimizer)
     if rank == 0:
         torch.save(result, out)
     dist.destroy_process_group()
 
 
-def spawn(world: int, mode: str, path, out) -> dict:
+def spawn(world: int, out, *, steps: int = 0, save_to="", load_from="") -> dict:
     import torch.multiprocessing as mp
 
-    mp.spawn(sharded_worker, args=(world, free_port(), mode, str(path), str(out)), nprocs=world)
+    mp.spawn(sharded_worker, args=(world, free_port(), steps, str(save_to), str(load_from), str(out)), nprocs=world)
     return torch.load(out, weights_only=False)
 
 
@@ -168,19 +168,17 @@ def test_experts_shard_on_dim_1_train_as_one_rank_and_reshard(tmp_path):
     from torch.distributed.tensor import Shard
 
     run = tmp_path / "w8"
-    eight = spawn(8, "train", run, tmp_path / "w8.pt")
+    eight = spawn(8, tmp_path / "w8.pt", steps=STEPS, save_to=run)
     for name, (placements, local, shape) in eight["experts"].items():
         assert placements == (Shard(1),) and local[0] == EXPERTS and local[2] == shape[2], name
         assert local[1] <= math.ceil(shape[1] / 8), (name, local, shape)
-    one = spawn(1, "train", tmp_path / "w1", tmp_path / "w1.pt")
+    checkpoint = run / "checkpoints" / f"step-{STEPS:06d}"
+    one = spawn(1, tmp_path / "w1.pt", steps=STEPS, load_from=checkpoint)  # trains, then loads the W=8 checkpoint
     assert len(eight["losses"]) == STEPS and eight["losses"][-1] != eight["losses"][0]
     assert eight["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-5)
-
-    checkpoint = run / "checkpoints" / f"step-{STEPS:06d}"
-    for world in (1, 3):
-        loaded = spawn(world, "load", checkpoint, tmp_path / f"load{world}.pt")
-        if world == 3:
-            placements = {n.split(".")[-1]: p for n, (p, _, _) in loaded["experts"].items()}
-            assert placements == {"experts_w13": (Shard(1),), "experts_w2": (Shard(0),)}
+    three = spawn(3, tmp_path / "w3.pt", load_from=checkpoint)
+    placements = {n.split(".")[-1]: p for n, (p, _, _) in three["experts"].items()}
+    assert placements == {"experts_w13": (Shard(1),), "experts_w2": (Shard(0),)}
+    for loaded in (one, three):
         assert loaded["state"].keys() == eight["state"].keys()
         assert all(torch.equal(loaded["state"][k], v) for k, v in eight["state"].items())
