@@ -18,9 +18,14 @@ EXPERTS, DIM, HIDDEN = 4, 32, 24
 STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ = 3, 16, 2, 8
 
 
-def moe_layer(dtype: torch.dtype, *, dim: int = DIM, hidden: int = HIDDEN) -> MoE:
+def moe_config(**overrides) -> ModelConfig:
+    return ModelConfig(**{**dict(vocab_size=64, dim=DIM, n_layers=2, n_heads=4, ffn_hidden=HIDDEN, n_experts=EXPERTS,
+                                 top_k=2, max_seq_len=SEQ), **overrides})
+
+
+def moe_layer(dtype: torch.dtype, *, dim: int = DIM) -> MoE:
     torch.manual_seed(0)
-    moe = MoE(ModelConfig(dim=dim, n_heads=2, ffn_hidden=hidden, n_experts=EXPERTS, top_k=2))
+    moe = MoE(moe_config(dim=dim, n_heads=2))
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.1)
     return moe.to(dtype)
@@ -73,11 +78,16 @@ def test_experts_equal_the_per_expert_loop(dtype, dim, grouped):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_moe_compiles_to_one_graph_with_eager_results(dtype):
-    """No graph break (no host sync, no shape that depends on the routing), and compiled forward and backward equal
-    eager."""
+    """A transformer block with MoE traces as one graph, with no break (no host sync, no shape that depends on the
+    routing); the MoE layer compiled with fullgraph=True gives eager's output and gradients."""
+    from trainer.model import Block
+
     moe = moe_layer(dtype)
     x, probe = torch.randn(2, 9, DIM).to(dtype), torch.randn(2, 9, DIM)
-    explained = torch._dynamo.explain(moe)(x)
+    block = Block(moe_config(), 0).to(dtype)
+    block.feed_forward = moe
+    cos, sin = torch.ones(9, DIM // 4, dtype=dtype), torch.zeros(9, DIM // 4, dtype=dtype)
+    explained = torch._dynamo.explain(block)(x, cos, sin)
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
     torch._dynamo.reset()
     compiled = torch.compile(moe, fullgraph=True)
@@ -92,8 +102,7 @@ def job_config():
     from trainer.job import JobConfig
 
     job = JobConfig()
-    job.model = ModelConfig(vocab_size=64, dim=DIM, n_layers=2, n_heads=4, ffn_hidden=HIDDEN, n_experts=EXPERTS,
-                            top_k=2, max_seq_len=SEQ)
+    job.model = moe_config()
     job.optim.lr, job.optim.warmup_steps = 3e-3, 0
     return job
 

@@ -5,9 +5,9 @@ data_offsets into the bytes that follow) and the tensors, row-major. The rows [a
 what an FSDP2 shard holds, are therefore one byte range: a rank reads each file's header (one ranged read, sized from
 the index's tensor names), then one ranged read per tensor it has rows of, through `raylm.storage`, so a local folder
 and an s3:// one are the same code. Names map as in `trainer/hf.py`; a stacked expert weight is read from the
-per-expert tensors: of the experts this rank owns when it is sharded on dim 0, and when it is sharded on dim 1
-(`trainer/parallelize.py`) the rows [a, b) of every expert's (2H, D) w1 ‖ w3 or (D, H) w2, one ranged read per
-per-expert tensor those rows touch.
+per-expert tensors: those of the experts this rank owns when it is sharded on dim 0; when it is sharded on dim 1
+(`trainer/parallelize.py`), the rows [a, b) of every expert's (2H, D) w1 ‖ w3 or (D, H) w2, one ranged read from
+each of w1, w3 and w2 that the rows fall in.
 """
 
 from __future__ import annotations
@@ -190,10 +190,10 @@ def local_runs(param: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]
     dims = tuple(param.shape) if param.dim() == 1 else tuple(param.shape[:-1])
     if not isinstance(param, DTensor):
         return param.data, [(0, math.prod(dims))]
-    (placement,) = param.placements
-    if not placement.is_shard() or placement.dim >= len(dims):
-        raise ValueError(f"expected a parameter sharded on one dim but its last, got {param.placements}")
-    d = placement.dim
+    if len(param.placements) != 1 or not param.placements[0].is_shard() or param.placements[0].dim >= len(dims):
+        raise ValueError(f"expected a parameter sharded on one dim (not its last) of a 1-D mesh, got "
+                         f"{param.placements}")
+    d = param.placements[0].dim
     local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     inner = math.prod(dims[d + 1:])  # merged rows per index of dim d
     a, b = offset[d] * inner, (offset[d] + local_shape[d]) * inner
