@@ -311,20 +311,23 @@ class MoE(nn.Module):
     (E, …) tensors, split per expert in Hugging Face export. The groups are multiplied by one of two kernels:
 
     - bf16 weights with dim and hidden multiples of 8 (the GPU setting, `parallel.mixed_precision=bf16`):
-      `torch._grouped_mm`, one grouped GEMM per projection, groups aligned to 8 rows. On Hopper/Blackwell GPUs that
-      is torch's CUTLASS kernel with no host sync; on other devices torch loops over the groups itself (on CPU
-      freely, on an older CUDA GPU after copying the offsets to the host).
-    - anything else (fp32, which torch's grouped GEMM takes only in eager mode): blocks of align = ⌈N·k / E⌉ rows,
-      each within one expert's group, multiplied by one batched matmul with each block's expert weights gathered.
-      At most 2E - 1 blocks: the zero padding at most doubles the experts' FLOPs, and the gathered weights are at
-      most twice the layer's expert weights.
+      `torch._grouped_mm`, one grouped GEMM per projection, groups aligned to 8 rows (16 bytes, which its
+      weight-gradient GEMM needs). On Hopper/Blackwell GPUs that is torch's CUTLASS kernel, reading the group offsets
+      on the device; elsewhere torch loops over the groups itself (on a CPU freely, on an older GPU after copying
+      the offsets to the host).
+    - anything else (fp32: torch's grouped GEMM is bf16-only under torch.compile and on the GPU): blocks of
+      align = ⌈N·k / E⌉ rows, each within one expert's group, in one batched matmul against each block's expert
+      weights, gathered. At most 2E - 1 blocks: the zero padding at most doubles the experts' FLOPs, and the
+      gathered weights are at most twice the layer's expert weights (on 2 CPU cores this layer is 2-3x slower than
+      a per-expert loop; it is the kernel that compiles).
 
     Either way every gather, scatter and matmul (and its backward) touches O(N·k) rows: cost O(tokens · top_k),
     never O(tokens · n_experts).
     """
 
     GROUPED_MM_ALIGN = 8
-    """Rows per expert group with torch._grouped_mm: bf16 groups must start at 16-byte-aligned rows (8 of them)."""
+    """Rows per expert group with torch._grouped_mm: 8 bf16 values are 16 bytes, the alignment its weight-gradient
+    GEMM needs where the groups split the token dim."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -363,7 +366,7 @@ class MoE(nn.Module):
         ends = padded.cumsum(0)  # (E,) end of each padded group in the buffer
         pos = torch.arange(S, device=xs.device) + (ends - padded - first[:-1])[expert]  # (S,) each row's place
         buffer = xs.new_zeros(rows, xs.shape[1]).index_copy(0, pos, xs)  # (rows, D)
-        if grouped:  # the last group runs to the buffer's end: no row is left out of every group
+        if grouped:  # the last group runs to the buffer's end: torch leaves a row outside every group unwritten
             offs = torch.cat([ends[:-1], ends.new_full((1,), rows)]).to(torch.int32)
             matmul = functools.partial(self.grouped_matmul, offs=offs)
         else:  # the block starting at row b·align is the expert whose group holds that row (the last for spare ones)
