@@ -190,12 +190,13 @@ def write_dataset(root, sp_model: bytes, *, seq_len: int = 32, train_rows: int =
     return str(root)
 
 
-def hf_model(folder, *, vocab: int, experts: int = 0, tied: bool = False, dtype=torch.float32, shard="100KB"):
+def hf_model(folder, *, vocab: int, experts: int = 0, tied: bool = False, dtype=torch.float32, shard="100KB",
+             dim: int = 64, hidden: int = 128):
     """A tiny random Llama (or Mixtral with `experts`) written by transformers' own save_pretrained, in shards of
     `shard` with an index, as published checkpoints are."""
     torch.manual_seed(0)
-    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=tied)
+    common = dict(vocab_size=vocab, hidden_size=dim, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=hidden, max_position_embeddings=64, tie_word_embeddings=tied)
     cfg = (transformers.MixtralConfig(num_local_experts=experts, num_experts_per_tok=2, **common) if experts
            else transformers.LlamaConfig(**common))
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
@@ -255,7 +256,7 @@ def test_a_run_from_a_hugging_face_folder_trains_exports_and_resumes(tmp_path, s
 
 def rank_loads(rank: int, world: int, port: int, folder: str, out: str) -> None:
     """One gloo rank: the FSDP2-sharded model of the folder's config, filled by `load_hf_weights`; rank 0 saves the
-    gathered weights and every rank's byte counts."""
+    gathered weights, every rank's byte counts and the stacked experts' placements."""
     import torch.distributed as dist
 
     from trainer.hf import model_config_from_hf, read_config
@@ -272,17 +273,23 @@ def rank_loads(rank: int, world: int, port: int, folder: str, out: str) -> None:
     reads = [None] * world
     dist.all_gather_object(reads, (read.headers, read.tensors))
     state = {plain_name(name): p.full_tensor() for name, p in model.named_parameters()}
+    placements = {plain_name(name): p.placements for name, p in model.named_parameters() if p.dim() == 3}
     if rank == 0:
-        torch.save({"state": state, "reads": reads}, out)
+        torch.save({"state": state, "reads": reads, "placements": placements}, out)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("model", [dict(vocab=361), dict(vocab=360, experts=4, tied=True, dtype=torch.bfloat16)],
-                         ids=["llama-uneven-rows", "mixtral-tied-bf16"])
-def test_each_rank_reads_only_its_rows(tmp_path, model):
-    """2 gloo ranks: each reads about half of the tensors' bytes (plus the files' headers), together exactly all of
-    them once, and the gathered model is the folder's weights (cast to fp32). 361 vocabulary rows shard 181/180;
-    Mixtral's ranks read only their own experts' per-expert tensors."""
+@pytest.mark.parametrize("model,world,expert_dim", [
+    (dict(vocab=361), 2, None),
+    (dict(vocab=360, experts=4, tied=True, dtype=torch.bfloat16), 2, 0),
+    (dict(vocab=360, experts=4, dim=48, hidden=96), 3, 1),
+], ids=["llama-uneven-rows", "mixtral-tied-bf16", "mixtral-experts-on-dim-1"])
+def test_each_rank_reads_only_its_rows(tmp_path, model, world, expert_dim):
+    """W gloo ranks: each reads about 1/W of the tensors' bytes (plus the files' headers), together exactly all of
+    them once, and the gathered model is the folder's weights (cast to fp32). 361 vocabulary rows shard 181/180.
+    Mixtral's 4 experts on 2 ranks shard on dim 0: each rank reads its own experts' per-expert tensors. On 3 ranks
+    they shard on dim 1: each rank reads its third of the rows of every expert's w1 ‖ w3 (192 rows: rank 1's
+    [64, 128) straddles w1's end at 96) and w2 (48 rows)."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
@@ -291,8 +298,10 @@ def test_each_rank_reads_only_its_rows(tmp_path, model):
 
     folder = tmp_path / "hf"
     hf_model(folder, **model)
-    mp.spawn(rank_loads, args=(2, free_port(), str(folder), str(tmp_path / "out.pt")), nprocs=2)
+    mp.spawn(rank_loads, args=(world, free_port(), str(folder), str(tmp_path / "out.pt")), nprocs=world)
     got = torch.load(tmp_path / "out.pt")
+    assert {str(p) for p in got["placements"].values()} == ({f"(Shard(dim={expert_dim}),)"} if model.get("experts")
+                                                            else set())
     cfg, expected = import_folder(str(folder))  # the whole-file reader: every tensor, cast to fp32
     assert got["state"].keys() == expected.keys()
     assert all(torch.equal(got["state"][k], expected[k]) for k in expected)
@@ -300,9 +309,10 @@ def test_each_rank_reads_only_its_rows(tmp_path, model):
     tensors = {k: v for f in files for k, v in load_file(f).items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in files)
-    (h0, t0), (h1, t1) = got["reads"]
-    assert len(files) > 2 and t0 + t1 == total and abs(t0 - total / 2) < 0.02 * total, (t0, t1, total)
-    assert headers <= h0 == h1 < headers + 8 * 1024 * len(files), (h0, headers)
+    heads, tensors_read = zip(*got["reads"])
+    assert len(files) > 2 and sum(tensors_read) == total, (tensors_read, total)
+    assert all(abs(t - total / world) < 0.02 * total for t in tensors_read), (tensors_read, total)
+    assert all(headers <= h == heads[0] < headers + 8 * 1024 * len(files) for h in heads), (heads, headers)
 
 
 def test_init_from_hf_refusals_are_one_line_before_any_worker(tmp_path, sp_model):

@@ -92,7 +92,8 @@ def test_moe_aux_loss_reaches_the_router():
 
 
 def test_moe_flops_scale_with_top_k_not_experts():
-    """Counted by torch's FlopCounterMode: experts cost 2·N·k·3·D·H (plus the router's 2·N·D·E), whatever E is."""
+    """Counted by torch's FlopCounterMode: experts cost 2·N·k·3·D·H (plus the router's 2·N·D·E), whatever E is, up to
+    the fp32 kernel's zero padding of each expert's group, which at most doubles it (trainer/model.py MoE)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(4, 32, 64)
@@ -101,7 +102,8 @@ def test_moe_flops_scale_with_top_k_not_experts():
         with FlopCounterMode(display=False) as counter:
             moe(x)
         n, d, h = 4 * 32, 64, 96
-        assert counter.get_total_flops() == 2 * n * top_k * 3 * d * h + 2 * n * d * n_experts
+        routed = 2 * n * top_k * 3 * d * h
+        assert routed <= counter.get_total_flops() - 2 * n * d * n_experts < 2 * routed
 
 
 def test_init_is_seeded_per_parameter_and_scaled():

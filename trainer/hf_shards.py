@@ -5,7 +5,9 @@ data_offsets into the bytes that follow) and the tensors, row-major. The rows [a
 what an FSDP2 shard holds, are therefore one byte range: a rank reads each file's header (one ranged read, sized from
 the index's tensor names), then one ranged read per tensor it has rows of, through `raylm.storage`, so a local folder
 and an s3:// one are the same code. Names map as in `trainer/hf.py`; a stacked expert weight is read from the
-per-expert tensors of the experts this rank owns.
+per-expert tensors: those of the experts this rank owns when it is sharded on dim 0; when it is sharded on dim 1
+(`trainer/parallelize.py`), the rows [a, b) of every expert's (2H, D) w1 ‖ w3 or (D, H) w2, one ranged read from
+each of w1, w3 and w2 that the rows fall in.
 """
 
 from __future__ import annotations
@@ -181,33 +183,43 @@ def hf_blocks(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, .
     return [(f"model.layers.{layer}.{_LAYER[rest]}", shape)]
 
 
-def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(this rank's part of `param`, the global index of its first row): FSDP2 shards dim 0, unevenly if need be."""
+def local_runs(param: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """(this rank's part of `param`, the runs [start, stop) of merged rows it holds, in its order). Merged rows are
+    `param` viewed as (rows, last dim), a 1-D one as (size, 1). FSDP2 shards dim 0 (one run: the rows [a, b) of dim
+    0, unevenly if need be) or, for stacked experts, dim 1 (one run per expert: its rows [a, b) of dim 1)."""
+    dims = tuple(param.shape) if param.dim() == 1 else tuple(param.shape[:-1])
     if not isinstance(param, DTensor):
-        return param.data, 0
-    if any(not p.is_shard(0) for p in param.placements):
-        raise ValueError(f"expected parameters sharded on dim 0 only, got {param.placements}")
-    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    return param.to_local(), offset[0]
+        return param.data, [(0, math.prod(dims))]
+    if len(param.placements) != 1 or not param.placements[0].is_shard() or param.placements[0].dim >= len(dims):
+        raise ValueError(f"expected a parameter sharded on one dim (not its last) of a 1-D mesh, got "
+                         f"{param.placements}")
+    d = param.placements[0].dim
+    local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    inner = math.prod(dims[d + 1:])  # merged rows per index of dim d
+    a, b = offset[d] * inner, (offset[d] + local_shape[d]) * inner
+    return param.to_local(), [(o * dims[d] * inner + a, o * dims[d] * inner + b) for o in range(math.prod(dims[:d]))]
 
 
 @torch.no_grad()  # grad mode is per thread: this runs in a pool
 def fill(st: SafetensorsFolder, name: str, param: torch.Tensor) -> None:
-    """Copy this rank's rows of `param` from the folder, cast to the parameter's dtype; reads only those rows."""
-    local, first = local_rows(param)
+    """Copy this rank's rows of `param` from the folder, cast to the parameter's dtype; reads only those rows, one
+    ranged read per Hugging Face tensor each run of them touches."""
+    local, runs = local_runs(param)
     shape = tuple(param.shape)
     width = shape[-1] if len(shape) > 1 else 1
-    per_row = math.prod(shape[1:]) // width  # merged rows per row of dim 0 (stacked experts: 2H or D)
     flat = local.view(-1, width)
-    lo, hi = first * per_row, (first + local.shape[0]) * per_row
-    offset = 0
-    for block, block_shape in hf_blocks(name, shape):
-        rows = math.prod(block_shape) // width
-        start, stop = max(lo, offset), min(hi, offset + rows)
-        if start < stop:
-            part = st.rows(block, block_shape, start - offset, stop - offset)
-            flat[start - lo:stop - lo].copy_(part.reshape(-1, width))
-        offset += rows
+    blocks = hf_blocks(name, shape)
+    at = 0  # the local row the run starts at
+    for lo, hi in runs:
+        offset = 0
+        for block, block_shape in blocks:
+            rows = math.prod(block_shape) // width
+            start, stop = max(lo, offset), min(hi, offset + rows)
+            if start < stop:
+                part = st.rows(block, block_shape, start - offset, stop - offset)
+                flat[at + start - lo:at + stop - lo].copy_(part.reshape(-1, width))
+            offset += rows
+        at += hi - lo
 
 
 def load_hf_weights(model: nn.Module, folder: str) -> BytesRead:

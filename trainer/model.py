@@ -315,10 +315,29 @@ class FeedForward(nn.Module):
 class MoE(nn.Module):
     """Top-k routed SwiGLU experts (softmax gates renormalised over the chosen k) with a load-balancing loss.
 
-    Routed (token, slot) pairs are sorted by expert and gathered once, so each expert multiplies only its own
-    contiguous group of tokens and every gather/scatter (and its backward) touches N·k rows: cost O(tokens · top_k),
-    never O(tokens · n_experts). Experts are stacked (E, …) tensors, split per expert in Hugging Face export.
+    The N·k routed (token, slot) pairs are sorted by expert into one buffer in which each expert's group starts on a
+    multiple of `align` rows (zero rows pad each group). The buffer's length is a function of N alone, so no shape
+    depends on the routing: no host sync, and torch.compile traces the layer as one graph. Experts are stacked
+    (E, …) tensors, split per expert in Hugging Face export. The groups are multiplied by one of two kernels:
+
+    - bf16 weights with dim and hidden multiples of 8 (the GPU setting, `parallel.mixed_precision=bf16`):
+      `torch._grouped_mm`, one grouped GEMM per projection, groups aligned to 8 rows (16 bytes, which its
+      weight-gradient GEMM needs). On Hopper/Blackwell GPUs that is torch's CUTLASS kernel, reading the group offsets
+      on the device; elsewhere torch loops over the groups itself (on a CPU freely, on an older GPU after copying
+      the offsets to the host).
+    - anything else (fp32: torch's grouped GEMM is bf16-only under torch.compile and on the GPU): blocks of
+      align = ⌈N·k / E⌉ rows, each within one expert's group, in one batched matmul against each block's expert
+      weights, gathered. At most 2E - 1 blocks: the zero padding at most doubles the experts' FLOPs, and the
+      gathered weights are at most twice the layer's expert weights (on 2 CPU cores this layer is 2-3x slower than
+      a per-expert loop; it is the kernel that compiles).
+
+    Either way every gather, scatter and matmul (and its backward) touches O(N·k) rows: cost O(tokens · top_k),
+    never O(tokens · n_experts).
     """
+
+    GROUPED_MM_ALIGN = 8
+    """Rows per expert group with torch._grouped_mm: 8 bf16 values are 16 bytes, the alignment its weight-gradient
+    GEMM needs where the groups split the token dim."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -335,19 +354,48 @@ class MoE(nn.Module):
         weights = weights / weights.sum(dim=-1, keepdim=True)
         order = experts.flatten().argsort(stable=True)  # (N·k,) routed slots, grouped by expert
         token = order // self.top_k  # (N·k,) the token of each routed slot
-        counts = torch.bincount(experts.flatten(), minlength=self.n_experts).tolist()  # one host sync: group sizes
-        # unbind, not w[e]: indexing the stacked weights gives each expert a full-size (E, …) gradient in backward
-        w13, w2 = self.experts_w13.unbind(0), self.experts_w2.unbind(0)
-        groups = flat[token].split(counts)  # E × (n_e, D)
-        y = torch.cat([self.expert(g, w13[e], w2[e]) for e, g in enumerate(groups)])  # (N·k, D)
+        y = self.run_experts(flat[token], experts.flatten()[order])  # (N·k, D)
         y = y * weights.flatten()[order, None]
         out = torch.zeros_like(flat).index_add(0, token, y.type_as(flat))  # sum each token's k expert outputs
         return out.view(B, T, D), self.balance_loss(probs, experts)
 
+    def uses_grouped_mm(self) -> bool:
+        """Whether the experts run on torch._grouped_mm (see the class docstring)."""
+        return (self.experts_w13.dtype == torch.bfloat16 and self.hidden % self.GROUPED_MM_ALIGN == 0
+                and self.experts_w13.shape[-1] % self.GROUPED_MM_ALIGN == 0)
+
+    def run_experts(self, xs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of each row of xs (S, D) by the expert it was routed to, `expert` (S,), ascending."""
+        S, E = xs.shape[0], self.n_experts
+        grouped = self.uses_grouped_mm()
+        align = self.GROUPED_MM_ALIGN if grouped else -(-S // E)
+        rows = (S + E * (align - 1)) // align * align  # holds every group padded to a multiple of align
+        first = torch.searchsorted(expert, torch.arange(E + 1, device=expert.device))  # (E + 1,) group bounds
+        counts = first.diff()  # (E,) routed rows per expert
+        padded = (counts + align - 1) // align * align
+        ends = padded.cumsum(0)  # (E,) end of each padded group in the buffer
+        pos = torch.arange(S, device=xs.device) + (ends - padded - first[:-1])[expert]  # (S,) each row's place
+        buffer = xs.new_zeros(rows, xs.shape[1]).index_copy(0, pos, xs)  # (rows, D)
+        if grouped:  # the last group runs to the buffer's end: torch leaves a row outside every group unwritten
+            offs = torch.cat([ends[:-1], ends.new_full((1,), rows)]).to(torch.int32)
+            matmul = functools.partial(self.grouped_matmul, offs=offs)
+        else:  # the block starting at row b·align is the expert whose group holds that row (the last for spare ones)
+            starts = torch.arange(0, rows, align, device=xs.device)
+            matmul = functools.partial(self.block_matmul, block_expert=torch.searchsorted(ends, starts, right=True)
+                                       .clamp(max=E - 1), align=align)
+        gate, up = matmul(buffer, self.experts_w13).chunk(2, dim=-1)  # (rows, H) each
+        return matmul(F.silu(gate) * up, self.experts_w2)[pos]  # (S, D)
+
     @staticmethod
-    def expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, w13).chunk(2, dim=-1)  # (n_e, H) each
-        return F.linear(F.silu(gate) * up, w2)  # (n_e, D)
+    def grouped_matmul(x: torch.Tensor, w: torch.Tensor, *, offs: torch.Tensor) -> torch.Tensor:
+        """x (rows, in) by stacked w (E, out, in): rows before offs[0] by w[0], then up to offs[1] by w[1], …"""
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)  # (rows, out)
+
+    @staticmethod
+    def block_matmul(x: torch.Tensor, w: torch.Tensor, *, block_expert: torch.Tensor, align: int) -> torch.Tensor:
+        """x (rows, in) by stacked w (E, out, in): block b, rows [b·align, (b+1)·align), by w[block_expert[b]]."""
+        blocks = x.view(-1, align, x.shape[-1])  # (rows / align, align, in)
+        return torch.bmm(blocks, w[block_expert].transpose(1, 2)).flatten(0, 1)  # (rows, out)
 
     def balance_loss(self, probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Switch/Mixtral loss E · Σ_e f_e · P_e: f_e share of routed slots, P_e mean router probability."""

@@ -6,6 +6,7 @@ parameter's full initial value is computed from (seed, name) and sliced, so weig
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,7 +15,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from raylm.errors import ConfigError
 
@@ -70,11 +71,24 @@ def parallelize(model: nn.Module, *, mesh: DeviceMesh, parallel: ParallelConfig)
             model.layers.register_module(name, block)
         if parallel.compile:
             block.compile()  # in place: keeps state-dict keys (torch.compile(block) would add `_orig_mod.`)
-        fully_shard(block, mesh=mesh, mp_policy=parallel.policy(), reshard_after_forward=parallel.reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=parallel.policy(), reshard_after_forward=parallel.reshard_after_forward,
+                    shard_placement_fn=functools.partial(shard_placement, world=mesh.size()))
         sum_gradients(block)
     model = fully_shard(model, mesh=mesh, mp_policy=parallel.policy(), reshard_after_forward=parallel.reshard_after_forward)
     sum_gradients(model)
     return model
+
+
+def shard_placement(param: nn.Parameter, *, world: int) -> Shard:
+    """Dim 0, except for a stacked (E, …) MoE expert tensor whose E rows do not split evenly over the W ranks: dim 1
+    then, if its rows split evenly (FSDP2 shards any dim but 0 only evenly). FSDP2 gives each rank ⌈size / W⌉ rows
+    of the sharded dim (the last ranks fewer or none), so on dim 0 (E = 8 for Mixtral) no rank holds less than a
+    whole expert: past 8 ranks the experts stop shrinking and ranks 0-7 hold all of them. Dim 1 (2·hidden or dim
+    rows) splits every expert W ways instead, as torchtitan does; where E divides evenly dim 0 is kept, as its
+    all-gather needs no re-layout."""
+    if param.ndim == 3 and param.shape[0] % world and param.shape[1] % world == 0:
+        return Shard(1)
+    return Shard(0)
 
 
 def sum_gradients(module) -> None:
