@@ -4,7 +4,9 @@ log-probability of its continuation after the query; accuracy and length-normali
 The conventions are lm-evaluation-harness's, so figures compare with published ones: the continuation of a choice
 is " " + choice; a query's trailing whitespace moves to the continuation; the continuation's tokens are those the
 whole text has past the query's own tokens; the length normalisation divides by the choice's characters; ties go
-to the first choice. Every context starts with EOS, the token raylm's packing puts before each document.
+to the first choice. Every context starts with the token the model's documents start after
+(`Tokenizer.document_start`): BOS for a model trained with it (a Llama 3, as its tokenizer adds it), else EOS, the
+token raylm's packing ends each document with.
 
 Scoring is batched and sharded like held-out loss: requests are sorted by length and cut into micro-batches once,
 rank r runs micro-batches r, r + W, …, and one all-reduce gathers every request's score, so each request is scored
@@ -39,10 +41,53 @@ class Item:
 
 @dataclass
 class Task:
+    """A task ready to score: what accuracy needs and every choice's token ids, but no text. The driver tokenizes a
+    task once and ships this to every rank: a choice's ids are kept as those past what it shares with the choice
+    before it (the item's query, mostly), in the tokenizer's dtype, so it is smaller than the task's file."""
+
     name: str
-    items: list[Item]
-    requests: list[tuple[list[int], int]]
-    """(token ids, continuation length) of every choice of every item, item by item."""
+    gold: np.ndarray
+    """(items,) index of each item's right choice."""
+    first: np.ndarray
+    """(items + 1,) index of each item's first request; the last entry is the number of requests."""
+    choice_chars: np.ndarray
+    """(requests,) characters of each request's choice: what acc_norm divides by."""
+    continuation: np.ndarray
+    """(requests,) tokens of each request's continuation, the ones scored."""
+    shared: np.ndarray
+    """(requests,) leading tokens each request shares with the one before it."""
+    ends: np.ndarray
+    """(requests,) where each request's own tokens end in `tokens`."""
+    tokens: np.ndarray
+    """Each request's tokens past the shared ones, one after another."""
+
+    @property
+    def requests(self) -> list[tuple[list[int], int]]:
+        """(token ids, continuation length) of every choice of every item, item by item: score_requests' form."""
+        out, ids, start = [], [], 0
+        for shared, end, n in zip(self.shared.tolist(), self.ends.tolist(), self.continuation.tolist()):
+            ids = ids[:shared] + self.tokens[start:end].tolist()
+            out.append((ids, n))
+            start = end
+        return out
+
+
+def make_task(name: str, items: list[Item], requests: list[tuple[list[int], int]], dtype: np.dtype) -> Task:
+    """The Task of `items`, whose choices tokenize to `requests`."""
+    shared, own, before = [], [], np.zeros(0, np.int64)
+    for ids, _ in requests:
+        ids = np.asarray(ids, np.int64)
+        n = min(len(ids), len(before))
+        differ = np.flatnonzero(ids[:n] != before[:n])
+        shared.append(int(differ[0]) if len(differ) else n)
+        own.append(ids[shared[-1]:])
+        before = ids
+    return Task(name, gold=np.array([item.gold for item in items], np.int32),
+                first=np.cumsum([0] + [len(item.choices) for item in items], dtype=np.int32),
+                choice_chars=np.array([len(c) for item in items for c in item.choices], np.int32),
+                continuation=np.array([n for _, n in requests], np.int32), shared=np.array(shared, np.int32),
+                ends=np.cumsum([len(ids) for ids in own], dtype=np.int64),
+                tokens=np.concatenate(own).astype(dtype) if own else np.zeros(0, dtype))
 
 
 def task_name(path: str) -> str:
@@ -87,7 +132,8 @@ def read_items(path: str) -> list[Item]:
 
 def encode_pair(tokenizer, context: str, continuation: str, max_len: int, where: str = "a request"
                 ) -> tuple[list[int], int]:
-    """(EOS + context + continuation tokens, cut from the left to max_len + 1; the continuation's length)."""
+    """(document start + context + continuation tokens, cut from the left to max_len + 1; the continuation's
+    length). With BOS as the document start these are the ids transformers' tokenizer gives the text."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -98,18 +144,20 @@ def encode_pair(tokenizer, context: str, continuation: str, max_len: int, where:
     if len(cont) > max_len:
         raise DataError(f"{where}: a continuation of {len(cont)} tokens does not fit the model's {max_len}-token "
                         "context")
-    return ([tokenizer.eos_id] + whole)[-(max_len + 1):], len(cont)
+    return ([tokenizer.document_start] + whole)[-(max_len + 1):], len(cont)
 
 
 def load_task(path: str, tokenizer, *, max_len: int, limit: int = 0, seed: int = 0) -> Task:
-    """A task ready to score: its items (a seeded `limit` of them, in file order, when limit > 0) and requests."""
+    """A task ready to score: its items (a seeded `limit` of them, in file order, when limit > 0), tokenized."""
+    from dataprep.tokenizer import token_dtype
+
     items = read_items(path)
     if 0 < limit < len(items):
         keep = np.sort(np.random.default_rng([seed, len(items)]).permutation(len(items))[:limit])
         items = [items[i] for i in keep]
     requests = [encode_pair(tokenizer, item.query, DELIMITER + choice, max_len, item.where) for item in items
                 for choice in item.choices]
-    return Task(task_name(path), items, requests)
+    return make_task(task_name(path), items, requests, token_dtype(tokenizer.vocab_size))
 
 
 def continuation_logprobs(model, batch: list[tuple[list[int], int]], device: torch.device) -> torch.Tensor:
@@ -148,19 +196,19 @@ def score_requests(model, requests: list[tuple[list[int], int]], *, micro_batch:
     return out.cpu().numpy()
 
 
-def accuracy(items: list[Item], loglikelihoods: np.ndarray) -> dict:
-    """acc, acc_norm (log-likelihood per character of the choice) and which items each got right."""
-    correct, correct_norm, at = [], [], 0
-    for item in items:
-        ll = loglikelihoods[at:at + len(item.choices)]
-        at += len(item.choices)
-        chars = np.array([len(c) for c in item.choices], dtype=np.float64)
-        correct.append(int(np.argmax(ll)) == item.gold)
-        correct_norm.append(int(np.argmax(ll / chars)) == item.gold)
-    return {"acc": float(np.mean(correct)), "acc_norm": float(np.mean(correct_norm)), "items": len(items),
-            "correct": correct}
+def accuracy(task: Task, loglikelihoods: np.ndarray) -> dict:
+    """acc, acc_norm (log-likelihood per character of the choice), which items each got right, and every choice's
+    log-likelihood, item by item (to compare with another scorer's, e.g. lm-eval's --log_samples)."""
+    correct, correct_norm, per_item = [], [], []
+    for gold, lo, hi in zip(task.gold.tolist(), task.first[:-1].tolist(), task.first[1:].tolist()):
+        ll = loglikelihoods[lo:hi]
+        correct.append(int(np.argmax(ll)) == gold)
+        correct_norm.append(int(np.argmax(ll / task.choice_chars[lo:hi])) == gold)
+        per_item.append(ll.tolist())
+    return {"acc": float(np.mean(correct)), "acc_norm": float(np.mean(correct_norm)), "items": len(task.gold),
+            "correct": correct, "loglikelihoods": per_item}
 
 
 def score_task(model, task: Task, *, micro_batch: int, device: torch.device, rank: int = 0, world: int = 1) -> dict:
     scores = score_requests(model, task.requests, micro_batch=micro_batch, device=device, rank=rank, world=world)
-    return accuracy(task.items, scores[:, 0])
+    return accuracy(task, scores[:, 0])
