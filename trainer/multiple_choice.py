@@ -43,37 +43,47 @@ class Item:
 class Task:
     """A task ready to score: what accuracy needs and every choice's token ids, but no text. The driver tokenizes a
     task once and ships this to every rank: a choice's ids are kept as those past what it shares with the choice
-    before it (the item's query, mostly), in the tokenizer's dtype, so it is smaller than the task's file."""
+    before it (the item's query, mostly), and every array in the smallest dtype its values fit, so it is smaller
+    than the task's file."""
 
     name: str
     gold: np.ndarray
     """(items,) index of each item's right choice."""
-    first: np.ndarray
-    """(items + 1,) index of each item's first request; the last entry is the number of requests."""
+    choices: np.ndarray
+    """(items,) choices of each item."""
     choice_chars: np.ndarray
     """(requests,) characters of each request's choice: what acc_norm divides by."""
     continuation: np.ndarray
     """(requests,) tokens of each request's continuation, the ones scored."""
     shared: np.ndarray
     """(requests,) leading tokens each request shares with the one before it."""
-    ends: np.ndarray
-    """(requests,) where each request's own tokens end in `tokens`."""
+    own: np.ndarray
+    """(requests,) tokens of each request past the shared ones, which follow one another in `tokens`."""
     tokens: np.ndarray
-    """Each request's tokens past the shared ones, one after another."""
+
+    @property
+    def first(self) -> np.ndarray:
+        """(items + 1,) index of each item's first request, then the number of requests."""
+        return np.concatenate([[0], np.cumsum(self.choices, dtype=np.int64)])
 
     @property
     def requests(self) -> list[tuple[list[int], int]]:
         """(token ids, continuation length) of every choice of every item, item by item: score_requests' form."""
         out, ids, start = [], [], 0
-        for shared, end, n in zip(self.shared.tolist(), self.ends.tolist(), self.continuation.tolist()):
-            ids = ids[:shared] + self.tokens[start:end].tolist()
+        for shared, own, n in zip(self.shared.tolist(), self.own.tolist(), self.continuation.tolist()):
+            ids = ids[:shared] + self.tokens[start:start + own].tolist()
             out.append((ids, n))
-            start = end
+            start += own
         return out
 
 
+def small(values: list[int]) -> np.ndarray:
+    """`values` as uint16 when they fit (counts and lengths mostly do), else int64."""
+    return np.array(values, np.uint16 if max(values, default=0) < 1 << 16 else np.int64)
+
+
 def make_task(name: str, items: list[Item], requests: list[tuple[list[int], int]], dtype: np.dtype) -> Task:
-    """The Task of `items`, whose choices tokenize to `requests`."""
+    """The Task of `items`, whose choices tokenize to `requests`; `dtype`: the tokenizer's token dtype."""
     shared, own, before = [], [], np.zeros(0, np.int64)
     for ids, _ in requests:
         ids = np.asarray(ids, np.int64)
@@ -82,11 +92,9 @@ def make_task(name: str, items: list[Item], requests: list[tuple[list[int], int]
         shared.append(int(differ[0]) if len(differ) else n)
         own.append(ids[shared[-1]:])
         before = ids
-    return Task(name, gold=np.array([item.gold for item in items], np.int32),
-                first=np.cumsum([0] + [len(item.choices) for item in items], dtype=np.int32),
-                choice_chars=np.array([len(c) for item in items for c in item.choices], np.int32),
-                continuation=np.array([n for _, n in requests], np.int32), shared=np.array(shared, np.int32),
-                ends=np.cumsum([len(ids) for ids in own], dtype=np.int64),
+    return Task(name, gold=small([item.gold for item in items]), choices=small([len(item.choices) for item in items]),
+                choice_chars=small([len(c) for item in items for c in item.choices]),
+                continuation=small([n for _, n in requests]), shared=small(shared), own=small([len(o) for o in own]),
                 tokens=np.concatenate(own).astype(dtype) if own else np.zeros(0, dtype))
 
 
@@ -199,8 +207,8 @@ def score_requests(model, requests: list[tuple[list[int], int]], *, micro_batch:
 def accuracy(task: Task, loglikelihoods: np.ndarray) -> dict:
     """acc, acc_norm (log-likelihood per character of the choice), which items each got right, and every choice's
     log-likelihood, item by item (to compare with another scorer's, e.g. lm-eval's --log_samples)."""
-    correct, correct_norm, per_item = [], [], []
-    for gold, lo, hi in zip(task.gold.tolist(), task.first[:-1].tolist(), task.first[1:].tolist()):
+    correct, correct_norm, per_item, first = [], [], [], task.first
+    for gold, lo, hi in zip(task.gold.tolist(), first[:-1].tolist(), first[1:].tolist()):
         ll = loglikelihoods[lo:hi]
         correct.append(int(np.argmax(ll)) == gold)
         correct_norm.append(int(np.argmax(ll / task.choice_chars[lo:hi])) == gold)
