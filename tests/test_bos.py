@@ -208,3 +208,25 @@ def test_an_imported_llama_scores_as_transformers_does_with_its_own_special_toke
             lls.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[-n:])[:, None]).sum().item())
         want.append(lls)
     assert np.allclose(ours, want, rtol=0, atol=1e-4), (ours, want)
+
+
+def test_the_harness_adapter_scores_a_text_after_bos_as_transformers_does(tmp_path, corpus):
+    """lm-eval's rolling log-likelihood of a text through raylm's adapter, on an imported Llama 3, is transformers'
+    log-probability of every token after BOS of `tokenizer(text)`."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from trainer.harness import RaylmLM
+
+    folder = llama3_folder(tmp_path / "tok", corpus)
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    model = llama_folder(tmp_path / "llama", folder, load_tokenizer(read_tokenizer_files(folder)).vocab_size)
+    lm = RaylmLM(str(tmp_path / "llama"), batch_size=2, device="cpu")
+    doc = corpus[0][:120]
+    ours = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (doc,), 0)])[0]
+    ids = theirs_tok(doc)["input_ids"]
+    assert ids[0] == theirs_tok.bos_token_id and len(ids) <= 64
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].double()
+    want = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
+    assert abs(ours - want) < 1e-4, (ours, want)
