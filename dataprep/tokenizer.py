@@ -130,8 +130,9 @@ class Tokenizer:
     eos_token: str
     bos_first: bool = False
     """Whether each document starts with BOS: the format the model was trained in. A Hugging Face tokenizer that
-    adds its BOS when it encodes a text (tokenizer.json's post-processor, as transformers encodes) says yes; raylm's SentencePiece says no (documents are separated by EOS
-    alone); a dataset's tokenizer says what the dataset was made with (`--bos`)."""
+    adds its BOS when it encodes a text (tokenizer.json's post-processor, as transformers encodes) says yes;
+    raylm's SentencePiece says no (documents are separated by EOS alone); a dataset's tokenizer says what the
+    dataset was made with (`--bos`)."""
 
     @property
     def document_start(self) -> int:

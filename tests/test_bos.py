@@ -160,8 +160,9 @@ def llama_folder(root, tokenizer_folder: str, vocab: int):
 
 def test_init_from_hf_refuses_data_in_another_format(tmp_path, corpus):
     """A Llama 3 (its tokenizer adds BOS) on data without BOS, and the reverse, stop in one line before any
-    worker, naming the dataset, the flag and the fix."""
+    worker, naming the dataset, the flag and the fix; so does scoring such data as a held-out set."""
     from trainer.__main__ import main as train
+    from trainer.eval import main as evaluate
 
     for adds, bos in ((True, False), (False, True)):
         folder = llama3_folder(tmp_path / f"tok-{adds}", corpus, adds_bos=adds)
@@ -177,6 +178,11 @@ def test_init_from_hf_refuses_data_in_another_format(tmp_path, corpus):
         assert f"dataset {data} was made with --bos {'on' if bos else 'off'}" in err
         assert f"--bos {'on' if adds else 'off'}" in err.split("make the data again")[1], err
         assert not (tmp_path / "run").exists()
+        code, _, err = run_captured(evaluate, ["--no-ray", "--checkpoint", tmp_path / f"llama-{adds}", "--data.path",
+                                               data])
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"was made with --bos {'on' if bos else 'off'}" in err
+        assert f"again with --bos {'on' if adds else 'off'}" in err
 
 
 def test_an_imported_llama_scores_as_transformers_does_with_its_own_special_tokens(tmp_path, corpus):

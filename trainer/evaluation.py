@@ -3,8 +3,8 @@
 
 Every input is checked on the driver before workers start: each dataset must be tokenized with the model's tokenizer,
 in the model's document format (BOS or not), and have val rows that fit the model's context; each task must parse and
-fit the context. The tasks the driver tokenized for that check are what the workers score: shipped to them, never
-tokenized again on every rank.
+fit the context. `python -m trainer.eval` ships the tasks its driver tokenized for that check to the workers, which
+score them as they are (the training loop's ranks still tokenize [eval]'s tasks once each, at start).
 """
 
 from __future__ import annotations

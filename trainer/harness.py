@@ -112,8 +112,8 @@ class RaylmLM(LM):
         return [self.continue_text(context, gen_kwargs) for context, gen_kwargs in (req.args for req in requests)]
 
     def continue_text(self, context: str, gen_kwargs: dict) -> str:
-        """The model's continuation of `context` (after the document start, cut from the left so prompt and new tokens fit the
-        context), up to the first `until` string: greedy unless the task samples."""
+        """The model's continuation of `context` (after the document start, cut from the left so prompt and new
+        tokens fit the context), up to the first `until` string: greedy unless the task samples."""
         unknown = sorted(set(gen_kwargs) - set(GEN_KWARGS))
         if unknown:
             raise ConfigError(f"raylm's adapter does not support generation settings {', '.join(unknown)}; "
