@@ -5,7 +5,8 @@ A record is a .jsonl line with `messages: [{role, content}, ...]` (roles system,
 rendered up to each assistant turn with the generation prompt, and again with the turn, and the difference is that
 turn (its text and the end marker the template closes it with, so the model learns to stop). The conversation is
 tokenized segment by segment, and checked to give the same ids as tokenizing the whole rendered conversation: a
-template whose pieces tokenize differently is refused, never silently mis-masked.
+template whose pieces tokenize differently is refused, never silently mis-masked. When the dataset's documents start
+with BOS (`--bos`), a conversation whose template does not render BOS itself gets one before it (carrying no loss).
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def tokenize(tokenizer: Tokenizer, record: Record) -> Example | BadRecord:
         return BadRecord(record.where, f"the chat template ({tokenizer.chat_template_name}) tokenizes differently "
                                        "in pieces than whole, so the assistant turns cannot be masked exactly; use a "
                                        "template whose turns end in a special token")
+    if tokenizer.bos_first and tokens[:1] != [tokenizer.bos_id]:  # a template that renders BOS keeps just its own
+        tokens, loss = [tokenizer.bos_id] + tokens, [False] + loss
     return Example(record.key, tokens, loss)
 
 

@@ -13,6 +13,7 @@ from raylm.errors import ConfigError
 BAD_RECORD = ("error", "skip")
 FORMATS = ("text", "chat")
 OVERLONG = ("truncate", "drop")
+BOS = ("auto", "on", "off")
 ENCODING_ERRORS = ("strict", "replace")
 
 
@@ -90,6 +91,10 @@ class PackConfig:
     overlong: str = "truncate"
     """Chat: an example longer than seq_len + 1 tokens is cut to that length ('truncate') or left out ('drop');
     either way it is counted in the manifest."""
+    bos: str = "auto"
+    """Put the tokenizer's BOS at the start of each document (text), or of each conversation whose chat template
+    does not render it already: 'auto' does when the model expects it (a Hugging Face tokenizer that adds its BOS,
+    as Llama 3's does), never with raylm's own tokenizer; 'on' or 'off' decide."""
 
     def __post_init__(self):
         _check([
@@ -98,6 +103,7 @@ class PackConfig:
             (self.unit_mb > 0, "pack.unit_mb", self.unit_mb, "must be > 0"),
             (self.shard_mb > 0, "pack.shard_mb", self.shard_mb, "must be > 0"),
             (self.overlong in OVERLONG, "pack.overlong", self.overlong, "must be truncate or drop"),
+            (self.bos in BOS, "pack.bos", self.bos, "must be auto, on or off"),
         ])
 
 
@@ -136,7 +142,8 @@ class DataprepConfig:
         Training options count only when the tokenizer is trained (a given one counts by its content, added by the
         run); the input paths count as the files they list."""
         tokenizer = {} if self.tokenizer.file else {k: v for k, v in asdict(self.tokenizer).items() if k != "file"}
-        settings = {**{k: v for k, v in asdict(self.input).items() if k != "paths"}, **tokenizer, **asdict(self.pack)}
+        pack = {k: v for k, v in asdict(self.pack).items() if k != "bos"}  # counted as resolved, by the run
+        settings = {**{k: v for k, v in asdict(self.input).items() if k != "paths"}, **tokenizer, **pack}
         if self.input.format == "text":  # what only chat data has: text datasets keep the stamp they always had
             del settings["format"], settings["overlong"]
         return settings
@@ -159,5 +166,6 @@ ALIASES = {
     "--encoding-errors": "input.encoding_errors",
     "--max-files": "input.max_files",
     "--overwrite": "output.overwrite",
+    "--bos": "pack.bos",
 }
-"""The first version's flags, kept so every command written for it still runs."""
+"""The first version's flags, kept so every command written for it still runs (and `--bos`)."""

@@ -252,6 +252,11 @@ class PackedDataset:
         return self.manifest["tokenizer"]["eos_id"]
 
     @property
+    def bos(self) -> bool:
+        """Whether each document starts with BOS (dataprep's `--bos`); a dataset made before the choice: no."""
+        return bool(self.manifest.get("bos"))
+
+    @property
     def source_names(self) -> list[str]:
         """The name of each source (input) by id, as `Split.row_sources` gives them; [] for a dataset made before
         sources were recorded."""
@@ -281,7 +286,7 @@ class PackedDataset:
         from dataprep.tokenizer import load_tokenizer
 
         files = {name: storage.read_bytes(storage.join(self.directory, name)) for name in self.tokenizer_files}
-        return load_tokenizer(files, where=self.directory)
+        return load_tokenizer(files, where=self.directory).with_bos(self.bos)
 
 
 def open_dataset(directory: str) -> PackedDataset:

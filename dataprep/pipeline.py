@@ -137,12 +137,23 @@ def run_settings(cfg: DataprepConfig, files: list[FileEntry], given_tokenizer: T
                  names: list[str]) -> dict:
     """The settings stamp of a run: options, the tokenizer given (by content) and the exact source files. With
     several sources, also their names and each file's source (shards then hold one source each, so such a dataset
-    made before sources were recorded is never resumed); with one, the stamp datasets always had."""
+    made before sources were recorded is never resumed); with one, the stamp datasets always had. `bos` only when
+    documents start with BOS: a dataset made before the choice existed had none, and keeps its stamp."""
     given = {"tokenizer_sha256": given_tokenizer.sha256} if given_tokenizer else {}
     several = len(names) > 1
     listed = [[f.path, f.size, f.source] if several else [f.path, f.size] for f in files]
     sources = hashlib.sha256(json.dumps(listed).encode()).hexdigest()
-    return {**cfg.settings(), **given, **({"sources": names} if several else {}), "sources_sha256": sources}
+    bos = {"bos": True} if starts_with_bos(cfg.pack.bos, given_tokenizer) else {}
+    return {**cfg.settings(), **given, **bos, **({"sources": names} if several else {}), "sources_sha256": sources}
+
+
+def starts_with_bos(choice: str, given: Tokenizer | None) -> bool:
+    """`--bos` resolved: auto follows the given tokenizer (a tokenizer trained here is raylm's: no BOS)."""
+    if choice == "auto":
+        return given is not None and given.bos_first
+    if choice == "on" and given is not None and given.bos_id is None:
+        raise ConfigError("pack.bos='on' (--bos): the --tokenizer given has no BOS token; use --bos auto or off")
+    return choice == "on"
 
 
 @dataclass
@@ -250,7 +261,8 @@ def make_dataset(cfg: DataprepConfig, files: list[FileEntry], names: list[str], 
     done = committed_units(cfg.output.dir, units, settings, tokenizer.sha256) if resume else {}
     if done:
         log.info("resuming: %d of %d units already written", len(done), len(units))
-    job = unit_job(cfg, tokenizer, run_stamp(settings, tokenizer.sha256), sources=len(names))
+    job = unit_job(cfg, tokenizer, run_stamp(settings, tokenizer.sha256), sources=len(names),
+                   bos=settings.get("bos", False))
     result = RunResult({}, reused=len(done), timings=timings)
     fresh = run_units([u for u in units if u.index not in done], job, cfg, result)
     stats = [done.get(u.index) or fresh[u.index] for u in units]
@@ -267,14 +279,14 @@ def planes(cfg: DataprepConfig) -> int:
     return len(PLANES) if cfg.input.format == "chat" else 1
 
 
-def unit_job(cfg: DataprepConfig, tokenizer: Tokenizer, stamp: str, *, sources: int) -> UnitJob:
+def unit_job(cfg: DataprepConfig, tokenizer: Tokenizer, stamp: str, *, sources: int, bos: bool) -> UnitJob:
     row_bytes = planes(cfg) * (cfg.pack.seq_len + 1) * token_dtype(tokenizer.vocab_size).itemsize
     return UnitJob(
         output=cfg.output.dir, tokenizer=tokenizer.files, run_stamp=stamp,
         seq_len=cfg.pack.seq_len, rows_per_shard=max(1, int(cfg.pack.shard_mb * 2**20) // row_bytes),
         val_fraction=cfg.pack.val_fraction, seed=cfg.pack.seed, text_field=cfg.input.text_field,
         encoding_errors=cfg.input.encoding_errors, on_bad_record=cfg.input.on_bad_record,
-        format=cfg.input.format, overlong=cfg.pack.overlong, sources=sources,
+        format=cfg.input.format, overlong=cfg.pack.overlong, sources=sources, bos=bos,
     )
 
 
@@ -366,8 +378,9 @@ def counts_by_source(entries: list[dict], names: list[str]) -> dict[str, dict]:
 def build_manifest(cfg: DataprepConfig, tokenizer: Tokenizer, trained: bool, stats: list[dict], settings: dict,
                    n_files: int, names: list[str]) -> dict:
     """Sizes, counts and per-shard entries (each naming its unit and source); small: the source file list is in
-    sources.jsonl. `source_names[i]` names source i."""
+    sources.jsonl. `source_names[i]` names source i; `bos`: whether each document starts with BOS (`bos_id`)."""
     dtype = token_dtype(tokenizer.vocab_size)
+    bos = settings.get("bos", False)
     splits = {s: split_entry(stats, s, names) for s in SPLITS}
     rows = planes(cfg) * (cfg.pack.seq_len + 1)
     chat = {"chat": {"template": tokenizer.chat_template_name, "overlong": cfg.pack.overlong,
@@ -382,6 +395,8 @@ def build_manifest(cfg: DataprepConfig, tokenizer: Tokenizer, trained: bool, sta
         "seed": cfg.pack.seed,
         "val_fraction": cfg.pack.val_fraction,
         "tokenizer": {**tokenizer.describe(), "trained": trained},
+        "bos": bos,
+        "bos_id": tokenizer.bos_id if bos else None,
         "splits": splits,
         "units": len(stats),
         "input_bytes": sum(st["input_bytes"] for st in stats),

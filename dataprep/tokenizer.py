@@ -17,6 +17,7 @@ template (Jinja, rendered as transformers renders it) and special tokens.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import functools
 import hashlib
@@ -127,6 +128,25 @@ class Tokenizer:
     chat_template_name: str | None
     bos_token: str | None
     eos_token: str
+    bos_first: bool = False
+    """Whether each document starts with BOS: the format the model was trained in. A Hugging Face tokenizer that
+    adds its BOS when it encodes a text (tokenizer.json's post-processor, as transformers encodes) says yes;
+    raylm's SentencePiece says no (documents are separated by EOS alone); a dataset's tokenizer says what the
+    dataset was made with (`--bos`)."""
+
+    @property
+    def document_start(self) -> int:
+        """The token a document follows: BOS when documents start with it, else EOS (the end of the one before).
+        Every scorer puts it before a text, so a model sees the format it was trained in."""
+        return self.bos_id if self.bos_first else self.eos_id
+
+    def with_bos(self, on: bool) -> Tokenizer:
+        """This tokenizer with its documents starting with BOS or not (a dataset's `--bos` choice)."""
+        if on and self.bos_id is None:
+            raise DataError("the tokenizer has no BOS token; make the dataset with --bos off (or auto)")
+        chosen = copy.copy(self)  # the same encoder underneath
+        chosen.bos_first = on
+        return chosen
 
     def encode(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
         raise NotImplementedError
@@ -245,8 +265,16 @@ class HFTokenizer(Tokenizer):
         self.eos_id, self.eos_token = self.tok.token_to_id(eos), eos
         self.bos_token = _token_text(config.get("bos_token"))
         self.bos_id = self.tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.bos_first = self.bos_id is not None and self._adds_bos()
         self.chat_template = self._template(files, config)
         self.chat_template_name = (f"hf-{sha256(self.chat_template.encode())[:12]}" if self.chat_template else None)
+
+    def _adds_bos(self) -> bool:
+        """Whether transformers puts BOS before an encoded text: as tokenizer.json's post-processor does (Llama 3's
+        adds `<|begin_of_text|>`, Llama 2's and Gemma's their `<s>`/`<bos>`; transformers 5 ignores
+        tokenizer_config.json's `add_bos_token` when there is a tokenizer.json)."""
+        self.tok.encode_special_tokens = True
+        return self.tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
 
     @staticmethod
     def _template(files: dict[str, bytes], config: dict) -> str | None:

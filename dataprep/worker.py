@@ -63,6 +63,8 @@ class UnitJob:
     sources: int = 1
     """Sources of the dataset. With more than one, shard names carry the source; with one they are the names
     datasets had before sources were recorded, so such a dataset keeps its bytes."""
+    bos: bool = False
+    """Each document (each conversation whose template does not render it) starts with the tokenizer's BOS."""
 
 
 def ray_node_id() -> str:
@@ -120,7 +122,9 @@ class PackUnits:
 
     def __init__(self, job: UnitJob, *, node: str | None = None):
         self.job = job
-        self.tokenizer = load_tokenizer(job.tokenizer)
+        self.tokenizer = load_tokenizer(job.tokenizer).with_bos(job.bos)
+        self.in_document = False
+        """Whether the last text encoded was a chunk of a document that goes on (no BOS before the next one)."""
         self.dtype = token_dtype(self.tokenizer.vocab_size)
         self.node = node if node is not None else ray_node_id()
         self.ready_at = time.time()
@@ -174,6 +178,7 @@ class PackUnits:
         """Feed every document of the unit to its split's and source's packer, ENCODE_CHARS at a time; the first
         bad record's one-line description if the run stops at bad records."""
         read = {"text_field": self.job.text_field, "encoding_errors": self.job.encoding_errors}
+        self.in_document = False  # a unit starts with a document's start (a unit run again after an error too)
         pending: list[tuple[int, Document]] = []
         chars, replaced = 0, False
         for part in unit.parts:
@@ -197,12 +202,15 @@ class PackUnits:
 
     def _encode(self, docs: list[tuple[int, Document]], packers: UnitPackers) -> None:
         """Tokens of `docs` (each with its source id) to their split's and source's packer, in order; EOS closes each
-        document."""
+        document, and BOS opens it when the dataset has documents start with BOS."""
         ids = self.tokenizer.encode([d.text for _, d in docs], num_threads=1)  # one core per actor
         streams: dict[tuple[str, int], list[list[int]]] = {}
         documents: Counter = Counter()
         for (source, doc), tokens in zip(docs, ids):
             key = (self._split(doc), source)
+            if self.tokenizer.bos_first and not self.in_document:
+                tokens.insert(0, self.tokenizer.bos_id)
+            self.in_document = not doc.ends
             if doc.ends:
                 tokens.append(self.tokenizer.eos_id)
                 documents[key] += 1

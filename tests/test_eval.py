@@ -131,6 +131,36 @@ def trained(tokenizer, tmp_path_factory):
     return str(run), task, held, data
 
 
+def test_a_task_is_tokenized_once_and_ships_smaller_than_its_file(trained, tokenizer, monkeypatch):
+    """The driver's check tokenizes each task and the workers score what it shipped (here the --no-ray process,
+    whose one load_task is the check's); the shipped form rebuilds every choice's ids exactly, in fewer bytes than
+    the task's own file (and than the ids themselves)."""
+    import os
+    import pickle
+
+    from trainer import evaluation
+    from trainer.eval import main as evaluate
+    from trainer.multiple_choice import DELIMITER, encode_pair
+
+    run, path, _, _ = trained
+    rng = random.Random(2)
+    phrase = lambda n: " ".join(f"{rng.choice(NAMES)} likes {rng.choice(WORDS)}" for _ in range(n))  # noqa: E731
+    big = path.replace("likes.jsonl", "big.jsonl")
+    with open(big, "w") as f:
+        for _ in range(200):
+            f.write(json.dumps({"query": phrase(6), "choices": [phrase(2) for _ in range(4)], "gold": 1}) + "\n")
+    task = load_task(big, tokenizer, max_len=128)
+    assert task.requests == [encode_pair(tokenizer, item.query, DELIMITER + choice, 128) for item in read_items(big)
+                             for choice in item.choices]
+    shipped = len(pickle.dumps(task))
+    assert shipped < os.path.getsize(big) and shipped < len(pickle.dumps(task.requests)) / 2
+    calls = []
+    monkeypatch.setattr(evaluation, "load_task", lambda *a, **k: calls.append(a[0]) or load_task(*a, **k))
+    code, _, err = run_captured(evaluate, ["--no-ray", "--checkpoint", run, "--tasks", path])
+    assert code == 0 and "likes" in _, err
+    assert calls == [path]
+
+
 def test_a_memorised_task_scores_100_percent_and_the_untrained_model_about_chance(trained):
     run, _, _, _ = trained
     evals = [m for m in metrics(run) if "task/likes/acc" in m]

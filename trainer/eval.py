@@ -29,8 +29,9 @@ SHORT = {"--checkpoint": "run.checkpoint", "--data.path": "eval.datasets", "--ta
          "--out": "run.out"}
 
 
-def check_before_launch(job: EvalJob) -> None:
-    """A user mistake (no checkpoint, a foreign dataset, a task that does not parse) as one line, before workers."""
+def check_before_launch(job: EvalJob) -> list:
+    """A user mistake (no checkpoint, a foreign dataset, a task that does not parse) as one line, before workers.
+    Returns the tasks tokenized (`trainer.multiple_choice.Task`), which the workers score as they are."""
     from dataprep.tokenizer import load_tokenizer
 
     if not job.run.checkpoint:
@@ -41,8 +42,8 @@ def check_before_launch(job: EvalJob) -> None:
         storage.check_bucket(path)
     found = find_checkpoint(job.run.checkpoint)
     job.run.checkpoint = found.path  # the step found now, not a newer one committed while the workers start
-    check_evaluation(job.eval, tokenizer=load_tokenizer(found.tokenizer, where=job.run.checkpoint),
-                     max_len=found.cfg.max_seq_len)
+    return check_evaluation(job.eval, tokenizer=load_tokenizer(found.tokenizer, where=job.run.checkpoint),
+                            max_len=found.cfg.max_seq_len)
 
 
 def parse_args(argv: list[str]) -> tuple[EvalJob, set[str]]:
@@ -75,15 +76,15 @@ def table(results: dict) -> str:
 def main(argv: list[str]) -> int:
     job, flags = parse_args(argv)
     configure_logging("trainer")
-    check_before_launch(job)
+    tasks = check_before_launch(job)
     if "--no-ray" in flags:
-        results = evaluate(job)
+        results = evaluate(job, tasks)
         if torch.distributed.get_rank() != 0:
             return 0
     else:
         from trainer.ray_launch import launch_eval
 
-        results = launch_eval(job)
+        results = launch_eval(job, tasks)
     if job.run.out:
         storage.write_bytes(job.run.out, json.dumps(results, indent=1).encode())
     print(f"{results['checkpoint']} on {results['workers']} worker(s):\n{table(results)}")

@@ -124,8 +124,9 @@ def checkpoint_of_rank0(path: str, rank: int) -> Checkpoint:
     return found[0]
 
 
-def evaluate(job: EvalJob) -> dict:
-    """Every rank: load, score, and return {"checkpoint", "datasets", "tasks"}."""
+def evaluate(job: EvalJob, tasks: list | None = None) -> dict:
+    """Every rank: load, score, and return {"checkpoint", "datasets", "tasks"}. `tasks`: [eval]'s tasks as the
+    driver's check tokenized them (`trainer.multiple_choice.Task`), else tokenized here."""
     from dataprep.tokenizer import load_tokenizer
     from trainer.train import init_distributed
 
@@ -134,7 +135,7 @@ def evaluate(job: EvalJob) -> dict:
     model = load_sharded(found, d, ParallelConfig(mixed_precision=job.run.mixed_precision))
     evaluation = open_evaluation(job.eval, tokenizer=load_tokenizer(found.tokenizer, where=job.run.checkpoint),
                                  max_len=found.cfg.max_seq_len, micro_batch=job.run.micro_batch, rank=d.rank,
-                                 world=d.world)
+                                 world=d.world, tasks=tasks)
     return {"checkpoint": found.path, "workers": d.world, **evaluation.run(model, d.device)}
 
 

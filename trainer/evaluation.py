@@ -1,8 +1,10 @@
 """What an evaluation scores, in the training loop (`--eval.*`) and in `python -m trainer.eval`: held-out datasets
 (loss, perplexity, bits per byte, per source) and multiple-choice tasks (accuracy, length-normalised accuracy).
 
-Every input is checked on the driver before workers start: each dataset must be tokenized with the model's tokenizer
-and have val rows that fit the model's context, each task must parse and fit the context.
+Every input is checked on the driver before workers start: each dataset must be tokenized with the model's tokenizer,
+in the model's document format (BOS or not), and have val rows that fit the model's context; each task must parse and
+fit the context. `python -m trainer.eval` ships the tasks its driver tokenized for that check to the workers, which
+score them as they are (the training loop's ranks still tokenize [eval]'s tasks once each, at start).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataprep import open_dataset
 from raylm import storage
 from raylm.errors import ConfigError, DataError
 from trainer.heldout import flat_metrics, held_out, loss_sums, report
-from trainer.multiple_choice import load_task, score_task, task_name
+from trainer.multiple_choice import Task, load_task, score_task, task_name
 
 
 @dataclass(kw_only=True)
@@ -69,12 +71,17 @@ def check_unique(names: list[str], option: str) -> None:
         seen.add(name)
 
 
-def open_held_out(path: str, *, tokenizer_sha256: str, max_len: int):
-    """A held-out dataset the model can score: its tokenizer is the model's, its val rows fit the context."""
+def open_held_out(path: str, *, tokenizer, max_len: int):
+    """A held-out dataset the model can score: its tokenizer is the model's, its documents start as the model's do
+    (`tokenizer.bos_first`), its val rows fit the context."""
     dataset = open_dataset(path)
-    if dataset.manifest["tokenizer"]["sha256"] != tokenizer_sha256:
+    if dataset.manifest["tokenizer"]["sha256"] != tokenizer.sha256:
         raise DataError(f"eval dataset {path} was tokenized with another tokenizer than the model's; make it with "
                         "`python -m dataprep --tokenizer RUN_DIR ...` (the run's or training dataset's tokenizer)")
+    if dataset.bos != tokenizer.bos_first:
+        raise DataError(f"eval dataset {path} was made with --bos {'on' if dataset.bos else 'off'} but the model's "
+                        f"documents start {'with BOS' if tokenizer.bos_first else 'without BOS'}; make it again with "
+                        f"--bos {'on' if tokenizer.bos_first else 'off'}")
     if len(dataset.val) == 0:
         raise DataError(f"eval dataset {path} has no val rows; make held-out sets with --val-fraction 1")
     if dataset.seq_len > max_len:
@@ -106,22 +113,28 @@ class Evaluation:
 
 
 def open_evaluation(cfg: EvalConfig, *, tokenizer, max_len: int, micro_batch: int, rank: int = 0,
-                    world: int = 1, keep: bool = False) -> Evaluation:
-    """The configured sets and tasks for this rank (`keep`: hold the held-out rows in memory, for repeated use)."""
-    sets = [held_out(open_held_out(path, tokenizer_sha256=tokenizer.sha256, max_len=max_len),
+                    world: int = 1, keep: bool = False, tasks: list[Task] | None = None) -> Evaluation:
+    """The configured sets and tasks for this rank (`keep`: hold the held-out rows in memory, for repeated use;
+    `tasks`: the tasks as `check_evaluation` tokenized them on the driver, else they are tokenized here)."""
+    sets = [held_out(open_held_out(path, tokenizer=tokenizer, max_len=max_len),
                      name=dataset_name(path), token_bytes=tokenizer.token_bytes, rows=cfg.rows, seed=cfg.seed,
                      micro_batch=micro_batch, rank=rank, world=world, per_source=True, keep=keep)
             for path in cfg.datasets]
-    tasks = [load_task(path, tokenizer, max_len=max_len, limit=cfg.task_items, seed=cfg.seed) for path in cfg.tasks]
+    if tasks is None:
+        tasks = load_tasks(cfg, tokenizer=tokenizer, max_len=max_len)
     return Evaluation(sets, tasks, micro_batch, rank, world)
 
 
-def check_evaluation(cfg: EvalConfig, *, tokenizer, max_len: int) -> None:
-    """Refuse a missing or foreign dataset, or a task that does not parse, before any worker starts."""
+def load_tasks(cfg: EvalConfig, *, tokenizer, max_len: int) -> list[Task]:
+    return [load_task(path, tokenizer, max_len=max_len, limit=cfg.task_items, seed=cfg.seed) for path in cfg.tasks]
+
+
+def check_evaluation(cfg: EvalConfig, *, tokenizer, max_len: int) -> list[Task]:
+    """Refuse a missing or foreign dataset, or a task that does not parse, before any worker starts; returns the
+    tasks tokenized, to ship to the workers (`open_evaluation(tasks=...)`)."""
     for path in cfg.datasets:
-        open_held_out(path, tokenizer_sha256=tokenizer.sha256, max_len=max_len)
-    for path in cfg.tasks:
-        load_task(path, tokenizer, max_len=max_len, limit=cfg.task_items, seed=cfg.seed)
+        open_held_out(path, tokenizer=tokenizer, max_len=max_len)
+    return load_tasks(cfg, tokenizer=tokenizer, max_len=max_len)
 
 
 def metrics(results: dict) -> dict:

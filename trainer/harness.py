@@ -89,7 +89,7 @@ class RaylmLM(LM):
         return [(float(ll), bool(greedy)) for ll, greedy in scores]
 
     def loglikelihood_rolling(self, requests) -> list[float]:
-        """log P(text) of each whole text after EOS (the token raylm puts before every document), in lm-eval's
+        """log P(text) of each whole text after the model's document start (BOS, or EOS), in lm-eval's
         rolling windows of max_seq_len so each token is predicted once, with as much context as fits."""
         windows, owner = [], []
         for i, (text,) in enumerate(req.args for req in requests):
@@ -103,8 +103,8 @@ class RaylmLM(LM):
         """(window tokens, how many of its last tokens it scores): score_requests' request form."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-        windows = get_rolling_token_windows(ids, prefix_token=self.tokenizer.eos_id, max_seq_len=self.max_len,
-                                            context_len=1)
+        windows = get_rolling_token_windows(ids, prefix_token=self.tokenizer.document_start,
+                                            max_seq_len=self.max_len, context_len=1)
         return [(context + continuation, len(continuation))
                 for context, continuation in map(make_disjoint_window, windows)]
 
@@ -112,8 +112,8 @@ class RaylmLM(LM):
         return [self.continue_text(context, gen_kwargs) for context, gen_kwargs in (req.args for req in requests)]
 
     def continue_text(self, context: str, gen_kwargs: dict) -> str:
-        """The model's continuation of `context` (after EOS, cut from the left so prompt and new tokens fit the
-        context), up to the first `until` string: greedy unless the task samples."""
+        """The model's continuation of `context` (after the document start, cut from the left so prompt and new
+        tokens fit the context), up to the first `until` string: greedy unless the task samples."""
         unknown = sorted(set(gen_kwargs) - set(GEN_KWARGS))
         if unknown:
             raise ConfigError(f"raylm's adapter does not support generation settings {', '.join(unknown)}; "
@@ -124,7 +124,7 @@ class RaylmLM(LM):
         # tasks often set do_sample: false next to a temperature; do_sample alone samples at temperature 1
         sample = gen_kwargs.get("do_sample", float(gen_kwargs.get("temperature", 0.0)) > 0)
         temperature = float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0
-        prompt = [self.tokenizer.eos_id] + self.tokenizer.encode([context], num_threads=1)[0]
+        prompt = [self.tokenizer.document_start] + self.tokenizer.encode([context], num_threads=1)[0]
         prompt = prompt[-max(1, self.max_len - max_new):]
         out = generate(self.model, prompt, max_new, temperature, int(gen_kwargs.get("top_k") or 0),
                        float(gen_kwargs.get("top_p", 1.0)), eos_id=self.tokenizer.eos_id)

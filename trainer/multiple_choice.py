@@ -4,7 +4,9 @@ log-probability of its continuation after the query; accuracy and length-normali
 The conventions are lm-evaluation-harness's, so figures compare with published ones: the continuation of a choice
 is " " + choice; a query's trailing whitespace moves to the continuation; the continuation's tokens are those the
 whole text has past the query's own tokens; the length normalisation divides by the choice's characters; ties go
-to the first choice. Every context starts with EOS, the token raylm's packing puts before each document.
+to the first choice. Every context starts with the token the model's documents start after
+(`Tokenizer.document_start`): BOS for a model trained with it (a Llama 3, as its tokenizer adds it), else EOS, the
+token raylm's packing ends each document with.
 
 Scoring is batched and sharded like held-out loss: requests are sorted by length and cut into micro-batches once,
 rank r runs micro-batches r, r + W, …, and one all-reduce gathers every request's score, so each request is scored
@@ -39,10 +41,61 @@ class Item:
 
 @dataclass
 class Task:
+    """A task ready to score: what accuracy needs and every choice's token ids, but no text. The driver tokenizes a
+    task once and ships this to every rank: a choice's ids are kept as those past what it shares with the choice
+    before it (the item's query, mostly), and every array in the smallest dtype its values fit, so it is smaller
+    than the task's file."""
+
     name: str
-    items: list[Item]
-    requests: list[tuple[list[int], int]]
-    """(token ids, continuation length) of every choice of every item, item by item."""
+    gold: np.ndarray
+    """(items,) index of each item's right choice."""
+    choices: np.ndarray
+    """(items,) choices of each item."""
+    choice_chars: np.ndarray
+    """(requests,) characters of each request's choice: what acc_norm divides by."""
+    continuation: np.ndarray
+    """(requests,) tokens of each request's continuation, the ones scored."""
+    shared: np.ndarray
+    """(requests,) leading tokens each request shares with the one before it."""
+    own: np.ndarray
+    """(requests,) tokens of each request past the shared ones, which follow one another in `tokens`."""
+    tokens: np.ndarray
+
+    @property
+    def first(self) -> np.ndarray:
+        """(items + 1,) index of each item's first request, then the number of requests."""
+        return np.concatenate([[0], np.cumsum(self.choices, dtype=np.int64)])
+
+    @property
+    def requests(self) -> list[tuple[list[int], int]]:
+        """(token ids, continuation length) of every choice of every item, item by item: score_requests' form."""
+        out, ids, start = [], [], 0
+        for shared, own, n in zip(self.shared.tolist(), self.own.tolist(), self.continuation.tolist()):
+            ids = ids[:shared] + self.tokens[start:start + own].tolist()
+            out.append((ids, n))
+            start += own
+        return out
+
+
+def small(values: list[int]) -> np.ndarray:
+    """`values` as uint16 when they fit (counts and lengths mostly do), else int64."""
+    return np.array(values, np.uint16 if max(values, default=0) < 1 << 16 else np.int64)
+
+
+def make_task(name: str, items: list[Item], requests: list[tuple[list[int], int]], dtype: np.dtype) -> Task:
+    """The Task of `items`, whose choices tokenize to `requests`; `dtype`: the tokenizer's token dtype."""
+    shared, own, before = [], [], np.zeros(0, np.int64)
+    for ids, _ in requests:
+        ids = np.asarray(ids, np.int64)
+        n = min(len(ids), len(before))
+        differ = np.flatnonzero(ids[:n] != before[:n])
+        shared.append(int(differ[0]) if len(differ) else n)
+        own.append(ids[shared[-1]:])
+        before = ids
+    return Task(name, gold=small([item.gold for item in items]), choices=small([len(item.choices) for item in items]),
+                choice_chars=small([len(c) for item in items for c in item.choices]),
+                continuation=small([n for _, n in requests]), shared=small(shared), own=small([len(o) for o in own]),
+                tokens=np.concatenate(own).astype(dtype) if own else np.zeros(0, dtype))
 
 
 def task_name(path: str) -> str:
@@ -87,7 +140,8 @@ def read_items(path: str) -> list[Item]:
 
 def encode_pair(tokenizer, context: str, continuation: str, max_len: int, where: str = "a request"
                 ) -> tuple[list[int], int]:
-    """(EOS + context + continuation tokens, cut from the left to max_len + 1; the continuation's length)."""
+    """(document start + context + continuation tokens, cut from the left to max_len + 1; the continuation's
+    length). With BOS as the document start these are the ids transformers' tokenizer gives the text."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -98,18 +152,20 @@ def encode_pair(tokenizer, context: str, continuation: str, max_len: int, where:
     if len(cont) > max_len:
         raise DataError(f"{where}: a continuation of {len(cont)} tokens does not fit the model's {max_len}-token "
                         "context")
-    return ([tokenizer.eos_id] + whole)[-(max_len + 1):], len(cont)
+    return ([tokenizer.document_start] + whole)[-(max_len + 1):], len(cont)
 
 
 def load_task(path: str, tokenizer, *, max_len: int, limit: int = 0, seed: int = 0) -> Task:
-    """A task ready to score: its items (a seeded `limit` of them, in file order, when limit > 0) and requests."""
+    """A task ready to score: its items (a seeded `limit` of them, in file order, when limit > 0), tokenized."""
+    from dataprep.tokenizer import token_dtype
+
     items = read_items(path)
     if 0 < limit < len(items):
         keep = np.sort(np.random.default_rng([seed, len(items)]).permutation(len(items))[:limit])
         items = [items[i] for i in keep]
     requests = [encode_pair(tokenizer, item.query, DELIMITER + choice, max_len, item.where) for item in items
                 for choice in item.choices]
-    return Task(task_name(path), items, requests)
+    return make_task(task_name(path), items, requests, token_dtype(tokenizer.vocab_size))
 
 
 def continuation_logprobs(model, batch: list[tuple[list[int], int]], device: torch.device) -> torch.Tensor:
@@ -148,19 +204,19 @@ def score_requests(model, requests: list[tuple[list[int], int]], *, micro_batch:
     return out.cpu().numpy()
 
 
-def accuracy(items: list[Item], loglikelihoods: np.ndarray) -> dict:
-    """acc, acc_norm (log-likelihood per character of the choice) and which items each got right."""
-    correct, correct_norm, at = [], [], 0
-    for item in items:
-        ll = loglikelihoods[at:at + len(item.choices)]
-        at += len(item.choices)
-        chars = np.array([len(c) for c in item.choices], dtype=np.float64)
-        correct.append(int(np.argmax(ll)) == item.gold)
-        correct_norm.append(int(np.argmax(ll / chars)) == item.gold)
-    return {"acc": float(np.mean(correct)), "acc_norm": float(np.mean(correct_norm)), "items": len(items),
-            "correct": correct}
+def accuracy(task: Task, loglikelihoods: np.ndarray) -> dict:
+    """acc, acc_norm (log-likelihood per character of the choice), which items each got right, and every choice's
+    log-likelihood, item by item (to compare with another scorer's, e.g. lm-eval's --log_samples)."""
+    correct, correct_norm, per_item, first = [], [], [], task.first
+    for gold, lo, hi in zip(task.gold.tolist(), first[:-1].tolist(), first[1:].tolist()):
+        ll = loglikelihoods[lo:hi]
+        correct.append(int(np.argmax(ll)) == gold)
+        correct_norm.append(int(np.argmax(ll / task.choice_chars[lo:hi])) == gold)
+        per_item.append(ll.tolist())
+    return {"acc": float(np.mean(correct)), "acc_norm": float(np.mean(correct_norm)), "items": len(task.gold),
+            "correct": correct, "loglikelihoods": per_item}
 
 
 def score_task(model, task: Task, *, micro_batch: int, device: torch.device, rank: int = 0, world: int = 1) -> dict:
     scores = score_requests(model, task.requests, micro_batch=micro_batch, device=device, rank=rank, world=world)
-    return accuracy(task.items, scores[:, 0])
+    return accuracy(task, scores[:, 0])

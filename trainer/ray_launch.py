@@ -211,17 +211,20 @@ def fit(job: JobConfig, *, lease: str, driver_node: str, callbacks: list | None)
 
 def eval_worker(config: dict) -> dict:
     """Runs on each Ray Train worker; rank 0's return value becomes `Result.return_value`."""
+    import ray
+
     from trainer.eval_job import EvalJob, evaluate, job_paths
 
     quiet_user_error_tracebacks()
     job = from_dict(EvalJob, config["job"])
     check_local_paths(job_paths(job), shared_fs=job.storage.shared_fs, where=config["driver_node"])
-    return evaluate(job)
+    return evaluate(job, ray.get(config["tasks"]))
 
 
-def launch_eval(job: EvalJob) -> dict:
+def launch_eval(job: EvalJob, tasks: list) -> dict:
     """`python -m trainer.eval`'s scoring under Ray Train on job.ray.num_workers workers (a failed worker fails the
-    evaluation: it holds no state worth a restart)."""
+    evaluation: it holds no state worth a restart). `tasks`: as the driver tokenized them, put in the object store
+    once for every worker to read."""
     import ray
 
     from trainer.eval_job import job_paths
@@ -229,7 +232,8 @@ def launch_eval(job: EvalJob) -> dict:
     init_ray()
     check_local_paths(job_paths(job), shared_fs=job.storage.shared_fs)
     context = ray.get_runtime_context()
-    trainer = torch_trainer(eval_worker, {"job": to_dict(job), "driver_node": context.get_node_id()},
+    config = {"job": to_dict(job), "driver_node": context.get_node_id(), "tasks": ray.put(tasks)}
+    trainer = torch_trainer(eval_worker, config,
                             workers=job.ray.num_workers, use_gpu=job.ray.use_gpu,
                             cpus_per_worker=job.ray.cpus_per_worker, name=f"raylm-eval-{context.get_job_id()}")
     return fit_raising_user_errors(trainer).return_value

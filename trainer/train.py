@@ -173,9 +173,28 @@ def resolve_model(job: JobConfig, dataset) -> None:
             raise DataError(f"dataset {dataset.directory} has a {dataset.vocab_size}-token tokenizer but init.from_hf="
                             f"{source} has vocab_size {job.model.vocab_size}; tokenize the data with the model's own "
                             f"tokenizer (python -m dataprep --tokenizer {source} ...)")
+        check_document_start(dataset, source)
     else:
         job.model.vocab_size = dataset.vocab_size
     job.model.max_seq_len = max(job.model.max_seq_len, dataset.seq_len)
+
+
+def check_document_start(dataset, source: str) -> None:
+    """Refuse data in another format than the one the model of init.from_hf was trained in: documents that start
+    with BOS for a model whose tokenizer adds it (Llama 3), without for one whose tokenizer does not. A folder
+    without a tokenizer says nothing."""
+    from dataprep.tokenizer import load_tokenizer
+    from trainer.weights import tokenizer_files_in
+
+    files = tokenizer_files_in(source)
+    if files is None:
+        return
+    expects = load_tokenizer(files, where=source).bos_first
+    if expects != dataset.bos:
+        raise DataError(f"dataset {dataset.directory} was made with --bos {'on' if dataset.bos else 'off'} but "
+                        f"init.from_hf={source} was trained with documents {'starting with' if expects else 'without'}"
+                        f" BOS; make the data again with python -m dataprep --tokenizer {source} --bos "
+                        f"{'on' if expects else 'off'} ...")
 
 
 class Trainer:
