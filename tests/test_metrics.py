@@ -50,7 +50,7 @@ def test_metrics_on_s3_upload_about_their_size_and_read_back_as_one_stream(s3_se
     finally:
         recorder.stop_recording()
     final = sum(len(json.dumps(m, sort_keys=True)) + 1 for m in lines)
-    requests, sent = put_bytes(tmp_path / "requests.jsonl", "/runs/metrics-bytes/metrics/")
+    requests, sent = put_bytes(tmp_path / "requests.jsonl", "/runs/metrics-bytes/metrics")  # metrics/… or metrics.jsonl
     print(f"{requests} writing requests, {sent:,} bytes PUT for {final:,} bytes of metrics ({sent / final:.2f}x)")
     assert final < sent <= 3 * final
     assert read_metrics(run) == lines
