@@ -36,14 +36,15 @@ def lists(data: np.ndarray, mask: np.ndarray | None = None) -> pa.FixedSizeListA
                                              mask=None if mask is None else pa.array(mask))
 
 
-def test_every_shard_dataprep_writes_reads_back_row_for_row(tmp_path):
-    data = rows(11)  # batches of 4, 4 and 3 rows, as dataprep's RowSink writes them
-    writer = ShardWriter(str(tmp_path), "s.arrow", np.dtype(np.uint16), ROW_LEN)
-    for lo in range(0, 11, ROWS_PER_BATCH):
+@pytest.mark.parametrize("dtype,n", [("uint16", 11), ("uint32", 11), ("uint16", 12), ("uint16", 3)])
+def test_every_shard_dataprep_writes_reads_back_row_for_row(tmp_path, dtype, n):
+    data = rows(n, np.dtype(dtype))  # batches of 4 rows, the last one the rest, as dataprep's RowSink writes them
+    writer = ShardWriter(str(tmp_path), "s.arrow", np.dtype(dtype), ROW_LEN)
+    for lo in range(0, n, ROWS_PER_BATCH):
         writer.write(data[lo:lo + ROWS_PER_BATCH])
     writer.close()
-    s = split(tmp_path, 11)
-    assert np.array_equal(s.rows(np.arange(11)[::-1]), data[::-1]) and np.array_equal(s[10], data[10])
+    s = split(tmp_path, n, dtype)
+    assert np.array_equal(s.rows(np.arange(n)[::-1]), data[::-1]) and np.array_equal(s[n - 1], data[n - 1])
 
 
 def one_line_error(s: Split, what: str) -> str:
