@@ -43,8 +43,8 @@ def read_manifest(directory: str) -> dict | None:
 
 BLOCK = np.dtype([("offset", "<i8"), ("meta", "<i4"), ("pad", "<i4"), ("body", "<i8")])
 """An Arrow IPC footer's Block: where a record batch's message starts, its metadata and body lengths."""
-ARROW_INT, ARROW_FIXED_SIZE_LIST = 2, 16
-"""The flatbuffer Type union's tags raylm's schema uses."""
+ARROW_INT, ARROW_FIXED_SIZE_LIST, ARROW_RECORD_BATCH = 2, 16, 3
+"""The flatbuffer union tags raylm's shards use: Type.Int, Type.FixedSizeList, MessageHeader.RecordBatch."""
 
 
 class _Footer:
@@ -57,8 +57,7 @@ class _Footer:
     (row count, null counts, buffers, compression); every other block's footer entry must equal the first's (a batch
     of another size, with a validity buffer (nulls) or compressed buffers has another body length), and each block
     must start where the one before it ends. A mismatch is a one-line DataError naming the shard, never wrong rows.
-    So verified, batch i's values start at `first + i * stride`: two ints a shard (about 100 bytes with the
-    object), however many batches it has."""
+    So verified, batch i's values start at `first + i * stride`: two ints a shard, however many batches it has."""
 
     __slots__ = ("path", "row_len", "dtype", "bytes_read", "first", "stride")
 
@@ -130,6 +129,8 @@ class _Footer:
         meta = file.read_at(meta_len, offset)
         self.bytes_read += len(meta)
         message = meta[8:] if meta[:4] == b"\xff\xff\xff\xff" else meta[4:]  # continuation marker, then length
+        if _scalar(message, _root(message), 1, "<B") != ARROW_RECORD_BATCH:  # Message.header_type
+            self._fail(f"has a block at byte {offset} that is not a record batch")
         batch = _table(message, _field(message, _root(message), 2))  # Message.header: the RecordBatch table
         if _field(message, batch, 3) is not None:  # RecordBatch.compression
             self._fail("is compressed; raylm reads uncompressed shards")
