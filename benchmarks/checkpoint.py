@@ -11,7 +11,6 @@ save's; the wait for the final save at the end of the run is printed apart.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import time
 from benchmarks.moto_s3 import start_moto
 from benchmarks.train_overhead import DATASET, MODEL, prepare_dataset
 from raylm import storage
+from trainer.metrics import read_metrics
 
 STEPS, EVERY = 15, 5
 
@@ -40,7 +40,7 @@ def blocked(run_dir: str) -> dict:
     """Loop seconds blocked per save (staging, waits for a previous save: commit and prune included), every wait of
     the run counted except the end-of-run wait for the last save's write, which is shown apart (a run must finish
     it; a synchronous run has none, its last save is blocked time like the others)."""
-    lines = [json.loads(l) for l in storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).decode().splitlines()]
+    lines = read_metrics(run_dir)
     total = sum(m.get("checkpoint_blocked_s", 0.0) for m in lines)
     final = lines[-1].get("checkpoint_final_wait_s", 0.0)
     saves = STEPS // EVERY

@@ -172,11 +172,12 @@ def children(pid: int) -> list[int]:
 
 
 def logged_step(run_dir: str) -> int:
-    """The newest step in the run's metrics.jsonl (0 before the first log step)."""
+    """The newest step in the run's metrics (0 before the first log step)."""
+    from trainer.metrics import read_metrics
+
     try:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            return max((json.loads(line)["step"] for line in f if line.strip()), default=0)
-    except (OSError, ValueError):  # not there yet, or a line half written
+        return max((m["step"] for m in read_metrics(run_dir)), default=0)
+    except (OSError, ValueError):  # a line half written
         return 0
 
 

@@ -10,8 +10,6 @@ the kept windows report (CUDA: max allocated on the device; CPU: the process's p
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 
@@ -38,8 +36,9 @@ def main() -> int:
     ap.add_argument("--preset", required=True)
     ap.add_argument("--launcher", required=True)
     args = ap.parse_args()
-    with open(os.path.join(args.run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    from trainer.metrics import read_metrics
+
+    rows = read_metrics(args.run_dir)
     try:
         print(report_line(rows, preset=args.preset, launcher=args.launcher))
     except ValueError as exc:

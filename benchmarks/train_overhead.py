@@ -13,7 +13,6 @@ MFU = tokens/s × FLOPs per token ÷ (workers × per-worker peak); FLOPs per tok
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -26,7 +25,7 @@ import torch
 
 from dataprep import open_dataset
 from trainer.data import BatchPlan, StepLoader
-from trainer.metrics import measure_matmul_flops
+from trainer.metrics import measure_matmul_flops, read_metrics
 from trainer.model import ModelConfig, Transformer
 from trainer.optim import OptimConfig, build_optimizer
 from trainer.loss import lm_loss
@@ -77,8 +76,7 @@ def raylm_run(launcher: list[str], run_dir: str, steps: int, log_every: int) -> 
             *[f"--model.{k}={v}" for k, v in MODEL.items()]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     proc = subprocess.run([*launcher, *args], check=True, capture_output=True, text=True, env=env)
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        windows = [m for m in map(json.loads, f) if "loss" in m][1:]
+    windows = [m for m in read_metrics(run_dir) if "loss" in m][1:]
     out = {key: statistics.mean(m[key] for m in windows)
            for key in ("step_time_s", "data_wait_share", "mfu", "tokens_per_s")}
     return out | {"setup": re.search(r"\d+ workers x \d+ micro-batches of <= \d+.*\(\d+ threads\)", proc.stderr)[0]}

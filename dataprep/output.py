@@ -155,10 +155,23 @@ def committed_units(output: str, units: list[Unit], settings: dict, tokenizer_sh
         return {index: stats for index, stats in found if stats is not None}
 
 
+SOURCES_LINES = 10_000
+"""Lines of sources.jsonl encoded and written at a time."""
+
+
 def write_sources(output: str, files: list[FileEntry]) -> None:
-    """The full source list, one JSON line a file, beside the manifest (provenance; `open_dataset` never reads it)."""
-    lines = "".join(json.dumps({"path": f.path, "size": f.size}) + "\n" for f in files)
-    storage.write_bytes(storage.join(output, SOURCES), lines.encode())
+    """The full source list, one JSON line a file, beside the manifest (provenance; `open_dataset` never reads it).
+    Streamed SOURCES_LINES lines at a time (on S3 a multipart upload), never held as one string: a corpus of
+    millions of files lists hundreds of MB. Locally under a temporary name, renamed when complete."""
+    path = storage.join(output, SOURCES)
+    fs, p = storage.filesystem(path)
+    tmp = p if storage.is_s3(path) else storage.temporary_name(p)
+    with fs.open_output_stream(tmp, compression=None) as out:
+        for lo in range(0, len(files), SOURCES_LINES):
+            out.write("".join(json.dumps({"path": f.path, "size": f.size}) + "\n"
+                              for f in files[lo:lo + SOURCES_LINES]).encode())
+    if tmp != p:
+        fs.move(tmp, p)
 
 
 def remove_strays(output: str, kept: set[str]) -> None:

@@ -101,7 +101,10 @@ TINY = ["--config", "configs/tiny.toml", "--train.global_batch=8", "--train.micr
 
 
 def metrics(run_dir: str) -> list[dict]:
-    return [json.loads(l) for l in storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).decode().splitlines()]
+    """The run's metrics lines, as every reader reads them (local metrics.jsonl or the segments on s3://)."""
+    from trainer.metrics import read_metrics
+
+    return read_metrics(run_dir)
 
 
 def losses(run_dir: str) -> list[float]:
@@ -132,9 +135,7 @@ def wait_for(what: str, ready: Callable[[], bool], proc: subprocess.Popen, timeo
 
 
 def logged_steps(run_dir: str) -> list[dict]:
-    """metrics.jsonl's training lines so far (none before the file exists)."""
-    if not storage.exists(storage.join(run_dir, "metrics.jsonl")):
-        return []
+    """The run's training lines of metrics so far (none before the first)."""
     return [m for m in metrics(run_dir) if "loss" in m]
 
 

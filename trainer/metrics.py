@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
+import queue
 import resource
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
+import pyarrow.fs as pafs
 import torch
 
 from raylm import storage
@@ -99,43 +103,136 @@ def evaluation_parts(m: dict) -> list[str]:
     return parts
 
 
+SEGMENTS = "metrics"
+"""The folder of a run's metrics on object storage (see `Segments`)."""
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """Every line of a run's metrics as one stream, in order, as a resumed run keeps them: what every reader of a
+    run's metrics calls. The segments under RUN_DIR/metrics/ where a run on object storage wrote them (even when the
+    run directory has since been copied to local disk), else RUN_DIR/metrics.jsonl; [] before the first line."""
+    if storage.list_dirs(storage.join(run_dir, SEGMENTS)):
+        return Segments.read(storage.join(run_dir, SEGMENTS))
+    path = storage.join(run_dir, "metrics.jsonl")
+    if not storage.exists(path):
+        return []
+    return [json.loads(l) for l in storage.read_bytes(path).decode().splitlines() if l.strip()]
+
+
+class Segments:
+    """metrics.jsonl on object storage, where an object cannot be appended to: bytes uploaded grow with the lines
+    written (about twice their size), not with lines x steps.
+
+    Each start of a run (an attempt) writes under its own folder, `metrics/00003-from-000000400/` (attempt 3, resumed
+    from step 400); a reader keeps the lines of earlier attempts up to each later attempt's start step, so nothing
+    is rewritten at a resume and the stream reads as one run, as a local metrics.jsonl truncated at the resume does.
+    In an attempt, each write is one small object `tail/00000130.jsonl` (its first line's index in the attempt), so
+    a line is readable as soon as it is written; once CHUNK_LINES lines are waiting they go together into one
+    `part-00000128.jsonl` and their small objects are deleted. A reader takes each line index once, so a chunk
+    whose small objects are not deleted yet (a crash in between) reads the same."""
+
+    CHUNK_LINES = 64
+
+    def __init__(self, root: str, *, start_step: int):
+        attempts = [int(posixpath.basename(d).split("-")[0]) for d in storage.list_dirs(root)]
+        self.dir = storage.join(root, f"{max(attempts, default=-1) + 1:05d}-from-{start_step:09d}")
+        self.chunked = 0
+        """Index of the first line not yet in a chunk."""
+        self.tail: list[str] = []
+        self._put(storage.join(self.dir, "tail", f"{0:08d}.jsonl"), [])  # from now on, readers cut at start_step
+
+    def append(self, lines: list[str]) -> None:
+        first = self.chunked + len(self.tail)
+        self.tail += lines
+        if len(self.tail) < self.CHUNK_LINES:
+            self._put(storage.join(self.dir, "tail", f"{first:08d}.jsonl"), lines)
+            return
+        self._put(storage.join(self.dir, f"part-{self.chunked:08d}.jsonl"), self.tail)
+        self.chunked, self.tail = self.chunked + len(self.tail), []
+        fs, tail = storage.filesystem(storage.join(self.dir, "tail"))
+        fs.delete_dir_contents(tail, missing_dir_ok=True)  # one listing and one batch delete
+
+    @staticmethod
+    def _put(path: str, lines: list[str]) -> None:
+        fs, p = storage.filesystem(path)
+        with fs.open_output_stream(p, compression=None) as f:  # no directory to create on object storage
+            f.write("".join(l + "\n" for l in lines).encode())
+
+    @staticmethod
+    def read(root: str) -> list[dict]:
+        kept: list[dict] = []
+        for attempt in storage.list_dirs(root):
+            start_step = int(posixpath.basename(attempt).rsplit("-", 1)[1])
+            kept = [m for m in kept if m["step"] <= start_step] + Segments._read_attempt(attempt)
+        return kept
+
+    @staticmethod
+    def _read_attempt(attempt: str) -> list[dict]:
+        fs, inner = storage.filesystem(attempt)
+
+        def text(path: str) -> str:
+            with fs.open_input_stream(path, compression=None) as f:
+                return f.read().decode()
+
+        while True:
+            files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+                           if f.type == pafs.FileType.File)
+            try:
+                with ThreadPoolExecutor(max_workers=16) as pool:  # one GET each, in parallel
+                    texts = list(pool.map(text, files))
+                break
+            except FileNotFoundError:  # a chunk took these small objects' lines after the listing: list again
+                continue
+        lines: dict[int, str] = {}
+        for path, body in zip(files, texts):
+            first = int(posixpath.basename(path).removeprefix("part-").removesuffix(".jsonl"))
+            for i, line in enumerate(body.splitlines()):
+                lines.setdefault(first + i, line)
+        return [json.loads(lines[i]) for i in sorted(lines)]
+
+
 class MetricsLog:
     """Rank 0's sinks. The stdout line and the gauges are set in the loop; metrics.jsonl and TensorBoard are written
     on a background thread, in order, so storage never stalls a step (a failed write is logged, not raised: only
-    rank 0 writes, and an error there would leave the other ranks waiting in the next collective).
+    rank 0 writes, and an error there would leave the other ranks waiting in the next collective). Its backlog is
+    bounded: with BACKLOG lines waiting (storage slower than the log interval for that long), a step's line is
+    dropped with a warning rather than memory growing; lines waiting together go out in one write.
 
-    metrics.jsonl keeps the lines of earlier segments up to the resume step, so after a resume the file reads as one
-    run; each line is appended (an s3:// object cannot be appended to, so there the file is rewritten, off the
-    loop). TensorBoard events are written locally; for an s3:// run dir an events file is uploaded only when it has
-    grown, and a new one is started past TB_FILE_BYTES, so an upload never re-sends more than that."""
+    A resumed run's metrics keep the lines of earlier attempts up to the resume step, so they read as one run
+    (`read_metrics`). Locally metrics.jsonl is cut there at start and appended to; on s3:// the lines go to
+    `Segments`. TensorBoard events are written locally; for an s3:// run dir the events files that grew are uploaded
+    at most every TB_UPLOAD_S seconds (and at the end), and a new one is started past TB_FILE_BYTES, so an upload
+    never re-sends more than that."""
 
     TB_FILE_BYTES = 1 << 20
+    TB_UPLOAD_S = 30.0
+    BACKLOG = 1000
 
     def __init__(self, run_dir: str, *, start_step: int):
-        self.path = storage.join(run_dir, "metrics.jsonl")
-        self.lines = [l for l in self._existing() if json.loads(l)["step"] <= start_step] if start_step else []
-        storage.write_bytes(self.path, "".join(l + "\n" for l in self.lines).encode())
+        self.kept = [m for m in read_metrics(run_dir) if m["step"] <= start_step] if start_step else []
+        if storage.is_s3(run_dir):
+            self.segments, self.path = Segments(storage.join(run_dir, SEGMENTS), start_step=start_step), None
+        else:
+            self.segments, self.path = None, storage.filesystem(storage.join(run_dir, "metrics.jsonl"))[1]
+            storage.write_bytes(self.path, "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.kept).encode())
         self.tb_remote = storage.join(run_dir, "tb") if storage.is_s3(run_dir) else None
         self.tb_dir = tempfile.mkdtemp(prefix="raylm-tb-") if self.tb_remote else storage.filesystem(
             storage.join(run_dir, "tb"))[1]
         self.tb_files = 0
         self.tb = self._new_tb_writer()
         self.uploaded: dict[str, int] = {}
+        self.tb_upload_at = 0.0
         self.tags = {"run": run_dir}
         self.gauges = self._gauges()
         self.latest: dict = {}
         """The newest value of every gauged metric, set again at each log step (val_loss comes only at evals)."""
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-metrics")
-        self.pending: list[Future] = []
+        self.backlog: queue.Queue[dict | None] = queue.Queue(maxsize=self.BACKLOG)
+        self.writer = threading.Thread(target=self._drain, name="raylm-metrics", daemon=True)
+        self.writer.start()
 
     def last(self, key: str) -> float | None:
-        """The newest value of `key` in the lines kept from earlier segments of the run (None if none has it)."""
-        return next((m[key] for m in map(json.loads, reversed(self.lines)) if key in m), None)
-
-    def _existing(self) -> list[str]:
-        if not storage.exists(self.path):
-            return []
-        return [l for l in storage.read_bytes(self.path).decode().splitlines() if l.strip()]
+        """The newest value of `key` in the lines kept from earlier attempts of the run (None if none has it)."""
+        return next((m[key] for m in reversed(self.kept) if key in m), None)
 
     def _new_tb_writer(self):
         try:
@@ -162,26 +259,44 @@ class MetricsLog:
         self.latest.update((key, m[key]) for key in self.gauges if key in m)
         for key, value in self.latest.items():
             self.gauges[key].set(value, tags=self.tags)
-        for future in [f for f in self.pending if f.done()]:
-            self.pending.remove(future)
-            if future.exception() is not None:  # only rank 0 writes: raising would leave the other ranks waiting
-                log.warning("writing metrics failed (%s); training goes on", future.exception())
-        self.pending.append(self.pool.submit(self._persist, dict(m)))
+        try:
+            self.backlog.put_nowait(dict(m))
+        except queue.Full:  # never block the loop, never grow without bound
+            log.warning("metrics: %d log lines late (storage is slower than the log interval); the line of step %d "
+                        "is dropped", self.BACKLOG, m["step"])
 
-    def _persist(self, m: dict) -> None:
-        line = json.dumps(m, sort_keys=True)
-        self.lines.append(line)
-        if storage.is_s3(self.path):
-            storage.write_bytes(self.path, "".join(l + "\n" for l in self.lines).encode())
+    def _drain(self) -> None:
+        """The writer thread: everything waiting goes out in one write, until close() sends None."""
+        while True:
+            batch = [self.backlog.get()]
+            while not self.backlog.empty():
+                batch.append(self.backlog.get_nowait())
+            lines = [m for m in batch if m is not None]
+            try:
+                if lines:
+                    self._persist(lines)
+            except Exception as exc:  # only rank 0 writes: raising would leave the other ranks waiting
+                log.warning("writing metrics failed (%s); training goes on", exc)
+            for _ in batch:
+                self.backlog.task_done()  # so backlog.join() waits for what was written before it
+            if batch[-1] is None:
+                return
+
+    def _persist(self, ms: list[dict]) -> None:
+        lines = [json.dumps(m, sort_keys=True) for m in ms]
+        if self.segments:
+            self.segments.append(lines)
         else:
-            with open(storage.filesystem(self.path)[1], "a") as f:
-                f.write(line + "\n")
-        for key, value in m.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.tb.add_scalar(key, value, m["step"])
+            with open(self.path, "a") as f:
+                f.write("".join(l + "\n" for l in lines))
+        for m in ms:
+            for key, value in m.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, m["step"])
         self.tb.flush()
-        if self.tb_remote:
+        if self.tb_remote and time.monotonic() >= self.tb_upload_at:
             self._upload_tb()
+            self.tb_upload_at = time.monotonic() + self.TB_UPLOAD_S
 
     def _upload_tb(self) -> None:
         for name in sorted(os.listdir(self.tb_dir)):
@@ -198,10 +313,8 @@ class MetricsLog:
 
     def close(self) -> None:
         """Wait for every pending write."""
-        self.pool.shutdown(wait=True)
-        for future in self.pending:
-            if future.exception() is not None:
-                log.warning("writing metrics failed (%s)", future.exception())
+        self.backlog.put(None)
+        self.writer.join()
         self.tb.close()
         if self.tb_remote:
             self._upload_tb()
