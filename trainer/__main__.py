@@ -95,7 +95,8 @@ def print_summary(job: JobConfig, summary: dict) -> None:
         print(f"validation loss: {curve}")
     if summary["sample"] is not None:
         print(f"sample:\n{summary['sample']}")
-    print(f"finished; config, metrics.jsonl and TensorBoard events (tb/) in {job.run.dir}")
+    metrics = "metrics/" if storage.is_s3(job.run.dir) else "metrics.jsonl"
+    print(f"finished; config, {metrics} and TensorBoard events (tb/) in {job.run.dir}")
 
 
 if __name__ == "__main__":
