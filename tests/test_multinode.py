@@ -213,7 +213,7 @@ def test_a_job_whose_lease_is_taken_over_stops_and_never_commits_again(multinode
     """A job presumed dead: its driver is paused (as behind a network partition) until its lease lapses, and a new
     job takes the run directory over. The old job's workers go on training but commit nothing more (rank 0 checks
     the lease before each commit), and once resumed the old driver stops with one line naming the new holder."""
-    from trainer.lease import Lease
+    from raylm.lease import Lease
 
     run_dir = f"{s3_server}/runs/taken-{uuid.uuid4().hex[:6]}"
     driver = Driver(multinode, *TINY, "--data.path", s3_stdlib_dataset, "--run.dir", run_dir, "--train.steps=200",
