@@ -275,6 +275,13 @@ def delete_dir(path: str) -> None:
     _delete(path, directory=True)
 
 
+def delete_empty_dir(path: str) -> None:
+    """Remove a local directory if it is empty (an S3 prefix with nothing under it does not exist anyway)."""
+    if not is_s3(path):
+        with contextlib.suppress(OSError):
+            os.rmdir(absolute(path))
+
+
 def delete_file(path: str) -> None:
     _delete(path, directory=False)
 
