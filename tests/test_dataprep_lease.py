@@ -79,13 +79,13 @@ def test_overwrite_beside_a_straggler_on_s3_leaves_every_shard_of_its_manifest(t
         straggler.send_signal(signal.SIGCONT)
         if straggler.poll() is None:
             straggler.kill()
-    err = straggler.stderr.read()
-    assert straggler.returncode == 2 and len(errors(err)) == 1, err[-3000:]
-    assert f"dataset output {out} is now held by " in errors(err)[0], err[-3000:]  # run 2 has released it since
     manifest = json.loads(storage.read_bytes(f"{out}/manifest.json"))
     for split in ("train", "val"):
         for shard in manifest["splits"][split]["shards"]:
             assert storage.size(f"{out}/{shard['file']}") == shard["bytes"], shard
     ds = open_dataset(out)
     assert ds.train.rows(range(len(ds.train))).shape == (manifest["splits"]["train"]["rows"], 17)
+    err = straggler.stderr.read()
+    assert straggler.returncode == 2 and len(errors(err)) == 1, err[-3000:]
+    assert f"dataset output {out} is now held by " in errors(err)[0], err[-3000:]  # run 2 has released it since
     assert json.loads(storage.read_bytes(f"{out}/{LEASE}"))["released"]  # kept: it fences run 1
