@@ -346,8 +346,9 @@ class Checkpointer:
                  lease: str | None = None):
         self.run_dir, self.cfg, self.rank, self.device, self.lease = run_dir, cfg, rank, device, lease
         self.group = dist.new_group(backend="gloo")  # the background writes' collectives, apart from training's
-        self.suffix = self._on_rank0(self._names, "reading its lease") if lease is not None else ""
-        """Of this job's step directories: its lease generation once the run has been taken over."""
+        self.suffix = self._on_rank0(self._names, f"the lease of {run_dir} could not be read")
+        """Of this job's step directories: its lease generation once the run has been taken over. (Only rank 0 may
+        know the lease, as under torchrun: every decision about it is rank 0's, broadcast.)"""
         cuda = device.type == "cuda"  # pinned buffers and copies on a stream of the stager's own, beside the compute
         self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                                    use_async_staging=True, use_non_blocking_copy=cuda))
@@ -385,8 +386,7 @@ class Checkpointer:
         """Every rank's write, then rank 0's commit, both only while this job holds the run directory's lease (a
         job that lost it writes no step directory again); a failure fails the save on every rank alike. Returns the
         path and the seconds since `started`, the perf_counter() at the save's start, to the commit."""
-        if self.lease is not None:
-            self._on_rank0(lambda: leases.check_held(self.run_dir, self.lease), f"checkpoint {path} could not start")
+        self._on_rank0(self._check_held, f"checkpoint {path} could not start")
         self._write(state, path)
         self._on_rank0(lambda: self._commit(path, step, train_state), f"checkpoint {path} could not be committed")
         seconds = time.perf_counter() - started
@@ -403,9 +403,15 @@ class Checkpointer:
         storage.write_bytes(storage.join(path, COMMITTED), json.dumps(marker).encode())  # last: the commit
         log.info("checkpoint %s committed", path)
 
+    def _check_held(self) -> None:
+        if self.lease is not None:
+            leases.check_held(self.run_dir, self.lease)
+
     def _names(self) -> str:
         """The suffix of this job's step directories: its generation once the run's lease fences a job that may
         still write (that job's names are then never this job's)."""
+        if self.lease is None:
+            return ""
         record = leases.holder(self.run_dir)
         return f"-g{record['generation']}" if record and record.get("token") == self.lease and record.get("fenced") \
             else ""
