@@ -138,8 +138,8 @@ def test_a_job_whose_lease_was_taken_over_never_writes_again_and_its_stale_commi
     import torch.distributed as dist
 
     from helpers import free_port as port
-    from trainer.checkpoint import (COMMITTED, CheckpointConfig, Checkpointer, latest_committed, list_checkpoints,
-                                    resolve, step_dir)
+    from trainer.checkpoint import (COMMITTED, TRAIN_STATE, CheckpointConfig, Checkpointer, latest_committed,
+                                    list_checkpoints, resolve, step_dir)
 
     run_dir = storage.join(store, "run")
     own_group = not dist.is_initialized()  # an in-process run of the trainer before may have left its one-rank group
@@ -161,7 +161,9 @@ def test_a_job_whose_lease_was_taken_over_never_writes_again_and_its_stale_commi
         assert [step for step, _, _ in list_checkpoints(run_dir)] == [1]  # no step directory written
         stale = step_dir(run_dir, 2)  # what a stale job on a store without conditional writes could leave
         ckpt_a._write({"model": model.state_dict()}, stale)
-        storage.write_bytes(storage.join(stale, COMMITTED), json.dumps({"step": 2, "generation": 1}).encode())
+        storage.write_bytes(storage.join(stale, TRAIN_STATE), json.dumps(
+            {"step": 2, "lease": {"token": a.token, "generation": 1}}).encode())
+        storage.write_bytes(storage.join(stale, COMMITTED), b"2\n")
         with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
             assert latest_committed(run_dir) == step_dir(run_dir, 1)
         assert f"skipping {stale}: its job had lost the run directory's lease" in caplog.text

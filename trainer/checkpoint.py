@@ -8,8 +8,8 @@ COMMITTED, and prunes older checkpoints. Only a directory with COMMITTED is ever
 world size.
 
 With a lease (raylm/lease.py), a save starts writing only while the job holds it, and the commit is marked in the
-lease (a compare-and-swap) before COMMITTED, which names the lease's generation: a commit the lease shows was made
-after its job lost the run directory is never loaded. After a takeover, step directories carry the holder's
+lease (a compare-and-swap) before train_state.json, which names the lease (token and generation), and COMMITTED: a
+commit the lease shows was made after its job lost the run directory is never loaded. After a takeover, step directories carry the holder's
 generation (`step-000400-g3`), so a job presumed dead that still writes never writes into the new holder's.
 """
 
@@ -107,19 +107,14 @@ STALE = "stale"
 
 def commit_state(path: str, fenced: dict[int, int]) -> str:
     """'committed', 'cut off' (no COMMITTED: the save never finished) or STALE, given the run's lease fences
-    (`raylm.lease.fences`); the marker is read only when there are fences."""
-    marker = storage.join(path, COMMITTED)
+    (`raylm.lease.fences`); the commit's lease (in train_state.json) is read only when there are fences."""
+    if not storage.exists(storage.join(path, COMMITTED)):
+        return "cut off"
     if not fenced:
-        return "committed" if storage.exists(marker) else "cut off"
-    try:
-        commit = json.loads(storage.read_bytes(marker))
-    except FileNotFoundError:
-        return "cut off"
-    except ValueError:  # cut short on a filesystem without atomic writes
-        return "cut off"
-    generation = commit.get("generation") if isinstance(commit, dict) else None  # a plain step: before leases
-    step = commit["step"] if isinstance(commit, dict) else commit
-    return STALE if generation in fenced and step > fenced[generation] else "committed"
+        return "committed"
+    state = read_train_state(path)
+    generation = state.get("lease", {}).get("generation")  # none: committed without a lease, or before leases
+    return STALE if generation in fenced and state["step"] > fenced[generation] else "committed"
 
 
 def _states(run_dir: str) -> list[tuple[int, str, str]]:
@@ -395,12 +390,12 @@ class Checkpointer:
         return path, seconds
 
     def _commit(self, path: str, step: int, train_state: dict) -> None:
-        """train_state.json, the commit marked in the lease, then COMMITTED naming the lease's generation."""
-        storage.write_bytes(storage.join(path, TRAIN_STATE), json.dumps(train_state).encode())
-        marker = {"step": step}
+        """The commit marked in the lease, train_state.json naming the lease, then COMMITTED."""
         if self.lease is not None:
-            marker["generation"] = leases.record_commit(self.run_dir, self.lease, step)
-        storage.write_bytes(storage.join(path, COMMITTED), json.dumps(marker).encode())  # last: the commit
+            generation = leases.record_commit(self.run_dir, self.lease, step)
+            train_state = {**train_state, "lease": {"token": self.lease, "generation": generation}}
+        storage.write_bytes(storage.join(path, TRAIN_STATE), json.dumps(train_state).encode())
+        storage.write_bytes(storage.join(path, COMMITTED), f"{step}\n".encode())  # last: the commit
         log.info("checkpoint %s committed", path)
 
     def _check_held(self) -> None:
