@@ -34,7 +34,7 @@ import uuid
 from typing import Callable
 
 from raylm import storage
-from raylm.errors import RaylmError
+from raylm.errors import RaylmError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -158,20 +158,28 @@ class Lease:
 
     def acquire(self, *, on_lost: Callable[[], None] | None = None) -> "Lease":
         """Take the lease or raise RunDirBusy naming its live holder; then renew it every seconds / 4 on a thread,
-        which calls `on_lost` if this job loses it."""
-        self.conditional = storage.conditional_writes(self.path)
-        held, version = _read(self.path, versioned=self.conditional)
-        record = self._successor(held)
-        if self.conditional:
-            try:
-                _put(self.path, record, version)
-            except storage.PreconditionFailed:  # another job wrote first: it holds the lease
-                raise RunDirBusy(self._busy_message(_read(self.path, versioned=True)[0] or UNKNOWN)) from None
-        else:
-            self._settle(record)
+        which calls `on_lost` if this job loses it. Storage failing here is a StorageError (an unwritable or
+        unreachable directory, before any work)."""
+        try:
+            self._take()
+        except OSError as exc:
+            raise StorageError(f"cannot write the output: {storage.describe_os_error(exc, self.path)} (taking the "
+                               f"{self.what}'s lease)") from None
         self._thread = threading.Thread(target=self._renew, args=(on_lost,), name="raylm-lease", daemon=True)
         self._thread.start()
         return self
+
+    def _take(self) -> None:
+        self.conditional = storage.conditional_writes(self.path)
+        held, version = _read(self.path, versioned=self.conditional)
+        record = self._successor(held)
+        if not self.conditional:
+            self._settle(record)
+            return
+        try:
+            _put(self.path, record, version)
+        except storage.PreconditionFailed:  # another job wrote first: it holds the lease
+            raise RunDirBusy(self._busy_message(_read(self.path, versioned=True)[0] or UNKNOWN)) from None
 
     def _successor(self, held: dict | None) -> dict:
         """This job's record, following `held` (raises RunDirBusy while that holder may be alive). Taking over a
