@@ -1,5 +1,8 @@
 """The dataset directory's life: made fresh, resumed, or left alone; finished by the manifest, written last.
 
+One run writes a directory at a time: it holds the directory's lease (`lease.json`, raylm/lease.py) from before it
+looks at the directory (so `--overwrite` clears nothing another live run writes) until it ends.
+
 While a run is under way the directory holds `_progress/run.json` (the run's settings stamp and tokenizer) and one
 commit record per finished unit. A re-run with the same settings keeps the tokenizer and every committed unit;
 other settings are refused unless `--overwrite`. Finishing writes `sources.jsonl`, removes files no unit committed
@@ -19,6 +22,7 @@ from dataprep.dataset import MANIFEST, read_manifest
 from dataprep.tokenizer import TOKENIZER_FILES
 from dataprep.units import Unit
 from raylm import storage
+from raylm.lease import LEASE
 from raylm.errors import ConfigError, StorageError
 from raylm.storage import FileEntry
 
@@ -27,7 +31,7 @@ PROGRESS = "_progress"
 """Folder of the dataset directory holding the commit record of each finished unit until the manifest is written."""
 SOURCES = "sources.jsonl"
 RUN_RECORD = "run.json"
-DATASET_ENTRIES = {*SPLITS, *TOKENIZER_FILES, MANIFEST, SOURCES, PROGRESS}
+DATASET_ENTRIES = {*SPLITS, *TOKENIZER_FILES, MANIFEST, SOURCES, PROGRESS, LEASE}
 """What a dataset directory holds; dataprep writes into nothing else."""
 
 
@@ -108,12 +112,14 @@ def check_only_dataset_entries(output: str) -> None:
 
 
 def clear(output: str) -> None:
-    """Remove every dataset entry; the manifest goes first, so an interrupted clear is never taken as a dataset."""
+    """Remove every dataset entry but the lease of the run that clears; the manifest goes first, so an interrupted
+    clear is never taken as a dataset."""
     storage.delete_file(storage.join(output, MANIFEST))
     for name in (*SPLITS, PROGRESS):
         storage.delete_dir(storage.join(output, name))
     for name in _file_sizes(output):  # the tokenizer, sources.jsonl and any of them left half-written
-        storage.delete_file(storage.join(output, name))
+        if name != LEASE:
+            storage.delete_file(storage.join(output, name))
 
 
 def has_committed_units(output: str) -> bool:
@@ -189,9 +195,7 @@ def write_manifest(output: str, manifest: dict) -> None:
     storage.delete_dir(storage.join(output, PROGRESS))
 
 
-def remove_unfinished(output: str, *, existed: bool) -> None:
-    """After a failed run with nothing worth resuming: the output as the run found it."""
-    if existed:
-        clear(output)
-    else:
-        storage.delete_dir(output)
+def remove_unfinished(output: str) -> None:
+    """After a failed run with nothing worth resuming: the output as the run found it, but for the run's lease (and,
+    for an output that did not exist, the folder holding it: `storage.delete_empty_dir` once the lease is gone)."""
+    clear(output)

@@ -43,6 +43,7 @@ from dataprep.units import Unit, plan_units
 from dataprep.worker import SOURCE_COUNTS, PackUnits, UnitJob
 from raylm import storage
 from raylm.errors import ConfigError, DataError
+from raylm.lease import check_held, held
 from raylm.ray_session import check_local_paths, init_ray, quiet_ray_data
 from raylm.storage import FileEntry
 
@@ -53,6 +54,9 @@ DEMO_SOURCE = "stdlib"
 LOCAL_NODE = "local"
 """What the summary calls the node of units packed with `workers.local`."""
 WILDCARD = re.compile(r"[*?\[]")
+LEASE_S = 60.0
+"""One run per output: the run renews its lease on the output every LEASE_S / 4; one not renewed for LEASE_S is
+presumed dead and taken over by the next run."""
 
 
 def demo_inputs() -> list[str]:
@@ -199,12 +203,33 @@ def run(cfg: DataprepConfig, *, demo: bool = False) -> RunResult:
     if not cfg.workers.local:  # one process on one machine: its paths are its own
         check_local_paths(where, shared_fs=cfg.storage.shared_fs)
     existed = storage.exists(output)
+    failed = True
+    try:
+        with held(output, job="dataprep", seconds=LEASE_S, what="dataset output", flag="--output") as lease:
+            result = _run_held(cfg, files, names, given_tokenizer, settings, lease.token, timings_from=t0)
+        failed = False
+    finally:
+        if failed and not existed:
+            storage.delete_empty_dir(output)  # nothing of the run is left in it: the output as the run found it
+    if result is None:
+        return RunResult(read_manifest(output))
+    result.driver_cpu_s = time.process_time() - cpu0
+    print_summary(result, len(files), output)
+    return result
+
+
+def _run_held(cfg: DataprepConfig, files: list[FileEntry], names: list[str], given_tokenizer: Tokenizer | None,
+              settings: dict, lease: str, *, timings_from: float) -> RunResult | None:
+    """The run while it holds the output's lease (token `lease`); None if the output already holds this dataset.
+    A failed run with nothing worth resuming leaves the output as it found it, unless it lost the lease: then the
+    output is another run's."""
+    output = cfg.output.dir
     state = prepare_output(output, settings, overwrite=cfg.output.overwrite)
     if state == "finished":
         print(f"dataprep: {output} already holds this dataset (same inputs and settings); nothing to do")
-        return RunResult(read_manifest(output))
+        return None
     units = plan_units(files, max(1, int(cfg.pack.unit_mb * 2**20)))
-    timings = Timings(listing=time.perf_counter() - t0)
+    timings = Timings(listing=time.perf_counter() - timings_from)
     log.info("corpus: %d files, %.1f MB, %d units", len(files), sum(f.size for f in files) / 1e6, len(units))
     t = time.perf_counter()
     if not cfg.workers.local:
@@ -212,18 +237,16 @@ def run(cfg: DataprepConfig, *, demo: bool = False) -> RunResult:
         quiet_ray_data()
     timings.ray_start = time.perf_counter() - t
     try:
-        result = make_dataset(cfg, files, names, units, given_tokenizer, settings, resume=state == "resume",
-                              timings=timings)
+        return make_dataset(cfg, files, names, units, given_tokenizer, settings, resume=state == "resume",
+                            timings=timings, lease=lease)
     except BaseException as exc:
+        check_held(output, lease, what="dataset output")  # (raises LeaseLost) a run that lost it cleans nothing
         if not has_committed_units(output):  # nothing worth resuming: leave the output as the run found it
-            remove_unfinished(output, existed=existed)
+            remove_unfinished(output)
             raise
         if isinstance(exc, DataError):
             raise DataError(f"{exc} (the units finished so far are kept: running again resumes)") from None
         raise
-    result.driver_cpu_s = time.process_time() - cpu0
-    print_summary(result, len(files), output)
-    return result
 
 
 def get_tokenizer(cfg: DataprepConfig, files: list[FileEntry], given: Tokenizer | None, settings: dict, *,
@@ -254,7 +277,8 @@ def in_ray_task(fn: Callable) -> Callable:
 
 
 def make_dataset(cfg: DataprepConfig, files: list[FileEntry], names: list[str], units: list[Unit],
-                 given_tokenizer: Tokenizer | None, settings: dict, *, resume: bool, timings: Timings) -> RunResult:
+                 given_tokenizer: Tokenizer | None, settings: dict, *, resume: bool, timings: Timings,
+                 lease: str = "") -> RunResult:
     t = time.perf_counter()
     tokenizer = get_tokenizer(cfg, files, given_tokenizer, settings, resume=resume)
     timings.tokenizer = time.perf_counter() - t
@@ -262,11 +286,13 @@ def make_dataset(cfg: DataprepConfig, files: list[FileEntry], names: list[str], 
     if done:
         log.info("resuming: %d of %d units already written", len(done), len(units))
     job = unit_job(cfg, tokenizer, run_stamp(settings, tokenizer.sha256), sources=len(names),
-                   bos=settings.get("bos", False))
+                   bos=settings.get("bos", False), lease=lease)
     result = RunResult({}, reused=len(done), timings=timings)
     fresh = run_units([u for u in units if u.index not in done], job, cfg, result)
     stats = [done.get(u.index) or fresh[u.index] for u in units]
     check_not_empty(stats, cfg)
+    if lease:  # a driver that lost the output (presumed dead, yet running) removes and writes nothing
+        check_held(cfg.output.dir, lease, what="dataset output")
     write_sources(cfg.output.dir, files)
     remove_strays(cfg.output.dir, {s["file"] for st in stats for split in SPLITS for s in st["splits"][split]["shards"]})
     result.manifest = build_manifest(cfg, tokenizer, given_tokenizer is None, stats, settings, len(files), names)
@@ -279,14 +305,15 @@ def planes(cfg: DataprepConfig) -> int:
     return len(PLANES) if cfg.input.format == "chat" else 1
 
 
-def unit_job(cfg: DataprepConfig, tokenizer: Tokenizer, stamp: str, *, sources: int, bos: bool) -> UnitJob:
+def unit_job(cfg: DataprepConfig, tokenizer: Tokenizer, stamp: str, *, sources: int, bos: bool,
+             lease: str = "") -> UnitJob:
     row_bytes = planes(cfg) * (cfg.pack.seq_len + 1) * token_dtype(tokenizer.vocab_size).itemsize
     return UnitJob(
         output=cfg.output.dir, tokenizer=tokenizer.files, run_stamp=stamp,
         seq_len=cfg.pack.seq_len, rows_per_shard=max(1, int(cfg.pack.shard_mb * 2**20) // row_bytes),
         val_fraction=cfg.pack.val_fraction, seed=cfg.pack.seed, text_field=cfg.input.text_field,
         encoding_errors=cfg.input.encoding_errors, on_bad_record=cfg.input.on_bad_record,
-        format=cfg.input.format, overlong=cfg.pack.overlong, sources=sources, bos=bos,
+        format=cfg.input.format, overlong=cfg.pack.overlong, sources=sources, bos=bos, lease=lease,
     )
 
 

@@ -4,8 +4,10 @@ Rows are `seq_len + 1` tokens so a row gives both inputs and shifted targets. Do
 ends in EOS), with no padding; the unit's partial last row of each split is dropped and counted. Chat examples are
 packed whole, with the example index and loss mask beside the tokens (`ExamplePacker`). Shards are written
 as they fill, a record batch at a time, so a unit's memory is one batch of rows however big its input is. A shard
-appears under its final name only when complete (local: written under a temporary name and renamed; S3: the object
-exists once its upload completes, and one given up is deleted); its sha256 is computed on the bytes as written.
+is written under an attempt name of its own (`storage.temporary_name`) and appears under its final name only when
+its unit is committed (`publish`: local, renamed; S3, copied), after the unit has checked that its run still holds
+the output; a unit given up deletes only its own attempts, never a shard another attempt (a re-run beside a
+straggler) finished. Its sha256 is computed on the bytes as written.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class ShardWriter:
         self.schema = shard_schema(dtype, row_len)
         path = storage.join(out_dir, name)
         self._fs, self._path = storage.filesystem(path)
-        self._tmp = self._path if storage.is_s3(path) else storage.temporary_name(self._path)
+        self._tmp = storage.temporary_name(self._path)
         self._fs.create_dir(posixpath.dirname(self._path), recursive=True)
         self._raw = self._fs.open_output_stream(self._tmp, compression=None)
         self._sink = _HashingSink(self._raw)
@@ -77,18 +79,27 @@ class ShardWriter:
         self.rows += len(rows)
 
     def discard(self) -> None:
-        """Give up the file: on S3 the stream can only be completed, so the object is deleted after it."""
+        """Give up the file, open or finished but not published: its attempt is deleted (on S3 the stream can only be
+        completed, then deleted)."""
         self._raw.close()
         self._fs.delete_file(self._tmp)
 
     def close(self) -> dict:
-        """Finish the file and return its manifest entry."""
+        """Finish and publish the file; its manifest entry."""
+        entry = self.finish()
+        self.publish()
+        return entry
+
+    def finish(self) -> dict:
+        """Finish the file under its attempt name and return its manifest entry."""
         self._writer.close()
         self._file.close()
         self._raw.close()
-        if self._tmp != self._path:
-            self._fs.move(self._tmp, self._path)
         return {"file": self.name, "rows": self.rows, "bytes": self._sink.size, "sha256": self._sink.sha.hexdigest()}
+
+    def publish(self) -> None:
+        """Give the finished file its final name."""
+        self._fs.move(self._tmp, self._path)
 
 
 class RowSink:
@@ -103,6 +114,7 @@ class RowSink:
         self.buffered: list[np.ndarray] = []
         self.buffered_rows = 0
         self._writer: ShardWriter | None = None
+        self._finished: list[ShardWriter] = []
 
     def add(self, rows: np.ndarray) -> None:
         """Rows of shape (n, row_len); written as soon as a record batch is full."""
@@ -118,11 +130,16 @@ class RowSink:
         self._close_shard()
         return self.shards
 
+    def publish(self) -> None:
+        """Give the finished shards their final names (once the unit may commit)."""
+        while self._finished:
+            self._finished.pop(0).publish()
+
     def abort(self) -> None:
-        """Stop, leaving no trace of the open shard (finished ones stay until a re-run rewrites or removes them)."""
-        if self._writer is not None:
-            self._writer.discard()
-            self._writer = None
+        """Stop, leaving no trace of the shards not published (an attempt of this unit only)."""
+        for writer in [*self._finished, *([self._writer] if self._writer else [])]:
+            writer.discard()
+        self._finished, self._writer = [], None
 
     def _rows_next(self) -> int:
         """Rows of the next batch: a full batch, or what is left of the current shard."""
@@ -141,7 +158,8 @@ class RowSink:
 
     def _close_shard(self) -> None:
         if self._writer is not None:
-            self.shards.append(self._writer.close())
+            self.shards.append(self._writer.finish())
+            self._finished.append(self._writer)
             self._writer = None
 
 
@@ -173,6 +191,9 @@ class SplitPacker:
 
     def abort(self) -> None:
         self.sink.abort()
+
+    def publish(self) -> None:
+        self.sink.publish()
 
     def _cut_rows(self) -> None:
         """Every full row of the pending stream to the sink; the partial rest stays pending."""
@@ -249,3 +270,6 @@ class ExamplePacker:
 
     def abort(self) -> None:
         self.sink.abort()
+
+    def publish(self) -> None:
+        self.sink.publish()

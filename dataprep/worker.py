@@ -6,7 +6,8 @@ loss can be measured per source from the manifest alone.
 The driver gets back only the unit's stats (rows, tokens, documents, shard bytes and sha256, dropped tail, bad
 records, the node it ran on): what it receives grows with the number of units, never with the number of tokens.
 A unit is committed by its record in `_progress/` (written after its shards); a re-run reuses exactly the units
-whose record matches, so a killed dataprep redoes only the rest.
+whose record matches, so a killed dataprep redoes only the rest. A unit whose run lost the output's lease (another
+run took it over: this worker is a straggler) finishes no shard and writes no record: it gives up its attempts.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataprep.tokenizer import load_tokenizer, token_dtype
 from dataprep.output import SPLITS, progress_path
 from dataprep.units import Unit
 from raylm import storage
+from raylm.lease import check_held
 
 ENCODE_CHARS = 1 << 20
 """Text encoded per SentencePiece call: amortises the call, bounds the Python lists it returns."""
@@ -60,6 +62,8 @@ class UnitJob:
     """'text': documents packed end to end; 'chat': conversations packed whole with a loss mask."""
     overlong: str = "truncate"
     """Chat: what happens to an example longer than a row."""
+    lease: str = ""
+    """The token of the run's lease on the output, checked before a unit's shards are made final ("": none)."""
     sources: int = 1
     """Sources of the dataset. With more than one, shard names carry the source; with one they are the names
     datasets had before sources were recorded, so such a dataset keeps its bytes."""
@@ -101,6 +105,11 @@ class UnitPackers:
         for packer in self.packers.values():
             packer.abort()
 
+    def publish(self) -> None:
+        """Every finished shard of the unit under its final name."""
+        for packer in self.packers.values():
+            packer.publish()
+
     def finish(self) -> dict[str, dict]:
         """Each split's entry for the unit: its sources' shards in source order, each naming its source; their
         counts summed; and `by_source`, the SOURCE_COUNTS of each source present (keyed by source id)."""
@@ -141,13 +150,17 @@ class PackUnits:
         pack = self._pack_conversations if self.job.format == "chat" else self._pack_documents
         try:
             error = pack(unit, packers, counts)
+            if error:
+                packers.abort()
+                return {"unit": unit.index, "error": error}
+            splits = packers.finish()
+            if self.job.lease:  # a straggler of a run that lost the output publishes nothing
+                check_held(self.job.output, self.job.lease, what="dataset output")
+            packers.publish()
         except BaseException:
             packers.abort()
             raise
-        if error:
-            packers.abort()
-            return {"unit": unit.index, "error": error}
-        stats = {"unit": unit.index, "input_bytes": unit.input_bytes, **counts, "splits": packers.finish()}
+        stats = {"unit": unit.index, "input_bytes": unit.input_bytes, **counts, "splits": splits}
         storage.write_bytes(progress_path(self.job.output, unit),
                             json.dumps({"stamp": unit.stamp(self.job.run_stamp), "stats": stats}).encode())
         return {**stats, "node": self.node, "ready_at": self.ready_at, "seconds": time.time() - started,

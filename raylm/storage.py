@@ -9,7 +9,10 @@ A bucket is never created: a missing one is an error naming it (`check_bucket`),
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import hashlib
 import os
 import posixpath
 import uuid
@@ -272,6 +275,13 @@ def delete_dir(path: str) -> None:
     _delete(path, directory=True)
 
 
+def delete_empty_dir(path: str) -> None:
+    """Remove a local directory if it is empty (an S3 prefix with nothing under it does not exist anyway)."""
+    if not is_s3(path):
+        with contextlib.suppress(OSError):
+            os.rmdir(absolute(path))
+
+
 def delete_file(path: str) -> None:
     _delete(path, directory=False)
 
@@ -285,3 +295,169 @@ def _delete(path: str, *, directory: bool) -> None:
         pass
     except OSError as exc:
         raise StorageError(describe_os_error(exc, path)) from None
+
+
+class PreconditionFailed(Exception):
+    """A conditional write or delete lost: the object exists (for a create), or is no longer the version it was read
+    as. Not an OSError: a storage failure may be retried, a lost race must not be."""
+
+
+class NoConditionalWrites(Exception):
+    """The store refuses conditional writes (an S3-compatible store without If-None-Match / If-Match)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _s3_client(endpoint: str | None):
+    """boto3's S3 client, for the few calls pyarrow's S3FileSystem cannot make (conditional PUT and DELETE); the same
+    endpoint, region and credential resolution as `_s3_filesystem`."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=endpoint or None, config=Config(
+        connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"}))
+
+
+def _bucket_key(path: str) -> tuple[str, str]:
+    bucket, _, key = path[len("s3://"):].partition("/")
+    return bucket, key
+
+
+@contextlib.contextmanager
+def _s3_call(path: str):
+    """botocore's errors as raylm's: a lost condition as PreconditionFailed, a refused one as NoConditionalWrites, any
+    other failure (unreachable endpoint, denied, 5xx after retries) as an OSError with a one-line reason."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            raise PreconditionFailed(path) from None
+        if code in ("NoSuchKey", "404") or status == 404:
+            raise FileNotFoundError(path) from None
+        if status in (400, 501) and code in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
+            raise NoConditionalWrites(f"{path}: {code}") from None
+        raise OSError(f"{code or status}: {exc}") from None
+    except BotoCoreError as exc:
+        raise OSError(str(exc)) from None
+
+
+def read_versioned(path: str) -> tuple[bytes, str] | None:
+    """(contents, version) of a small file, or None if there is none: the version is what `write_if` and `delete_if`
+    compare with (S3: the ETag; local: a hash of the contents, read under the file's lock)."""
+    if is_s3(path):
+        bucket, key = _bucket_key(path)
+        try:
+            with _s3_call(path):
+                got = _s3_client(os.environ.get("AWS_ENDPOINT_URL")).get_object(Bucket=bucket, Key=key)
+                return got["Body"].read(), got["ETag"]
+        except FileNotFoundError:
+            return None
+    with _locked(absolute(path), create=False) as f:
+        data = f.read() if f is not None else b""
+    return (data, _local_version(data)) if data else None
+
+
+def write_if(path: str, data: bytes, *, version: str | None) -> str:
+    """Write a small file only if it is still at `version` (None: only if there is none); returns the new version.
+    Raises PreconditionFailed if another writer came first. On S3 a conditional PUT (If-Match / If-None-Match); on a
+    local or shared filesystem, compare and write under an exclusive lock of the file itself (flock)."""
+    if is_s3(path):
+        bucket, key = _bucket_key(path)
+        condition = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}
+        with _s3_call(path):
+            return _s3_client(os.environ.get("AWS_ENDPOINT_URL")).put_object(
+                Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+    with _locked(absolute(path), create=True) as f:
+        current = f.read()
+        if (_local_version(current) if current else None) != version:
+            raise PreconditionFailed(path)
+        f.seek(0)
+        f.truncate()
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return _local_version(data)
+
+
+def delete_if(path: str, *, version: str) -> None:
+    """Delete a small file only if it is still at `version`; PreconditionFailed otherwise (gone already is fine)."""
+    if is_s3(path):
+        bucket, key = _bucket_key(path)
+        try:
+            with _s3_call(path):
+                _s3_client(os.environ.get("AWS_ENDPOINT_URL")).delete_object(Bucket=bucket, Key=key, IfMatch=version)
+        except FileNotFoundError:
+            pass
+        return
+    with _locked(absolute(path), create=False) as f:
+        if f is None:
+            return
+        current = f.read()
+        if current and _local_version(current) != version:
+            raise PreconditionFailed(path)
+        os.unlink(absolute(path))  # under the lock: a writer waiting for it then finds an unlinked file (see _locked)
+
+
+def _local_version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(path: str, *, create: bool):
+    """The file opened for reading and writing under an exclusive flock (None if it does not exist and not `create`).
+    A file unlinked while this waited for its lock is opened again, so every holder of the lock sees the live file."""
+    while True:
+        if create:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            yield None
+            return
+        with os.fdopen(fd, "r+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            if os.fstat(f.fileno()).st_nlink == 0:  # deleted while we waited: try the live file
+                continue
+            yield f
+            return
+
+
+_CONDITIONAL: dict[tuple[str | None, str], bool] = {}
+"""Whether each (endpoint, bucket) honours conditional writes, once probed."""
+
+
+def _s3_conditional_writes(path: str) -> bool:
+    """Whether the store of `path`'s bucket honours If-None-Match: a probe object beside `path` (where the job may
+    write) written twice, the second time only if absent, must be refused. A store that ignores the condition, or
+    refuses it as unknown, is detected here, once per bucket."""
+    key = (os.environ.get("AWS_ENDPOINT_URL"), _bucket_key(path)[0])
+    if key not in _CONDITIONAL:
+        probe = temporary_name(path)
+        try:
+            write_bytes(probe, b"1")
+            write_if(probe, b"2", version=None)
+            _CONDITIONAL[key] = False  # overwritten: the condition was ignored
+        except PreconditionFailed:
+            _CONDITIONAL[key] = True
+        except NoConditionalWrites:
+            _CONDITIONAL[key] = False
+        finally:
+            with contextlib.suppress(OSError, StorageError):
+                delete_file(probe)
+    return _CONDITIONAL[key]
+
+
+def conditional_writes(path: str) -> bool:
+    """Whether `write_if` / `delete_if` are atomic where `path` lies: always on a local or shared filesystem (flock);
+    on S3 if boto3 is installed and the store honours If-None-Match / If-Match (AWS since 2024, MinIO, moto;
+    probed once per bucket, beside `path`)."""
+    if not is_s3(path):
+        return True
+    try:
+        import boto3  # noqa: F401
+    except ImportError:
+        return False
+    return _s3_conditional_writes(path)

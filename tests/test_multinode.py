@@ -5,6 +5,7 @@ its trials over the nodes."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -211,24 +212,24 @@ def test_a_lost_node_shrinks_the_run_and_its_return_grows_it_with_the_same_losse
 
 def test_a_job_whose_lease_is_taken_over_stops_and_never_commits_again(multinode, s3_stdlib_dataset, s3_server):
     """A job presumed dead: its driver is paused (as behind a network partition) until its lease lapses, and a new
-    job takes the run directory over. The old job's workers go on training but commit nothing more (rank 0 checks
-    the lease before each commit), and once resumed the old driver stops with one line naming the new holder."""
-    from trainer.lease import Lease
+    job takes the run directory over, fencing the old job at its newest commit. The old job's workers go on
+    training but write no step directory but the one in flight at the takeover and commit nothing more (rank 0
+    checks the lease before each save and marks each commit in it, a compare-and-swap), and once resumed the old
+    driver stops with one line naming the new holder."""
+    from raylm.lease import Lease
 
     run_dir = f"{s3_server}/runs/taken-{uuid.uuid4().hex[:6]}"
     driver = Driver(multinode, *TINY, "--data.path", s3_stdlib_dataset, "--run.dir", run_dir, "--train.steps=200",
                     "--train.log_every=1", "--checkpoint.every=1", "--ray.num_workers=1", "--run.lease_s=4",
                     "--ray.max_failures=0")
     newer = None
+    lease = lambda: json.loads(storage.read_bytes(f"{run_dir}/lease.json"))  # noqa: E731
     try:
         wait_for("a committed checkpoint", lambda: any(ok for *_, ok in list_checkpoints(run_dir)), driver.proc)
         os.kill(driver.proc.pid, signal.SIGSTOP)  # no more renewals
-        time.sleep(5)  # > run.lease_s
+        wait_for("the lease to lapse", lambda: time.time() > lease()["expires"], driver.proc)
         newer = Lease(run_dir, job="ray job 0f000000", seconds=60).acquire()  # takes over: the old one looks dead
-        time.sleep(1.0)  # a commit whose lease check came just before the takeover may still land
-        committed = {path for _, path, ok in list_checkpoints(run_dir) if ok}
-        time.sleep(3)  # the workers train on meanwhile
-        os.kill(driver.proc.pid, signal.SIGCONT)
+        os.kill(driver.proc.pid, signal.SIGCONT)  # its workers trained on meanwhile, and go on until it stops them
         out = driver.finish(timeout=120)
     finally:
         if driver.proc.poll() is None:
@@ -238,7 +239,10 @@ def test_a_job_whose_lease_is_taken_over_stops_and_never_commits_again(multinode
             newer.close()
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert driver.proc.returncode == 2 and len(errors) == 1 and "ray job 0f000000" in errors[0], out[-5000:]
-    assert {path for _, path, ok in list_checkpoints(run_dir) if ok} == committed
+    fence = lease()["fenced"]["1"]  # the old job's newest commit while it held the lease
+    found = [(step, ok) for step, _, ok in list_checkpoints(run_dir)]
+    assert max(step for step, ok in found if ok) == fence, found
+    assert all(step <= fence + 1 for step, _ in found), (fence, found)  # at most the save in flight at the takeover
     assert len(logged_steps(run_dir)) < 200
 
 

@@ -6,6 +6,11 @@ failures with backoff, on a process group of its own so its collectives never in
 dcp.save returns on rank 0 every rank's write is done: rank 0's thread then writes train_state.json and, last,
 COMMITTED, and prunes older checkpoints. Only a directory with COMMITTED is ever loaded, and DCP reshards it to any
 world size.
+
+With a lease (raylm/lease.py), a save starts writing only while the job holds it, and the commit is marked in the
+lease (a compare-and-swap) before train_state.json, which names the lease (token and generation), and COMMITTED: a
+commit the lease shows was made after its job lost the run directory is never loaded. After a takeover, step directories carry the holder's
+generation (`step-000400-g3`), so a job presumed dead that still writes never writes into the new holder's.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_st
 
 from raylm import storage
 from raylm.errors import ConfigError, DataError, StorageError
-from trainer.lease import LeaseLost, check_held
+from raylm import lease as leases
+from raylm.lease import LeaseLost
 from trainer.model import NOT_IN_WEIGHTS, ModelConfig, Transformer
 
 log = logging.getLogger(__name__)
@@ -47,7 +53,8 @@ COMMITTED = "COMMITTED"
 DATA_ORDER = "feistel-1"
 """The data order's version (trainer/data.py): a checkpoint of another order is another run, never continued."""
 TRAIN_STATE = "train_state.json"
-STEP_DIR = re.compile(r"step-(\d+)$")
+STEP_DIR = re.compile(r"step-(\d+)(?:-g(\d+))?$")
+"""step-NNNNNN, or step-NNNNNN-gG when written by the lease's generation G after a takeover."""
 DCP_ERRORS = (Exception, CheckpointException)
 """What a failed DCP save or load raises: CheckpointException (every rank's errors, gathered) is a BaseException."""
 DAMAGE = (OSError, EOFError, pickle.UnpicklingError)
@@ -90,35 +97,64 @@ class CheckpointConfig:
             raise ConfigError("checkpoint.load_weights_only needs checkpoint.resume_from (the checkpoint to warm-start from)")
 
 
-def step_dir(run_dir: str, step: int) -> str:
-    return storage.join(run_dir, "checkpoints", f"step-{step:06d}")
+def step_dir(run_dir: str, step: int, suffix: str = "") -> str:
+    return storage.join(run_dir, "checkpoints", f"step-{step:06d}{suffix}")
 
 
-def list_checkpoints(run_dir: str) -> list[tuple[int, str, bool]]:
-    """(step, path, committed) of every checkpoint directory under run_dir, oldest first."""
+STALE = "stale"
+"""A checkpoint's state when its COMMITTED was written by a job after it had lost the run directory's lease."""
+
+
+def commit_state(path: str, fenced: dict[int, int]) -> str:
+    """'committed', 'cut off' (no COMMITTED: the save never finished) or STALE, given the run's lease fences
+    (`raylm.lease.fences`); the commit's lease (in train_state.json) is read only when there are fences."""
+    if not storage.exists(storage.join(path, COMMITTED)):
+        return "cut off"
+    if not fenced:
+        return "committed"
+    state = read_train_state(path)
+    generation = state.get("lease", {}).get("generation")  # none: committed without a lease, or before leases
+    return STALE if generation in fenced and state["step"] > fenced[generation] else "committed"
+
+
+def _states(run_dir: str) -> list[tuple[int, str, str]]:
+    """(step, path, commit_state) of every checkpoint directory under run_dir, oldest first (of one step, the
+    newest generation last)."""
+    fenced = leases.fences(leases.holder(run_dir))
     found = []
     for path in storage.list_dirs(storage.join(run_dir, "checkpoints")):
         if match := STEP_DIR.search(path):
-            found.append((int(match.group(1)), path, storage.exists(storage.join(path, COMMITTED))))
-    return sorted(found)
+            found.append((int(match.group(1)), int(match.group(2) or 0), path))
+    return [(step, path, commit_state(path, fenced)) for step, _, path in sorted(found)]
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str, bool]]:
+    """(step, path, committed) of every checkpoint directory under run_dir, oldest first; a stale commit (made after
+    its job lost the lease) counts as not committed."""
+    return [(step, path, state == "committed") for step, path, state in _states(run_dir)]
+
+
+SKIPPED = {"cut off": f"it has no {COMMITTED} (its save was cut off)",
+           STALE: "its job had lost the run directory's lease when it committed it (a takeover fenced it)"}
 
 
 def latest_committed(run_dir: str, *, quiet: bool = False) -> str | None:
-    """The newest committed checkpoint of a run; newer uncommitted ones (saves cut off) are skipped with a log line
+    """The newest committed checkpoint of a run; newer ones cut off or committed stale are skipped with a log line
     (unless quiet)."""
-    for _, path, committed in reversed(list_checkpoints(run_dir)):
-        if committed:
+    for _, path, state in reversed(_states(run_dir)):
+        if state == "committed":
             return path
         if not quiet:
-                log.warning("skipping %s: it has no %s (its save was cut off)", path, COMMITTED)
+            log.warning("skipping %s: %s", path, SKIPPED[state])
     return None
 
 
 def resolve(path: str) -> str:
     """A committed step directory, given one or a run directory (whose newest committed checkpoint is taken)."""
     if STEP_DIR.search(path.rstrip("/")):
-        if not storage.exists(storage.join(path, COMMITTED)):
-            raise DataError(f"checkpoint {path} has no {COMMITTED}: its save was cut off; pick another step")
+        state = commit_state(path, leases.fences(leases.holder(run_dir_of(path))))
+        if state != "committed":
+            raise DataError(f"checkpoint {path}: {SKIPPED[state]}; pick another step")
         return path
     found = latest_committed(path)
     if found is None:
@@ -242,11 +278,13 @@ def check_continues(state: dict, identity: dict, path: str, *, own: bool, weight
                       f"{', '.join(f'{k}={show(identity[k])}' for k in keys)}: {advice}")
 
 
-def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Load a committed checkpoint into the (sharded) model and, unless None, the optimizer.
+def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, verified: bool = False) -> None:
+    """Load a committed checkpoint into the (sharded) model and, unless None, the optimizer; `verified`: its shards
+    were checked already (by rank 0, whose verdict every rank got).
 
     Collective. The shards are resharded to this world size by DCP."""
-    verify(path)
+    if not verified:
+        verify(path)
     model_sd, optim_sd = get_state_dict(model, optimizer or [])
     state = {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
     try:
@@ -303,6 +341,9 @@ class Checkpointer:
                  lease: str | None = None):
         self.run_dir, self.cfg, self.rank, self.device, self.lease = run_dir, cfg, rank, device, lease
         self.group = dist.new_group(backend="gloo")  # the background writes' collectives, apart from training's
+        self.suffix = self._on_rank0(self._names, f"the lease of {run_dir} could not be read")
+        """Of this job's step directories: its lease generation once the run has been taken over. (Only rank 0 may
+        know the lease, as under torchrun: every decision about it is rank 0's, broadcast.)"""
         cuda = device.type == "cuda"  # pinned buffers and copies on a stream of the stager's own, beside the compute
         self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                                    use_async_staging=True, use_non_blocking_copy=cuda))
@@ -324,7 +365,7 @@ class Checkpointer:
         started = time.perf_counter()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        path = step_dir(self.run_dir, step)
+        path = step_dir(self.run_dir, step, self.suffix)
         if self.cfg.async_save:
             if self.device.type == "cuda":  # the stager's stream must see this step's update before it copies
                 self.stager._staging_stream.wait_stream(torch.cuda.current_stream())
@@ -337,30 +378,54 @@ class Checkpointer:
 
     def _write_and_commit(self, state: dict, path: str, step: int, train_state: dict,
                           started: float) -> tuple[str, float]:
-        """Every rank's write, then rank 0's commit (if this job still holds the run directory's lease); a failed
-        commit fails the save on every rank alike. Returns the path and the seconds since `started`, the
-        perf_counter() at the save's start, to the commit."""
+        """Every rank's write, then rank 0's commit, both only while this job holds the run directory's lease (a
+        job that lost it writes no step directory again); a failure fails the save on every rank alike. Returns the
+        path and the seconds since `started`, the perf_counter() at the save's start, to the commit."""
+        self._on_rank0(self._check_held, f"checkpoint {path} could not start")
         self._write(state, path)
-        failure: list = [None]
-        if self.rank == 0:
-            try:
-                if self.lease is not None:
-                    check_held(self.run_dir, self.lease)
-                storage.write_bytes(storage.join(path, TRAIN_STATE), json.dumps(train_state).encode())
-                storage.write_bytes(storage.join(path, COMMITTED), f"{step}\n".encode())  # last: the commit
-                log.info("checkpoint %s committed", path)
-            except LeaseLost as exc:
-                failure = [exc]
-            except OSError as exc:
-                failure = [StorageError(f"checkpoint {path} could not be committed ({_first_line(exc)}); check the "
-                                        "run directory's storage")]
-        dist.broadcast_object_list(failure, src=0, group=self.group)
-        if failure[0] is not None:
-            raise failure[0]
+        self._on_rank0(lambda: self._commit(path, step, train_state), f"checkpoint {path} could not be committed")
         seconds = time.perf_counter() - started
         if self.rank == 0:
             self.prune()
         return path, seconds
+
+    def _commit(self, path: str, step: int, train_state: dict) -> None:
+        """The commit marked in the lease, train_state.json naming the lease, then COMMITTED."""
+        if self.lease is not None:
+            generation = leases.record_commit(self.run_dir, self.lease, step)
+            train_state = {**train_state, "lease": {"token": self.lease, "generation": generation}}
+        storage.write_bytes(storage.join(path, TRAIN_STATE), json.dumps(train_state).encode())
+        storage.write_bytes(storage.join(path, COMMITTED), f"{step}\n".encode())  # last: the commit
+        log.info("checkpoint %s committed", path)
+
+    def _check_held(self) -> None:
+        if self.lease is not None:
+            leases.check_held(self.run_dir, self.lease)
+
+    def _names(self) -> str:
+        """The suffix of this job's step directories: its generation once the run's lease fences a job that may
+        still write (that job's names are then never this job's)."""
+        if self.lease is None:
+            return ""
+        record = leases.holder(self.run_dir)
+        return f"-g{record['generation']}" if record and record.get("token") == self.lease and record.get("fenced") \
+            else ""
+
+    def _on_rank0(self, fn: Callable, failed: str):
+        """fn() on rank 0, its result (or its LeaseLost, or a storage failure as a StorageError starting with
+        `failed`) given to every rank of the checkpoint group: they raise or go on together."""
+        outcome: list = [None]
+        if self.rank == 0:
+            try:
+                outcome = [(fn(),)]
+            except LeaseLost as exc:
+                outcome = [exc]
+            except OSError as exc:
+                outcome = [StorageError(f"{failed} ({_first_line(exc)}); check the run directory's storage")]
+        dist.broadcast_object_list(outcome, src=0, group=self.group)
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0][0]
 
     def _write(self, state: dict, path: str) -> None:
         """dcp.save with retries on storage failures. A failure on any rank fails the save on every rank (DCP

@@ -22,7 +22,7 @@ from trainer.checkpoint import COMMITTED
 from raylm.config import from_dict, to_dict
 from raylm.ray_session import check_local_paths
 from trainer.job import JobConfig, paths
-from trainer.lease import held
+from raylm.lease import held
 from trainer.preemption import Preempted
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def launch(job: JobConfig, *, callbacks: list | None = None):
     until the previous one was polled: log steps closer together than that block the loop (lower it, as the tests
     do, for runs that log every fraction of a second); a shorter poll costs CPU on every run.
 
-    The driver holds RUN_DIR's lease for the whole run (trainer/lease.py), across the worker group's restarts."""
+    The driver holds RUN_DIR's lease for the whole run (raylm/lease.py), across the worker group's restarts."""
     import ray
 
     init_ray()

@@ -247,8 +247,9 @@ class Trainer:
 
     def resume(self) -> int:
         """Load the run's newest committed checkpoint (or, when the run has none, checkpoint.resume_from or the weights
-        of init.from_hf); returns the step to continue from. Rank 0 picks the checkpoint, so every rank loads the
-        same one."""
+        of init.from_hf); returns the step to continue from. Rank 0 picks the checkpoint and checks its shards
+        (`checkpoint.verify`: one request per shard, made once rather than by every rank), so every rank loads the
+        same one or raises the same error."""
         cfg = self.job.checkpoint
         choice: list = [None]
         if self.d.rank == 0:
@@ -256,6 +257,8 @@ class Trainer:
                 own = checkpoint.latest_committed(self.job.run.dir)
                 choice = [(own, True) if own else (checkpoint.resolve(cfg.resume_from), False) if cfg.resume_from
                           else None]
+                if choice[0] is not None:
+                    checkpoint.verify(choice[0][0])
             except RaylmError as exc:  # raised on every rank below, not only here (the others would wait forever)
                 choice = [exc]
         dist.broadcast_object_list(choice, src=0)
@@ -268,7 +271,7 @@ class Trainer:
         state = checkpoint.read_train_state(path)
         checkpoint.check_continues(state, self.identity(), path, own=own, weights_only=warm_start)
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        checkpoint.load(path, self.model, None if warm_start else self.optimizer)
+        checkpoint.load(path, self.model, None if warm_start else self.optimizer, verified=True)
         if warm_start:
             log.info("warm start from the weights of %s", path)
             return 0
