@@ -48,6 +48,7 @@ def chat_rows(examples: list[tuple[list[int], list[bool]]], tmp_path, *, positio
     for tokens, loss in examples:
         packer.add(tokens, loss)
     entry = packer.finish()
+    packer.publish()  # the shards' final names: what a unit's commit does
     split = Split(str(tmp_path), entry, rows_per_batch=packer.sink.rows_per_batch, row_len=3 * positions,
                   dtype="uint16", planes=3)
     return torch.from_numpy(split.rows(range(len(split))).astype(np.int64))
