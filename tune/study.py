@@ -20,7 +20,7 @@ from ray.tune import Callback
 
 from dataprep import open_dataset
 from raylm import storage
-from raylm.errors import ConfigError
+from raylm.errors import ConfigError, find_user_error
 from raylm.ray_session import check_local_paths, init_ray, verbose
 from raylm.config import dump_toml, from_dict, to_dict
 from trainer.data import check_fits
@@ -96,7 +96,9 @@ class StudyProgress(Callback):
               f"{last.get('val_loss', math.nan):.4f}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"trial {trial}: failed; its logs are under {trial.path}", flush=True)
+        user_error = find_user_error(trial.get_pickled_error())  # e.g. workers that found no room to start
+        why = f": {user_error}" if user_error else f"; its logs are under {trial.path}"
+        print(f"trial {trial}: failed{why}", flush=True)
 
 
 def study_path(tune: TuneConfig) -> tuple:
