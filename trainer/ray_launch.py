@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from raylm import storage
 from raylm.errors import RaylmError
-from raylm.ray_session import init_ray
+from raylm.ray_session import init_ray, verbose
 from trainer.checkpoint import COMMITTED
 from raylm.config import from_dict, to_dict
 from raylm.ray_session import check_local_paths
@@ -50,6 +50,16 @@ class _DropUserErrorTraceback(logging.Filter):
         from raylm.errors import find_user_error
 
         return find_user_error(sys.exc_info()[1]) is None  # Ray logs from inside its `except` block
+
+
+class _DropStartRetries(logging.Filter):
+    """Ray Train logs each start attempt that timed out with its traceback, then tries again; StartWatch tells how
+    the wait ended in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+        return not (record.exc_info and isinstance(record.exc_info[1], WorkerGroupStartupTimeoutError))
 
 
 def quiet_user_error_tracebacks() -> None:
@@ -193,7 +203,11 @@ def start_watch(timeout_s: float, *, per_worker: dict, workers: int):
         waiting_since: float | None = None
 
         def after_controller_start(self, train_run_context) -> None:
+            from ray.train.v2._internal.execution.controller import controller
+
             quiet_user_error_tracebacks()  # the one line is the story, not its traceback in the controller's log
+            if not verbose():
+                logging.getLogger(controller.__name__).addFilter(_DropStartRetries())
 
         def after_controller_state_update(self, previous_state, current_state) -> None:
             if isinstance(current_state, RunningState):
