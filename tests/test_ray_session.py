@@ -4,10 +4,12 @@ that does not answer, or a worker group that finds no room, is one line, not a w
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -89,10 +91,13 @@ def test_an_eval_started_during_training_outlives_it(own_ray_env, dataset, tmp_p
     train = command(own_ray_env, "trainer", *TINY, "--data.path", dataset, "--run.dir", str(run),
                     "--train.steps=400", "--checkpoint.every=5", "--checkpoint.keep=1000", "--ray.num_workers=1")
     wait_for("a committed checkpoint", lambda: bool(list_checkpoints(str(run))), train)
-    eval_tmp = tmp_path / "eval-ray"
+    eval_tmp = pathlib.Path(tempfile.mkdtemp(prefix="rl-ev-", dir="/tmp"))  # Ray's socket paths stay short
     evaluate = command({**own_ray_env, "RAY_TMPDIR": str(eval_tmp)}, "trainer.eval", "--checkpoint", str(run),
                        "--data.path", dataset, "--out", str(tmp_path / "eval.json"))
-    wait_for("the evaluation's own Ray", lambda: any(eval_tmp.glob("ray/session_*/logs/raylet.out")), evaluate)
+    try:
+        wait_for("the evaluation's own Ray", lambda: any(eval_tmp.glob("ray/session_*/logs/raylet.out")), evaluate)
+    except AssertionError:
+        raise AssertionError(finish(evaluate)[2][-3000:]) from None
     os.kill(train.pid, signal.SIGINT)  # Ctrl-C: the run stops, its Ray goes down with it
     code, _, err = finish(train)
     assert code == 130, err[-3000:]
