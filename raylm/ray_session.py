@@ -124,9 +124,37 @@ def init_ray(*, log_to_driver: bool = True) -> None:
         ray.init(logging_level=logging.INFO, log_to_driver=log_to_driver, **options)
         return
     fold_worker_lines()
-    with stderr_without_noise():
+    with stderr_without_noise(), quiet_driver_backend():
         ray.init(logging_level=logging.WARNING, log_to_driver=log_to_driver, **options)
     logging.getLogger("ray").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def quiet_driver_backend():
+    """This process's C++ log lines below FATAL off (they go to the console: an actor pool's or the Train
+    controller's start-up warning), and only this process's: Ray reads RAY_BACKEND_LOG_LEVEL as a process's core
+    worker starts, and ray.init starts the cluster's processes, which inherit the environment, before it connects
+    this driver; so the variable is set just for that connect, and the log files of the raylet, the GCS and every
+    worker keep Ray's usual level (this driver's python-core-driver log keeps FATAL only)."""
+    from ray._private import worker
+
+    connect = worker.connect
+
+    def quiet_connect(*args, **kwargs):
+        os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+        try:
+            return connect(*args, **kwargs)
+        finally:
+            del os.environ["RAY_BACKEND_LOG_LEVEL"]
+
+    if "RAY_BACKEND_LOG_LEVEL" in os.environ:  # the user's choice, for every process
+        yield
+        return
+    worker.connect = quiet_connect
+    try:
+        yield
+    finally:
+        worker.connect = connect
 
 
 def free_port() -> int:
