@@ -106,17 +106,27 @@ def test_an_eval_started_during_training_outlives_it(own_ray_env, dataset, tmp_p
     assert code == 0 and "bits/byte" in out, err[-3000:]
 
 
-def test_workers_that_find_no_room_stop_the_run_with_one_line(own_ray_env, dataset, tmp_path):
-    """4 workers of 1 CPU on a Ray of 2 CPUs: the run stops after --ray.start_timeout_s with one line saying what
-    it wanted and what the cluster has (Ray Train alone retries every minute for ever, printing nothing)."""
+NO_ROOM = ("the run's 4 workers (1 CPU each) found no room to start in 20 s: 4 CPU wanted, the cluster has 2, 2 free; "
+           "lower --ray.num_workers or --ray.cpus_per_worker, free the cluster, or raise --ray.start_timeout_s")
+
+
+@pytest.mark.parametrize("tool", ["trainer", "tune"])
+def test_workers_that_find_no_room_stop_the_run_with_one_line(tool, own_ray_env, dataset, tmp_path):
+    """4 workers of 1 CPU on a Ray of 2 CPUs: the run (or the study's trial) stops after --ray.start_timeout_s with
+    one line saying what it wanted and what the cluster has (Ray Train alone retries every minute for ever, printing
+    nothing)."""
+    where = (["--run.dir", str(tmp_path / "run")] if tool == "trainer" else
+             ["--tune.dir", str(tmp_path / "study"), "--tune.batch=8", "--tune.lr=1e-3", "--tune.budget_tokens=20480"])
     start = time.monotonic()
-    proc = command(own_ray_env, "trainer", *TINY, "--data.path", dataset, "--run.dir", str(tmp_path / "run"),
-                   "--ray.num_workers=4", "--ray.start_timeout_s=20")
+    proc = command(own_ray_env, tool, *TINY, "--data.path", dataset, *where, "--ray.num_workers=4",
+                   "--ray.start_timeout_s=20")
     code, out, err = finish(proc, timeout=240)
     assert code == 2, out[-2000:] + err[-3000:]
-    assert err.splitlines() == [
-        "error: the run's 4 workers (1 CPU each) found no room to start in 20 s: 4 CPU wanted, the cluster has 2, "
-        "2 free; lower --ray.num_workers or --ray.cpus_per_worker, free the cluster, or raise --ray.start_timeout_s"]
+    if tool == "trainer":
+        assert err.splitlines() == [f"error: {NO_ROOM}"]
+    else:
+        assert [line for line in out.splitlines() if line.endswith(f": failed: {NO_ROOM}")], out
+        assert "Traceback" not in err, err[-3000:]
     assert time.monotonic() - start < 20 + 120  # Ray's start-up and a retry at most, never Ray's minute-long rounds
 
 

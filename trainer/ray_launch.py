@@ -42,7 +42,7 @@ def quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-class _DropUserErrorTraceback(logging.Filter):
+class DropUserErrorTraceback(logging.Filter):
     """Ray Train logs the traceback of any exception leaving the train function. A user mistake (a RaylmError) is
     printed by the driver as one `error:` line instead; its traceback would only bury that line."""
 
@@ -68,7 +68,7 @@ def quiet_user_error_tracebacks() -> None:
     from ray.train.v2._internal.execution import callback_manager
 
     for module in (util, callback_manager):
-        logging.getLogger(module.__name__).addFilter(_DropUserErrorTraceback())
+        logging.getLogger(module.__name__).addFilter(DropUserErrorTraceback())
 
 
 def report_to_ray(metrics: dict, checkpoint: str | None) -> None:
