@@ -9,9 +9,10 @@ command's. An address that does not answer is one `error:` line within seconds, 
 minutes: a recorded `ray start` cluster that has died is such an error too, since a user who ran `ray start` expects
 that cluster, not a Ray of this machine alone.
 
-Quiet means raylm's own lines carry the story on the console: Ray's C++ log lines below ERROR and its known-harmless
-chatter are dropped from what this process prints (Ray's log files keep everything at Ray's usual level), the
-lines Ray forwards from workers lose their `(RayTrainWorker pid=…)` prefix, and colour codes go only to a terminal.
+Quiet means raylm's own lines carry the story on the console, and only there: this driver's own C++ log lines below
+FATAL are off, the lines Ray forwards from workers lose their `(RayTrainWorker pid=…)` prefix, Ray's C++ lines below
+ERROR and its known-harmless chatter, and colour codes go only to a terminal; the log files of the cluster's
+processes (raylet, GCS, workers) keep Ray's usual level.
 Python warnings and errors from Ray, a dead worker, a failed task still show. `--verbose` shows everything as Ray
 prints it.
 """
