@@ -124,6 +124,8 @@ def test_workers_that_find_no_room_stop_the_run_with_one_line(tool, own_ray_env,
     assert code == 2, out[-2000:] + err[-3000:]
     if tool == "trainer":
         assert err.splitlines() == [f"error: {NO_ROOM}"]
+        raylet = next(pathlib.Path(own_ray_env["RAY_TMPDIR"]).glob("ray/session_*/logs/raylet.out"))
+        assert "] (raylet) " in raylet.read_text()  # a quiet console, and Ray's own log files as Ray writes them
     else:
         assert [line for line in out.splitlines() if line.endswith(f": failed: {NO_ROOM}")], out
         assert "Traceback" not in err, err[-3000:]
