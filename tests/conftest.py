@@ -81,10 +81,21 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def local_ray(s3_server):
-    """A local Ray with 2 CPUs, started after the S3 environment so its workers inherit it."""
+    """A local Ray with 2 CPUs, started after the S3 environment so its workers inherit it, and its own address
+    (as raylm's commands give theirs): inside it, Ray Train's placement-group cleaner never scans the machine, where
+    other test sessions' clusters may run. The test process's environment is left as it was."""
     import ray
+    from ray._private.services import get_node_ip_address
 
-    ray.init(num_cpus=2, logging_level=logging.WARNING, log_to_driver=False)  # with the dashboard, as users run it
+    port = free_port()
+    own = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}
+    before = {name: os.environ.get(name) for name in own}
+    os.environ.update(own)  # read by the cluster's processes as they start
+    try:  # with the dashboard, as users run it
+        ray.init(address="local", num_cpus=2, logging_level=logging.WARNING, log_to_driver=False)
+    finally:
+        for name, value in before.items():
+            os.environ.pop(name) if value is None else os.environ.update({name: value})
     yield ray
     ray.shutdown()
 

@@ -100,6 +100,9 @@ class RayConfig:
     resize_check_s: float = 60.0
     """Elastic training: how often a run below ray.num_workers looks for room to grow (a grow restarts the worker
     group from the last committed checkpoint)."""
+    start_timeout_s: float = 300.0
+    """How long the worker group may wait in all for room to start (or restart: a lost node's replacement, an
+    autoscaler's new node) before the run stops with one line naming what is missing and what holds it."""
 
     def __post_init__(self):
         if self.num_workers < 1:
@@ -112,6 +115,8 @@ class RayConfig:
             raise ConfigError(f"ray.resize_check_s must be >= 0, got {self.resize_check_s}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"ray.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.start_timeout_s <= 0:
+            raise ConfigError(f"ray.start_timeout_s must be > 0, got {self.start_timeout_s}")
 
 
 @dataclass(kw_only=True)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import posixpath
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from raylm import storage
 from raylm.errors import RaylmError
-from raylm.ray_session import init_ray
+from raylm.ray_session import init_ray, verbose
 from trainer.checkpoint import COMMITTED
 from raylm.config import from_dict, to_dict
 from raylm.ray_session import check_local_paths
@@ -39,7 +42,7 @@ def quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-class _DropUserErrorTraceback(logging.Filter):
+class DropUserErrorTraceback(logging.Filter):
     """Ray Train logs the traceback of any exception leaving the train function. A user mistake (a RaylmError) is
     printed by the driver as one `error:` line instead; its traceback would only bury that line."""
 
@@ -49,10 +52,23 @@ class _DropUserErrorTraceback(logging.Filter):
         return find_user_error(sys.exc_info()[1]) is None  # Ray logs from inside its `except` block
 
 
-def quiet_user_error_tracebacks() -> None:
-    from ray.train.v2._internal import util
+class _DropStartRetries(logging.Filter):
+    """Ray Train logs each start attempt that timed out with its traceback, then tries again; StartWatch tells how
+    the wait ended in one line."""
 
-    logging.getLogger(util.__name__).addFilter(_DropUserErrorTraceback())
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+        return not (record.exc_info and isinstance(record.exc_info[1], WorkerGroupStartupTimeoutError))
+
+
+def quiet_user_error_tracebacks() -> None:
+    """In a worker (Train's function runner) and in the controller (its callback runner, where StartWatch raises)."""
+    from ray.train.v2._internal import util
+    from ray.train.v2._internal.execution import callback_manager
+
+    for module in (util, callback_manager):
+        logging.getLogger(module.__name__).addFilter(DropUserErrorTraceback())
 
 
 def report_to_ray(metrics: dict, checkpoint: str | None) -> None:
@@ -83,7 +99,8 @@ def user_error_of(exc: BaseException) -> RaylmError | None:
     from raylm.errors import find_user_error
 
     failures = getattr(exc, "worker_failures", None) or getattr(getattr(exc, "__cause__", None), "worker_failures", None)
-    for failure in (failures or {}).values():
+    controller = getattr(exc, "controller_failure", None)  # e.g. StartWatch's WorkersNotStarted
+    for failure in [*(failures or {}).values(), *([controller] if controller else [])]:
         if (found := find_user_error(failure)) is not None:
             return found
     return find_user_error(exc)
@@ -133,6 +150,82 @@ def lost_worker(exc: BaseException) -> str | None:
     return None
 
 
+class WorkersNotStarted(RaylmError):
+    """A Train run's worker group found no room to start within ray.start_timeout_s."""
+
+
+START_ATTEMPT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Ray Train's timeout of one attempt to start the worker group (60 s by default); it retries a timed-out start for
+ever, whatever FailureConfig says."""
+
+
+def set_start_attempts(timeout_s: float) -> None:
+    """Ray Train's start attempts (as the environment sets them, or Ray's 60 s), shortened to divide `timeout_s`
+    evenly: StartWatch looks at the clock when an attempt fails, so the run stops at `timeout_s`, not up to an
+    attempt later. Ray passes the variable on from this driver to its controller."""
+    attempt = float(os.environ.get(START_ATTEMPT_ENV, 60))
+    os.environ[START_ATTEMPT_ENV] = f"{timeout_s / math.ceil(timeout_s / attempt):g}"
+
+
+def what_holds(per_worker: dict, workers: int) -> str:
+    """What a worker group of `workers` × `per_worker` finds no room for, as `ray status` tells it: each resource
+    short, the cluster's total and free amounts, and the placement groups that hold it, each with the job (driver
+    pid and command) that made it. Works in any Ray process: it asks the GCS, not the State API."""
+    import ray
+    from ray._private.state import jobs
+    from ray.util import placement_group_table
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    drivers = {job["JobID"]: f"pid {job['DriverPid']}: {' '.join(job['Entrypoint'].split())[:80]}"
+               for job in jobs() if not job["IsDead"]}
+    groups = [pg for pg in placement_group_table().values() if pg["state"] == "CREATED"]
+    lines = []
+    for name, amount in per_worker.items():
+        if amount * workers <= free.get(name, 0):
+            continue
+        holders = [f"{held:g} by placement group {pg['placement_group_id'][:8]} of job {job} "
+                   f"({drivers.get(job, 'its driver has ended')})"
+                   for pg in groups if (held := sum(b.get(name, 0) for b in pg["bundles"].values()))
+                   for job in [pg["placement_group_id"][-8:]]]  # a placement group's id ends in its job's
+        lines.append(f"{amount * workers:g} {name} wanted, the cluster has {total.get(name, 0):g}, "
+                     f"{free.get(name, 0):g} free" + (f", held {'; '.join(holders)}" if holders else ""))
+    return "; ".join(lines) or "the cluster has room again now"
+
+
+def start_watch(timeout_s: float, *, per_worker: dict, workers: int):
+    """A Ray Train controller callback that ends the run with one line (WorkersNotStarted: what is missing, who
+    holds it) once its worker group has waited `timeout_s` in all for room to start or restart, rather than let
+    Ray retry for ever. Checked as a start attempt fails (`set_start_attempts`)."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+    from ray.train.v2._internal.execution.controller.state import RunningState
+
+    class StartWatch(ControllerCallback):
+        waiting_since: float | None = None
+
+        def after_controller_start(self, train_run_context) -> None:
+            from ray.train.v2._internal.execution.controller import controller
+
+            quiet_user_error_tracebacks()  # the one line is the story, not its traceback in the controller's log
+            if not verbose():
+                logging.getLogger(controller.__name__).addFilter(_DropStartRetries())
+
+        def after_controller_state_update(self, previous_state, current_state) -> None:
+            if isinstance(current_state, RunningState):
+                self.waiting_since = None
+            elif self.waiting_since is None:
+                self.waiting_since = time.monotonic()
+
+        def before_controller_execute_failure_decision(self, failure_decision) -> None:
+            if self.waiting_since is not None and time.monotonic() - self.waiting_since >= timeout_s:
+                each = ", ".join(f"{amount:g} {name}" for name, amount in per_worker.items())
+                raise WorkersNotStarted(
+                    f"the run's {workers} workers ({each} each) found no room to start in {timeout_s:g} s: "
+                    f"{what_holds(per_worker, workers)}; lower --ray.num_workers or --ray.cpus_per_worker, free "
+                    "the cluster, or raise --ray.start_timeout_s")
+
+    return StartWatch()
+
+
 def launch(job: JobConfig, *, callbacks: list | None = None):
     """Train with Ray Train on `job.ray.num_workers` workers; returns Ray's Result.
 
@@ -150,6 +243,10 @@ def launch(job: JobConfig, *, callbacks: list | None = None):
         return fit(job, lease=lease.token, driver_node=context.get_node_id(), callbacks=callbacks)
 
 
+def worker_resources(use_gpu: bool, cpus_per_worker: float) -> dict:
+    return {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+
+
 def torch_trainer(worker, config: dict, *, workers: int | tuple[int, int], use_gpu: bool, cpus_per_worker: float,
                   scaling: dict | None = None, **run):
     """A TorchTrainer of `worker` on `workers` workers (a (min, max) range: elastic), quiet as raylm's commands are;
@@ -157,7 +254,7 @@ def torch_trainer(worker, config: dict, *, workers: int | tuple[int, int], use_g
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources = worker_resources(use_gpu, cpus_per_worker)
     return TorchTrainer(
         worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
@@ -189,13 +286,17 @@ def fit(job: JobConfig, *, lease: str, driver_node: str, callbacks: list | None)
     from ray.train import FailureConfig
 
     fs, path = storage.filesystem(job.run.dir)
+    cfg = job.ray
+    set_start_attempts(cfg.start_timeout_s)
+    watch = start_watch(cfg.start_timeout_s, per_worker=worker_resources(cfg.use_gpu, cfg.cpus_per_worker),
+                        workers=cfg.min_workers or cfg.num_workers)
     trainer = torch_trainer(
         train_worker, {"job": to_dict(job), "lease": lease, "driver_node": driver_node},
-        workers=(job.ray.min_workers, job.ray.num_workers) if job.ray.min_workers else job.ray.num_workers,
-        use_gpu=job.ray.use_gpu, cpus_per_worker=job.ray.cpus_per_worker,
-        scaling={"elastic_resize_monitor_interval_s": job.ray.resize_check_s},
+        workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,
+        use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
+        scaling={"elastic_resize_monitor_interval_s": cfg.resize_check_s},
         name=posixpath.basename(path), storage_path=posixpath.dirname(path), storage_filesystem=fs,
-        failure_config=FailureConfig(max_failures=job.ray.max_failures), callbacks=callbacks)
+        failure_config=FailureConfig(max_failures=cfg.max_failures), callbacks=[*(callbacks or []), watch])
     forget_pruned_checkpoints(job.run.dir)
     try:
         return fit_raising_user_errors(trainer)

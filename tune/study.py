@@ -20,7 +20,7 @@ from ray.tune import Callback
 
 from dataprep import open_dataset
 from raylm import storage
-from raylm.errors import ConfigError
+from raylm.errors import ConfigError, find_user_error
 from raylm.ray_session import check_local_paths, init_ray, verbose
 from raylm.config import dump_toml, from_dict, to_dict
 from trainer.data import check_fits
@@ -96,7 +96,21 @@ class StudyProgress(Callback):
               f"{last.get('val_loss', math.nan):.4f}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"trial {trial}: failed; its logs are under {trial.path}", flush=True)
+        user_error = trial_user_error(trial)  # e.g. workers that found no room to start
+        why = f": {user_error}" if user_error else f"; its logs are under {trial.path}"
+        print(f"trial {trial}: failed{why}", flush=True)
+
+
+def trial_user_error(trial):
+    """The RaylmError a failed trial raised, if any, from the error Tune has just pickled on this machine (the copy
+    in the study's storage comes later)."""
+    import cloudpickle
+
+    path = trial.pickled_error_file
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return find_user_error(cloudpickle.load(f))
 
 
 def study_path(tune: TuneConfig) -> tuple:
@@ -276,6 +290,12 @@ def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
             raise ConfigError(f"--tune.batch {batch}: {exc}") from None
     mark = job.tune.mark_tokens(dataset.seq_len)  # refuses a budget too small for every batch size, before Ray starts
     init_ray(log_to_driver=verbose())  # trials' lines would interleave; the study prints a line per trial
+    if not verbose():  # a trial's user error is its one line (StudyProgress), not Tune's traceback of it
+        from ray.tune.execution import tune_controller
+
+        from trainer.ray_launch import DropUserErrorTraceback
+
+        logging.getLogger(tune_controller.__name__).addFilter(DropUserErrorTraceback())
     check_local_paths(where, shared_fs=job.storage.shared_fs)
     require_state_api()
     tuner = build_tuner(job, seq_len=dataset.seq_len, vocab_size=dataset.vocab_size)
