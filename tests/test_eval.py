@@ -131,10 +131,10 @@ def trained(tokenizer, tmp_path_factory):
     return str(run), task, held, data
 
 
-def test_a_task_is_tokenized_once_and_ships_smaller_than_its_file(trained, tokenizer, monkeypatch):
+def test_a_task_is_tokenized_once_and_ships_smaller_than_its_file(trained, tokenizer, monkeypatch, tmp_path):
     """The driver's check tokenizes each task and the workers score what it shipped (here the --no-ray process,
-    whose one load_task is the check's); the shipped form rebuilds every choice's ids exactly, in fewer bytes than
-    the task's own file (and than the ids themselves)."""
+    whose one load_task is the check's), in trainer.eval and in a training run's [eval]; the shipped form rebuilds
+    every choice's ids exactly, in fewer bytes than the task's own file (and than the ids themselves)."""
     import os
     import pickle
 
@@ -158,6 +158,13 @@ def test_a_task_is_tokenized_once_and_ships_smaller_than_its_file(trained, token
     monkeypatch.setattr(evaluation, "load_task", lambda *a, **k: calls.append(a[0]) or load_task(*a, **k))
     code, _, err = run_captured(evaluate, ["--no-ray", "--checkpoint", run, "--tasks", path])
     assert code == 0 and "likes" in _, err
+    assert calls == [path]
+    from trainer.__main__ import main as train
+
+    calls.clear()
+    code, _, err = run_captured(train, ["--no-ray", *TINY, "--data.path", trained[3], "--run.dir", tmp_path / "run",
+                                        "--train.steps=2", "--eval.tasks", path, "--checkpoint.every=0"])
+    assert code == 0, err
     assert calls == [path]
 
 

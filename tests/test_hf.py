@@ -336,7 +336,7 @@ def test_init_from_hf_refusals_are_one_line_before_any_worker(tmp_path, sp_model
                                                                  f"--checkpoint.resume_from={small} ")
     assert not (tmp_path / "run").exists()
     job = load_config(JobConfig, "configs/tiny.toml", ["--data.path", dataset, f"--init.from_hf={padded}"])
-    assert check_before_launch(job, max_world=1) == 0
+    assert check_before_launch(job, max_world=1) == (0, [])
     assert (job.model.vocab_size, job.model.ffn_hidden, job.model.max_seq_len) == (384, 128, 64)
 
 

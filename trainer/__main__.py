@@ -22,26 +22,27 @@ from trainer.train import resolve_model
 FLAGS = {"--no-ray": "run the loop in this process (or under torchrun) instead of Ray Train"}
 
 
-def check_before_launch(job: JobConfig, *, max_world: int) -> int:
+def check_before_launch(job: JobConfig, *, max_world: int) -> tuple[int, list]:
     """Catch user mistakes on the driver, before workers start: dataset present and big enough for a step, every
     world size the run may have (an elastic run's too) at most the batch, init.from_hf's config.json readable and
     its vocabulary big enough for the dataset's tokenizer, [eval]'s datasets and tasks usable with the model's
     tokenizer and context, and RUN_DIR's checkpoints (if any) of this very model, dataset and data order. Returns
-    the step the run would continue from (0 for a new run)."""
+    the step the run would continue from (0 for a new run) and [eval]'s tasks as tokenized for that check, which
+    the ranks score as they are."""
     for path in paths(job).values():
         storage.check_bucket(path)
     dataset = open_dataset(job.data.path)
     check_fits(dataset, global_batch=job.train.global_batch, world=max_world)
     resolve_model(job, dataset)
-    check_evaluation(job.eval, tokenizer=dataset.tokenizer(), max_len=job.model.max_seq_len)
+    tasks = check_evaluation(job.eval, tokenizer=dataset.tokenizer(), max_len=job.model.max_seq_len)
     newest = checkpoint.latest_committed(job.run.dir)
     if newest is None:
-        return 0
+        return 0, tasks
     state = checkpoint.read_train_state(newest)
     identity = checkpoint.run_identity(job.model, dataset, data_seed=job.data.seed,
                                        global_batch=job.train.global_batch)
     checkpoint.check_continues(state, identity, newest, own=True)
-    return state["step"]
+    return state["step"], tasks
 
 
 def how_to_continue(job: JobConfig) -> str:
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> int:
     configure_logging("trainer")
     make_paths_absolute(job)
     no_ray = "--no-ray" in flags
-    start = check_before_launch(job, max_world=int(os.environ.get("WORLD_SIZE", 1)) if no_ray else job.ray.num_workers)
+    start, tasks = check_before_launch(job, max_world=int(os.environ.get("WORLD_SIZE", 1)) if no_ray else job.ray.num_workers)
     if start >= job.train.steps:
         if os.environ.get("RANK", "0") == "0":
             print(f"{job.run.dir} already finished: its newest checkpoint is at step {start} and train.steps="
@@ -64,11 +65,11 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         if no_ray:
-            summary = run_here(job)
+            summary = run_here(job, tasks)
         else:
             from trainer.ray_launch import launch
 
-            summary = launch(job).return_value
+            summary = launch(job, tasks=tasks).return_value
     except KeyboardInterrupt:
         raise KeyboardInterrupt(how_to_continue(job)) from None
     if os.environ.get("RANK", "0") == "0":
@@ -76,16 +77,17 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def run_here(job: JobConfig) -> dict:
-    """The loop in this process, one rank of a torchrun job or alone; rank 0 holds the run directory's lease."""
+def run_here(job: JobConfig, tasks: list) -> dict:
+    """The loop in this process, one rank of a torchrun job or alone; rank 0 holds the run directory's lease.
+    `tasks`: [eval]'s, as this process tokenized them for its checks."""
     from trainer.lease import held
     from trainer.train import run
 
     if os.environ.get("RANK", "0") != "0":
-        return run(job)
+        return run(job, tasks=tasks)
     with held(job.run.dir, job=f"torchrun {os.environ.get('TORCHELASTIC_RUN_ID', 'local')}",
               seconds=job.run.lease_s) as lease:
-        return run(job, lease=lease.token)
+        return run(job, lease=lease.token, tasks=tasks)
 
 
 def print_summary(job: JobConfig, summary: dict) -> None:

@@ -3,8 +3,8 @@
 
 Every input is checked on the driver before workers start: each dataset must be tokenized with the model's tokenizer,
 in the model's document format (BOS or not), and have val rows that fit the model's context; each task must parse and
-fit the context. `python -m trainer.eval` ships the tasks its driver tokenized for that check to the workers, which
-score them as they are (the training loop's ranks still tokenize [eval]'s tasks once each, at start).
+fit the context. The tasks the driver tokenized for that check (`python -m trainer.eval`'s, the trainer's, a Tune
+study's) are shipped to the workers, which score them as they are: a task file is tokenized once per command.
 """
 
 from __future__ import annotations

@@ -91,7 +91,10 @@ def train_worker(config: dict) -> dict:
     quiet_user_error_tracebacks()
     job = from_dict(JobConfig, config["job"])
     check_local_paths(paths(job), shared_fs=job.storage.shared_fs, where=config["driver_node"])
-    return run(job, report=report_to_ray, lease=config["lease"])
+    import ray
+
+    tasks = None if config.get("tasks") is None else ray.get(config["tasks"])
+    return run(job, report=report_to_ray, lease=config["lease"], tasks=tasks)
 
 
 def user_error_of(exc: BaseException) -> RaylmError | None:
@@ -226,8 +229,9 @@ def start_watch(timeout_s: float, *, per_worker: dict, workers: int):
     return StartWatch()
 
 
-def launch(job: JobConfig, *, callbacks: list | None = None):
-    """Train with Ray Train on `job.ray.num_workers` workers; returns Ray's Result.
+def launch(job: JobConfig, *, callbacks: list | None = None, tasks: list | None = None):
+    """Train with Ray Train on `job.ray.num_workers` workers; returns Ray's Result. `tasks`: [eval]'s tasks as the
+    caller tokenized them, put in the object store once for every worker (None: each worker tokenizes them).
 
     Ray's controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and a report waits
     until the previous one was polled: log steps closer together than that block the loop (lower it, as the tests
@@ -240,7 +244,8 @@ def launch(job: JobConfig, *, callbacks: list | None = None):
     check_local_paths(paths(job), shared_fs=job.storage.shared_fs)
     context = ray.get_runtime_context()
     with held(job.run.dir, job=f"ray job {context.get_job_id()}", seconds=job.run.lease_s) as lease:
-        return fit(job, lease=lease.token, driver_node=context.get_node_id(), callbacks=callbacks)
+        return fit(job, lease=lease.token, driver_node=context.get_node_id(), callbacks=callbacks,
+                   tasks=None if tasks is None else ray.put(tasks))
 
 
 def worker_resources(use_gpu: bool, cpus_per_worker: float) -> dict:
@@ -281,7 +286,7 @@ def fit_raising_user_errors(trainer):
         raise
 
 
-def fit(job: JobConfig, *, lease: str, driver_node: str, callbacks: list | None):
+def fit(job: JobConfig, *, lease: str, driver_node: str, callbacks: list | None, tasks=None):
     """TorchTrainer.fit of the job, its failure turned into one line when it is a user's to fix."""
     from ray.train import FailureConfig
 
@@ -291,7 +296,7 @@ def fit(job: JobConfig, *, lease: str, driver_node: str, callbacks: list | None)
     watch = start_watch(cfg.start_timeout_s, per_worker=worker_resources(cfg.use_gpu, cfg.cpus_per_worker),
                         workers=cfg.min_workers or cfg.num_workers)
     trainer = torch_trainer(
-        train_worker, {"job": to_dict(job), "lease": lease, "driver_node": driver_node},
+        train_worker, {"job": to_dict(job), "lease": lease, "driver_node": driver_node, "tasks": tasks},
         workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,
         use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
         scaling={"elastic_resize_monitor_interval_s": cfg.resize_check_s},

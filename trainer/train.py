@@ -203,7 +203,7 @@ class Trainer:
     since the last report, on rank 0 only."""
 
     def __init__(self, job: JobConfig, *, report: Callable[[dict, str | None], None] | None = None,
-                 lease: str | None = None):
+                 lease: str | None = None, tasks: list | None = None):
         self.job, self.report = job, report
         self.d = init_distributed(job.train.device)
         check_kernel(job, self.d.device.type)
@@ -225,7 +225,7 @@ class Trainer:
                             world=self.d.world, keep=True) if job.train.eval_rows and len(self.dataset.val) else None
         self.evaluation = open_evaluation(job.eval, tokenizer=tokenizer, max_len=job.model.max_seq_len,
                                           micro_batch=job.train.micro_batch, rank=self.d.rank, world=self.d.world,
-                                          keep=True)
+                                          keep=True, tasks=tasks)
         self.tokens_per_step = self.plan.global_batch * self.dataset.seq_len
         self.flops_per_token = job.model.flops_per_token(self.dataset.seq_len)
         self.peak_flops = self._mean_over_ranks(device_peak_flops(self.d.device))
@@ -462,10 +462,12 @@ def write_run_files(job: JobConfig, dataset) -> None:
         storage.write_bytes(storage.join(job.run.dir, name), storage.read_bytes(storage.join(dataset.directory, name)))
 
 
-def run(job: JobConfig, *, report: Callable[[dict, str | None], None] | None = None, lease: str | None = None) -> dict:
+def run(job: JobConfig, *, report: Callable[[dict, str | None], None] | None = None, lease: str | None = None,
+        tasks: list | None = None) -> dict:
     """Train as configured; called on every rank. Returns {"history": metrics of every log step, "sample": text}.
-    `lease`: the token of the job's lease on RUN_DIR, checked before each commit."""
-    trainer = Trainer(job, report=report, lease=lease)
+    `lease`: the token of the job's lease on RUN_DIR, checked before each commit; `tasks`: [eval]'s tasks as the
+    driver tokenized them (None: each rank tokenizes them)."""
+    trainer = Trainer(job, report=report, lease=lease, tasks=tasks)
     try:
         if trainer.d.rank == 0:
             write_run_files(job, trainer.dataset)

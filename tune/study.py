@@ -69,7 +69,7 @@ def run_trial(config: dict, study: dict) -> None:
 
     job = trial_job(config, study, storage.join(study["trials_dir"], ray.tune.get_context().get_trial_name()))
     try:
-        launch(job, callbacks=[TuneReportCallback()])
+        launch(job, callbacks=[TuneReportCallback()], tasks=study["tasks"])
     except TrainingDiverged as exc:
         tokens = job.train.steps * job.train.global_batch * study["seq_len"]
         ray.tune.report({"tokens": tokens, "val_loss": math.inf, "diverged": True, "reason": str(exc)})
@@ -118,15 +118,16 @@ def study_path(tune: TuneConfig) -> tuple:
     return fs, path, posixpath.join(path, STUDY)
 
 
-def build_tuner(job: TuneJobConfig, *, seq_len: int, vocab_size: int):
-    """A new Tuner, or the restored one of an interrupted study (`tune.resume`)."""
+def build_tuner(job: TuneJobConfig, *, seq_len: int, vocab_size: int, tasks: list):
+    """A new Tuner, or the restored one of an interrupted study (`tune.resume`). `tasks`: [eval]'s tasks as the
+    study tokenized them, shipped to every trial with its parameters."""
     from ray import tune as raytune
     from ray.tune.schedulers import ASHAScheduler
 
     cfg = job.tune
     fs, path, study = study_path(cfg)
     study_spec = {"job": to_dict(job), "tune": dataclasses.asdict(cfg), "seq_len": seq_len, "vocab_size": vocab_size,
-                  "trials_dir": storage.join(cfg.dir, "trials")}  # a parameter, not in the search space Tune prints
+                  "trials_dir": storage.join(cfg.dir, "trials"), "tasks": tasks}  # parameters, not the search space
     trainable = raytune.with_resources(raytune.with_parameters(run_trial, study=study_spec), TRIAL_DRIVER)
     exists = raytune.Tuner.can_restore(study, storage_filesystem=fs)
     if cfg.resume:
@@ -282,7 +283,8 @@ def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
     for path in where.values():
         storage.check_bucket(path)
     dataset = open_dataset(job.data.path)
-    check_evaluation(job.eval, tokenizer=dataset.tokenizer(), max_len=max(job.model.max_seq_len, dataset.seq_len))
+    tasks = check_evaluation(job.eval, tokenizer=dataset.tokenizer(), max_len=max(job.model.max_seq_len,
+                                                                                     dataset.seq_len))
     for batch in job.tune.batch:  # checked here, as the trainer checks at launch, not trial by trial in the workers
         try:
             check_fits(dataset, global_batch=batch, world=job.ray.num_workers, needs_val=True)
@@ -298,7 +300,7 @@ def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
         logging.getLogger(tune_controller.__name__).addFilter(DropUserErrorTraceback())
     check_local_paths(where, shared_fs=job.storage.shared_fs)
     require_state_api()
-    tuner = build_tuner(job, seq_len=dataset.seq_len, vocab_size=dataset.vocab_size)
+    tuner = build_tuner(job, seq_len=dataset.seq_len, vocab_size=dataset.vocab_size, tasks=tasks)
     proxy = f" at proxy width {job.tune.proxy_dim}" if job.tune.proxy_dim else ""
     print(f"study in {job.tune.dir}: {mark * job.tune.marks:,} training tokens a trial{proxy}, validated every "
           f"{mark:,}; each trial's curves: tensorboard --logdir {storage.join(job.tune.dir, 'trials')}", flush=True)
