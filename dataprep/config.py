@@ -90,7 +90,8 @@ class PackConfig:
     """Largest shard file a unit writes (a unit's rows go to one or more shards)."""
     overlong: str = "truncate"
     """Chat: an example longer than seq_len + 1 tokens is cut to that length ('truncate') or left out ('drop');
-    either way it is counted in the manifest."""
+    either way it is counted in the manifest. One whose prompt leaves no room in a row for a reply token is left out
+    either way (counted as `no_reply`)."""
     bos: str = "auto"
     """Put the tokenizer's BOS at the start of each document (text), or of each conversation whose chat template
     does not render it already: 'auto' does when the model expects it (a Hugging Face tokenizer that adds its BOS,

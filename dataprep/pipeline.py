@@ -54,6 +54,8 @@ DEMO_SOURCE = "stdlib"
 LOCAL_NODE = "local"
 """What the summary calls the node of units packed with `workers.local`."""
 WILDCARD = re.compile(r"[*?\[]")
+CHAT_NO_REPLY = "dropped"
+"""What becomes of a conversation with no reply token within a row (ExamplePacker's `no_reply`): it is left out."""
 LEASE_S = 60.0
 """One run per output: the run renews its lease on the output every LEASE_S / 4; one not renewed for LEASE_S is
 presumed dead and taken over by the next run."""
@@ -142,13 +144,17 @@ def run_settings(cfg: DataprepConfig, files: list[FileEntry], given_tokenizer: T
     """The settings stamp of a run: options, the tokenizer given (by content) and the exact source files. With
     several sources, also their names and each file's source (shards then hold one source each, so such a dataset
     made before sources were recorded is never resumed); with one, the stamp datasets always had. `bos` only when
-    documents start with BOS: a dataset made before the choice existed had none, and keeps its stamp."""
+    documents start with BOS: a dataset made before the choice existed had none, and keeps its stamp. Chat data
+    names its rule for conversations whose prompt fills a row (CHAT_NO_REPLY): a chat dataset or unfinished run made
+    before that rule wrote such rows, so its units are never mixed with this run's."""
     given = {"tokenizer_sha256": given_tokenizer.sha256} if given_tokenizer else {}
     several = len(names) > 1
     listed = [[f.path, f.size, f.source] if several else [f.path, f.size] for f in files]
     sources = hashlib.sha256(json.dumps(listed).encode()).hexdigest()
     bos = {"bos": True} if starts_with_bos(cfg.pack.bos, given_tokenizer) else {}
-    return {**cfg.settings(), **given, **bos, **({"sources": names} if several else {}), "sources_sha256": sources}
+    chat = {"no_reply": CHAT_NO_REPLY} if cfg.input.format == "chat" else {}
+    return {**cfg.settings(), **given, **bos, **chat, **({"sources": names} if several else {}),
+            "sources_sha256": sources}
 
 
 def starts_with_bos(choice: str, given: Tokenizer | None) -> bool:
@@ -374,6 +380,9 @@ def pack_in_ray_data(units: list[Unit], job: UnitJob, cfg: DataprepConfig, resul
 
 def check_not_empty(stats: list[dict], cfg: DataprepConfig) -> None:
     if sum(st["splits"][s]["documents"] for st in stats for s in SPLITS) == 0:
+        if sum(st["splits"][s].get("no_reply", 0) for st in stats for s in SPLITS):
+            raise DataError(f"no conversation in {' '.join(cfg.input.paths)} has a reply token within a row of "
+                            f"--seq-len {cfg.pack.seq_len} + 1 (their prompts fill the row); raise --seq-len")
         raise DataError(f"the corpus in {' '.join(cfg.input.paths)} has no documents (all files empty or skipped)")
     split = "val" if cfg.pack.val_fraction == 1 else "train"  # a held-out set for evaluation: val only
     if sum(st["splits"][split]["rows"] for st in stats) == 0:
@@ -457,7 +466,8 @@ def print_summary(result: RunResult, n_files: int, output: str) -> None:
             print(f"  {name:5s}: {s['documents']:,} conversations, {s['rows']:,} rows of {m['seq_len'] + 1} "
                   f"positions in {len(s['shards'])} shards ({size:.1f} MB), {s['loss_tokens']:,} of "
                   f"{s['tokens']:,} tokens carry loss, {s['padding_tokens']:,} padding; longer than a row: "
-                  f"{s['truncated']:,} truncated, {s['dropped']:,} dropped ({m['chat']['overlong']})")
+                  f"{s['truncated']:,} truncated, {s['dropped']:,} dropped ({m['chat']['overlong']}); "
+                  f"{s['no_reply']:,} dropped: no room for a reply")
             continue
         print(f"  {name:5s}: {s['documents']:,} docs, {s['rows']:,} rows x {row_len} tokens in {len(s['shards'])} "
               f"shards ({size:.1f} MB), {s['dropped_tokens']:,} tail tokens dropped")

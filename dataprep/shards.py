@@ -213,14 +213,16 @@ PLANES = ("tokens", "example", "loss")
 class ExamplePacker:
     """One split's rows of one unit for chat data: whole examples placed one after another in a row, never split
     across rows (a row that cannot take the next example is padded and closed). An example longer than a row is
-    cut to its first `positions` tokens or dropped (`overlong`), and counted. Rows are the PLANES side by side."""
+    cut to its first `positions` tokens or dropped (`overlong`), and counted. An example with no target carrying loss
+    in its first `positions` tokens (a prompt that fills the row) is dropped and counted as `no_reply` whatever
+    `overlong` says: a row of it would be trained on for nothing. Rows are the PLANES side by side."""
 
     def __init__(self, out_dir: str, stem: str, positions: int, rows_per_shard: int, dtype: np.dtype, *,
                  pad_id: int, overlong: str):
         self.positions, self.pad_id, self.overlong = positions, pad_id, overlong
         self.sink = RowSink(out_dir, stem, len(PLANES) * positions, rows_per_shard, dtype)
         self.counts = dict.fromkeys(("documents", "tokens", "loss_tokens", "padding_tokens", "truncated", "dropped",
-                                     "dropped_tokens"), 0)
+                                     "no_reply", "dropped_tokens"), 0)
         self._row = self._empty_row()
         self._fill = self._examples = 0
         self._rows: list[np.ndarray] = []
@@ -231,6 +233,10 @@ class ExamplePacker:
         return row
 
     def add(self, tokens: list[int], loss: list[bool]) -> None:
+        if not any(loss[1:self.positions]):  # an example's first token is no target (see below)
+            self.counts["no_reply"] += 1
+            self.counts["dropped_tokens"] += len(tokens)
+            return
         if len(tokens) > self.positions:
             if self.overlong == "drop":
                 self.counts["dropped"] += 1
