@@ -123,6 +123,10 @@ if ! "$py" -m dataprep --output "$data" "${prep[@]}" ${local_prep[@]+"${local_pr
     exit 1
 fi
 note "dataset ready in $(took $((SECONDS - start)))"
+# One peak for every MFU of this run (a GPU's datasheet figure; on CPU the whole machine's matmul peak), so the same
+# tokens/s give the same MFU under torchrun and Ray Train whatever threads each worker has
+peak_flops=$("$py" -m benchmarks.gpu_report --measure-peak "$( ((smoke)) && echo cpu || echo cuda)")
+note "MFU divides by ${peak_flops} FLOP/s per worker, the same for every line (benchmarks/gpu_report.py)"
 
 trainer_cmd() {  # trainer_cmd LAUNCHER: the command line that starts the trainer (into the array `cmd`)
     case $1 in
@@ -146,7 +150,7 @@ bench() {  # bench CONFIG LAUNCHER [DATASET LABEL OVERRIDE...]: one run, then it
         return 1
     fi
     note "$name $label: $(took $((SECONDS - t0)))"
-    "$py" -m benchmarks.gpu_report "$run" --preset "$name" --launcher "$label" ||
+    "$py" -m benchmarks.gpu_report "$run" --preset "$name" --launcher "$label" --peak-flops "$peak_flops" ||
         fail "$name" "$label" "no figures from $run/metrics.jsonl (gpu_report's error above)"
 }
 
@@ -173,19 +177,22 @@ done
 check flex --device "$flex_device"
 
 # Chat fine-tuning: conversations cut from the same corpus (a chunk of a file, then the next chunk as the reply),
-# tokenized with the dataset's tokenizer and raylm's chat template, packed whole into rows with a loss mask.
+# tokenized with the dataset's tokenizer and raylm's chat template, packed whole into rows with a loss mask. Chunks
+# in characters scaled to the row (--smoke: seq 64 holds ~150 characters), so prompts leave room for their replies
+# (dataprep drops a conversation whose prompt fills the row).
 chats="$out/chats" chat_data="$out/chat-seq$seq_len"
 mkdir -p "$chats"
-"$py" - "$chats/chats.jsonl" "$last" <<'PY'
+"$py" - "$chats/chats.jsonl" "$last" "$seq_len" <<'PY'
 import glob, json, os, random, sys, sysconfig
 files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:400 if sys.argv[2] != "tiny" else 40]
+scale = min(1.0, int(sys.argv[3]) / 2048)
 rng = random.Random(0)
 with open(sys.argv[1], "w") as out:
     for path in files:
         text = open(path, encoding="utf-8", errors="replace").read()
         for start in range(0, max(len(text) - 400, 0), 3000):
-            cut = start + rng.randint(100, 1500)
-            prompt, reply = text[start:cut], text[cut:cut + rng.randint(50, 1200)]
+            cut = start + rng.randint(max(20, int(100 * scale)), max(60, int(1500 * scale)))
+            prompt, reply = text[start:cut], text[cut:cut + rng.randint(max(10, int(50 * scale)), max(40, int(1200 * scale)))]
             if "<|" not in prompt + reply:
                 out.write(json.dumps({"prompt": prompt, "response": reply}) + "\n")
 PY

@@ -6,8 +6,10 @@
   2. raylm's loop on 2 ranks under `torchrun` (FSDP2 over gloo, one thread per rank);
   3. the same loop under Ray Train with 2 CPU workers (`python -m trainer`).
 Each figure drops the first log window (warm-up). Targets: Ray Train step time ≤ 1.05 × torchrun's; data wait
-< 1 % of the step; 2-worker FSDP2 MFU ≥ 55 % of the matmul peak each worker measures at start.
-MFU = tokens/s × FLOPs per token ÷ (workers × per-worker peak); FLOPs per token = 6·N + 12·L·H·head_dim·T.
+< 1 % of the step; 2-worker FSDP2 MFU ≥ 55 % of the machine's matmul peak.
+MFU = tokens/s × FLOPs per token ÷ the machine's fp32 matmul peak (all threads, `cpu_peak_flops`), one peak for the
+three rows, so equal tokens/s are equal MFU (each run's own MFU divides by its workers' threads' peak, measured
+apart); FLOPs per token = 6·N + 12·L·H·head_dim·T.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from dataprep import open_dataset
 from trainer.data import BatchPlan, StepLoader
-from trainer.metrics import measure_matmul_flops, read_metrics
+from trainer.metrics import cpu_peak_flops, read_metrics
 from trainer.model import ModelConfig, Transformer
 from trainer.optim import OptimConfig, build_optimizer
 from trainer.loss import lm_loss
@@ -51,7 +53,6 @@ def plain_loop(steps: int, skip: int) -> dict:
     optimizer = build_optimizer(model, optim=OptimConfig(lr=1e-3), width_mult=1.0)
     loader = StepLoader(ds.train, plan=BatchPlan(global_batch=GLOBAL_BATCH, micro_batch=GLOBAL_BATCH, world=1),
                         rank=0, seed=0)
-    peak = measure_matmul_flops()
     times = []
     for step in range(steps):
         t0 = time.perf_counter()
@@ -64,8 +65,8 @@ def plain_loop(steps: int, skip: int) -> dict:
     loader.close()
     step_time = statistics.mean(times[skip:])
     tokens_per_s = GLOBAL_BATCH * ds.seq_len / step_time
-    return {"step_time_s": step_time, "mfu": tokens_per_s * cfg.flops_per_token(ds.seq_len) / peak,
-            "tokens_per_s": tokens_per_s, "params": cfg.num_params()}
+    return {"step_time_s": step_time, "tokens_per_s": tokens_per_s, "params": cfg.num_params(),
+            "flops_per_token": cfg.flops_per_token(ds.seq_len)}
 
 
 def raylm_run(launcher: list[str], run_dir: str, steps: int, log_every: int) -> dict:
@@ -78,7 +79,7 @@ def raylm_run(launcher: list[str], run_dir: str, steps: int, log_every: int) -> 
     proc = subprocess.run([*launcher, *args], check=True, capture_output=True, text=True, env=env)
     windows = [m for m in read_metrics(run_dir) if "loss" in m][1:]
     out = {key: statistics.mean(m[key] for m in windows)
-           for key in ("step_time_s", "data_wait_share", "mfu", "tokens_per_s")}
+           for key in ("step_time_s", "data_wait_share", "tokens_per_s")}
     return out | {"setup": re.search(r"\d+ workers x \d+ micro-batches of <= \d+.*\(\d+ threads\)", proc.stderr)[0]}
 
 
@@ -89,6 +90,7 @@ def main() -> None:
     args = ap.parse_args()
     prepare_dataset()
     torch.set_num_threads(os.cpu_count())
+    peak = cpu_peak_flops()
     plain = plain_loop(args.steps, skip=args.log_every)
     print(f"model {plain['params'] / 1e6:.1f}M params, seq 512, global batch {GLOBAL_BATCH}, {args.steps} steps "
           f"(first {args.log_every} dropped), {os.cpu_count()} cores", flush=True)
@@ -99,6 +101,9 @@ def main() -> None:
         ray = raylm_run([sys.executable, "-m", "trainer"], os.path.join(tmp, "ray"), args.steps, args.log_every)
     rows = [("plain fp32 loop, 1 process", plain), ("raylm FSDP2, torchrun x2", torchrun),
             ("raylm FSDP2, Ray Train x2", ray)]
+    for r in (plain, torchrun, ray):
+        r["mfu"] = r["tokens_per_s"] * plain["flops_per_token"] / peak
+    print(f"MFU against {peak / 1e9:.0f} GFLOP/s ({os.cpu_count()} threads' fp32 matmul peak) for every row")
     print(f"{'':30s} {'step s':>8s} {'tok/s':>8s} {'MFU':>7s} {'data wait':>10s}")
     for name, r in rows:
         wait = f"{100 * r['data_wait_share']:.2f}%" if "data_wait_share" in r else "-"

@@ -1,7 +1,9 @@
 """Where a log step's metrics go: one stdout line, metrics.jsonl, TensorBoard, Ray Train, Ray's Prometheus gauges.
 
-Also the hardware peak that MFU divides by: a table for known GPUs; on CPU, the dense fp32 matmul FLOP/s of this
-very process, measured once at start (so MFU is against what this machine can actually do).
+Also the hardware peak that MFU divides by: a table for known GPUs; on CPU, the best dense fp32 matmul FLOP/s ever
+measured on this machine at this thread count (`cpu_peak_flops`): each run measures for a second at start and keeps
+the best in a per-machine cache, so a run that starts while the machine is busy does not lower the peak, and runs of
+the same job report the same MFU for the same tokens/s.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ class NoTensorBoard:
 
 
 def measure_matmul_flops(n: int = 2048, seconds: float = 1.0) -> float:
-    """Dense fp32 n×n matmul FLOP/s on this process's threads: the CPU 'peak' for MFU. The fastest single matmul
-    counts, not the mean: anything else running (another rank's start-up, the OS) only slows some of them."""
+    """Dense fp32 n×n matmul FLOP/s on this process's threads, one measurement (`cpu_peak_flops` keeps the best).
+    The fastest single matmul counts, not the mean: anything else running (another rank's start-up, the OS) only
+    slows some of them; but on a machine busy for the whole second, all of them."""
     a, b = torch.randn(n, n, device="cpu"), torch.randn(n, n, device="cpu")
     a @ b  # warm-up
     best, start = float("inf"), time.perf_counter()
@@ -64,6 +67,56 @@ def measure_matmul_flops(n: int = 2048, seconds: float = 1.0) -> float:
     return 2 * n**3 / best
 
 
+def peak_cache_path() -> str:
+    """The per-machine cache of CPU peaks: $RAYLM_CACHE_DIR, else $XDG_CACHE_HOME/raylm, else ~/.cache/raylm. Delete
+    it to measure afresh (the machine's image or settings changed)."""
+    root = os.environ.get("RAYLM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "raylm")
+    return os.path.join(root, "cpu_peak_flops.json")
+
+
+def cpu_key() -> str:
+    """What a CPU peak is a peak of: the processor, the threads the matmul may use, and the torch build."""
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "unknown")
+    return f"{model} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read().splitlines()
+    except OSError:  # not Linux: the key falls back to "unknown" (still per thread count and torch build)
+        return []
+
+
+def cpu_peak_flops() -> float:
+    """The CPU 'peak' for MFU: this run's measurement or the best this machine gave before, whichever is larger."""
+    return best_peak(measure_matmul_flops())
+
+
+def best_peak(measured: float) -> float:
+    """The larger of `measured` and the best cached for this machine (`cpu_key`), the cache raised when `measured` is
+    better. A one-off measurement swings with whatever else runs (another rank's start-up, other jobs): measured once
+    per run it moved MFU between 36 % and 65 % for the same job. An unwritable cache costs only the stability."""
+    path, key = peak_cache_path(), cpu_key()
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):  # none yet, or unreadable: start it
+        cache = {}
+    if measured <= cache.get(key, 0.0):
+        return cache[key]
+    cache[key] = measured
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
+            json.dump(cache, f, indent=1, sort_keys=True)
+        os.replace(f.name, path)  # whole or not at all: ranks of one node may write at once
+    except OSError as exc:
+        log.warning("cannot cache the CPU peak in %s (%s): MFU is against this run's measurement", path, exc)
+    return measured
+
+
 def device_peak_flops(device: torch.device) -> float:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -72,7 +125,7 @@ def device_peak_flops(device: torch.device) -> float:
                 return peak
         log.warning("no peak FLOP/s known for %s; MFU is against an A100's 312 TFLOP/s", name)
         return GPU_PEAK_BF16["A100"]
-    return measure_matmul_flops()
+    return cpu_peak_flops()
 
 
 def peak_memory_gib(device: torch.device) -> float:
