@@ -123,8 +123,8 @@ if ! "$py" -m dataprep --output "$data" "${prep[@]}" ${local_prep[@]+"${local_pr
     exit 1
 fi
 note "dataset ready in $(took $((SECONDS - start)))"
-# One peak for every MFU of this run (a GPU's datasheet figure; on CPU the whole machine's matmul peak), so the same
-# tokens/s give the same MFU under torchrun and Ray Train whatever threads each worker has
+# One peak for every MFU of this run (a GPU's datasheet figure; on CPU the matmul peak with the threads a process
+# gets), so the same tokens/s give the same MFU under torchrun and Ray Train whatever threads each worker has
 peak_flops=$("$py" -m benchmarks.gpu_report --measure-peak "$( ((smoke)) && echo cpu || echo cuda)")
 note "MFU divides by ${peak_flops} FLOP/s per worker, the same for every line (benchmarks/gpu_report.py)"
 

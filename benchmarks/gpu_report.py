@@ -10,9 +10,10 @@ the kept windows report (CUDA: max allocated on the device; CPU: the process's p
 MFU: with --peak-flops, tokens/s × the run's FLOPs per token ÷ (workers × F), F measured once per gpu.sh run and the
 same for every line, so the same tokens/s give the same MFU on every side (torchrun and Ray Train). On CPU a run's
 own MFU divides by the matmul peak of its worker's threads: a Ray Train worker has 1 thread where torchrun's one
-process has every core, which made the smoke print 10.8 % and 20.1 % for the same tokens/s. F is the device's: the
-datasheet figure of the GPU (as the trainer's), or the whole CPU's fp32 matmul peak (`cpu_peak_flops`, all threads).
-Without it, the run's own MFU.
+process has every core (unless OMP_NUM_THREADS says otherwise), which with the peak's run-to-run noise made the
+smoke print 10.8 % and 20.1 % for the same tokens/s. F is the device's: the datasheet figure of the GPU (as the
+trainer's), or the CPU's fp32 matmul peak with the threads a process gets here (`cpu_peak_flops`: every core unless
+OMP_NUM_THREADS says otherwise). Without it, the run's own MFU.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def run_flops_per_token(run_dir: str) -> float:
 
 
 def measure_peak(device: str) -> float:
-    """The device's peak FLOP/s: a GPU's datasheet figure, or the whole CPU's (all threads) measured matmul peak."""
+    """The device's peak FLOP/s: a GPU's datasheet figure, or the CPU's matmul peak with this process's threads."""
     import torch
 
     from trainer.metrics import cpu_peak_flops, device_peak_flops
