@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 
 import pytest
 
@@ -18,6 +19,9 @@ BUCKET = "raylm-test"
 # Local test clusters need no token auth; set before any Ray import starts a cluster.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# The trainer keeps the best CPU matmul peak per machine; tests (and their subprocesses) keep theirs apart from the
+# user's ~/.cache/raylm.
+os.environ.setdefault("RAYLM_CACHE_DIR", tempfile.mkdtemp(prefix="raylm-test-cache-"))
 
 
 MARKS = {"s3_server": ("s3", "slow"), "local_ray": ("ray", "slow"), "multinode": ("ray", "slow"),
