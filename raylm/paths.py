@@ -62,6 +62,7 @@ def config_paths(cfg, *, skip: Iterable[str] = ()) -> dict[Role, dict[str, list[
 
 
 def _role(tp) -> Role | None:
+    """The Role an annotation carries: its own Annotated marker, or one inside `list[...]` or `... | None`."""
     if typing.get_origin(tp) is Annotated:
         return next((m for m in tp.__metadata__ if isinstance(m, Role)), None)
     return next(filter(None, map(_role, typing.get_args(tp))), None)
