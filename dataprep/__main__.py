@@ -35,18 +35,16 @@ DEMO_PRESET = {
 def parse_args(argv: list[str]) -> tuple[DataprepConfig, bool]:
     """(config, whether it is the demo). The demo preset sits under the TOML file and the command line."""
     argv, lists = expand_short_options(argv, ALIASES, lists=("input.paths",), prog="python -m dataprep")
-    paths = lists.get("input.paths")
     description = f"{__doc__}\nShort options (the first version's flags):\n{short_help(ALIASES)}"
-    cfg, _ = parse_job_args(argv, prog="python -m dataprep", description=description, root=DataprepConfig)
-    demo = not (paths or cfg.input.paths)
+    cfg, _ = parse_job_args(argv, prog="python -m dataprep", description=description, root=DataprepConfig,
+                            lists=lists)
+    demo = not cfg.input.paths
     if demo:
         from dataprep.pipeline import demo_inputs
 
         cfg, _ = parse_job_args(argv, prog="python -m dataprep", description=description, root=DataprepConfig,
                                 preset=DEMO_PRESET)
         cfg.input = dataclasses.replace(cfg.input, paths=demo_inputs())
-    elif paths:
-        cfg.input = dataclasses.replace(cfg.input, paths=paths)
     if not cfg.output.dir:
         raise ConfigError("--output DIR (output.dir) is required with --input: a local directory or s3:// prefix")
     return cfg, demo

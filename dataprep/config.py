@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from raylm.storage import StorageConfig
 
 from raylm.errors import ConfigError
+from raylm.paths import InPath, OutPath
 
 BAD_RECORD = ("error", "skip")
 FORMATS = ("text", "chat")
@@ -27,7 +28,7 @@ def _check(rules: list[tuple[bool, str, object, str]]) -> None:
 
 @dataclass(kw_only=True)
 class InputConfig:
-    paths: list[str] = field(default_factory=list)
+    paths: list[InPath] = field(default_factory=list)
     """Files, directories (recursive), globs (`*` stays in one folder, `**` crosses folders) or s3:// prefixes;
     .txt/.md/.py/… (one file = one document), .jsonl, .parquet, optionally .gz/.zst. None: the demo corpus."""
     format: str = "text"
@@ -55,7 +56,7 @@ class InputConfig:
 
 @dataclass(kw_only=True)
 class TokenizerConfig:
-    file: str | None = None
+    file: InPath | None = None
     """An existing tokenizer (local or s3://) to use instead of training one: a SentencePiece .model, a Hugging Face
     tokenizer.json, or a folder holding one (a Hugging Face model folder, a raylm dataset or run directory)."""
     vocab_size: int = 32000
@@ -110,7 +111,7 @@ class PackConfig:
 
 @dataclass(kw_only=True)
 class OutputConfig:
-    dir: str = ""
+    dir: OutPath = ""
     """Dataset directory, local or s3:// (the demo writes data/stdlib)."""
     overwrite: bool = False
     """Replace a finished dataset, or an unfinished run, made with other inputs or settings."""

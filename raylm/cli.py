@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import os
@@ -11,6 +12,7 @@ from typing import Callable, Sequence
 
 from raylm.config import config_help, load_config
 from raylm.errors import ConfigError, find_user_error
+from raylm.paths import check_config_paths
 from raylm.ray_session import VERBOSE_ENV
 
 
@@ -20,8 +22,12 @@ COMMON_FLAGS = {"--verbose": "Ray's own lines too (start-up, worker prefixes, Tu
 
 
 def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[str, str] | None = None,
-                   root: type, preset: dict[str, dict] | None = None):
-    """(root config, set of plain flags given). Prints help and exits 0 on -h/--help. `preset`: see load_config."""
+                   root: type, preset: dict[str, dict] | None = None, lists: dict[str, list[str]] | None = None):
+    """(root config, set of plain flags given). Prints help and exits 0 on -h/--help. `preset`: see load_config;
+    `lists`: {'section.field': values} of list options (expand_short_options), set over the rest.
+
+    The config's paths are checked for a Ray job's copy of its working directory (raylm.paths), but the fields
+    the root's UNUSED_PATHS names (e.g. a study's `--run.dir`, which its trials replace)."""
     flags = flags or {}
     if "-h" in argv or "--help" in argv:
         print(" ".join(["usage:", prog, "[--config FILE]", *(f"[{f}]" for f in flags), "[--section.field=value ...]"]) + "\n")
@@ -46,7 +52,12 @@ def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[
         else:
             rest.append(arg)
         i += 1
-    return load_config(root, toml_path, rest, preset=preset), given
+    cfg = load_config(root, toml_path, rest, preset=preset)
+    for key, values in (lists or {}).items():
+        section, _, name = key.partition(".")
+        setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **{name: values}))
+    check_config_paths(cfg, skip=getattr(root, "UNUSED_PATHS", ()))
+    return cfg, given
 
 
 def expand_short_options(argv: list[str], short: dict[str, str], *, lists: tuple[str, ...] = (), prog: str,

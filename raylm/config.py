@@ -221,6 +221,8 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Union:  # `InPath | None` (`str | None`, a types.UnionType, prints as is)
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     return tp.__name__ if isinstance(tp, type) and not typing.get_args(tp) else str(tp).replace("typing.", "")
 
 

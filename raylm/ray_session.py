@@ -56,9 +56,10 @@ def verbose() -> bool:
 
 
 def cluster_to_join() -> tuple[str, str] | None:
-    """(address, where it came from) of the cluster a command joins: RAY_ADDRESS, else the cluster `ray start`
-    recorded on this machine; None: the command starts a local Ray of its own. RAY_ADDRESS=local (Ray's word for
-    "start one") and auto (Ray's "any cluster on this machine", which may be another command's) count as unset."""
+    """(address, where it came from: `RAY_ADDRESS=…` or the path of `ray start`'s record) of the cluster a command
+    joins: RAY_ADDRESS, else the cluster `ray start` recorded on this machine; None: the command starts a local Ray
+    of its own. RAY_ADDRESS=local (Ray's word for "start one", so also the way past a stale record) and auto (Ray's
+    "any cluster on this machine", which may be another command's) count as unset."""
     from ray._private.utils import get_ray_address_file
 
     address = os.environ.get("RAY_ADDRESS", "")
@@ -74,7 +75,7 @@ def cluster_to_join() -> tuple[str, str] | None:
             recorded = f.read().strip()
     except FileNotFoundError:
         return None
-    return (recorded, f"the Ray cluster `ray start` recorded in {record} ({recorded})") if recorded else None
+    return (recorded, record) if recorded else None
 
 
 def starts_its_own_cluster() -> bool:
@@ -85,18 +86,25 @@ def starts_its_own_cluster() -> bool:
 def check_answers(address: str, source: str, *, timeout: float = JOIN_TIMEOUT_S) -> None:
     """Refuse, in one line, a cluster whose address does not answer within `timeout`: `ray.init` would retry for
     minutes, deaf to Ctrl-C and SIGTERM. A GCS address must also answer as a gRPC server (a port something else
-    took since, or a GCS still shutting down, does not)."""
+    took since, or a GCS still shutting down, does not).
+
+    A dead cluster that `ray start`'s record (`source`) names is refused too, not passed over for a Ray of this
+    command's own: the record may be a worker node's, naming a head elsewhere, or a head that is restarting, and a
+    user who ran `ray start` expects that cluster's nodes and storage, not this machine alone. The line says how to
+    go on either way."""
     import grpc
 
     scheme, _, hostport = address.rpartition("://")
     host, _, port = hostport.partition("/")[0].rpartition(":")
-    if not host or not port.isdigit():
-        raise RayUnreachable(f"{source}: not a Ray address (host:port, or ray://host:port); fix or unset it")
     if source.startswith("RAY_ADDRESS"):
+        cluster = source
         fix = "start that cluster, fix RAY_ADDRESS, or unset it to run on a local Ray of this command's own"
     else:
-        fix = ("start that cluster again (`ray start --head`), set RAY_ADDRESS to another one, or delete the record "
-               "to run on a local Ray of this command's own")
+        cluster = f"the Ray cluster at {address}, named by {source} (left by a `ray start` on this machine),"
+        fix = ("start that cluster again (`ray start`), delete the record if the cluster is gone for good, or set "
+               "RAY_ADDRESS=local to run on a local Ray of this command's own")
+    if not host or not port.isdigit():
+        raise RayUnreachable(f"{cluster} is not a Ray address (host:port, or ray://host:port); {fix}")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
         if scheme in ("", "ray"):
@@ -104,7 +112,7 @@ def check_answers(address: str, source: str, *, timeout: float = JOIN_TIMEOUT_S)
                 grpc.channel_ready_future(channel).result(timeout=timeout)
     except (OSError, grpc.FutureTimeoutError) as exc:
         why = getattr(exc, "strerror", None) or f"no answer in {timeout:g} s"
-        raise RayUnreachable(f"{source} does not answer ({why}): {fix}") from None
+        raise RayUnreachable(f"{cluster} does not answer ({why}): {fix}") from None
 
 
 def init_ray(*, log_to_driver: bool = True) -> None:

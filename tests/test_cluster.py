@@ -303,9 +303,14 @@ def test_stages_run_as_ray_jobs_with_metrics_on_the_heads_endpoint(head, tmp_pat
 
     bad = head.submit("python", "-m", "trainer", *TINY_TRAIN, "--optim.lr=abc", "--data.path", str(data))
     assert bad.returncode != 0 and "failed" in bad.stderr + bad.stdout
+    lost = head.submit("python", "-m", "trainer", *TINY_TRAIN, "--data.path", str(data), "--run.dir", "runs/job1")
+    assert lost.returncode != 0  # it would have written into Ray's copy of the working directory, and lost it
     jobs = job_statuses(head)
-    assert sorted(status for status, _ in jobs.values()) == ["FAILED", "SUCCEEDED", "SUCCEEDED"], jobs
-    failed = next(job_id for job_id, (status, _) in jobs.items() if status == "FAILED")
-    logs = head.job_logs(failed)
-    assert [l for l in logs.splitlines() if l.startswith("error:")] == ["error: --optim.lr='abc' is not a valid float"]
-    assert "Traceback" not in logs
+    assert sorted(status for status, _ in jobs.values()) == ["FAILED", "FAILED", "SUCCEEDED", "SUCCEEDED"], jobs
+    errors = {entrypoint: [l for l in head.job_logs(job_id).splitlines() if l.startswith("error:") or "Traceback" in l]
+              for job_id, (status, entrypoint) in jobs.items() if status == "FAILED"}
+    assert errors.pop(next(e for e in errors if "abc" in e)) == ["error: --optim.lr='abc' is not a valid float"]
+    [relative] = errors.values()
+    assert len(relative) == 1 and relative[0].startswith("error: --run.dir runs/job1 is a relative path: the command "
+                                                         "runs in Ray's copy of this job's working directory ("), relative
+    assert "/runtime_resources/working_dir_files/_ray_pkg_" in relative[0], relative

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from helpers import TINY, free_port, wait_for
+from raylm.ray_session import starts_its_own_cluster
 from trainer.checkpoint import list_checkpoints
 
 DATA = ["--max-files", "40", "--vocab-size", "1000", "--seq-len", "64", "--val-fraction", "0.1"]
@@ -47,10 +48,10 @@ def dataset(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("where", ["RAY_ADDRESS", "record"])
-def test_a_cluster_that_does_not_answer_is_one_line_within_seconds(where, tmp_path):
+def test_a_cluster_that_does_not_answer_is_one_line_within_seconds(where, tmp_path, monkeypatch):
     """RAY_ADDRESS, or the record a dead `ray start` head left, names an address nobody answers at: the command
     stops with one line naming it (ray.init would wait about a minute, deaf to SIGTERM, then print a traceback),
-    and no Ray is started."""
+    and no Ray is started. The way on that a stale record's line gives (RAY_ADDRESS=local) passes the record by."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     address = f"127.0.0.1:{free_port()}"
     env["RAY_TMPDIR"] = str(tmp_path)
@@ -65,7 +66,14 @@ def test_a_cluster_that_does_not_answer_is_one_line_within_seconds(where, tmp_pa
     assert proc.stderr.splitlines() == [proc.stderr.splitlines()[-1]]
     assert proc.stderr.startswith("error: ") and address in proc.stderr and "does not answer" in proc.stderr
     if where == "record":
-        assert str(tmp_path / "ray" / "ray_current_cluster") in proc.stderr
+        record = tmp_path / "ray" / "ray_current_cluster"
+        assert proc.stderr.startswith(f"error: the Ray cluster at {address}, named by {record} (left by a `ray start` "
+                                      "on this machine), does not answer (Connection refused): "), proc.stderr
+        assert "delete the record" in proc.stderr and proc.stderr.rstrip().endswith(
+            "or set RAY_ADDRESS=local to run on a local Ray of this command's own"), proc.stderr
+        monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+        monkeypatch.setenv("RAY_ADDRESS", "local")
+        assert starts_its_own_cluster()
     assert not list(tmp_path.glob("ray/session_*"))
 
 

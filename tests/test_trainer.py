@@ -152,6 +152,7 @@ def test_ray_train_from_s3_to_s3_reports_where_it_writes(local_ray, s3_stdlib_da
     scalars = tensorboard_scalars(str(local_tb))
     assert len(scalars["loss"]) == 4 and scalars["tokens_per_s"][-1] > 0 and len(scalars["val_loss"]) == 3  # 20,30,40,60
     assert storage.exists(f"{s3_server}/runs/a/config.toml")
+    assert not storage.exists(f"{s3_server}/runs/a/.validate_storage_marker")  # Ray Train's, gone with the fit
 
 
 def test_cli_help_and_one_line_errors(stdlib_dataset, tmp_path):

@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_st
 
 from raylm import storage
 from raylm.errors import ConfigError, DataError, StorageError
+from raylm.paths import InPath
 from raylm import lease as leases
 from raylm.lease import LeaseLost
 from trainer.model import NOT_IN_WEIGHTS, ModelConfig, Transformer
@@ -74,7 +75,7 @@ class CheckpointConfig:
     """Steps between checkpoints; one is always written at the end (0 = only at the end)."""
     keep: int = 2
     """Committed checkpoints kept; older ones are deleted once a newer one is committed."""
-    resume_from: str = ""
+    resume_from: InPath = ""
     """Start from this checkpoint (a step-NNNNNN directory, or a run directory's newest) when RUN_DIR has none."""
     load_weights_only: bool = False
     """With resume_from: take only the model weights (a warm start at step 0 with a fresh optimizer)."""

@@ -12,7 +12,6 @@ dataset must be tokenized with its tokenizer.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
@@ -51,8 +50,7 @@ def parse_args(argv: list[str]) -> tuple[EvalJob, set[str]]:
                                        prog="python -m trainer.eval", flags=FLAGS)
     description = f"{__doc__}\nShort options:\n{short_help(SHORT)}"
     job, flags = parse_job_args(argv, prog="python -m trainer.eval", description=description, flags=FLAGS,
-                                root=EvalJob)
-    job.eval = dataclasses.replace(job.eval, **{k.split(".")[1]: v for k, v in lists.items() if k.startswith("eval.")})
+                                root=EvalJob, lists=lists)
     job.run.checkpoint = storage.absolute(job.run.checkpoint) if job.run.checkpoint else ""
     job.run.out = storage.absolute(job.run.out) if job.run.out else ""
     make_eval_paths_absolute(job.eval)

@@ -11,6 +11,7 @@ from torch import nn
 
 from raylm import storage
 from raylm.errors import ConfigError, DataError, RaylmError
+from raylm.paths import InPath, OutPath
 from raylm.storage import StorageConfig
 from trainer.evaluation import EvalConfig, eval_paths, open_evaluation
 from trainer.model import ModelConfig
@@ -19,10 +20,10 @@ from trainer.parallelize import ParallelConfig
 
 @dataclass(kw_only=True)
 class EvalRunConfig:
-    checkpoint: str = ""
+    checkpoint: InPath = ""
     """The model: a run directory (its newest committed checkpoint), a step-NNNNNN directory or a Hugging Face
     folder (local or s3://)."""
-    out: str = ""
+    out: OutPath = ""
     """Also write the results as JSON here (local or s3://; '' = print only)."""
     micro_batch: int = 8
     """Most rows (or choices) per forward on one worker; its logits (micro_batch × seq_len × vocab) must fit beside

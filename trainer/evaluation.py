@@ -17,17 +17,18 @@ import torch
 from dataprep import open_dataset
 from raylm import storage
 from raylm.errors import ConfigError, DataError
+from raylm.paths import InPath
 from trainer.heldout import flat_metrics, held_out, loss_sums, report
 from trainer.multiple_choice import Task, load_task, score_task, task_name
 
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    datasets: list[str] = field(default_factory=list)
+    datasets: list[InPath] = field(default_factory=list)
     """Held-out datasets (local or s3://), each scored on its val split: loss, perplexity and bits per byte, per
     source when the dataset records sources. Make one from held-out text with the model's tokenizer:
     `python -m dataprep --input TEXT --tokenizer RUN_DIR --val-fraction 1 --output DIR`."""
-    tasks: list[str] = field(default_factory=list)
+    tasks: list[InPath] = field(default_factory=list)
     """Multiple-choice tasks (local or s3://): .jsonl lines {"query": str, "choices": [str, ...], "gold": int}."""
     rows: int = 256
     """Rows scored of each source of each held-out dataset: a seeded sample of its val split, the same on any W

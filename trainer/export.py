@@ -14,6 +14,7 @@ import torch
 
 from raylm.cli import run_cli
 from raylm.errors import ConfigError
+from raylm.paths import check_job_paths
 from trainer.hf import export
 from dataprep.tokenizer import read_tokenizer_files
 from trainer.weights import load_weights, save_weights
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    check_job_paths(inputs={"--checkpoint": args.checkpoint, "--from-hf": args.from_hf, "--tokenizer": args.tokenizer},
+                    outputs={"--out": args.out})
     weights = load_weights(args.checkpoint or args.from_hf)
     if args.tokenizer:
         weights.tokenizer = read_tokenizer_files(args.tokenizer)

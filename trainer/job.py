@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from raylm import storage
 from raylm.errors import ConfigError
+from raylm.paths import InPath, OutPath
 from raylm.storage import StorageConfig
 from trainer.checkpoint import CheckpointConfig, FaultConfig
 from trainer.evaluation import EvalConfig, eval_paths, make_eval_paths_absolute
@@ -17,7 +18,7 @@ from trainer.parallelize import ParallelConfig
 
 @dataclass(kw_only=True)
 class DataConfig:
-    path: str = "data/stdlib"
+    path: InPath = "data/stdlib"
     """Dataset directory written by `python -m dataprep` (local or s3://)."""
     seed: int = 0
     """Seeds the per-epoch permutation of training rows (the data order) and the validation slice."""
@@ -71,7 +72,7 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
-    dir: str = "runs/demo"
+    dir: OutPath = "runs/demo"
     """Run directory (local or s3://): config.toml, metrics.jsonl, tb/, checkpoints/ and Ray Train's run state; the
     Ray run is named after its last path component."""
     lease_s: float = 60.0
@@ -121,7 +122,7 @@ class RayConfig:
 
 @dataclass(kw_only=True)
 class InitConfig:
-    from_hf: str = ""
+    from_hf: InPath = ""
     """A Hugging Face Llama/Mixtral folder (local or s3://, safetensors) whose weights start the run at step 0 with a
     fresh optimizer. The model's architecture comes from its config.json: the [model] section's architecture fields
     are ignored (fields config.json does not set are kept). A run directory with a committed checkpoint of its own

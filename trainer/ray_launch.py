@@ -313,6 +313,17 @@ def fit(job: JobConfig, *, lease: str, driver_node: str, callbacks: list | None,
                              f"(ray.max_failures={job.ray.max_failures}); run the same command again to continue "
                              "from the newest committed checkpoint") from exc
         raise
+    finally:
+        drop_storage_marker(job.run.dir)
+
+
+def drop_storage_marker(run_dir: str) -> None:
+    """Delete the empty file Ray Train writes into its run directory (RUN_DIR) to check that every node can write
+    there: it proves nothing once the run is over, and it is not the run's. Ray checks it again before each
+    checkpoint it records, so it goes only after the fit (and a resumed run writes it anew)."""
+    from ray.train.v2._internal.constants import VALIDATE_STORAGE_MARKER_FILENAME
+
+    storage.delete_file(storage.join(run_dir, VALIDATE_STORAGE_MARKER_FILENAME))
 
 
 def eval_worker(config: dict) -> dict:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from raylm.errors import ConfigError
+from raylm.paths import OutPath
 from trainer.job import JobConfig
 from trainer.model import ModelConfig
 
@@ -33,7 +35,7 @@ class TuneConfig:
     """'random' (seeded) or 'optuna' (TPE; pip install optuna)."""
     seed: int = 0
     """Seeds the sampled configurations."""
-    dir: str = "runs/tune"
+    dir: OutPath = "runs/tune"
     """Study directory (local or s3://): results.csv, results.png, best.toml, trials/, Ray Tune's state."""
     resume: bool = False
     """Continue an interrupted study in tune.dir (finished trials are not run again)."""
@@ -113,6 +115,9 @@ def _positive(text: str, whole: str) -> float:
 @dataclass(kw_only=True)
 class TuneJobConfig(JobConfig):
     tune: TuneConfig = field(default_factory=TuneConfig)
+
+    UNUSED_PATHS: ClassVar[tuple[str, ...]] = ("--run.dir",)
+    """Path options a study does not read: each trial's run directory is under tune.dir."""
 
     def __post_init__(self):
         super().__post_init__()
