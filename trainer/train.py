@@ -298,7 +298,8 @@ class Trainer:
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         checkpoint.load(path, self.model, None if warm_start else self.optimizer, verified=True)
         if warm_start:
-            log.info("warm start from the weights of %s", path)
+            if self.d.rank == 0:
+                log.info("warm start from the weights of %s", path)
             return 0
         step = state["step"]
         for group, values in zip(self.optimizer.param_groups, configured):
