@@ -118,7 +118,8 @@ def test_a_fine_tuning_preset_refuses_random_weights_unless_asked(data, tmp_path
 
     for preset in ("sft-demo", "sft-llama3-8b"):
         code, out, err = run_captured(trainer_main, ["--no-ray", "--config", f"configs/{preset}.toml", "--data.path",
-                                                     data["base"], "--run.dir", tmp_path / preset])
+                                                     data["base"], "--run.dir", tmp_path / preset,
+                                                     "--train.steps=1"])
         err = one_error(code, out, err)
         assert "init.weights_required = true" in err and "--init.random=true" in err and "--init.from_hf" in err
         assert not (tmp_path / preset).exists()
