@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import logging
@@ -19,6 +20,17 @@ from raylm.ray_session import VERBOSE_ENV
 COMMON_FLAGS = {"--verbose": "Ray's own lines too (start-up, worker prefixes, Tune's status)",
                 "--debug": "full tracebacks for errors"}
 """Taken by run_cli on every raylm command."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help for a tool's argparse options: each option's default, unless it has none to show (None, a required
+    option, a bare flag) or its help says what it is already (`(default: the checkpoint's)`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.required or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
 
 
 def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[str, str] | None = None,

@@ -68,7 +68,8 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
 
 @pytest.mark.parametrize("preset", ["tiny", "demo", "125m", "350m", "1b", "llama3-8b", "moe", "sft-demo", "sft-llama3-8b"])
 def test_presets_load(preset):
-    assert load_config(JobConfig, f"configs/{preset}.toml", []).model.dim > 0
+    weights = ["--checkpoint.resume_from=runs/demo"] if preset.startswith("sft-") else []  # they fine-tune
+    assert load_config(JobConfig, f"configs/{preset}.toml", weights).model.dim > 0
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -139,7 +140,8 @@ def test_dataprep_preset_loads_with_the_shared_loader():
 
 def test_the_sft_demo_preset_fine_tunes_the_demo_model():
     """configs/sft-demo.toml warm-starts from the README's demo run: its [model] must be the demo's."""
-    assert load_config(JobConfig, "configs/sft-demo.toml", []).model == load_config(JobConfig, "configs/demo.toml", []).model
+    sft = load_config(JobConfig, "configs/sft-demo.toml", ["--checkpoint.resume_from=runs/demo"])
+    assert sft.model == load_config(JobConfig, "configs/demo.toml", []).model
 
 
 def test_flex_attention_is_refused_on_cpu_before_any_work():

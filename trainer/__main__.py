@@ -17,7 +17,7 @@ from raylm.cli import parse_job_args
 from trainer.data import check_fits
 from trainer.evaluation import check_evaluation
 from trainer.job import JobConfig, make_paths_absolute, paths
-from trainer.train import resolve_model
+from trainer.train import check_checkpoint, resolve_model, starting_checkpoint
 
 FLAGS = {"--no-ray": "run the loop in this process (or under torchrun) instead of Ray Train"}
 
@@ -26,23 +26,24 @@ def check_before_launch(job: JobConfig, *, max_world: int) -> tuple[int, list]:
     """Catch user mistakes on the driver, before workers start: dataset present and big enough for a step, every
     world size the run may have (an elastic run's too) at most the batch, init.from_hf's config.json readable and
     its vocabulary big enough for the dataset's tokenizer, [eval]'s datasets and tasks usable with the model's
-    tokenizer and context, and RUN_DIR's checkpoints (if any) of this very model, dataset and data order. Returns
-    the step the run would continue from (0 for a new run) and [eval]'s tasks as tokenized for that check, which
-    the ranks score as they are."""
+    tokenizer and context, and the checkpoint the run starts from (RUN_DIR's newest, else checkpoint.resume_from's)
+    of this very model, dataset and data order (for a warm start: of this model, on data of the same tokenizer).
+    Returns the step of RUN_DIR's newest checkpoint (0 when it has none) and [eval]'s tasks as tokenized for that
+    check, which the ranks score as they are."""
     for path in paths(job).values():
         storage.check_bucket(path)
     dataset = open_dataset(job.data.path)
     check_fits(dataset, global_batch=job.train.global_batch, world=max_world)
     resolve_model(job, dataset)
     tasks = check_evaluation(job.eval, tokenizer=dataset.tokenizer(), max_len=job.model.max_seq_len)
-    newest = checkpoint.latest_committed(job.run.dir)
-    if newest is None:
+    start = starting_checkpoint(job)
+    if start is None:
         return 0, tasks
-    state = checkpoint.read_train_state(newest)
+    path, own = start
     identity = checkpoint.run_identity(job.model, dataset, data_seed=job.data.seed,
                                        global_batch=job.train.global_batch)
-    checkpoint.check_continues(state, identity, newest, own=True)
-    return state["step"], tasks
+    state = check_checkpoint(job, dataset, path, own=own, identity=identity)
+    return state["step"] if own else 0, tasks
 
 
 def how_to_continue(job: JobConfig) -> str:

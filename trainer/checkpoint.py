@@ -153,14 +153,28 @@ def latest_committed(run_dir: str, *, quiet: bool = False) -> str | None:
 def resolve(path: str) -> str:
     """A committed step directory, given one or a run directory (whose newest committed checkpoint is taken)."""
     if STEP_DIR.search(path.rstrip("/")):
+        if not storage.exists(path):
+            raise DataError(f"checkpoint {path} does not exist{committed_steps(run_dir_of(path))}")
         state = commit_state(path, leases.fences(leases.holder(run_dir_of(path))))
         if state != "committed":
             raise DataError(f"checkpoint {path}: {SKIPPED[state]}; pick another step")
         return path
+    if not storage.exists(path):
+        raise DataError(f"{path} does not exist; pass a run directory or one of its checkpoints/step-NNNNNN")
     found = latest_committed(path)
     if found is None:
         raise DataError(f"{path} holds no committed checkpoint (checkpoints/step-*/{COMMITTED}); check the path")
     return found
+
+
+def committed_steps(run_dir: str) -> str:
+    """What a missing step directory's message goes on with: the steps its run directory does hold (a run keeps
+    only its newest checkpoint.keep, deleting older ones as newer ones commit)."""
+    steps = [step for step, _, ok in list_checkpoints(run_dir) if ok]
+    if not steps:
+        return f"; {run_dir} holds no committed checkpoint"
+    return (f" (a run keeps its newest checkpoint.keep checkpoints and deletes older ones); {run_dir} holds step "
+            f"{', '.join(map(str, steps))}: pick one of them, or pass {run_dir} for its newest")
 
 
 READ_BUFFER = 8 << 20

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from raylm.cli import run_cli
+from raylm.cli import HelpFormatter, run_cli
 from raylm.errors import ConfigError, DataError
 from dataprep.tokenizer import load_tokenizer, read_tokenizer_files
 from trainer.model import generate
@@ -16,7 +16,7 @@ from trainer.weights import load_weights
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a run or step-NNNNNN directory (local or s3://), a Hugging Face folder or raylm .pt weights")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate")

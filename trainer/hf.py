@@ -148,11 +148,19 @@ def check_model_type(model_type, where: str) -> None:
         raise DataError(f"{where}: model_type={model_type!r}; raylm imports {' and '.join(SUPPORTED)} models")
 
 
+def not_a_folder(folder: str) -> str:
+    """Why `folder` (which has no config.json) cannot be read as a Hugging Face model: a path that does not exist,
+    or a folder of something else."""
+    if not storage.exists(folder):
+        return f"{folder} does not exist; pass a Hugging Face model folder (config.json and safetensors)"
+    return f"{folder} is not a Hugging Face model folder (no config.json)"
+
+
 def read_config(folder: str):
     """The transformers config of a Hugging Face folder (local or s3://), made from its config.json alone."""
     path = storage.join(folder, "config.json")
     if not storage.exists(path):
-        raise DataError(f"{folder} is not a Hugging Face model folder (no config.json)")
+        raise DataError(not_a_folder(folder))
     try:
         data = json.loads(storage.read_bytes(path))
     except ValueError:
@@ -279,7 +287,7 @@ def import_folder(folder: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(ModelConfig, fp32 raylm state dict) from a Hugging Face Llama/Mixtral folder."""
     tf = _transformers()
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise DataError(f"{folder} is not a Hugging Face model folder (no config.json)")
+        raise DataError(not_a_folder(folder))
     cfg = model_config_from_hf(tf.AutoConfig.from_pretrained(folder), folder)
     try:
         state = from_hf_state_dict(read_safetensors(folder), cfg)

@@ -127,6 +127,12 @@ class InitConfig:
     fresh optimizer. The model's architecture comes from its config.json: the [model] section's architecture fields
     are ignored (fields config.json does not set are kept). A run directory with a committed checkpoint of its own
     resumes from that instead."""
+    weights_required: bool = False
+    """Set by a preset that fine-tunes trained weights (configs/sft-*.toml): a run must say where they come from
+    (--init.from_hf or --checkpoint.resume_from), or pass --init.random=true; it never falls back to random weights
+    unasked."""
+    random: bool = False
+    """Start from random weights although the preset sets init.weights_required (a from-scratch baseline)."""
 
 
 @dataclass(kw_only=True)
@@ -152,6 +158,21 @@ class JobConfig:
             raise ConfigError(f"--init.from_hf={self.init.from_hf} starts from a standard-parametrisation model; drop "
                               f"--model.mup_base_dim={self.model.mup_base_dim} (μP is for models trained from scratch)")
         check_kernel(self, self.train.device)
+        check_weights_source(self)
+
+
+def check_weights_source(job: JobConfig) -> None:
+    """A preset that fine-tunes (init.weights_required) names its weights or opts out with init.random, and
+    init.random names none: checked with the rest of the config, so a refused run has started nothing."""
+    source = ("--init.from_hf", job.init.from_hf) if job.init.from_hf else \
+        ("--checkpoint.resume_from", job.checkpoint.resume_from)
+    if job.init.random and source[1]:
+        raise ConfigError(f"--init.random=true starts from random weights but {source[0]}={source[1]} names trained "
+                          "ones; pass only one")
+    if job.init.weights_required and not source[1] and not job.init.random:
+        raise ConfigError("this preset fine-tunes trained weights (init.weights_required = true) but none were "
+                          "given: pass --checkpoint.resume_from=RUN_DIR --checkpoint.load_weights_only=true or "
+                          "--init.from_hf=HF_FOLDER, or --init.random=true to train from random weights")
 
 
 def check_kernel(job: JobConfig, device: str) -> None:

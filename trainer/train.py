@@ -162,39 +162,68 @@ def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight:
 
 def resolve_model(job: JobConfig, dataset) -> None:
     """The dataset decides the vocabulary, or with init.from_hf the folder's config.json decides the architecture
-    (and a dataset whose tokenizer has more tokens than the model's embedding rows is refused); the context must hold
-    the dataset's sequences. The same on the driver and on every worker."""
+    (and a dataset made with another tokenizer than the folder's, or with more tokens than the model's embedding
+    rows, is refused); the context must hold the dataset's sequences. The same on the driver and on every worker."""
     if job.init.from_hf:
         from trainer.hf import model_config_from_hf, read_config
 
         source = job.init.from_hf
         job.model = model_config_from_hf(read_config(source), source, rest=job.model)
+        check_tokenizer(dataset, source)
         if dataset.vocab_size > job.model.vocab_size:
             raise DataError(f"dataset {dataset.directory} has a {dataset.vocab_size}-token tokenizer but init.from_hf="
                             f"{source} has vocab_size {job.model.vocab_size}; tokenize the data with the model's own "
                             f"tokenizer (python -m dataprep --tokenizer {source} ...)")
-        check_document_start(dataset, source)
     else:
         job.model.vocab_size = dataset.vocab_size
     job.model.max_seq_len = max(job.model.max_seq_len, dataset.seq_len)
 
 
-def check_document_start(dataset, source: str) -> None:
-    """Refuse data in another format than the one the model of init.from_hf was trained in: documents that start
-    with BOS for a model whose tokenizer adds it (Llama 3), without for one whose tokenizer does not. A folder
-    without a tokenizer says nothing."""
-    from dataprep.tokenizer import load_tokenizer
-    from trainer.weights import tokenizer_files_in
+def check_tokenizer(dataset, source: str) -> None:
+    """Refuse data the model of init.from_hf cannot read: made with another tokenizer than the folder's
+    (`trainer.weights.check_data_tokenizer`), or in another format than the one the model was trained in: documents
+    that start with BOS for a model whose tokenizer adds it (Llama 3), without for one whose tokenizer does not. A
+    folder without a tokenizer says nothing (only its vocab_size is checked, by resolve_model)."""
+    from trainer.weights import check_data_tokenizer, tokenizer_in
 
-    files = tokenizer_files_in(source)
-    if files is None:
+    tokenizer = tokenizer_in(source)
+    if tokenizer is None:
         return
-    expects = load_tokenizer(files, where=source).bos_first
+    check_data_tokenizer(dataset, source, tokenizer, option="--init.from_hf")
+    expects = tokenizer.bos_first
     if expects != dataset.bos:
         raise DataError(f"dataset {dataset.directory} was made with --bos {'on' if dataset.bos else 'off'} but "
                         f"init.from_hf={source} was trained with documents {'starting with' if expects else 'without'}"
                         f" BOS; make the data again with python -m dataprep --tokenizer {source} --bos "
                         f"{'on' if expects else 'off'} ...")
+
+
+def starting_checkpoint(job: JobConfig) -> tuple[str, bool] | None:
+    """(path, own) of the committed checkpoint a run starts from: RUN_DIR's newest (own), else that of
+    checkpoint.resume_from; None for a run from init.from_hf or from initial values."""
+    own = checkpoint.latest_committed(job.run.dir)
+    if own is not None:
+        return own, True
+    return (checkpoint.resolve(job.checkpoint.resume_from), False) if job.checkpoint.resume_from else None
+
+
+def check_checkpoint(job: JobConfig, dataset, path: str, *, own: bool, identity: dict) -> dict:
+    """The checkpoint's train state, once it is known to fit this run: a checkpoint of checkpoint.resume_from was
+    trained on data of the same tokenizer (`trainer.weights.check_data_tokenizer`; its run directory keeps that
+    tokenizer), and `checkpoint.check_continues` passes (for a warm start, on the model alone). On the driver
+    before any worker or directory is made, and on every rank as it loads."""
+    from trainer.weights import check_data_tokenizer, tokenizer_in
+
+    state = checkpoint.read_train_state(path)
+    weights_only = job.checkpoint.load_weights_only and not own
+    if not own:
+        run_dir = checkpoint.run_dir_of(path)
+        recorded = state.get("identity", {}).get("dataset tokenizer sha256")
+        if recorded != dataset.manifest["tokenizer"]["sha256"]:
+            check_data_tokenizer(dataset, run_dir, tokenizer_in(run_dir), recorded_sha256=recorded,
+                                 option="--checkpoint.resume_from")
+    checkpoint.check_continues(state, identity, path, own=own, weights_only=weights_only)
+    return state
 
 
 class Trainer:
@@ -250,13 +279,10 @@ class Trainer:
         of init.from_hf); returns the step to continue from. Rank 0 picks the checkpoint and checks its shards
         (`checkpoint.verify`: one request per shard, made once rather than by every rank), so every rank loads the
         same one or raises the same error."""
-        cfg = self.job.checkpoint
         choice: list = [None]
         if self.d.rank == 0:
             try:
-                own = checkpoint.latest_committed(self.job.run.dir)
-                choice = [(own, True) if own else (checkpoint.resolve(cfg.resume_from), False) if cfg.resume_from
-                          else None]
+                choice = [starting_checkpoint(self.job)]
                 if choice[0] is not None:
                     checkpoint.verify(choice[0][0])
             except RaylmError as exc:  # raised on every rank below, not only here (the others would wait forever)
@@ -267,13 +293,13 @@ class Trainer:
         if choice[0] is None:
             return self.init_from_hf() if self.job.init.from_hf else 0
         path, own = choice[0]
-        warm_start = cfg.load_weights_only and not own
-        state = checkpoint.read_train_state(path)
-        checkpoint.check_continues(state, self.identity(), path, own=own, weights_only=warm_start)
+        warm_start = self.job.checkpoint.load_weights_only and not own
+        state = check_checkpoint(self.job, self.dataset, path, own=own, identity=self.identity())
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         checkpoint.load(path, self.model, None if warm_start else self.optimizer, verified=True)
         if warm_start:
-            log.info("warm start from the weights of %s", path)
+            if self.d.rank == 0:
+                log.info("warm start from the weights of %s", path)
             return 0
         step = state["step"]
         for group, values in zip(self.optimizer.param_groups, configured):
