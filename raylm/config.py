@@ -227,13 +227,15 @@ def _type_name(tp) -> str:
 
 
 def config_help(root_cls) -> str:
-    """Every field as `--section.field (type, default X): doc`, one line each, grouped by section."""
+    """Every field as `--section.field (type, default X): doc`, one line each, grouped by section; a doc that names
+    its own default (`(default: one per CPU present)`) is not followed by the value that stands for it."""
     lines, defaults = [], root_cls()
     for name, cls in sections(root_cls).items():
         lines.append(f"[{name}]")
         docs = field_docs(cls)
         for fname, tp in field_types(cls).items():
-            default = getattr(getattr(defaults, name), fname)
-            line = f"  --{name}.{fname} ({_type_name(tp)}, default {default!r})"
+            default, doc = getattr(getattr(defaults, name), fname), docs.get(fname, "")
+            shown = "" if "(default" in doc else f", default {default!r}"  # the doc says what None stands for
+            line = f"  --{name}.{fname} ({_type_name(tp)}{shown})"
             lines.append(f"{line}: {docs[fname]}" if fname in docs else line)
     return "\n".join(lines)

@@ -129,6 +129,13 @@ def test_help_line_format():
     assert "  --knobs.limit (int | None, default None): Optional int." in config_help(Root).splitlines()
 
 
+def test_help_shows_a_default_once_when_the_doc_names_it():
+    from dataprep.config import DataprepConfig
+
+    line = next(x for x in config_help(DataprepConfig).splitlines() if x.startswith("  --workers.num_workers"))
+    assert "default None" not in line and line.endswith("(default: one per CPU present).")
+
+
 def test_dataprep_preset_loads_with_the_shared_loader():
     from dataprep.__main__ import parse_args
 
