@@ -20,6 +20,7 @@ from raylm.errors import ConfigError, DataError
 from raylm.paths import InPath
 from trainer.heldout import flat_metrics, held_out, loss_sums, report
 from trainer.multiple_choice import Task, load_task, score_task, task_name
+from trainer.weights import same_vocabulary
 
 
 @dataclass(kw_only=True)
@@ -73,10 +74,11 @@ def check_unique(names: list[str], option: str) -> None:
 
 
 def open_held_out(path: str, *, tokenizer, max_len: int):
-    """A held-out dataset the model can score: its tokenizer is the model's, its documents start as the model's do
+    """A held-out dataset the model can score: its tokenizer is the model's (the rule training applies,
+    `trainer.weights.same_vocabulary`), its documents start as the model's do
     (`tokenizer.bos_first`), its val rows fit the context."""
     dataset = open_dataset(path)
-    if dataset.manifest["tokenizer"]["sha256"] != tokenizer.sha256:
+    if not same_vocabulary(dataset.tokenizer(), tokenizer):
         raise DataError(f"eval dataset {path} was tokenized with another tokenizer than the model's; make it with "
                         "`python -m dataprep --tokenizer RUN_DIR ...` (the run's or training dataset's tokenizer)")
     if dataset.bos != tokenizer.bos_first:
