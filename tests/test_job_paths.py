@@ -42,6 +42,7 @@ def commands():
     from trainer.__main__ import main as trainer
     from trainer.eval import main as evaluate
     from trainer.export import main as export
+    from trainer.generate import main as generate
     from tune.__main__ import main as tune
 
     absent = "/nonexistent/raylm"  # absolute: refused later, for not existing, never for being relative
@@ -66,6 +67,7 @@ def commands():
         (evaluate, ["--checkpoint", absent, "--data.path", absent, "--out", "r.json"], "--run.out r.json"),
         (export, ["--checkpoint", absent, "--out", "hf/demo"], "--out hf/demo"),
         (export, ["--from-hf", "hf/demo", "--out", f"{absent}/w.pt"], "--from-hf hf/demo"),
+        (generate, ["--checkpoint", "runs/demo", "--prompt", "def"], "--checkpoint runs/demo"),
     ]
 
 

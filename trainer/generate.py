@@ -9,6 +9,7 @@ import torch
 
 from raylm.cli import HelpFormatter, run_cli
 from raylm.errors import ConfigError, DataError
+from raylm.paths import check_job_paths
 from dataprep.tokenizer import load_tokenizer, read_tokenizer_files
 from trainer.model import generate
 from trainer.weights import load_weights
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    check_job_paths(inputs={"--checkpoint": args.checkpoint, "--tokenizer": args.tokenizer}, outputs={})
     weights, tokenizer = load_with_tokenizer(args.checkpoint, args.tokenizer)
     prompt = tokenizer.encode([args.prompt])[0]
     if not 0 < len(prompt) <= weights.cfg.max_seq_len:
