@@ -108,22 +108,31 @@ def select(lines: list[str], patterns: list) -> list[str]:
         if pattern is UNTIL_NEXT:
             pending = True
             continue
-        found = next(i for i in range(at, len(lines)) if re.search(pattern, lines[i]))
+        found = next((i for i in range(at, len(lines)) if re.search(pattern, lines[i])), None)
+        if found is None:  # printed before the previous pattern's line this time (a checkpoint committing is a thread)
+            found = next(i for i in range(len(lines)) if re.search(pattern, lines[i]))
+            out.append(lines[found])
+            continue
         out += lines[at:found] if pending else []
         out.append(lines[found])
         at, pending = found + 1, False
     return out + (lines[at:] if pending else [])
 
 
-def run(command: Command, cwd: pathlib.Path) -> list[str]:
+def run(command: Command, cwd: pathlib.Path, log: pathlib.Path) -> list[str]:
     """Run one README command in `cwd` as a user would (its own local Ray); its output lines, DIR shown as
-    SHOWN_DIR. A failure stops the script with the command's output."""
+    SHOWN_DIR, also kept in `log` (a run of ten minutes is not lost to a pattern that no longer matches: fix SELECT
+    and pass --reuse). A failure stops the script with the command's output."""
+    if log.exists():
+        return log.read_text().splitlines()
     print(f"$ {command.text}", file=sys.stderr, flush=True)
     proc = subprocess.run(python_argv(command), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
     if proc.returncode:
         sys.exit(f"{command.text} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
-    return proc.stdout.replace(str(cwd.resolve()), SHOWN_DIR).replace(str(cwd), SHOWN_DIR).splitlines()
+    shown = proc.stdout.replace(str(cwd.resolve()), SHOWN_DIR).replace(str(cwd), SHOWN_DIR)
+    log.write_text(shown)
+    return shown.splitlines()
 
 
 def main(argv: list[str]) -> int:
@@ -131,16 +140,24 @@ def main(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=pathlib.Path, help="where the commands run and write (default: a new temp dir)")
     p.add_argument("--only", help="comma-separated excerpt names (default: all)")
+    p.add_argument("--reuse", action="store_true", help="take each command's output from DIR/output/ where an "
+                                                         "earlier run of this script left it, instead of running it")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(SELECT)
     text = README.read_text()
     cwd = workdir(args.dir or pathlib.Path(tempfile.mkdtemp(prefix="raylm-readme-")))
+    if args.reuse and not args.dir:
+        p.error("--reuse needs the --dir of an earlier run")
+    (cwd / "output").mkdir(exist_ok=True)
+    if not args.reuse:
+        for old in (cwd / "output").iterdir():
+            old.unlink()
     wanted = {prefix for name in names for prefix in SELECT[name][0]}
     outputs: dict[str, list[str]] = {}
     for command in readme_commands(text):
         prefix = max((w for w in wanted if command.starts(w)), key=len, default=None)
         if prefix is not None and prefix not in outputs:
-            outputs[prefix] = run(command, cwd)
+            outputs[prefix] = run(command, cwd, cwd / "output" / (re.sub(r"\W+", "-", prefix) + ".txt"))
     new = {name: select([line for prefix in SELECT[name][0] for line in outputs[prefix]], SELECT[name][1])
            for name in names}
     README.write_text(replace_excerpts(README.read_text(), new))  # as it is now: it may have been edited meanwhile

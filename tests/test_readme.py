@@ -44,10 +44,10 @@ RUN = {  # command prefix (the longest that matches wins) -> (arguments appended
                                                      "finished; config, metrics.jsonl"),
     "python -m trainer --config configs/sft-demo.toml": ((*SMALL_MODEL, *SHORT_RUN), "finished; config, metrics.jsonl"),
     "python -m trainer.generate": (("--max_new_tokens", "8"), "def"),
-    "python -m trainer.export": ((), "hf/"),
-    "python -m trainer.export --from-hf": ((), "weights.pt"),
-    "python -m trainer.chat": (("--max_new_tokens", "8"), "> "),
-    "python -m trainer.eval": ((), "task"),
+    "python -m trainer.export": ((), "wrote Hugging Face folder hf/"),
+    "python -m trainer.export --from-hf": ((), "wrote raylm weights weights.pt"),
+    "python -m trainer.chat": (("--max_new_tokens", "8"), "model> "),
+    "python -m trainer.eval": ((), "on 2 worker(s):"),
 }
 STDIN = {"python -m trainer.chat": "Write a haiku about rain.\n/quit\n"}
 
@@ -151,3 +151,18 @@ def test_excerpts_have_the_shape_the_programs_print():
     assert len(main) >= 6 and table_lines, shown
     assert [line for line in main + table_lines if shape(line) not in known] == []
     assert GAP in shown["main"]
+
+
+def test_excerpt_regions_are_rewritten_from_the_lines_selected():
+    """benchmarks/readme_excerpts.py's own pieces: lines picked in order (a gap shown, a run of lines up to the next
+    pattern's taken whole, a line printed out of order still found), and only the named region rewritten."""
+    from benchmarks.readme_excerpts import UNTIL_NEXT, replace_excerpts, select
+
+    lines = ["a 1", "noise", "ckpt", "b 2", "sample:", "x", "y", "done"]
+    assert select(lines, [r"^a ", GAP, r"^b ", r"^ckpt", r"^sample:", UNTIL_NEXT, r"^done"]) == \
+        ["a 1", GAP, "b 2", "ckpt", "sample:", "x", "y", "done"]
+    text = "t\n<!-- excerpt: one -->\n```\nold\n```\n<!-- /excerpt -->\n<!-- excerpt: two -->\n```\nkept\n```\n" \
+           "<!-- /excerpt -->\n"
+    new = replace_excerpts(text, {"one": ["n1", "n2"]})
+    assert excerpts(new) == {"one": ["n1", "n2"], "two": ["kept"]}
+    assert new.replace("n1\nn2", "old") == text
