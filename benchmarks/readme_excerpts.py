@@ -82,7 +82,8 @@ def workdir(path: pathlib.Path) -> pathlib.Path:
 def python_argv(command: Command) -> list[str]:
     """The command's argv with its Python (`python`, `.venv/bin/python`) replaced by this one."""
     first, *rest = command.argv
-    return [sys.executable, *rest] if first in ("python", "python3") or first.endswith("/python") else list(command.argv)
+    is_python = first in ("python", "python3") or first.endswith("/python")
+    return [sys.executable, *rest] if is_python else list(command.argv)
 
 
 # Which lines of the commands' output each excerpt shows: patterns matched in order, each taking the first line that
