@@ -7,7 +7,8 @@ import re
 import subprocess
 import time
 
-from benchmarks.readme_excerpts import GAP, README, ROOT, Command, excerpts, python_argv, readme_commands, workdir
+from benchmarks.readme_excerpts import (GAP, README, ROOT, SELECT, SHOWN_DIR, UNTIL_NEXT, Command, excerpts,
+                                        python_argv, readme_commands, workdir)
 
 
 def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
@@ -90,6 +91,7 @@ def test_readme_commands_run_on_cpu(own_ray_env, tmp_path):
 
     cwd = workdir(tmp_path / "checkout")
     env = {**own_ray_env, "PYTHONPATH": str(ROOT)}
+    outputs = {}
     for command, prefix, reason in plan():
         if reason:
             print(f"skipped: {command.text}  ({reason})")
@@ -105,6 +107,8 @@ def test_readme_commands_run_on_cpu(own_ray_env, tmp_path):
         assert "\x1b[" not in output and [line for line in output.splitlines() if RAY_LINE.search(line)] == [], \
             f"{command.text}\n{output[-3000:]}"
         print(f"ran in {time.monotonic() - start:.0f} s: {command.text} {' '.join(extra)}")
+        outputs.setdefault(prefix, output.replace(str(cwd), SHOWN_DIR).splitlines())
+    excerpts_shaped_as_printed(outputs)
 
     # the demo's sample prompt is one a trained model continues (no lone '▁', which training rarely sees)
     prompt = load_config(JobConfig, str(ROOT / "configs" / "demo.toml")).train.sample_prompt
@@ -112,8 +116,28 @@ def test_readme_commands_run_on_cpu(own_ray_env, tmp_path):
     assert prompt and "▁" not in [sp.token_string(i) for i in sp.encode([prompt])[0]]
 
 
+def excerpts_shaped_as_printed(outputs: dict[str, list[str]]) -> None:
+    """Each README excerpt line that the excerpt's pattern (benchmarks/readme_excerpts.py's SELECT) also finds in
+    this reduced run's output has that line's shape: the dataprep summary, the model line and trainer.eval's
+    table as the programs print them today, not as they did when the excerpts were made."""
+    shown, compared = excerpts(README.read_text()), 0
+    for name, (prefixes, patterns) in SELECT.items():
+        printed_now = [line for prefix in prefixes for line in outputs[prefix]]
+        for pattern in patterns:
+            if pattern in (GAP, UNTIL_NEXT):
+                continue
+            now = [shape(line) for line in printed_now if re.search(pattern, line)][:1]
+            if now:
+                readme = [line for line in shown[name] if re.search(pattern, line)][:1]
+                assert [shape(line) for line in readme] == now, (name, pattern)
+                compared += 1
+    assert compared >= 10
+
+
 def shape(line: str) -> str:
-    """A line with its numbers written 9 and runs of spaces as one: what stays when only the figures change."""
+    """A line with its numbers written 9 (node ids H) and runs of spaces as one: what stays when only the figures
+    change."""
+    line = re.sub(r"\b[0-9a-f]{8}\b", "H", line)
     line = re.sub(r" +", " ", re.sub(r"-?\d[\d,]*(\.\d+)?(e[-+]\d+)?", "9", line)).strip()
     return re.sub(r"( -> 9 \(step 9\))+", r"\1", line)  # the validation curve, however many points it has
 
@@ -158,7 +182,7 @@ def test_excerpts_have_the_shape_the_programs_print():
 def test_excerpt_regions_are_rewritten_from_the_lines_selected():
     """benchmarks/readme_excerpts.py's own pieces: lines picked in order (a gap shown, a run of lines up to the next
     pattern's taken whole, a line printed out of order still found), and only the named region rewritten."""
-    from benchmarks.readme_excerpts import UNTIL_NEXT, replace_excerpts, select
+    from benchmarks.readme_excerpts import replace_excerpts, select
 
     lines = ["a 1", "noise", "ckpt", "b 2", "sample:", "x", "y", "done"]
     assert select(lines, [r"^a ", GAP, r"^b ", r"^ckpt", r"^sample:", UNTIL_NEXT, r"^done"]) == \
