@@ -47,7 +47,7 @@ RUN = {  # command prefix (the longest that matches wins) -> (arguments appended
     "python -m trainer --config configs/sft-demo.toml": ((*SMALL_MODEL, *SHORT_RUN), "finished; config, metrics.jsonl"),
     "python -m trainer.generate": (("--max_new_tokens", "8"), "def"),
     "python -m trainer.export": ((), "wrote Hugging Face folder hf/"),
-    "python -m trainer.export --from-hf": ((), "wrote raylm weights weights.pt"),
+    "python -m trainer.export --from-hf": ((), "wrote raylm weights runs/demo.pt"),
     "python -m trainer.chat": (("--max_new_tokens", "8"), "model> "),
     "python -m trainer.eval": ((), "on 2 worker(s):"),
 }
