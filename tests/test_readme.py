@@ -49,7 +49,7 @@ RUN = {  # command prefix (the longest that matches wins) -> (arguments appended
     "python -m trainer.export": ((), "wrote Hugging Face folder hf/"),
     "python -m trainer.export --from-hf": ((), "wrote raylm weights runs/demo.pt"),
     "python -m trainer.chat": (("--max_new_tokens", "8"), "model> "),
-    "python -m trainer.eval": ((), "on 2 worker(s):"),
+    "python -m trainer.eval": ((), "on 1 worker(s):"),
 }
 STDIN = {"python -m trainer.chat": "Write a haiku about rain.\n/quit\n"}
 
