@@ -118,8 +118,9 @@ def test_readme_commands_run_on_cpu(own_ray_env, tmp_path):
 
 def excerpts_shaped_as_printed(outputs: dict[str, list[str]]) -> None:
     """Each README excerpt line that the excerpt's pattern (benchmarks/readme_excerpts.py's SELECT) also finds in
-    this reduced run's output has that line's shape: the dataprep summary, the model line and trainer.eval's
-    table as the programs print them today, not as they did when the excerpts were made."""
+    this reduced run's output has that line's shape: the dataprep summary, the model line, the first log lines and
+    trainer.eval's first line as the programs print them today, not as they did when the excerpts were made (the
+    eval table's rows: test_excerpts_have_the_shape_the_programs_print)."""
     shown, compared = excerpts(README.read_text()), 0
     for name, (prefixes, patterns) in SELECT.items():
         printed_now = [line for prefix in prefixes for line in outputs[prefix]]
