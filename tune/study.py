@@ -98,7 +98,7 @@ def run_trial(config: dict, study: dict) -> None:
 class StudyProgress(Callback):
     """raylm's own lines for a study, instead of Tune's status table (whose CPU column counts only what the trials
     hold themselves, nothing: their Ray Train workers reserve the CPUs) and its TensorBoard hint into Ray's session
-    directory: a line when a trial starts and one when it ends, with what it reached."""
+    directory: a line when a trial starts and one when it ends, with what it reached (or where a Ctrl-C stopped it)."""
 
     def __init__(self, study: dict):
         self.tune, self.seq_len = TuneConfig(**study["tune"]), study["seq_len"]
