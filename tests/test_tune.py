@@ -8,6 +8,7 @@ import glob
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,6 +88,34 @@ def test_killed_grid_study_resumes_and_never_picks_a_diverged_or_tiny_lr(local_r
     assert len(results) == 3 and sorted(rows) == [1e-6, 3e-3, 30.0]
     assert rows[30.0]["status"] == "diverged" and rows[3e-3]["status"] == "completed"
     assert "best: lr 0.003, global batch 8" in out
+
+
+def test_ctrl_c_stops_a_study_that_then_resumes_quietly(local_ray, stdlib_dataset, tmp_path):
+    """Ctrl-C after a trial started: exit 130 with raylm's one line (not Tune's Tuner.restore advice), the trial
+    labelled interrupted, no outputs of a partial study; the resume prints no more of Tune than a first run does,
+    and the trial's whole name (not Tune's, cut at 28 characters in the table) names its run directory too."""
+    tune_dir = tmp_path / "study"
+    args = [*STUDY, "--tune.batch=16", "--tune.lr=3e-3", "--data.path", stdlib_dataset, "--tune.dir", str(tune_dir)]
+    address = local_ray.get_runtime_context().gcs_address
+    first = tune_cli(address, *args)
+    lines = []
+    for line in first.stdout:
+        lines.append(line)
+        if ": started" in line:
+            first.send_signal(signal.SIGINT)
+            break
+    out = "".join(lines) + first.communicate(timeout=120)[0]
+    assert first.returncode == 130, out[-3000:]
+    assert out.strip().splitlines()[-1] == "interrupted: run the same command with --tune.resume to continue", out
+    assert "Tuner.restore" not in out and "interrupted at " in out, out
+    assert not (tune_dir / "best.toml").exists() and not (tune_dir / "results.csv").exists()
+
+    again = tune_cli(address, *args, "--tune.resume")
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0 and "best: lr 0.003, global batch 16" in out, out[-3000:]
+    assert "Configuration for experiment" not in out and "To visualize your results with TensorBoard" not in out, out
+    name = re.search(r"^trial (\S+-lr3\.00e-03-b16): started$", out, re.M)[1]  # whole, in every place it shows
+    assert (tune_dir / "trials" / name).is_dir() and re.search(rf"^{name} +3\.00e-03 +16 ", out, re.M), out
 
 
 @pytest.mark.parametrize("arg, expected", [

@@ -77,7 +77,10 @@ def build_optimizer(model: nn.Module, *, optim: OptimConfig, width_mult: float) 
 
 
 def lr_factor(step: int, *, optim: OptimConfig, total_steps: int) -> float:
-    """Multiplier of the peak LR for the update made at `step` (0-based)."""
+    """Multiplier of the peak LR for the update made at `step` (0-based), a function of the share of the run done
+    once that update is made, (step + 1) / total_steps, in warmup and decay alike (as torchtitan counts): the first
+    update is not wasted at lr 0, the last one is made at the floor, and two runs of different lengths whose warmups
+    are the same share of their steps (a Tune study's trials) have the same lr at the same share of their tokens."""
     if step < optim.warmup_steps:
         return (step + 1) / optim.warmup_steps
     floor = optim.min_lr_ratio
@@ -89,7 +92,7 @@ def lr_factor(step: int, *, optim: OptimConfig, total_steps: int) -> float:
             return 1.0
         progress = (step - decay_start + 1) / max(1, total_steps - decay_start)
         return 1.0 - (1.0 - floor) * min(1.0, progress)
-    progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+    progress = (step + 1 - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 

@@ -4,8 +4,10 @@
                    [--tune.batch 16,32,64] [--tune.budget_tokens T] [--tune.dir DIR] [--tune.resume]
                    [--section.field=value ...]
 
-Trials are compared at equal training tokens; ASHA stops the poor ones early; a diverging trial is recorded as
-"diverged". Writes results.csv, results.png and best.toml (a config `python -m trainer --config` accepts).
+Trials are compared at equal training tokens and on schedules of the same shape (each warms up over
+--tune.warmup_fraction of its steps); ASHA stops the poor ones early; a diverging trial is recorded as "diverged".
+Writes results.csv, results.png and best.toml (a config `python -m trainer --config` accepts). Ctrl-C stops the study
+(exit 130) and writes none of them; the same command with --tune.resume continues it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import sys
 
 from raylm.cli import configure_logging, parse_job_args, run_cli
+from raylm.errors import ConfigError
 from trainer.job import make_paths_absolute
 from tune.config import TuneJobConfig
 
@@ -25,7 +28,10 @@ def main(argv: list[str]) -> int:
     from tune.study import format_table, run_study
 
     job.tune.dir = storage.absolute(job.tune.dir)
-    rows, best = run_study(job)
+    given = {arg.split("=", 1)[0] for arg in argv}
+    if {"--optim.warmup_steps", "--tune.warmup_fraction"} <= given:
+        raise ConfigError("--optim.warmup_steps and --tune.warmup_fraction both set the trials' warmup: give one")
+    rows, best = run_study(job, warmup_steps=job.optim.warmup_steps if "--optim.warmup_steps" in given else None)
     print(format_table(rows, best))
     print(f"best: lr {best['lr']:.3g}, global batch {best['global_batch']} (val loss {best['final_val_loss']:.4f}); "
           f"wrote {job.tune.dir}/results.csv, results.png and best.toml\n"

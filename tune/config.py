@@ -14,6 +14,9 @@ from trainer.model import ModelConfig
 
 SEARCHES = ("random", "optuna")
 
+MAX_WARMUP_FRACTION = 0.5
+"""A trial warming up over more of its tokens than it trains at and after its peak lr would rank warmups, not lrs."""
+
 
 @dataclass(kw_only=True)
 class TuneConfig:
@@ -25,6 +28,14 @@ class TuneConfig:
     """Global batch sizes (sequences) to choose from."""
     budget_tokens: int = 2_000_000
     """Training tokens per trial: trials are compared at equal tokens, not steps."""
+    warmup_fraction: float = 0.1
+    """Each trial warms up over this share of its own steps (its optim.warmup_steps = round(fraction × steps)) and
+    decays over the rest to its last step (optim.schedule: cosine to min_lr_ratio, or wsd's final decay_fraction):
+    trials see the same tokens, so every batch size reaches its peak lr, and every lr, at the same token count. The
+    job's optim.warmup_steps (a preset's, or the default) is the full run's: best.toml keeps it and trials do not use
+    it. An --optim.warmup_steps N given on the study's command line is the trials' warmup instead: N steps of the
+    shortest trial (the largest batch) and the same tokens in every other (fraction = N / its steps), refused when it
+    is more than half of that trial."""
     marks: int = 4
     """Validation points per trial, at equal token counts; ASHA compares trials there."""
     grace_marks: int = 1
@@ -59,6 +70,8 @@ class TuneConfig:
         for name in ("samples", "budget_tokens", "marks", "grace_marks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"tune.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_fraction <= MAX_WARMUP_FRACTION:
+            raise ConfigError(f"tune.warmup_fraction must be in [0, {MAX_WARMUP_FRACTION}], got {self.warmup_fraction}")
         if self.grace_marks > self.marks:
             raise ConfigError(f"tune.grace_marks={self.grace_marks} must be <= tune.marks={self.marks}")
         if self.reduction_factor < 2 or self.max_concurrent < 0 or self.diverge_factor <= 1:

@@ -8,6 +8,7 @@ whose loss diverges ends as "diverged" instead of failing the study.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -15,6 +16,8 @@ import logging
 import math
 import os
 import posixpath
+import signal
+import threading
 
 from ray.tune import Callback
 
@@ -26,7 +29,7 @@ from raylm.config import dump_toml, from_dict, to_dict
 from trainer.data import check_fits
 from trainer.evaluation import check_evaluation, eval_paths
 from trainer.job import JobConfig
-from tune.config import TuneConfig, TuneJobConfig, proxy_model
+from tune.config import MAX_WARMUP_FRACTION, TuneConfig, TuneJobConfig, proxy_model
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,22 @@ def trial_steps(batch: int, seq_len: int, tune: TuneConfig) -> tuple[int, int]:
     return every * tune.marks, every
 
 
+def warmup_fraction(tune: TuneConfig, seq_len: int, warmup_steps: int | None) -> float:
+    """The share of its steps every trial warms up over: tune.warmup_fraction, or `warmup_steps` (an
+    --optim.warmup_steps given on the command line) as steps of the shortest trial, the largest batch's (the
+    others warm up over the same tokens). Refused, before any trial, when that is more than half of the trial."""
+    if warmup_steps is None:
+        return tune.warmup_fraction
+    batch = max(tune.batch)
+    shortest = trial_steps(batch, seq_len, tune)[0]
+    if warmup_steps > MAX_WARMUP_FRACTION * shortest:
+        raise ConfigError(f"--optim.warmup_steps={warmup_steps} is more than half of the shortest trial ({shortest} "
+                          f"steps at global batch {batch}), which would never train at its lr for long: give at most "
+                          f"{int(MAX_WARMUP_FRACTION * shortest)}, or drop it and each trial warms up over "
+                          f"--tune.warmup_fraction={tune.warmup_fraction:g} of its steps")
+    return warmup_steps / shortest
+
+
 def trial_job(config: dict, study: dict, run_dir: str) -> JobConfig:
     """The training job of one trial: the study's job with the trial's lr and batch, sized to the token budget."""
     job, tune = from_dict(JobConfig, study["job"]), TuneConfig(**study["tune"])
@@ -49,6 +68,7 @@ def trial_job(config: dict, study: dict, run_dir: str) -> JobConfig:
     if tune.proxy_dim:
         job.model = proxy_model(job.model, tune.proxy_dim)
     job.train.steps, job.train.eval_every = trial_steps(config["batch"], study["seq_len"], tune)
+    job.optim.warmup_steps = round(tune.warmup_fraction * job.train.steps)  # the decay spans the rest of its steps
     job.train.log_every = job.checkpoint.every = job.train.eval_every  # every report carries val_loss
     job.train.max_loss = tune.diverged_loss(study["vocab_size"])
     job.train.sample_prompt = ""
@@ -78,16 +98,28 @@ def run_trial(config: dict, study: dict) -> None:
 class StudyProgress(Callback):
     """raylm's own lines for a study, instead of Tune's status table (whose CPU column counts only what the trials
     hold themselves, nothing: their Ray Train workers reserve the CPUs) and its TensorBoard hint into Ray's session
-    directory: a line when a trial starts and one when it ends, with what it reached."""
+    directory: a line when a trial starts and one when it ends, with what it reached (or where a Ctrl-C stopped it)."""
 
     def __init__(self, study: dict):
         self.tune, self.seq_len = TuneConfig(**study["tune"]), study["seq_len"]
 
+    running = frozenset()
+    """Ids of the trials started and not ended. A class default: Tune gives a resumed study back the callbacks it
+    pickled when the study began, which for a study begun by an earlier raylm lack it."""
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        print(f"trial {trial}: started, lr {trial.config['lr']:.2e}, global batch {trial.config['batch']}",
-              flush=True)
+        self.running = self.running | {trial.trial_id}
+        print(f"trial {trial}: started", flush=True)
+
+    def on_experiment_end(self, trials, **info):
+        """After a Ctrl-C, the trials it stopped: Tune ends them without on_trial_complete."""
+        for trial in trials:
+            if INTERRUPTED.is_set() and trial.trial_id in self.running:
+                print(f"trial {trial}: interrupted at {(trial.last_result or {}).get('tokens', 0):,} tokens",
+                      flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running = self.running - {trial.trial_id}
         last, batch = trial.last_result or {}, trial.config["batch"]
         planned = trial_steps(batch, self.seq_len, self.tune)[0] * batch * self.seq_len
         status = ("diverged" if last.get("diverged") else "completed" if last.get("tokens", 0) >= planned
@@ -96,9 +128,46 @@ class StudyProgress(Callback):
               f"{last.get('val_loss', math.nan):.4f}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.running = self.running - {trial.trial_id}
         user_error = trial_user_error(trial)  # e.g. workers that found no room to start
         why = f": {user_error}" if user_error else f"; its logs are under {trial.path}"
         print(f"trial {trial}: failed{why}", flush=True)
+
+
+def trial_name(trial) -> str:
+    """A trial's name, and its directory's (in Tune's study and under trials/): whole and short, where Tune's own
+    (trainable, id, then its parameters cut at 130 characters and a date) is cut mid-word in a table."""
+    return f"{trial.trial_id}-lr{trial.config['lr']:.2e}-b{trial.config['batch']}"
+
+
+INTERRUPTED = threading.Event()
+"""Set by a Ctrl-C of the study. A signal is the process's; StudyProgress reads it by name, since a resumed study
+gets its callbacks back from Tune's pickled state, not from this process."""
+
+RESUME = "run the same command with --tune.resume to continue"
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Ctrl-C (SIGINT) ends the study as Tune's own handler would (sent on as SIGUSR1: its state saved once more,
+    the trials stopped) and is remembered in INTERRUPTED, with Tune's closing lines (its `Tuner.restore(...)` advice
+    among them) dropped: the study says how to resume. A second Ctrl-C stops waiting for that."""
+    def on_sigint(sig, frame):
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt(RESUME)
+        INTERRUPTED.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    tune_log = logging.getLogger("ray.tune.tune")
+    closing = lambda record: not INTERRUPTED.is_set()  # noqa: E731 - a logging filter
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read as the run starts: SIGINT stays ours
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    tune_log.addFilter(closing)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        tune_log.removeFilter(closing)
 
 
 def trial_user_error(trial):
@@ -130,14 +199,14 @@ def build_tuner(job: TuneJobConfig, *, seq_len: int, vocab_size: int, tasks: lis
                   "trials_dir": storage.join(cfg.dir, "trials"), "tasks": tasks}  # parameters, not the search space
     trainable = raytune.with_resources(raytune.with_parameters(run_trial, study=study_spec), TRIAL_DRIVER)
     exists = raytune.Tuner.can_restore(study, storage_filesystem=fs)
+    if not verbose():  # Tune's newer console output prints its header and a TensorBoard hint even when silent
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if cfg.resume:
         if not exists:
             raise ConfigError(f"--tune.resume: {cfg.dir} holds no study to resume; drop --tune.resume to start one")
         return raytune.Tuner.restore(study, trainable, resume_unfinished=True, storage_filesystem=fs)
     if exists:
         raise ConfigError(f"{cfg.dir} already holds a study: add --tune.resume to continue it, or pick another --tune.dir")
-    if not verbose():  # Tune's newer console output prints its header and a TensorBoard hint even when silent
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid = cfg.lr_grid
     param_space = {
         "lr": raytune.grid_search(grid) if grid else raytune.loguniform(*cfg.lr_range),
@@ -149,6 +218,7 @@ def build_tuner(job: TuneJobConfig, *, seq_len: int, vocab_size: int, tasks: lis
         param_space=param_space,
         tune_config=raytune.TuneConfig(
             metric="val_loss", mode="min", num_samples=1 if grid else cfg.samples,  # training is deterministic
+            trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             search_alg=search_algorithm(cfg, cfg.max_concurrent or concurrent_trials(job)),
             scheduler=ASHAScheduler(time_attr="tokens", max_t=mark_tokens * cfg.marks,
                                     grace_period=mark_tokens * cfg.grace_marks, reduction_factor=cfg.reduction_factor),
@@ -250,10 +320,11 @@ def transfer_note(job: TuneJobConfig) -> str:
 
 
 def format_table(rows: list[dict], best: dict) -> str:
-    lines = [f"{'trial':28s} {'lr':>9s} {'batch':>5s} {'tokens':>10s} {'final val':>9s} {'best val':>9s}  status"]
+    width = max(len("trial"), *(len(r["trial"]) for r in rows))
+    lines = [f"{'trial':{width}s} {'lr':>9s} {'batch':>5s} {'tokens':>10s} {'final val':>9s} {'best val':>9s}  status"]
     for r in rows:
         mark = "  <- best" if r is best else ""
-        lines.append(f"{r['trial'][:28]:28s} {r['lr']:9.2e} {r['global_batch']:5d} {r['tokens']:10,d} "
+        lines.append(f"{r['trial']:{width}s} {r['lr']:9.2e} {r['global_batch']:5d} {r['tokens']:10,d} "
                      f"{r['final_val_loss']:9.4f} {r['best_val_loss']:9.4f}  {r['status']}{mark}")
     return "\n".join(lines)
 
@@ -277,8 +348,11 @@ def require_state_api() -> None:
                           "start it with ray[default] installed and without --include-dashboard=false")
 
 
-def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
-    """Run (or resume) the study; returns its rows and the best one, with the outputs written."""
+def run_study(job: TuneJobConfig, *, warmup_steps: int | None = None) -> tuple[list[dict], dict]:
+    """Run (or resume) the study; returns its rows and the best one, with the outputs written. `warmup_steps`: an
+    --optim.warmup_steps given on the command line (see TuneConfig.warmup_fraction). A study stopped by Ctrl-C
+    raises KeyboardInterrupt with how to resume it, and writes nothing: results of a partial study are not its
+    results."""
     where = {"--data.path": job.data.path, "--tune.dir": job.tune.dir, **eval_paths(job.eval)}
     for path in where.values():
         storage.check_bucket(path)
@@ -291,6 +365,7 @@ def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
         except ConfigError as exc:
             raise ConfigError(f"--tune.batch {batch}: {exc}") from None
     mark = job.tune.mark_tokens(dataset.seq_len)  # refuses a budget too small for every batch size, before Ray starts
+    job.tune.warmup_fraction = warmup_fraction(job.tune, dataset.seq_len, warmup_steps)
     init_ray(log_to_driver=verbose())  # trials' lines would interleave; the study prints a line per trial
     if not verbose():  # a trial's user error is its one line (StudyProgress), not Tune's traceback of it
         from ray.tune.execution import tune_controller
@@ -304,7 +379,11 @@ def run_study(job: TuneJobConfig) -> tuple[list[dict], dict]:
     proxy = f" at proxy width {job.tune.proxy_dim}" if job.tune.proxy_dim else ""
     print(f"study in {job.tune.dir}: {mark * job.tune.marks:,} training tokens a trial{proxy}, validated every "
           f"{mark:,}; each trial's curves: tensorboard --logdir {storage.join(job.tune.dir, 'trials')}", flush=True)
-    rows = summarize(tuner.fit(), job.tune, dataset.seq_len)
+    with interruptible():
+        results = tuner.fit()
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt(RESUME)
+    rows = summarize(results, job.tune, dataset.seq_len)
     best = best_row(rows)
     write_outputs(job, rows, best, vocab_size=dataset.vocab_size)
     return rows, best
