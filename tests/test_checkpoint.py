@@ -229,5 +229,5 @@ def test_a_finished_run_says_so_and_a_longer_one_continues(stdlib_dataset, tmp_p
     assert "optim.lr is 0.001 in this run, 0.003 in the checkpoint: 0.001 applies from step 11" in caplog.text
     lr = {m["step"]: m["lr"] for m in metrics(run_dir) if "lr" in m}
     changed = OptimConfig(lr=1e-3, warmup_steps=5, schedule="constant")  # as COMMON sets them, with the new peak
-    # the lr a line shows is the one the next update uses (0-based update 11 after step 11)
-    assert lr[11] == pytest.approx(1e-3 * lr_factor(11, optim=changed, total_steps=15), rel=1e-9)
+    # the lr a line shows is the one its step's update used: step 11 is 0-based update 10, the first of the resume
+    assert lr[11] == pytest.approx(1e-3 * lr_factor(10, optim=changed, total_steps=15), rel=1e-9)

@@ -102,3 +102,29 @@ def test_a_writer_that_cannot_keep_up_drops_lines_with_a_warning_and_never_block
     dropped = [r.getMessage() for r in caplog.records if "log lines late" in r.getMessage()]
     assert dropped and len(written) + len(dropped) == len(lines), (len(written), dropped)
     assert written == [m for m in lines if f"step {m['step']} is dropped" not in " ".join(dropped)]
+
+
+def test_a_log_line_shows_the_lr_its_own_step_used(tmp_path):
+    """Step N's line carries the lr of update N (0-based N - 1), not the next one's: two trials logging at the same
+    token mark then show the same point of their schedules, and the last line shows the floor the run ended at."""
+    from dataprep.__main__ import main as dataprep
+    from helpers import jsonl_corpus, run_captured
+    from trainer.__main__ import main as trainer
+    from trainer.optim import OptimConfig, lr_factor
+
+    jsonl_corpus(tmp_path / "corpus", files=2, lines=40)
+    code, _, err = run_captured(dataprep, ["--input", tmp_path / "corpus", "--output", tmp_path / "ds", "--vocab-size",
+                                           "320", "--seq-len", "32", "--val-fraction", "0", "--workers.local=true"])
+    assert code == 0, err
+    optim = OptimConfig(lr=1e-3, warmup_steps=3, schedule="cosine")
+    code, _, err = run_captured(trainer, [
+        "--no-ray", "--config", "configs/tiny.toml", "--data.path", str(tmp_path / "ds"), "--run.dir",
+        str(tmp_path / "run"), "--train.steps=6", "--train.log_every=1", "--train.global_batch=2",
+        "--train.micro_batch=2", "--train.eval_every=0", "--train.eval_rows=0", "--train.sample_prompt=",
+        f"--optim.lr={optim.lr}", f"--optim.warmup_steps={optim.warmup_steps}", "--optim.schedule=cosine"])
+    assert code == 0, err
+    logged = {m["step"]: m["lr"] for m in read_metrics(str(tmp_path / "run")) if "lr" in m}
+    assert list(logged) == [1, 2, 3, 4, 5, 6]
+    for step, lr in logged.items():
+        assert lr == optim.lr * lr_factor(step - 1, optim=optim, total_steps=6), step
+    assert logged[6] == optim.lr * optim.min_lr_ratio

@@ -358,6 +358,7 @@ class Trainer:
                 after_backward=notice_fault(self.job.fault, run_dir=self.job.run.dir, step=step + 1, rank=self.d.rank))
             self.note_nonfinite(finite, norm, step + 1)
             window_loss += loss
+            lr = self.scheduler.get_last_lr()[0]  # the lr this step's update used (a host float: no sync)
             self.scheduler.step()
             done = step + 1
             preempted = self.preemption.agreed() and done < self.job.train.steps
@@ -367,7 +368,7 @@ class Trainer:
             if done % self.job.train.log_every == 0 or self.is_eval_step(done) or preempted:
                 steps = done - last_logged  # a preempted run logs its last, shorter window too
                 history.append(self.log_step(done, window_loss / steps, norm, time.perf_counter() - window, steps,
-                                             last=preempted or done == self.job.train.steps))
+                                             lr=lr, last=preempted or done == self.job.train.steps))
                 window, last_logged = time.perf_counter(), done
                 window_loss.zero_()
             if preempted:
@@ -426,7 +427,7 @@ class Trainer:
         return step == self.job.train.steps or (every > 0 and step % every == 0)
 
     def log_step(self, step: int, loss: torch.Tensor, norm: torch.Tensor, elapsed: float, steps: int, *,
-                 last: bool) -> dict:
+                 lr: float, last: bool) -> dict:
         """Metrics of the `steps` steps since the last log step: `loss` is their mean training loss (one step's loss
         swings far more than the trend it is read for), the rates are over the window, grad_norm is the last step's.
         At the last step (the run's, or a preempted run's) the final checkpoint's commit is waited for first (and
@@ -443,7 +444,7 @@ class Trainer:
         step_time = elapsed / steps
         tokens_per_s = self.tokens_per_step / step_time
         m = {
-            "step": step, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": norm.item(),
+            "step": step, "loss": mean_loss, "lr": lr, "grad_norm": norm.item(),
             "tokens": step * self.tokens_per_step, "tokens_per_s": tokens_per_s, "step_time_s": step_time,
             "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.d.world), "workers": self.d.world,
             "data_wait_share": self.loader.take_wait() / elapsed, "peak_mem_gib": peak_memory_gib(self.d.device),
