@@ -50,6 +50,7 @@ RUN = {  # command prefix (the longest that matches wins) -> (arguments appended
     "python -m trainer.export --from-hf": ((), "wrote raylm weights runs/demo.pt"),
     "python -m trainer.chat": (("--max_new_tokens", "8"), "model> "),
     "python -m trainer.eval": ((), "on 1 worker(s):"),
+    "python -m tune": (("--tune.budget_tokens", "20480"), "best: lr "),
 }
 STDIN = {"python -m trainer.chat": "Write a haiku about rain.\n/quit\n"}
 
