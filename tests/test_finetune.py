@@ -250,7 +250,7 @@ def test_instruction_tuning_from_a_pretrained_run(local_ray, tmp_path, capsys):
     model = ["--config", "configs/tiny.toml", "--train.global_batch=16", "--train.micro_batch=16",
              "--train.sample_prompt=", "--train.log_every=50", "--train.eval_every=0", "--checkpoint.every=0"]
     steps = {"pre": ["--train.steps=100", "--optim.lr=5e-3", "--optim.warmup_steps=10"],
-             "sft": ["--train.steps=500", "--optim.lr=1e-2", "--optim.warmup_steps=10",
+             "sft": ["--train.steps=500", "--optim.lr=5e-3", "--optim.warmup_steps=10",
                      f"--checkpoint.resume_from={tmp_path / 'pre'}", "--checkpoint.load_weights_only=true"]}
     code, _, err = run_captured(dataprep, ["--input", tmp_path / "corpus", "--output", tmp_path / "text",
                                            "--vocab-size", "320", "--seq-len", "64"])
