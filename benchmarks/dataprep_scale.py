@@ -40,7 +40,7 @@ from dataprep.__main__ import parse_args
 from dataprep.pipeline import run
 from dataprep.sample import sample_lines
 from dataprep.sources import Part, read_documents
-from dataprep.tokenizer import load_tokenizer, train_tokenizer
+from raylm.tokenizer import load_tokenizer, train_tokenizer
 from dataprep.worker import ENCODE_CHARS
 
 MB = 2**20

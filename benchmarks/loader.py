@@ -29,8 +29,8 @@ import tracemalloc
 import numpy as np
 
 from benchmarks.moto_s3 import start_moto
-from dataprep.dataset import Split
-from dataprep.shards import ShardWriter, rows_per_batch
+from raylm.dataset import Split, rows_per_batch
+from raylm.shard_writer import ShardWriter
 from trainer.data import EpochOrder
 
 BUCKET, SEED, VOCAB = "raylm-bench", 0, 32_000

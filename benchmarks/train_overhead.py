@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from dataprep import open_dataset
+from raylm.dataset import open_dataset
 from trainer.data import BatchPlan, StepLoader
 from trainer.metrics import cpu_peak_flops, read_metrics
 from trainer.model import ModelConfig, Transformer

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 
 from dataprep.sources import BadRecord, Record
-from dataprep.tokenizer import Tokenizer, render_chat
+from raylm.chat_template import forged_marker, segments
+from raylm.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -50,30 +51,6 @@ def conversation(record: Record) -> list[dict] | BadRecord:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def forged_marker(tokenizer: Tokenizer, messages: list[dict]) -> str | None:
-    """A special token's text found inside a message (it would be read as structure, not text), if any."""
-    specials = tokenizer.special_strings()
-    return next((s for m in messages for s in specials if s in m["content"]), None)
-
-
-def segments(tokenizer: Tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
-    """The rendered conversation cut into (text, carries loss) pieces: each assistant turn is a piece of its own."""
-    pieces, done = [], ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-        with_reply = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False)
-        if not prompt.startswith(done) or not with_reply.startswith(prompt):
-            raise ValueError("the template does not render a conversation as its earlier turns plus the new one")
-        pieces += [(prompt[len(done):], False), (with_reply[len(prompt):], True)]
-        done = with_reply
-    whole = render_chat(tokenizer, messages, add_generation_prompt=False)
-    if not whole.startswith(done):
-        raise ValueError("the template does not render a conversation as its earlier turns plus the new one")
-    return pieces + [(whole[len(done):], False)]
-
-
 def tokenize(tokenizer: Tokenizer, record: Record) -> Example | BadRecord:
     """The record as token ids and loss flags, or why it cannot be used."""
     messages = conversation(record)
@@ -100,13 +77,3 @@ def tokenize(tokenizer: Tokenizer, record: Record) -> Example | BadRecord:
     if tokenizer.bos_first and tokens[:1] != [tokenizer.bos_id]:  # a template that renders BOS keeps just its own
         tokens, loss = [tokenizer.bos_id] + tokens, [False] + loss
     return Example(record.key, tokens, loss)
-
-
-def reply_end(tokenizer: Tokenizer) -> int:
-    """The token the chat template closes an assistant reply with (where generation stops)."""
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
-    prompt = render_chat(tokenizer, messages[:1], add_generation_prompt=True)
-    reply = render_chat(tokenizer, messages, add_generation_prompt=False)[len(prompt):]
-    after = reply[reply.index("Yes") + len("Yes"):]
-    ids = tokenizer.encode_rendered(after) if after else []
-    return ids[0] if ids else tokenizer.eos_id

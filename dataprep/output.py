@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.fs as pafs
 
-from dataprep.dataset import MANIFEST, read_manifest
-from dataprep.tokenizer import TOKENIZER_FILES
+from raylm.dataset import MANIFEST, read_manifest
+from raylm.tokenizer import TOKENIZER_FILES
 from dataprep.units import Unit
 from raylm import storage
 from raylm.lease import LEASE

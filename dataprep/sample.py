@@ -8,7 +8,7 @@ same lines, so the same tokenizer.
 from __future__ import annotations
 
 from dataprep.sources import Document, Part, read_documents
-from dataprep.tokenizer import train_tokenizer
+from raylm.tokenizer import train_tokenizer
 from dataprep.worker import split_hash
 from raylm.errors import DataError
 from raylm.storage import FileEntry

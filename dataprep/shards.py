@@ -1,105 +1,20 @@
-"""Packing a unit's documents into fixed-length rows, streamed into Arrow IPC shard files.
+"""Packing a unit's documents into fixed-length rows, streamed into shard files (`raylm.shard_writer`).
 
 Rows are `seq_len + 1` tokens so a row gives both inputs and shifted targets. Documents are packed end to end (each
 ends in EOS), with no padding; the unit's partial last row of each split is dropped and counted. Chat examples are
 packed whole, with the example index and loss mask beside the tokens (`ExamplePacker`). Shards are written
 as they fill, a record batch at a time, so a unit's memory is one batch of rows however big its input is. A shard
-is written under an attempt name of its own (`storage.temporary_name`) and appears under its final name only when
-its unit is committed (`publish`: local, renamed; S3, copied), after the unit has checked that its run still holds
-the output; a unit given up deletes only its own attempts, never a shard another attempt (a re-run beside a
-straggler) finished. Its sha256 is computed on the bytes as written.
+appears under its final name only when its unit is committed (`publish`: local, renamed; S3, copied), after the
+unit has checked that its run still holds the output; a unit given up deletes only its own attempts, never a shard
+another attempt (a re-run beside a straggler) finished.
 """
 
 from __future__ import annotations
 
-import hashlib
-import posixpath
-
 import numpy as np
-import pyarrow as pa
 
-from raylm import storage
-
-BATCH_BYTES = 1 << 20
-"""Target size of one record batch: the unit of a ranged read on S3."""
-
-
-def shard_schema(dtype: np.dtype, row_len: int) -> pa.Schema:
-    return pa.schema([pa.field("tokens", pa.list_(pa.from_numpy_dtype(dtype), row_len))])
-
-
-def rows_per_batch(row_len: int, dtype: np.dtype) -> int:
-    return max(1, BATCH_BYTES // (row_len * dtype.itemsize))
-
-
-class _HashingSink:
-    """A writable file that hashes and counts what passes through it to the real output stream."""
-
-    def __init__(self, raw):
-        self.raw, self.sha, self.size, self.closed = raw, hashlib.sha256(), 0, False
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.raw.write(data)
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        pass
-
-    def writable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class ShardWriter:
-    """One Arrow IPC file (random-access format, uncompressed so it can be memory-mapped), written batch by batch."""
-
-    def __init__(self, out_dir: str, name: str, dtype: np.dtype, row_len: int):
-        self.name, self.rows, self.row_len = name, 0, row_len
-        self.schema = shard_schema(dtype, row_len)
-        path = storage.join(out_dir, name)
-        self._fs, self._path = storage.filesystem(path)
-        self._tmp = storage.temporary_name(self._path)
-        self._fs.create_dir(posixpath.dirname(self._path), recursive=True)
-        self._raw = self._fs.open_output_stream(self._tmp, compression=None)
-        self._sink = _HashingSink(self._raw)
-        self._file = pa.PythonFile(self._sink, mode="w")
-        self._writer = pa.ipc.new_file(self._file, self.schema)
-
-    def write(self, rows: np.ndarray) -> None:
-        """Append one record batch of rows (shape (n, row_len))."""
-        flat = pa.array(rows.reshape(-1))
-        self._writer.write_batch(pa.record_batch([pa.FixedSizeListArray.from_arrays(flat, self.row_len)],
-                                                 schema=self.schema))
-        self.rows += len(rows)
-
-    def discard(self) -> None:
-        """Give up the file, open or finished but not published: its attempt is deleted (on S3 the stream can only be
-        completed, then deleted)."""
-        self._raw.close()
-        self._fs.delete_file(self._tmp)
-
-    def close(self) -> dict:
-        """Finish and publish the file; its manifest entry."""
-        entry = self.finish()
-        self.publish()
-        return entry
-
-    def finish(self) -> dict:
-        """Finish the file under its attempt name and return its manifest entry."""
-        self._writer.close()
-        self._file.close()
-        self._raw.close()
-        return {"file": self.name, "rows": self.rows, "bytes": self._sink.size, "sha256": self._sink.sha.hexdigest()}
-
-    def publish(self) -> None:
-        """Give the finished file its final name."""
-        self._fs.move(self._tmp, self._path)
+from raylm.dataset import PLANES, rows_per_batch
+from raylm.shard_writer import ShardWriter
 
 
 class RowSink:
@@ -203,11 +118,6 @@ class SplitPacker:
         if full:
             self.sink.add(stream[:full * self.row_len].reshape(full, self.row_len))
         self._pending, self._pending_len = [stream[full * self.row_len:]], len(stream) - full * self.row_len
-
-
-PLANES = ("tokens", "example", "loss")
-"""The planes of a row of chat data, each `seq_len + 1` long: token ids; the example each position belongs to (1, 2,
-… within the row, 0 for padding); whether the token at that position is a target that carries loss."""
 
 
 class ExamplePacker:

@@ -27,7 +27,7 @@ import pyarrow as pa
 from dataprep import chat
 from dataprep.shards import ExamplePacker, SplitPacker
 from dataprep.sources import BadRecord, Document, read_documents, read_records
-from dataprep.tokenizer import load_tokenizer, token_dtype
+from raylm.tokenizer import load_tokenizer, token_dtype
 from dataprep.output import SPLITS, progress_path
 from dataprep.units import Unit
 from raylm import storage

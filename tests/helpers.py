@@ -220,9 +220,9 @@ def write_packed_dataset(root, tokenizer, splits: dict[str, dict[str, list[str]]
     into rows of seq_len + 1 of its own (the partial last row dropped) in a shard of its own."""
     import numpy as np
 
-    from dataprep.dataset import FORMAT, FORMAT_VERSION, MANIFEST
-    from dataprep.shards import ShardWriter, rows_per_batch
-    from dataprep.tokenizer import token_dtype, write_tokenizer_files
+    from raylm.dataset import FORMAT, FORMAT_VERSION, MANIFEST, rows_per_batch
+    from raylm.shard_writer import ShardWriter
+    from raylm.tokenizer import token_dtype, write_tokenizer_files
 
     root.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)

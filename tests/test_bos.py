@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from dataprep import open_dataset
+from raylm.dataset import open_dataset
 from dataprep.chat import tokenize as tokenize_chat
 from dataprep.sources import Record
-from dataprep.tokenizer import load_tokenizer, read_tokenizer_files, train_tokenizer
+from raylm.tokenizer import load_tokenizer, read_tokenizer_files, train_tokenizer
 from helpers import TINY, hf_tokenizer_dir, run_captured, write_packed_dataset
 
 transformers = pytest.importorskip("transformers")

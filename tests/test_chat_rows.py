@@ -46,8 +46,8 @@ def chats(folder, *, long_prompt_words: int) -> None:
 def test_dataprep_drops_a_conversation_whose_prompt_fills_the_row(tmp_path, overlong):
     """End to end without Ray: counted in the manifest and the summary, and every written row has a loss token."""
     from dataprep.__main__ import main
-    from dataprep.dataset import open_dataset
-    from dataprep.tokenizer import train_tokenizer
+    from raylm.dataset import open_dataset
+    from raylm.tokenizer import train_tokenizer
 
     text = [" ".join(WORDS[(i * k) % 15] for k in range(1, 20)) for i in range(200)] + ["what follows and more?"] * 20
     (tmp_path / "chat.model").write_bytes(train_tokenizer(text, vocab_size=320, num_threads=1))

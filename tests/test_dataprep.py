@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from helpers import dataset_files, driver_env, hf_tokenizer_dir, jsonl_corpus, run_captured, upload_dir
-from dataprep import open_dataset
+from raylm.dataset import open_dataset
 from dataprep.__main__ import main
 from raylm import storage
 

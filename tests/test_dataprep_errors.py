@@ -170,7 +170,7 @@ def test_chat_data_needs_a_chat_tokenizer_and_jsonl_before_any_work(tmp_path):
 
     import sentencepiece as spm
 
-    from dataprep.tokenizer import TRAINER_OPTIONS, train_tokenizer
+    from raylm.tokenizer import TRAINER_OPTIONS, train_tokenizer
 
     chats = tmp_path / "chats"
     chats.mkdir()

@@ -13,7 +13,7 @@ import time
 import uuid
 
 from helpers import jsonl_corpus, run_captured, wait_for
-from dataprep import open_dataset
+from raylm.dataset import open_dataset
 from dataprep.__main__ import main
 from raylm import storage
 from raylm.lease import LEASE

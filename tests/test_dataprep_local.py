@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from helpers import dataset_files, run_captured
-from dataprep import open_dataset
+from raylm.dataset import open_dataset
 from dataprep.__main__ import main
 
 STDLIB_20 = ["--max-files", "20", "--vocab-size", "512", "--seq-len", "64", "--val-fraction", "0.2",

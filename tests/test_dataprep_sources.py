@@ -10,9 +10,9 @@ import re
 import numpy as np
 import pytest
 
-from dataprep import open_dataset
+from raylm.dataset import open_dataset
 from dataprep.__main__ import main
-from dataprep.dataset import PackedDataset
+from raylm.dataset import PackedDataset
 from dataprep.pipeline import source_names
 from helpers import dataset_files, run_captured
 from raylm.errors import ConfigError

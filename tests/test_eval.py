@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataprep import open_dataset
-from dataprep.tokenizer import load_tokenizer, train_tokenizer
+from raylm.dataset import open_dataset
+from raylm.tokenizer import load_tokenizer, train_tokenizer
 from helpers import TINY, driver_env, metrics, run_captured, write_packed_dataset
 from raylm.errors import DataError
 from trainer.heldout import held_out, loss_sums, report
@@ -63,7 +63,7 @@ def test_bits_per_byte_is_the_nll_over_ln2_times_the_bytes_of_the_targets(tokeni
 
 def test_each_token_counts_the_bytes_it_stands_for(tokenizer, tmp_path):
     from helpers import hf_tokenizer_dir
-    from dataprep.tokenizer import read_tokenizer_files
+    from raylm.tokenizer import read_tokenizer_files
 
     texts = ["def f(x):\n\treturn x ** 2  # naïve café 数字 ▁ \U0001F600", "  spaces   and\n\nnewlines",
              "<|end|> x"]

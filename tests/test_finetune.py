@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from helpers import MIXED_DOCS, hf_tokenizer_dir, instruction_task, metrics, run_captured
-from dataprep.chat import reply_end, tokenize
+from dataprep.chat import tokenize
+from raylm.chat_template import reply_end
 from dataprep.shards import ExamplePacker
 from dataprep.sources import BadRecord, Record
-from dataprep.tokenizer import CHAT_MARKERS, RAYLM_CHAT_NAME, load_tokenizer, read_tokenizer_files, train_tokenizer
+from raylm.tokenizer import CHAT_MARKERS, RAYLM_CHAT_NAME, load_tokenizer, read_tokenizer_files, train_tokenizer
 from trainer.model import ModelConfig, Transformer
 from trainer.loss import count_loss_tokens, lm_loss, masked_loss_sum, unpack
 from trainer.train import loss_tokens
@@ -42,7 +43,7 @@ def small_model(**overrides) -> Transformer:
 
 def chat_rows(examples: list[tuple[list[int], list[bool]]], tmp_path, *, positions: int) -> torch.Tensor:
     """Examples packed by dataprep's packer, read back as (rows, 3, positions) int64."""
-    from dataprep.dataset import Split
+    from raylm.dataset import Split
 
     packer = ExamplePacker(str(tmp_path), "rows", positions, 100, np.dtype(np.uint16), pad_id=2, overlong="truncate")
     for tokens, loss in examples:
@@ -99,7 +100,7 @@ def test_a_template_that_refuses_a_conversation_makes_it_a_bad_record(hf, sp):
 
     import sentencepiece as spm
 
-    from dataprep.tokenizer import TRAINER_OPTIONS
+    from raylm.tokenizer import TRAINER_OPTIONS
 
     strict = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
               "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
@@ -124,7 +125,7 @@ def test_a_template_that_refuses_a_conversation_makes_it_a_bad_record(hf, sp):
 def _folder_of(tokenizer) -> str:
     import tempfile
 
-    from dataprep.tokenizer import write_tokenizer_files
+    from raylm.tokenizer import write_tokenizer_files
 
     folder = tempfile.mkdtemp()
     write_tokenizer_files(tokenizer.files, folder)

@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dataprep.dataset import Split
-from dataprep.shards import ShardWriter, shard_schema
+from raylm.dataset import Split, shard_schema
+from raylm.shard_writer import ShardWriter
 from raylm.errors import DataError
 
 ROW_LEN, ROWS_PER_BATCH = 9, 4

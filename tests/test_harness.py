@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataprep.tokenizer import load_tokenizer, train_tokenizer
+from raylm.tokenizer import load_tokenizer, train_tokenizer
 from raylm.errors import ConfigError
 from trainer.model import ModelConfig, Transformer, generate
 from trainer.multiple_choice import load_task, score_requests, score_task

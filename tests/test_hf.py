@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import run_captured
-from dataprep.tokenizer import encode_exact, load_tokenizer, train_tokenizer
+from raylm.tokenizer import encode_exact, load_tokenizer, train_tokenizer
 from trainer.model import ModelConfig, Transformer, generate
 from trainer.weights import Weights, load_weights, save_weights
 
@@ -64,7 +64,7 @@ def test_hf_tokenizer_matches_sentencepiece(tmp_path, sp_model, chat):
 
         import sentencepiece as spm
 
-        from dataprep.tokenizer import TRAINER_OPTIONS
+        from raylm.tokenizer import TRAINER_OPTIONS
 
         lines, model = [l for t in TEXT * 40 for l in t.split("\n") if l], io.BytesIO()
         options = {k: v for k, v in TRAINER_OPTIONS.items() if k != "control_symbols"}
@@ -164,9 +164,9 @@ def write_dataset(root, sp_model: bytes, *, seq_len: int = 32, train_rows: int =
     in EOS, packed end to end (repeated as needed) into rows of seq_len + 1 tokens."""
     import numpy as np
 
-    from dataprep.dataset import FORMAT, FORMAT_VERSION, MANIFEST
-    from dataprep.shards import ShardWriter, rows_per_batch
-    from dataprep.tokenizer import sha256, token_dtype
+    from raylm.dataset import FORMAT, FORMAT_VERSION, MANIFEST, rows_per_batch
+    from raylm.shard_writer import ShardWriter
+    from raylm.tokenizer import sha256, token_dtype
 
     sp = processor(sp_model)
     dtype = token_dtype(sp.vocab_size())
@@ -212,7 +212,7 @@ def test_a_run_from_a_hugging_face_folder_trains_exports_and_resumes(tmp_path, s
     import numpy as np
     import torch.nn.functional as F
 
-    from dataprep import open_dataset
+    from raylm.dataset import open_dataset
     from helpers import TINY, metrics
     from trainer.__main__ import main as trainer_main
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataprep.tokenizer import load_tokenizer, train_tokenizer
+from raylm.tokenizer import load_tokenizer, train_tokenizer
 from helpers import TINY, free_port, losses, metrics, run_captured, within, write_packed_dataset
 from trainer.checkpoint import list_checkpoints
 

@@ -63,7 +63,7 @@ def grad_shards_worker(rank: int, world: int, port: int, dataset: str, unsharded
     from trainer.job import JobConfig
     from trainer.optim import build_optimizer
     from trainer.train import Dist, build_model, resolve_model, train_step
-    from dataprep import open_dataset
+    from raylm.dataset import open_dataset
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     job = load_config(JobConfig, "configs/tiny.toml", [])

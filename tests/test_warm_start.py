@@ -9,7 +9,7 @@ import json
 import pytest
 
 from helpers import JSONL_DOCS, MIXED_DOCS, PARQUET_DOCS, TINY, hf_tokenizer_dir, run_captured, write_packed_dataset
-from dataprep.tokenizer import load_tokenizer, read_tokenizer_files, train_tokenizer
+from raylm.tokenizer import load_tokenizer, read_tokenizer_files, train_tokenizer
 from trainer.__main__ import main as trainer_main
 
 DOCS = [text for text in MIXED_DOCS.values() if text] + JSONL_DOCS

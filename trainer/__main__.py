@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from dataprep import open_dataset
+from raylm.dataset import open_dataset
 from raylm import storage
 from raylm.cli import configure_logging, run_cli
 from trainer import checkpoint
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
 def run_here(job: JobConfig, tasks: list) -> dict:
     """The loop in this process, one rank of a torchrun job or alone; rank 0 holds the run directory's lease.
     `tasks`: [eval]'s, as this process tokenized them for its checks."""
-    from trainer.lease import held
+    from raylm.lease import held
     from trainer.train import run
 
     if os.environ.get("RANK", "0") != "0":

@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-from dataprep.chat import forged_marker, reply_end
-from dataprep.tokenizer import Tokenizer, render_chat
+from raylm.chat_template import forged_marker, render_chat, reply_end
+from raylm.tokenizer import Tokenizer
 from raylm.cli import run_cli
 from raylm.errors import DataError
 from trainer.generate import load_with_tokenizer

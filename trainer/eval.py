@@ -31,7 +31,7 @@ SHORT = {"--checkpoint": "run.checkpoint", "--data.path": "eval.datasets", "--ta
 def check_before_launch(job: EvalJob) -> list:
     """A user mistake (no checkpoint, a foreign dataset, a task that does not parse) as one line, before workers.
     Returns the tasks tokenized (`trainer.multiple_choice.Task`), which the workers score as they are."""
-    from dataprep.tokenizer import load_tokenizer
+    from raylm.tokenizer import load_tokenizer
 
     if not job.run.checkpoint:
         raise ConfigError("--checkpoint is required: a run directory, a step-NNNNNN directory or a Hugging Face folder")

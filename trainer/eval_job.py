@@ -128,7 +128,7 @@ def checkpoint_of_rank0(path: str, rank: int) -> Checkpoint:
 def evaluate(job: EvalJob, tasks: list | None = None) -> dict:
     """Every rank: load, score, and return {"checkpoint", "datasets", "tasks"}. `tasks`: [eval]'s tasks as the
     driver's check tokenized them (`trainer.multiple_choice.Task`), else tokenized here."""
-    from dataprep.tokenizer import load_tokenizer
+    from raylm.tokenizer import load_tokenizer
     from trainer.train import init_distributed
 
     d = init_distributed(job.run.device)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dataprep import open_dataset
+from raylm.dataset import open_dataset
 from raylm import storage
 from raylm.errors import ConfigError, DataError
 from raylm.paths import InPath

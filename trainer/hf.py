@@ -208,7 +208,7 @@ def write_tokenizer(tokenizer, out_dir: str, *, max_len: int) -> None:
     markers are special tokens, matched in the rendered template and left out by `decode(skip_special_tokens=True)`,
     so special tokens' text typed into a prompt is matched too (raylm's own encode keeps it text, and refuses it in
     chat data)."""
-    from dataprep.tokenizer import CHAT_MARKERS, write_tokenizer_files
+    from raylm.tokenizer import CHAT_MARKERS, write_tokenizer_files
 
     write_tokenizer_files(tokenizer.files, out_dir)
     if tokenizer.kind == "huggingface":
@@ -241,8 +241,8 @@ def export(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str, *, to
     os.makedirs(out_dir, exist_ok=True)
     bos, eos = 1, [2]  # raylm's SentencePiece ids when no tokenizer is shipped
     if tokenizer is not None:
-        from dataprep.chat import reply_end
-        from dataprep.tokenizer import load_tokenizer
+        from raylm.chat_template import reply_end
+        from raylm.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
         bos, eos = tok.bos_id, [tok.eos_id]

@@ -1,7 +1,7 @@
 """The language-model loss of a batch of rows: next-token cross-entropy in fp32 over the targets that carry loss.
 
 Pretraining rows are one token stream, every target counts; chat rows carry the example index and loss mask beside
-the tokens (dataprep.shards.PLANES), and only reply tokens of their own example count. Training, held-out
+the tokens (raylm.dataset.PLANES), and only reply tokens of their own example count. Training, held-out
 evaluation and the tests all compute it here.
 """
 
@@ -15,7 +15,7 @@ from torch import nn
 def unpack(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(tokens (B, T+1), segments (B, T+1) or None, target weights (B, T) or None) of a batch. Pretraining rows
     (B, T+1) are one token stream: every target counts. Chat rows (B, 3, T+1) hold the example index and loss mask
-    beside the tokens (dataprep.shards.PLANES): a target counts if it carries loss and its example is its input's."""
+    beside the tokens (raylm.dataset.PLANES): a target counts if it carries loss and its example is its input's."""
     if rows.dim() == 2:
         return rows, None, None
     tokens, segments, loss = rows.unbind(1)

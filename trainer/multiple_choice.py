@@ -157,7 +157,7 @@ def encode_pair(tokenizer, context: str, continuation: str, max_len: int, where:
 
 def load_task(path: str, tokenizer, *, max_len: int, limit: int = 0, seed: int = 0) -> Task:
     """A task ready to score: its items (a seeded `limit` of them, in file order, when limit > 0), tokenized."""
-    from dataprep.tokenizer import token_dtype
+    from raylm.tokenizer import token_dtype
 
     items = read_items(path)
     if 0 < limit < len(items):

@@ -40,8 +40,7 @@ def resolve(job: JobConfig) -> tuple[int, str]:
     """(sequence length the trainer would train at, where it and the vocabulary come from), with `job.model` made
     what the trainer builds. The default data.path may hold no dataset (sizes of a preset before any dataprep);
     a data.path given that holds none is the trainer's error."""
-    from dataprep import open_dataset
-    from dataprep.dataset import MANIFEST
+    from raylm.dataset import MANIFEST, open_dataset
     from trainer.train import resolve_model
 
     default = storage.absolute(DataConfig().path)

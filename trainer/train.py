@@ -23,14 +23,13 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from dataprep import open_dataset
+from raylm.dataset import open_dataset
 from raylm import storage
 from raylm.errors import DataError, RaylmError
 from trainer import checkpoint
 from trainer.checkpoint import Checkpointer, inject_fault, notice_fault
 from trainer.data import BatchPlan, StepLoader
-from trainer.evaluation import metrics as eval_metrics
-from trainer.evaluation import open_evaluation
+from trainer.evaluation import metrics as eval_metrics, open_evaluation
 from trainer.heldout import flat_metrics, held_out, loss_sums, report
 from trainer.loss import count_loss_tokens, lm_loss
 from trainer.job import JobConfig, check_kernel

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dataprep.tokenizer import SP_FILE, Tokenizer, load_tokenizer, read_tokenizer_files
+from raylm.tokenizer import SP_FILE, Tokenizer, load_tokenizer, read_tokenizer_files
 from raylm.errors import DataError
 from trainer import checkpoint
 from trainer.model import ModelConfig, Transformer

@@ -21,7 +21,7 @@ import threading
 
 from ray.tune import Callback
 
-from dataprep import open_dataset
+from raylm.dataset import open_dataset
 from raylm import storage
 from raylm.errors import ConfigError, find_user_error
 from raylm.ray_session import check_local_paths, init_ray, verbose

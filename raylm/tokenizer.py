@@ -18,7 +18,6 @@ template (Jinja, rendered as transformers renders it) and special tokens.
 from __future__ import annotations
 
 import copy
-import datetime
 import functools
 import hashlib
 import io
@@ -369,35 +368,6 @@ def _present(folder: str, names: Iterable[str]) -> dict[str, bytes]:
 def write_tokenizer_files(files: dict[str, bytes], folder: str) -> None:
     for name, data in files.items():
         storage.write_bytes(storage.join(folder, name), data)
-
-
-TEMPLATE_DATE = datetime.date(2024, 7, 26)
-"""The date a template's `strftime_now` sees (Llama 3.x put today's date in the system turn): fixed, so a dataset's
-bytes never depend on the day it was made. It is the date Llama 3.1's template falls back to."""
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled(template: str):
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    from jinja2 import TemplateError
-
-    def raise_exception(message):
-        raise TemplateError(message)  # a conversation this template refuses: a bad record, not a failed run
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: TEMPLATE_DATE.strftime(fmt))
-    return env.from_string(template)
-
-
-def render_chat(tokenizer: Tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> str:
-    """The tokenizer's chat template applied to `messages`, with the variables transformers passes."""
-    return _compiled(tokenizer.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                     bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

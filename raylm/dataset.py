@@ -24,6 +24,21 @@ MANIFEST = "manifest.json"
 FORMAT = "raylm-packed-tokens"
 FORMAT_VERSION = 2
 
+PLANES = ("tokens", "example", "loss")
+"""The planes of a row of chat data, each `seq_len + 1` long: token ids; the example each position belongs to (1, 2,
+… within the row, 0 for padding); whether the token at that position is a target that carries loss."""
+
+BATCH_BYTES = 1 << 20
+"""Target size of one record batch: the unit of a ranged read on S3."""
+
+
+def shard_schema(dtype: np.dtype, row_len: int) -> pa.Schema:
+    return pa.schema([pa.field("tokens", pa.list_(pa.from_numpy_dtype(dtype), row_len))])
+
+
+def rows_per_batch(row_len: int, dtype: np.dtype) -> int:
+    return max(1, BATCH_BYTES // (row_len * dtype.itemsize))
+
 
 def read_manifest(directory: str) -> dict | None:
     """The manifest of a finished dataset at `directory`, or None if there is none (not a dataset, or unfinished)."""
@@ -370,8 +385,8 @@ class PackedDataset:
         return entry.get("files") or [entry["file"]]
 
     def tokenizer(self):
-        """The dataset's tokenizer (`dataprep.tokenizer.Tokenizer`: SentencePiece or Hugging Face)."""
-        from dataprep.tokenizer import load_tokenizer
+        """The dataset's tokenizer (`raylm.tokenizer.Tokenizer`: SentencePiece or Hugging Face)."""
+        from raylm.tokenizer import load_tokenizer
 
         files = {name: storage.read_bytes(storage.join(self.directory, name)) for name in self.tokenizer_files}
         return load_tokenizer(files, where=self.directory).with_bos(self.bos)
