@@ -11,7 +11,8 @@ import time
 import torch
 
 from raylm.config import load_config
-from trainer.model import Transformer, generate
+from trainer.model.generation import generate
+from trainer.model.transformer import Transformer
 from trainer.size import SizeConfig
 
 

@@ -53,7 +53,8 @@ def small_model(device, dtype, *, seq_len: int):
     """(FlexAttention model, the same weights for the examples alone): GQA, a few blocks; compiled on CUDA."""
     import torch
 
-    from trainer.model import ModelConfig, Transformer
+    from trainer.model.config import ModelConfig
+    from trainer.model.transformer import Transformer
 
     cuda = device.type == "cuda"
     cfg = ModelConfig(vocab_size=512, dim=256 if cuda else 64, n_layers=4 if cuda else 2, n_heads=4, n_kv_heads=2,

@@ -14,7 +14,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainer.model import ModelConfig, MoE
+from trainer.model.config import ModelConfig
+from trainer.model.transformer import MoE
 
 TOKENS, DIM, HIDDEN = 4096, 256, 512
 

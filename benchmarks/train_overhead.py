@@ -28,7 +28,8 @@ import torch
 from raylm.dataset import open_dataset
 from trainer.data import BatchPlan, StepLoader
 from trainer.metrics import cpu_peak_flops, read_metrics
-from trainer.model import ModelConfig, Transformer
+from trainer.model.config import ModelConfig
+from trainer.model.transformer import Transformer
 from trainer.optim import OptimConfig, build_optimizer
 from trainer.loss import lm_loss
 from trainer.train import free_port

@@ -98,7 +98,7 @@ def test_gpu_script_smoke_on_a_bare_box(tmp_path):
 def test_flex_check_sees_attention_across_examples(leak, monkeypatch):
     """The flex check's comparison on CPU (fp32 forward; the backward through SDPA's dense mask): equal within
     1e-4 when packing is right, far apart when examples of a row may attend to each other."""
-    import trainer.model as model
+    import trainer.model.transformer as model
     from benchmarks.gpu_checks import TOLERANCE, packed_vs_alone, small_model
 
     if leak:

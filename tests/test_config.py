@@ -161,7 +161,8 @@ def test_auto_attention_is_flexattention_on_cuda_and_sdpa_elsewhere():
     and grouped-query heads falls back to its math kernel (fp32 (B, H, T, T) scores in every layer)."""
     import torch
 
-    from trainer.model import ModelConfig, attention_kernel
+    from trainer.model.attention import attention_kernel
+    from trainer.model.config import ModelConfig
 
     assert ModelConfig().attention == "auto"
     assert attention_kernel("auto", torch.device("cuda", 0)) == "flex"

@@ -18,7 +18,8 @@ from raylm.tokenizer import load_tokenizer, train_tokenizer
 from helpers import TINY, driver_env, metrics, run_captured, write_packed_dataset
 from raylm.errors import DataError
 from trainer.heldout import held_out, loss_sums, report
-from trainer.model import ModelConfig, Transformer
+from trainer.model.config import ModelConfig
+from trainer.model.transformer import Transformer
 from trainer.multiple_choice import load_task, read_items, score_task
 
 NAMES = ("alice bob carol dave erin frank grace heidi ivan judy kevin laura mallory nina oscar peggy quinn rupert "

@@ -16,7 +16,8 @@ from raylm.chat_template import reply_end
 from dataprep.shards import ExamplePacker
 from dataprep.sources import BadRecord, Record
 from raylm.tokenizer import CHAT_MARKERS, RAYLM_CHAT_NAME, load_tokenizer, read_tokenizer_files, train_tokenizer
-from trainer.model import ModelConfig, Transformer
+from trainer.model.config import ModelConfig
+from trainer.model.transformer import Transformer
 from trainer.loss import count_loss_tokens, lm_loss, masked_loss_sum, unpack
 from trainer.train import loss_tokens
 

@@ -16,7 +16,9 @@ import torch
 
 from raylm.tokenizer import load_tokenizer, train_tokenizer
 from raylm.errors import ConfigError
-from trainer.model import ModelConfig, Transformer, generate
+from trainer.model.config import ModelConfig
+from trainer.model.generation import generate
+from trainer.model.transformer import Transformer
 from trainer.multiple_choice import load_task, score_requests, score_task
 from trainer.weights import Weights, save_weights
 

@@ -9,7 +9,9 @@ import torch
 
 from helpers import run_captured
 from raylm.tokenizer import encode_exact, load_tokenizer, train_tokenizer
-from trainer.model import ModelConfig, Transformer, generate
+from trainer.model.config import ModelConfig
+from trainer.model.generation import generate
+from trainer.model.transformer import Transformer
 from trainer.weights import Weights, load_weights, save_weights
 
 transformers = pytest.importorskip("transformers")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.model import ModelConfig, Transformer, generate, initial_value
+from trainer.model.config import ModelConfig, initial_value
+from trainer.model.generation import generate
+from trainer.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
 from trainer.hf import export  # noqa: E402
@@ -93,7 +95,7 @@ def test_moe_aux_loss_reaches_the_router():
 
 def test_moe_flops_scale_with_top_k_not_experts():
     """Counted by torch's FlopCounterMode: experts cost 2·N·k·3·D·H (plus the router's 2·N·D·E), whatever E is, up to
-    the fp32 kernel's zero padding of each expert's group, which at most doubles it (trainer/model.py MoE)."""
+    the fp32 kernel's zero padding of each expert's group, which at most doubles it (trainer/model/ MoE)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(4, 32, 64)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import free_port
-from trainer.model import ModelConfig, MoE
+from trainer.model.config import ModelConfig
+from trainer.model.transformer import MoE
 
 torch.set_num_threads(2)
 EXPERTS, DIM, HIDDEN = 4, 32, 24
@@ -80,7 +81,7 @@ def test_experts_equal_the_per_expert_loop(dtype, dim, grouped):
 def test_moe_compiles_to_one_graph_with_eager_results(dtype):
     """A transformer block with MoE traces as one graph, with no break (no host sync, no shape that depends on the
     routing); the MoE layer compiled with fullgraph=True gives eager's output and gradients."""
-    from trainer.model import Block
+    from trainer.model.transformer import Block
 
     moe = moe_layer(dtype)
     x, probe = torch.randn(2, 9, DIM).to(dtype), torch.randn(2, 9, DIM)

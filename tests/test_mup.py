@@ -9,7 +9,8 @@ import torch
 from helpers import TINY, losses, run_captured
 from raylm.errors import ConfigError
 from trainer.loss import lm_loss
-from trainer.model import ModelConfig, Transformer, is_hidden
+from trainer.model.config import ModelConfig, is_hidden
+from trainer.model.transformer import Transformer
 from trainer.optim import OptimConfig, build_optimizer
 from tune.config import TuneConfig, proxy_model
 

@@ -19,7 +19,8 @@ from raylm.tokenizer import Tokenizer
 from raylm.cli import run_cli
 from raylm.errors import DataError
 from trainer.generate import load_with_tokenizer
-from trainer.model import Transformer, generate
+from trainer.model.generation import generate
+from trainer.model.transformer import Transformer
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,7 +44,8 @@ from raylm.errors import ConfigError, DataError, StorageError
 from raylm.paths import InPath
 from raylm import lease as leases
 from raylm.lease import LeaseLost
-from trainer.model import NOT_IN_WEIGHTS, ModelConfig, Transformer
+from trainer.model.config import NOT_IN_WEIGHTS, ModelConfig
+from trainer.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Detected an existing checkpoint", category=UserWarning)

@@ -14,7 +14,7 @@ from raylm.errors import ConfigError, DataError, RaylmError
 from raylm.paths import InPath, OutPath
 from raylm.storage import StorageConfig
 from trainer.evaluation import EvalConfig, eval_paths, open_evaluation
-from trainer.model import ModelConfig
+from trainer.model.config import ModelConfig
 from trainer.parallelize import ParallelConfig
 
 

@@ -11,7 +11,7 @@ from raylm.cli import HelpFormatter, run_cli
 from raylm.errors import ConfigError, DataError
 from raylm.paths import check_job_paths
 from raylm.tokenizer import load_tokenizer, read_tokenizer_files
-from trainer.model import generate
+from trainer.model.generation import generate
 from trainer.weights import load_weights
 
 

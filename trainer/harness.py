@@ -25,7 +25,7 @@ from raylm.cli import run_cli
 from raylm.errors import ConfigError
 from trainer.export import DTYPES
 from trainer.generate import load_with_tokenizer
-from trainer.model import generate
+from trainer.model.generation import generate
 from trainer.multiple_choice import encode_pair, score_requests
 
 try:

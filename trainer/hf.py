@@ -20,7 +20,8 @@ import torch
 
 from raylm import storage
 from raylm.errors import ConfigError, DataError
-from trainer.model import ModelConfig, Transformer
+from trainer.model.config import ModelConfig
+from trainer.model.transformer import Transformer
 
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}

@@ -11,7 +11,7 @@ from raylm.storage import StorageConfig
 from trainer.checkpoint import CheckpointConfig, FaultConfig
 from trainer.evaluation import EvalConfig, eval_paths, make_eval_paths_absolute
 from raylm.lease import SETTLE_S
-from trainer.model import ModelConfig
+from trainer.model.config import ModelConfig
 from trainer.optim import OptimConfig
 from trainer.parallelize import ParallelConfig
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from raylm.errors import ConfigError
-from trainer.model import is_hidden
+from trainer.model.config import is_hidden
 
 SCHEDULES = ("cosine", "wsd", "constant")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from raylm import storage
 from raylm.cli import parse_job_args, run_cli
 from trainer.job import DataConfig, JobConfig, make_paths_absolute
-from trainer.model import ModelConfig
+from trainer.model.config import ModelConfig
 
 FLAGS = {"--seq_len N": "sequence length of the FLOPs figure (default: the dataset's, else model.max_seq_len)"}
 

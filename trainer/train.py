@@ -34,7 +34,10 @@ from trainer.heldout import flat_metrics, held_out, loss_sums, report
 from trainer.loss import count_loss_tokens, lm_loss
 from trainer.job import JobConfig, check_kernel
 from trainer.metrics import MetricsLog, device_peak_flops, peak_memory_gib
-from trainer.model import Transformer, attention_kernel, generate, initial_value
+from trainer.model.attention import attention_kernel
+from trainer.model.config import initial_value
+from trainer.model.generation import generate
+from trainer.model.transformer import Transformer
 from trainer.optim import build_optimizer, build_scheduler, changed_optim, set_schedule_step
 from trainer.parallelize import materialize, parallelize
 from trainer.preemption import Preempted, Preemption

@@ -17,7 +17,8 @@ import torch
 from raylm.tokenizer import SP_FILE, Tokenizer, load_tokenizer, read_tokenizer_files
 from raylm.errors import DataError
 from trainer import checkpoint
-from trainer.model import ModelConfig, Transformer
+from trainer.model.config import ModelConfig
+from trainer.model.transformer import Transformer
 
 FORMAT = "raylm-weights-v1"
 

@@ -10,7 +10,7 @@ from typing import ClassVar
 from raylm.errors import ConfigError
 from raylm.paths import OutPath
 from trainer.job import JobConfig
-from trainer.model import ModelConfig
+from trainer.model.config import ModelConfig
 
 SEARCHES = ("random", "optuna")
 
