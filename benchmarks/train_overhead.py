@@ -32,7 +32,7 @@ from trainer.model.config import ModelConfig
 from trainer.model.transformer import Transformer
 from trainer.optim import OptimConfig, build_optimizer
 from trainer.loss import lm_loss
-from trainer.train import free_port
+from raylm.ray_session import free_port
 
 DATASET = "data/bench-stdlib-512"
 MODEL = {"dim": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 4, "ffn_hidden": 1408}

@@ -162,7 +162,7 @@ def test_init_from_hf_refuses_data_in_another_format(tmp_path, corpus):
     """A Llama 3 (its tokenizer adds BOS) on data without BOS, and the reverse, stop in one line before any
     worker, naming the dataset, the flag and the fix; so does scoring such data as a held-out set."""
     from trainer.__main__ import main as train
-    from trainer.eval import main as evaluate
+    from trainer.eval.cli import main as evaluate
 
     for adds, bos in ((True, False), (False, True)):
         folder = llama3_folder(tmp_path / f"tok-{adds}", corpus, adds_bos=adds)
@@ -188,7 +188,7 @@ def test_init_from_hf_refuses_data_in_another_format(tmp_path, corpus):
 def test_an_imported_llama_scores_as_transformers_does_with_its_own_special_tokens(tmp_path, corpus):
     """Acceptance 6: `python -m trainer.eval` of a transformers-written Llama folder with a Llama-3 tokenizer gives,
     choice by choice, the log-likelihood transformers computes on `tokenizer(context + continuation)` (BOS first)."""
-    from trainer.eval import main as evaluate
+    from trainer.eval.cli import main as evaluate
 
     folder = llama3_folder(tmp_path / "tok", corpus)
     theirs_tok = transformers.AutoTokenizer.from_pretrained(folder)
@@ -222,7 +222,7 @@ def test_the_harness_adapter_scores_a_text_after_bos_as_transformers_does(tmp_pa
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
-    from trainer.harness import RaylmLM
+    from trainer.eval.harness import RaylmLM
 
     folder = llama3_folder(tmp_path / "tok", corpus)
     theirs_tok = transformers.AutoTokenizer.from_pretrained(folder)

@@ -36,7 +36,8 @@ def run_steps(overrides: list[str], rank: int, world: int, rows: torch.Tensor) -
     from trainer.data import BatchPlan, micro_batches
     from trainer.job import JobConfig
     from trainer.optim import build_optimizer
-    from trainer.train import Dist, build_model, train_step
+    from trainer.distributed import Dist
+    from trainer.train import build_model, train_step
 
     job = load_config(JobConfig, None, [*overrides, "--data.path=unused", "--run.dir=unused", "--train.device=cpu"])
     plan = BatchPlan(GLOBAL_BATCH, MICRO_BATCH, world)

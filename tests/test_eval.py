@@ -17,10 +17,10 @@ from raylm.dataset import open_dataset
 from raylm.tokenizer import load_tokenizer, train_tokenizer
 from helpers import TINY, driver_env, metrics, run_captured, write_packed_dataset
 from raylm.errors import DataError
-from trainer.heldout import held_out, loss_sums, report
+from trainer.eval.heldout import held_out, loss_sums, report
 from trainer.model.config import ModelConfig
 from trainer.model.transformer import Transformer
-from trainer.multiple_choice import load_task, read_items, score_task
+from trainer.eval.multiple_choice import load_task, read_items, score_task
 
 NAMES = ("alice bob carol dave erin frank grace heidi ivan judy kevin laura mallory nina oscar peggy quinn rupert "
          "sybil trent ursula victor wendy xavier yvonne zack").split()
@@ -140,8 +140,8 @@ def test_a_task_is_tokenized_once_and_ships_smaller_than_its_file(trained, token
     import pickle
 
     from trainer import evaluation
-    from trainer.eval import main as evaluate
-    from trainer.multiple_choice import DELIMITER, encode_pair
+    from trainer.eval.cli import main as evaluate
+    from trainer.eval.multiple_choice import DELIMITER, encode_pair
 
     run, path, _, _ = trained
     rng = random.Random(2)
@@ -206,7 +206,7 @@ def test_eval_gives_the_same_figures_on_one_and_two_workers(trained, local_ray, 
     """A held-out set made by dataprep from two inputs with the run's tokenizer, scored per source, and the task:
     in this process (W=1) and under Ray Train on two workers."""
     from dataprep.__main__ import main as dataprep
-    from trainer.eval import main as evaluate
+    from trainer.eval.cli import main as evaluate
 
     run, task, _, _ = trained
     for source, docs in (("facts", [line for line in open(task)]), ("words", WORDS * 3)):
@@ -237,7 +237,7 @@ def test_eval_gives_the_same_figures_on_one_and_two_workers(trained, local_ray, 
 
 def test_a_dataset_of_another_tokenizer_or_a_broken_task_is_refused_before_any_work(trained, tmp_path):
     from trainer.__main__ import main as train
-    from trainer.eval import main as evaluate
+    from trainer.eval.cli import main as evaluate
 
     run, task, _, data = trained
     other = load_tokenizer(train_tokenizer([f"{w} {w}" for w in WORDS * 30], vocab_size=300, num_threads=1))

@@ -208,7 +208,7 @@ def test_prompt_tokens_get_zero_gradient(tmp_path):
 
 def test_the_loss_is_the_mean_over_the_steps_reply_tokens_however_it_is_split(tmp_path):
     """One micro-batch or several: each reply token weighs 1 / (the step's count), so the gradients are the same."""
-    from trainer.train import init_distributed
+    from trainer.distributed import init_distributed
 
     init_distributed("cpu")  # a one-process group, for the count's all-reduce
     torch.manual_seed(2)

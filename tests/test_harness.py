@@ -19,7 +19,7 @@ from raylm.errors import ConfigError
 from trainer.model.config import ModelConfig
 from trainer.model.generation import generate
 from trainer.model.transformer import Transformer
-from trainer.multiple_choice import load_task, score_requests, score_task
+from trainer.eval.multiple_choice import load_task, score_requests, score_task
 from trainer.weights import Weights, save_weights
 
 from lm_eval.api.instance import Instance

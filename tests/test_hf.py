@@ -265,7 +265,8 @@ def rank_loads(rank: int, world: int, port: int, folder: str, out: str) -> None:
     from trainer.hf_shards import load_hf_weights
     from trainer.job import JobConfig
     from trainer.parallelize import plain_name
-    from trainer.train import Dist, build_model
+    from trainer.distributed import Dist
+    from trainer.train import build_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     job = JobConfig()

@@ -40,7 +40,7 @@ def cli_error(main, argv: list[str], capsys) -> str:
 def commands():
     from dataprep.__main__ import main as dataprep
     from trainer.__main__ import main as trainer
-    from trainer.eval import main as evaluate
+    from trainer.eval.cli import main as evaluate
     from trainer.export import main as export
     from trainer.generate import main as generate
     from tune.__main__ import main as tune

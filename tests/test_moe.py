@@ -136,7 +136,8 @@ def sharded_worker(rank: int, world: int, port: int, steps: int, save_to: str, l
 
     from trainer.checkpoint import CheckpointConfig, Checkpointer, load
     from trainer.optim import build_optimizer
-    from trainer.train import Dist, build_model, train_step
+    from trainer.distributed import Dist
+    from trainer.train import build_model, train_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

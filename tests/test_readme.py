@@ -156,7 +156,7 @@ def test_excerpts_have_the_shape_the_programs_print():
     table) is shaped as that formatter prints it today, so a new or renamed field fails here until the excerpts
     are regenerated (`python -m benchmarks.readme_excerpts`)."""
     from trainer.__main__ import print_summary
-    from trainer.eval import table
+    from trainer.eval.cli import table
     from trainer.job import JobConfig
     from trainer.metrics import format_line
 

@@ -15,7 +15,7 @@ from raylm.cli import configure_logging, run_cli
 from trainer import checkpoint
 from raylm.cli import parse_job_args
 from trainer.data import check_fits
-from trainer.evaluation import check_evaluation
+from trainer.eval.suite import check_evaluation
 from trainer.job import JobConfig, make_paths_absolute, paths
 from trainer.train import check_checkpoint, resolve_model, starting_checkpoint
 

@@ -43,7 +43,7 @@ from raylm import storage
 from raylm.errors import ConfigError, DataError, StorageError
 from raylm.paths import InPath
 from raylm import lease as leases
-from raylm.lease import LeaseLost
+from trainer.distributed import decided_on_rank0
 from trainer.model.config import NOT_IN_WEIGHTS, ModelConfig
 from trainer.model.transformer import Transformer
 
@@ -430,18 +430,14 @@ class Checkpointer:
     def _on_rank0(self, fn: Callable, failed: str):
         """fn() on rank 0, its result (or its LeaseLost, or a storage failure as a StorageError starting with
         `failed`) given to every rank of the checkpoint group: they raise or go on together."""
-        outcome: list = [None]
-        if self.rank == 0:
+
+        def storage_failure_named():
             try:
-                outcome = [(fn(),)]
-            except LeaseLost as exc:
-                outcome = [exc]
+                return fn()
             except OSError as exc:
-                outcome = [StorageError(f"{failed} ({_first_line(exc)}); check the run directory's storage")]
-        dist.broadcast_object_list(outcome, src=0, group=self.group)
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]
-        return outcome[0][0]
+                raise StorageError(f"{failed} ({_first_line(exc)}); check the run directory's storage") from None
+
+        return decided_on_rank0(storage_failure_named, rank=self.rank, group=self.group)
 
     def _write(self, state: dict, path: str) -> None:
         """dcp.save with retries on storage failures. A failure on any rank fails the save on every rank (DCP

@@ -9,7 +9,7 @@ from raylm.errors import ConfigError
 from raylm.paths import InPath, OutPath
 from raylm.storage import StorageConfig
 from trainer.checkpoint import CheckpointConfig, FaultConfig
-from trainer.evaluation import EvalConfig, eval_paths, make_eval_paths_absolute
+from trainer.eval.suite import EvalConfig, eval_paths, make_eval_paths_absolute
 from raylm.lease import SETTLE_S
 from trainer.model.config import ModelConfig
 from trainer.optim import OptimConfig
@@ -85,16 +85,31 @@ class RunConfig:
 
 
 @dataclass(kw_only=True)
-class RayConfig:
-    num_workers: int = 2
-    """Training workers (one process each; one GPU each with use_gpu)."""
+class WorkerGroupConfig:
+    """The [ray] section of every job run on a Ray Train worker group (training, `python -m trainer.eval`)."""
+
+    num_workers: int = 1
+    """Workers (one process each; one GPU each with use_gpu), the model sharded over them with FSDP2."""
     use_gpu: bool = False
-    """Train on GPUs with NCCL (the GPU switch); CPU workers use gloo."""
+    """Run on GPUs with NCCL (the GPU switch); CPU workers use gloo."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ConfigError(f"ray.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"ray.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass(kw_only=True)
+class RayConfig(WorkerGroupConfig):
+    """Training's [ray] section: the worker group, and how it survives failures and changes size."""
+
+    num_workers: int = 2
     min_workers: int = 0
     """Elastic training: start with as few as this many workers and grow to num_workers (0 = a fixed num_workers);
     every count gives the same updates."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved per worker."""
     max_failures: int = 3
     """Restarts of the worker group after a worker or node dies or a preemption notice (-1 = unlimited: spot
     capacity); each resumes from the last committed checkpoint."""
@@ -106,16 +121,13 @@ class RayConfig:
     autoscaler's new node) before the run stops with one line naming what is missing and what holds it."""
 
     def __post_init__(self):
-        if self.num_workers < 1:
-            raise ConfigError(f"ray.num_workers must be >= 1, got {self.num_workers}")
+        super().__post_init__()
         if not 0 <= self.min_workers <= self.num_workers:
             raise ConfigError(f"ray.min_workers must be in [0, ray.num_workers={self.num_workers}], got {self.min_workers}")
         if self.max_failures < -1:
             raise ConfigError(f"ray.max_failures must be >= -1, got {self.max_failures}")
         if self.resize_check_s < 0:
             raise ConfigError(f"ray.resize_check_s must be >= 0, got {self.resize_check_s}")
-        if self.cpus_per_worker <= 0:
-            raise ConfigError(f"ray.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.start_timeout_s <= 0:
             raise ConfigError(f"ray.start_timeout_s must be > 0, got {self.start_timeout_s}")
 

@@ -29,7 +29,7 @@ from raylm.lease import held
 from trainer.preemption import Preempted
 
 if TYPE_CHECKING:
-    from trainer.eval_job import EvalJob
+    from trainer.eval.job import EvalJob
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ def eval_worker(config: dict) -> dict:
     """Runs on each Ray Train worker; rank 0's return value becomes `Result.return_value`."""
     import ray
 
-    from trainer.eval_job import EvalJob, evaluate, job_paths
+    from trainer.eval.job import EvalJob, evaluate, job_paths
 
     quiet_user_error_tracebacks()
     job = from_dict(EvalJob, config["job"])
@@ -344,7 +344,7 @@ def launch_eval(job: EvalJob, tasks: list) -> dict:
     once for every worker to read."""
     import ray
 
-    from trainer.eval_job import job_paths
+    from trainer.eval.job import job_paths
 
     init_ray()
     check_local_paths(job_paths(job), shared_fs=job.storage.shared_fs)

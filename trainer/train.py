@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import socket
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from raylm.dataset import open_dataset
@@ -29,17 +25,17 @@ from raylm.errors import DataError, RaylmError
 from trainer import checkpoint
 from trainer.checkpoint import Checkpointer, inject_fault, notice_fault
 from trainer.data import BatchPlan, StepLoader
-from trainer.evaluation import metrics as eval_metrics, open_evaluation
-from trainer.heldout import flat_metrics, held_out, loss_sums, report
+from trainer.distributed import Dist, decided_on_rank0, init_distributed, shard_on_meta
+from trainer.eval.suite import metrics as eval_metrics, open_evaluation
+from trainer.eval.heldout import flat_metrics, held_out, loss_sums, report
 from trainer.loss import count_loss_tokens, lm_loss
 from trainer.job import JobConfig, check_kernel
 from trainer.metrics import MetricsLog, device_peak_flops, peak_memory_gib
 from trainer.model.attention import attention_kernel
 from trainer.model.config import initial_value
 from trainer.model.generation import generate
-from trainer.model.transformer import Transformer
 from trainer.optim import build_optimizer, build_scheduler, changed_optim, set_schedule_step
-from trainer.parallelize import materialize, parallelize
+from trainer.parallelize import materialize
 from trainer.preemption import Preempted, Preemption
 
 log = logging.getLogger(__name__)
@@ -47,41 +43,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RaylmError):
     """The loss or gradient norm became non-finite: a user-facing stop, not a crash."""
-
-
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(device_name: str) -> Dist:
-    """Join the process group set up by Ray Train or torchrun, or make a one-process group (FSDP2 needs a mesh)."""
-    device = pick_device(device_name)
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if "WORLD_SIZE" in os.environ:  # torchrun
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return Dist(dist.get_rank(), dist.get_world_size(), device)
 
 
 def build_model(job: JobConfig, d: Dist) -> nn.Module:
@@ -95,13 +56,6 @@ def build_model(job: JobConfig, d: Dist) -> nn.Module:
                     initial_value=lambda name, shape: initial_value(name, shape, job.model, job.train.seed))
     model.init_buffers()
     return model
-
-
-def shard_on_meta(cfg, d: Dist, parallel) -> nn.Module:
-    """The model built on the meta device with AC/compile/FSDP2 applied over all ranks: nothing allocated yet."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return parallelize(model, mesh=init_device_mesh(d.device.type, (d.world,)), parallel=parallel)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -276,25 +230,21 @@ class Trainer:
                 log.info("attention: %s for packed examples (model.attention=%s on %s)",
                          attention_kernel(job.model.attention, self.d.device), job.model.attention, self.d.device.type)
 
+    def _verified_start(self) -> tuple[str, bool] | None:
+        found = starting_checkpoint(self.job)
+        if found is not None:
+            checkpoint.verify(found[0])
+        return found
+
     def resume(self) -> int:
         """Load the run's newest committed checkpoint (or, when the run has none, checkpoint.resume_from or the weights
         of init.from_hf); returns the step to continue from. Rank 0 picks the checkpoint and checks its shards
         (`checkpoint.verify`: one request per shard, made once rather than by every rank), so every rank loads the
         same one or raises the same error."""
-        choice: list = [None]
-        if self.d.rank == 0:
-            try:
-                choice = [starting_checkpoint(self.job)]
-                if choice[0] is not None:
-                    checkpoint.verify(choice[0][0])
-            except RaylmError as exc:  # raised on every rank below, not only here (the others would wait forever)
-                choice = [exc]
-        dist.broadcast_object_list(choice, src=0)
-        if isinstance(choice[0], RaylmError):
-            raise choice[0]
-        if choice[0] is None:
+        choice = decided_on_rank0(self._verified_start, rank=self.d.rank)
+        if choice is None:
             return self.init_from_hf() if self.job.init.from_hf else 0
-        path, own = choice[0]
+        path, own = choice
         warm_start = self.job.checkpoint.load_weights_only and not own
         state = check_checkpoint(self.job, self.dataset, path, own=own, identity=self.identity())
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]

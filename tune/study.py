@@ -27,7 +27,7 @@ from raylm.errors import ConfigError, find_user_error
 from raylm.ray_session import check_local_paths, init_ray, verbose
 from raylm.config import dump_toml, from_dict, to_dict
 from trainer.data import check_fits
-from trainer.evaluation import check_evaluation, eval_paths
+from trainer.eval.suite import check_evaluation, eval_paths
 from trainer.job import JobConfig
 from tune.config import MAX_WARMUP_FRACTION, TuneConfig, TuneJobConfig, proxy_model
 

@@ -13,15 +13,14 @@ dataset must be tokenized with its tokenizer.
 from __future__ import annotations
 
 import json
-import sys
 
 import torch
 
 from raylm import storage
-from raylm.cli import configure_logging, expand_short_options, parse_job_args, run_cli, short_help
+from raylm.cli import configure_logging, expand_short_options, parse_job_args, short_help
 from raylm.errors import ConfigError
-from trainer.eval_job import EvalJob, evaluate, find_checkpoint, job_paths
-from trainer.evaluation import check_evaluation, make_eval_paths_absolute
+from trainer.eval.job import EvalJob, evaluate, find_checkpoint, job_paths
+from trainer.eval.suite import check_evaluation, make_eval_paths_absolute
 
 FLAGS = {"--no-ray": "run in this process (or under torchrun) instead of Ray Train"}
 SHORT = {"--checkpoint": "run.checkpoint", "--data.path": "eval.datasets", "--tasks": "eval.tasks",
@@ -88,6 +87,3 @@ def main(argv: list[str]) -> int:
     print(f"{results['checkpoint']} on {results['workers']} worker(s):\n{table(results)}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

@@ -18,8 +18,8 @@ from raylm.dataset import open_dataset
 from raylm import storage
 from raylm.errors import ConfigError, DataError
 from raylm.paths import InPath
-from trainer.heldout import flat_metrics, held_out, loss_sums, report
-from trainer.multiple_choice import Task, load_task, score_task, task_name
+from trainer.eval.heldout import flat_metrics, held_out, loss_sums, report
+from trainer.eval.multiple_choice import Task, load_task, score_task, task_name
 from trainer.weights import same_vocabulary
 
 

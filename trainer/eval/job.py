@@ -6,14 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from raylm import storage
-from raylm.errors import ConfigError, DataError, RaylmError
+from raylm.errors import ConfigError, DataError
 from raylm.paths import InPath, OutPath
 from raylm.storage import StorageConfig
-from trainer.evaluation import EvalConfig, eval_paths, open_evaluation
+from trainer.distributed import decided_on_rank0, init_distributed, shard_on_meta
+from trainer.eval.suite import EvalConfig, eval_paths, open_evaluation
+from trainer.job import WorkerGroupConfig
 from trainer.model.config import ModelConfig
 from trainer.parallelize import ParallelConfig
 
@@ -40,23 +41,10 @@ class EvalRunConfig:
 
 
 @dataclass(kw_only=True)
-class WorkersConfig:
-    num_workers: int = 1
-    """Workers (one process each; one GPU each with use_gpu), the model sharded over them."""
-    use_gpu: bool = False
-    """Evaluate on GPUs with NCCL (the GPU switch); CPU workers use gloo."""
-    cpus_per_worker: float = 1.0
-
-    def __post_init__(self):
-        if self.num_workers < 1:
-            raise ConfigError(f"ray.num_workers must be >= 1, got {self.num_workers}")
-
-
-@dataclass(kw_only=True)
 class EvalJob:
     run: EvalRunConfig = field(default_factory=EvalRunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    ray: WorkersConfig = field(default_factory=WorkersConfig)
+    ray: WorkerGroupConfig = field(default_factory=WorkerGroupConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
@@ -95,7 +83,6 @@ def find_checkpoint(path: str) -> Checkpoint:
 def load_sharded(found: Checkpoint, d, parallel: ParallelConfig) -> nn.Module:
     """The model sharded over the ranks, each rank reading only its shards of the weights."""
     from trainer import checkpoint
-    from trainer.train import shard_on_meta
 
     model = shard_on_meta(found.cfg, d, parallel)
     model.to_empty(device=d.device)
@@ -109,30 +96,15 @@ def load_sharded(found: Checkpoint, d, parallel: ParallelConfig) -> nn.Module:
     return model.eval()
 
 
-def checkpoint_of_rank0(path: str, rank: int) -> Checkpoint:
-    """Rank 0's finding, on every rank: a live run may commit a newer step between two ranks' looks, and ranks
-    loading different steps into one sharded model would score neither. Rank 0's user error is raised on every rank
-    (the others would otherwise wait forever)."""
-    found: list = [None]
-    if rank == 0:
-        try:
-            found = [find_checkpoint(path)]
-        except RaylmError as exc:
-            found = [exc]
-    torch.distributed.broadcast_object_list(found, src=0)
-    if isinstance(found[0], RaylmError):
-        raise found[0]
-    return found[0]
-
-
 def evaluate(job: EvalJob, tasks: list | None = None) -> dict:
     """Every rank: load, score, and return {"checkpoint", "datasets", "tasks"}. `tasks`: [eval]'s tasks as the
     driver's check tokenized them (`trainer.multiple_choice.Task`), else tokenized here."""
     from raylm.tokenizer import load_tokenizer
-    from trainer.train import init_distributed
 
     d = init_distributed(job.run.device)
-    found = checkpoint_of_rank0(job.run.checkpoint, d.rank)
+    # rank 0's finding on every rank: a live run may commit a newer step between two ranks' looks, and ranks
+    # loading different steps into one sharded model would score neither
+    found = decided_on_rank0(lambda: find_checkpoint(job.run.checkpoint), rank=d.rank)
     model = load_sharded(found, d, ParallelConfig(mixed_precision=job.run.mixed_precision))
     evaluation = open_evaluation(job.eval, tokenizer=load_tokenizer(found.tokenizer, where=job.run.checkpoint),
                                  max_len=found.cfg.max_seq_len, micro_batch=job.run.micro_batch, rank=d.rank,
