@@ -139,7 +139,7 @@ def test_a_task_is_tokenized_once_and_ships_smaller_than_its_file(trained, token
     import os
     import pickle
 
-    from trainer import evaluation
+    from trainer.eval import suite as evaluation
     from trainer.eval.cli import main as evaluate
     from trainer.eval.multiple_choice import DELIMITER, encode_pair
 

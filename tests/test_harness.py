@@ -23,7 +23,7 @@ from trainer.eval.multiple_choice import load_task, score_requests, score_task
 from trainer.weights import Weights, save_weights
 
 from lm_eval.api.instance import Instance
-from trainer import harness
+from trainer.eval import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river mountain forest ocean "

@@ -5,7 +5,10 @@ import contextlib
 import io
 import re
 import subprocess
+import sys
 import time
+
+import pytest
 
 from benchmarks.readme_excerpts import (GAP, README, ROOT, SELECT, SHOWN_DIR, UNTIL_NEXT, Command, excerpts,
                                         python_argv, readme_commands, workdir)
@@ -80,6 +83,23 @@ def test_every_readme_command_is_run_or_skipped_for_a_stated_reason():
     assert len([r for r in rows if r[1] and not r[2]]) >= 12
     assert {p for _, p, reason in rows if not reason} == set(RUN)
     assert {p for p in SKIP if not any(re.search(p, c.text) for c, _, _ in rows)} == set()
+
+
+def entry_points() -> list[str]:
+    """The raylm modules the README runs (`python -m M`, `torchrun ... -m M`): its commands, skipped ones included,
+    and those its prose names inline."""
+    found = {c.argv[c.argv.index("-m") + 1] for c, _, _ in plan() if "-m" in c.argv}
+    found |= set(re.findall(r"-m ([a-z][\w.]*[a-z])", README.read_text()))
+    return sorted(m for m in found if m.split(".")[0] in {"dataprep", "trainer", "tune"})
+
+
+@pytest.mark.parametrize("module", entry_points())
+def test_every_documented_entry_point_answers_help(module):
+    """Every `-m` module a README command names still starts where the command says (also those the test above
+    skips, such as `python -m trainer.harness` with tasks from the Hub, and modules that moved into a package)."""
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: "), proc.stderr
 
 
 def test_readme_commands_run_on_cpu(own_ray_env, tmp_path):
