@@ -67,7 +67,7 @@ if ! "$py" -c 'import sys, torch; sys.exit(tuple(map(int, torch.__version__.spli
     echo "error: gpu.sh needs torch >= 2.8 (FlexAttention, FSDP2), $py has torch $version" >&2
     exit 2
 fi
-if ! missing=$("$py" -c 'import dataprep.pipeline, trainer.train, trainer.eval_job' 2>&1); then
+if ! missing=$("$py" -c 'import dataprep.pipeline, trainer.train, trainer.eval.job' 2>&1); then
     echo "error: $py cannot import what the runs need ($(tail -n 1 <<<"$missing")); install it (no Ray needed)" >&2
     exit 2
 fi

@@ -28,7 +28,7 @@ class Weights:
     cfg: ModelConfig
     state: dict[str, torch.Tensor]
     tokenizer: dict[str, bytes] | None
-    """The tokenizer's files (dataprep.tokenizer), when known."""
+    """The tokenizer's files (raylm.tokenizer), when known."""
 
     def model(self) -> Transformer:
         with torch.device("meta"):

@@ -29,7 +29,7 @@ SHORT = {"--checkpoint": "run.checkpoint", "--data.path": "eval.datasets", "--ta
 
 def check_before_launch(job: EvalJob) -> list:
     """A user mistake (no checkpoint, a foreign dataset, a task that does not parse) as one line, before workers.
-    Returns the tasks tokenized (`trainer.multiple_choice.Task`), which the workers score as they are."""
+    Returns the tasks tokenized (`trainer.eval.multiple_choice.Task`), which the workers score as they are."""
     from raylm.tokenizer import load_tokenizer
 
     if not job.run.checkpoint:

@@ -3,7 +3,7 @@ EleutherAI's lm-evaluation-harness on a raylm model.
 
 Registers the adapter below as lm-eval's model `raylm`, then hands the command line to lm-eval's own CLI, so every
 `lm_eval run` option works (--include_path, --num_fewshot, --limit, --log_samples, --output_path, ...). The
-adapter scores with raylm's own multiple-choice code (trainer.multiple_choice), so a task's accuracy through
+adapter scores with raylm's own multiple-choice code (trainer.eval.multiple_choice), so a task's accuracy through
 lm-eval equals raylm's scorer's on the same model, item by item.
 
 --model_args: checkpoint (a run or step directory, a Hugging Face folder or raylm .pt weights), tokenizer (a path

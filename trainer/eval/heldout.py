@@ -27,7 +27,7 @@ class HeldOut:
 
     name: str
     split: object
-    """The dataset's val split (`dataprep.dataset.Split`)."""
+    """The dataset's val split (`raylm.dataset.Split`)."""
     batches: list[np.ndarray]
     """Row indices of each micro-batch this rank runs (every rank has as many; the last ones may be empty)."""
     sources: np.ndarray

@@ -98,7 +98,7 @@ def load_sharded(found: Checkpoint, d, parallel: ParallelConfig) -> nn.Module:
 
 def evaluate(job: EvalJob, tasks: list | None = None) -> dict:
     """Every rank: load, score, and return {"checkpoint", "datasets", "tasks"}. `tasks`: [eval]'s tasks as the
-    driver's check tokenized them (`trainer.multiple_choice.Task`), else tokenized here."""
+    driver's check tokenized them (`trainer.eval.multiple_choice.Task`), else tokenized here."""
     from raylm.tokenizer import load_tokenizer
 
     d = init_distributed(job.run.device)
