@@ -40,8 +40,8 @@ from dataprep.__main__ import parse_args
 from dataprep.pipeline import run
 from dataprep.sample import sample_lines
 from dataprep.sources import Part, read_documents
-from raylm.tokenizer import load_tokenizer, train_tokenizer
 from dataprep.worker import ENCODE_CHARS
+from raylm.tokenizer import load_tokenizer, train_tokenizer
 
 MB = 2**20
 SEED, GENERATOR = 0, 1

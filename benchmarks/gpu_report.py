@@ -47,9 +47,9 @@ def report_line(rows: list[dict], *, preset: str, launcher: str, flops_per_token
 def run_flops_per_token(run_dir: str) -> float:
     """Training FLOPs per token of the run's model at its dataset's sequence length (what the trainer's MFU uses),
     from the resolved config.toml the run wrote."""
-    from raylm.dataset import open_dataset
     from raylm import storage
     from raylm.config import load_config
+    from raylm.dataset import open_dataset
     from trainer.job import JobConfig
 
     job = load_config(JobConfig, storage.join(run_dir, "config.toml"), [])

@@ -26,13 +26,13 @@ import time
 import torch
 
 from raylm.dataset import open_dataset
+from raylm.ray_session import free_port
 from trainer.data import BatchPlan, StepLoader
+from trainer.loss import lm_loss
 from trainer.metrics import cpu_peak_flops, read_metrics
 from trainer.model.config import ModelConfig
 from trainer.model.transformer import Transformer
 from trainer.optim import OptimConfig, build_optimizer
-from trainer.loss import lm_loss
-from raylm.ray_session import free_port
 
 DATASET = "data/bench-stdlib-512"
 MODEL = {"dim": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 4, "ffn_hidden": 1408}

@@ -18,13 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.fs as pafs
 
-from raylm.dataset import MANIFEST, read_manifest
-from raylm.tokenizer import TOKENIZER_FILES
 from dataprep.units import Unit
 from raylm import storage
-from raylm.lease import LEASE
+from raylm.dataset import MANIFEST, read_manifest
 from raylm.errors import ConfigError, StorageError
+from raylm.lease import LEASE
 from raylm.storage import FileEntry
+from raylm.tokenizer import TOKENIZER_FILES
 
 SPLITS = ("train", "val")
 PROGRESS = "_progress"

@@ -30,21 +30,20 @@ from typing import Callable, Iterator
 import numpy as np
 
 from dataprep.config import DataprepConfig
-from raylm.dataset import FORMAT, FORMAT_VERSION, read_manifest
-from dataprep.output import (SOURCES, SPLITS, committed_units, has_committed_units, prepare_output,
-                             remove_strays, remove_unfinished, run_stamp, write_manifest, write_run_record,
-                             write_sources)
+from dataprep.output import (SOURCES, SPLITS, committed_units, has_committed_units, prepare_output, remove_strays,
+                             remove_unfinished, run_stamp, write_manifest, write_run_record, write_sources)
 from dataprep.sample import sample_and_train, sample_plan
-from raylm.dataset import PLANES, rows_per_batch
 from dataprep.sources import COMPRESSIONS, file_format
-from raylm.tokenizer import (SP_FILE, Tokenizer, load_tokenizer, read_tokenizer_files, token_dtype, write_tokenizer_files)
 from dataprep.units import Unit, plan_units
 from dataprep.worker import SOURCE_COUNTS, PackUnits, UnitJob
 from raylm import storage
+from raylm.dataset import FORMAT, FORMAT_VERSION, PLANES, read_manifest, rows_per_batch
 from raylm.errors import ConfigError, DataError
 from raylm.lease import check_held, held
 from raylm.ray_session import check_local_paths, init_ray, quiet_ray_data
 from raylm.storage import FileEntry
+from raylm.tokenizer import (SP_FILE, Tokenizer, load_tokenizer, read_tokenizer_files, token_dtype,
+                             write_tokenizer_files)
 
 log = logging.getLogger(__name__)
 DEMO_EXCLUDE = "site-packages/"

@@ -8,10 +8,10 @@ same lines, so the same tokenizer.
 from __future__ import annotations
 
 from dataprep.sources import Document, Part, read_documents
-from raylm.tokenizer import train_tokenizer
 from dataprep.worker import split_hash
 from raylm.errors import DataError
 from raylm.storage import FileEntry
+from raylm.tokenizer import train_tokenizer
 
 MAX_LINE_BYTES = 16384
 """Longer lines are left out of the sample (SentencePiece's max_sentence_length)."""

@@ -25,13 +25,13 @@ import numpy as np
 import pyarrow as pa
 
 from dataprep import chat
+from dataprep.output import SPLITS, progress_path
 from dataprep.shards import ExamplePacker, SplitPacker
 from dataprep.sources import BadRecord, Document, read_documents, read_records
-from raylm.tokenizer import load_tokenizer, token_dtype
-from dataprep.output import SPLITS, progress_path
 from dataprep.units import Unit
 from raylm import storage
 from raylm.lease import check_held
+from raylm.tokenizer import load_tokenizer, token_dtype
 
 ENCODE_CHARS = 1 << 20
 """Text encoded per SentencePiece call: amortises the call, bounds the Python lists it returns."""

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from raylm.dataset import open_dataset
 from dataprep.chat import tokenize as tokenize_chat
 from dataprep.sources import Record
-from raylm.tokenizer import load_tokenizer, read_tokenizer_files, train_tokenizer
 from helpers import TINY, hf_tokenizer_dir, run_captured, write_packed_dataset
+from raylm.dataset import open_dataset
+from raylm.tokenizer import load_tokenizer, read_tokenizer_files, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

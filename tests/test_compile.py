@@ -34,9 +34,9 @@ def run_steps(overrides: list[str], rank: int, world: int, rows: torch.Tensor) -
     from raylm.config import load_config
     from torch._dynamo.utils import counters
     from trainer.data import BatchPlan, micro_batches
+    from trainer.distributed import Dist
     from trainer.job import JobConfig
     from trainer.optim import build_optimizer
-    from trainer.distributed import Dist
     from trainer.train import build_model, train_step
 
     job = load_config(JobConfig, None, [*overrides, "--data.path=unused", "--run.dir=unused", "--train.device=cpu"])

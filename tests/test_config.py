@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from raylm.errors import ConfigError
 from raylm.config import config_help, dump_toml, load_config, sections
+from raylm.errors import ConfigError
 from trainer.job import JobConfig
 
 

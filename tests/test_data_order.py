@@ -8,9 +8,10 @@ import torch
 
 from raylm.dataset import Split
 from raylm.errors import ConfigError
-from raylm.shard_writer import ShardWriter
 from raylm.permutation import Permutation
-from trainer.data import (BatchPlan, EpochOrder, StepLoader, micro_batches, rank_micro_batches, rows_per_source, val_rows)
+from raylm.shard_writer import ShardWriter
+from trainer.data import (BatchPlan, EpochOrder, StepLoader, micro_batches, rank_micro_batches, rows_per_source,
+                          val_rows)
 
 
 @pytest.fixture

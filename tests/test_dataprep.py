@@ -12,10 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from helpers import dataset_files, driver_env, hf_tokenizer_dir, jsonl_corpus, run_captured, upload_dir
-from raylm.dataset import open_dataset
 from dataprep.__main__ import main
+from helpers import dataset_files, driver_env, hf_tokenizer_dir, jsonl_corpus, run_captured, upload_dir
 from raylm import storage
+from raylm.dataset import open_dataset
 
 SMALL = ["--vocab-size", "400", "--seq-len", "16", "--val-fraction", "0.2", "--shard-size", "0.001",
          "--pack.unit_mb=0.0005"]

@@ -12,10 +12,10 @@ import sys
 import time
 import uuid
 
-from helpers import jsonl_corpus, run_captured, wait_for
-from raylm.dataset import open_dataset
 from dataprep.__main__ import main
+from helpers import jsonl_corpus, run_captured, wait_for
 from raylm import storage
+from raylm.dataset import open_dataset
 from raylm.lease import LEASE
 
 ARGS = ["--workers.local=true", "--vocab-size", "400", "--seq-len", "16", "--pack.unit_mb=0.008", "--shard-size",

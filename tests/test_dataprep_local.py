@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 
+from dataprep.__main__ import main
 from helpers import dataset_files, run_captured
 from raylm.dataset import open_dataset
-from dataprep.__main__ import main
 
 STDLIB_20 = ["--max-files", "20", "--vocab-size", "512", "--seq-len", "64", "--val-fraction", "0.2",
              "--pack.unit_mb=0.1", "--shard-size", "0.1"]

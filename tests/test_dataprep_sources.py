@@ -10,11 +10,10 @@ import re
 import numpy as np
 import pytest
 
-from raylm.dataset import open_dataset
 from dataprep.__main__ import main
-from raylm.dataset import PackedDataset
 from dataprep.pipeline import source_names
 from helpers import dataset_files, run_captured
+from raylm.dataset import PackedDataset, open_dataset
 from raylm.errors import ConfigError
 
 DOC_CHARS, DOCS, FILES = 60, 20, 3

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from raylm.dataset import open_dataset
-from raylm.tokenizer import load_tokenizer, train_tokenizer
 from helpers import TINY, driver_env, metrics, run_captured, write_packed_dataset
+from raylm.dataset import open_dataset
 from raylm.errors import DataError
+from raylm.tokenizer import load_tokenizer, train_tokenizer
 from trainer.eval.heldout import held_out, loss_sums, report
+from trainer.eval.multiple_choice import load_task, read_items, score_task
 from trainer.model.config import ModelConfig
 from trainer.model.transformer import Transformer
-from trainer.eval.multiple_choice import load_task, read_items, score_task
 
 NAMES = ("alice bob carol dave erin frank grace heidi ivan judy kevin laura mallory nina oscar peggy quinn rupert "
          "sybil trent ursula victor wendy xavier yvonne zack").split()

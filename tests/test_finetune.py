@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import MIXED_DOCS, hf_tokenizer_dir, instruction_task, metrics, run_captured
 from dataprep.chat import tokenize
-from raylm.chat_template import reply_end
 from dataprep.shards import ExamplePacker
 from dataprep.sources import BadRecord, Record
+from helpers import MIXED_DOCS, hf_tokenizer_dir, instruction_task, metrics, run_captured
+from raylm.chat_template import reply_end
 from raylm.tokenizer import CHAT_MARKERS, RAYLM_CHAT_NAME, load_tokenizer, read_tokenizer_files, train_tokenizer
+from trainer.loss import count_loss_tokens, lm_loss, masked_loss_sum, unpack
 from trainer.model.config import ModelConfig
 from trainer.model.transformer import Transformer
-from trainer.loss import count_loss_tokens, lm_loss, masked_loss_sum, unpack
 from trainer.train import loss_tokens
 
 

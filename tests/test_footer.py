@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from raylm.dataset import Split, shard_schema
-from raylm.shard_writer import ShardWriter
 from raylm.errors import DataError
+from raylm.shard_writer import ShardWriter
 
 ROW_LEN, ROWS_PER_BATCH = 9, 4
 

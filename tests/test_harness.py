@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from raylm.tokenizer import load_tokenizer, train_tokenizer
 from raylm.errors import ConfigError
+from raylm.tokenizer import load_tokenizer, train_tokenizer
+from trainer.eval.multiple_choice import load_task, score_requests, score_task
 from trainer.model.config import ModelConfig
 from trainer.model.generation import generate
 from trainer.model.transformer import Transformer
-from trainer.eval.multiple_choice import load_task, score_requests, score_task
 from trainer.weights import Weights, save_weights
 
 from lm_eval.api.instance import Instance

@@ -15,8 +15,7 @@ from trainer.model.transformer import Transformer
 from trainer.weights import Weights, load_weights, save_weights
 
 transformers = pytest.importorskip("transformers")
-from trainer import export as export_cli  # noqa: E402
-from trainer import generate as generate_cli  # noqa: E402
+from trainer import export as export_cli, generate as generate_cli  # noqa: E402
 
 TEXT = ["def add(a, b):\n\treturn a + b  # sum\n", "Hello, world! Καλημέρα κόσμε. 你好，世界 🎉\n",
         "    for i in range(10):\n        print(i)\n"]
@@ -214,8 +213,8 @@ def test_a_run_from_a_hugging_face_folder_trains_exports_and_resumes(tmp_path, s
     import numpy as np
     import torch.nn.functional as F
 
-    from raylm.dataset import open_dataset
     from helpers import TINY, metrics
+    from raylm.dataset import open_dataset
     from trainer.__main__ import main as trainer_main
 
     dataset = write_dataset(tmp_path / "data", sp_model)
@@ -261,11 +260,11 @@ def rank_loads(rank: int, world: int, port: int, folder: str, out: str) -> None:
     gathered weights, every rank's byte counts and the stacked experts' placements."""
     import torch.distributed as dist
 
+    from trainer.distributed import Dist
     from trainer.hf import model_config_from_hf, read_config
     from trainer.hf_shards import load_hf_weights
     from trainer.job import JobConfig
     from trainer.parallelize import plain_name
-    from trainer.distributed import Dist
     from trainer.train import build_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -135,8 +135,8 @@ def sharded_worker(rank: int, world: int, port: int, steps: int, save_to: str, l
     import torch.distributed as dist
 
     from trainer.checkpoint import CheckpointConfig, Checkpointer, load
-    from trainer.optim import build_optimizer
     from trainer.distributed import Dist
+    from trainer.optim import build_optimizer
     from trainer.train import build_model, train_step
 
     torch.set_num_threads(1)

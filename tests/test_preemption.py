@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from raylm.tokenizer import load_tokenizer, train_tokenizer
 from helpers import TINY, free_port, losses, metrics, run_captured, within, write_packed_dataset
+from raylm.tokenizer import load_tokenizer, train_tokenizer
 from trainer.checkpoint import list_checkpoints
 
 WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river mountain forest ocean".split()

@@ -106,8 +106,8 @@ def test_readme_commands_run_on_cpu(own_ray_env, tmp_path):
     """Every README command that runs on CPU, in README order, in one directory (so runs/demo, data/stdlib and hf/
     are the ones the earlier commands made), each at a reduced size as a newcomer runs it (its own local Ray):
     exit 0, its expected line, and raylm's lines only (no Ray chatter below WARNING, no colour codes)."""
-    from raylm.dataset import open_dataset
     from raylm.config import load_config
+    from raylm.dataset import open_dataset
     from trainer.job import JobConfig
 
     cwd = workdir(tmp_path / "checkout")

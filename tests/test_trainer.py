@@ -59,12 +59,12 @@ def grad_shards_worker(rank: int, world: int, port: int, dataset: str, unsharded
     from torch.distributed.tensor import DTensor
 
     from raylm.config import load_config
+    from raylm.dataset import open_dataset
     from trainer.data import BatchPlan, StepLoader
+    from trainer.distributed import Dist
     from trainer.job import JobConfig
     from trainer.optim import build_optimizer
-    from trainer.distributed import Dist
     from trainer.train import build_model, resolve_model, train_step
-    from raylm.dataset import open_dataset
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     job = load_config(JobConfig, "configs/tiny.toml", [])

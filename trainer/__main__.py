@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 import sys
 
-from raylm.dataset import open_dataset
 from raylm import storage
-from raylm.cli import configure_logging, run_cli
+from raylm.cli import configure_logging, parse_job_args, run_cli
+from raylm.dataset import open_dataset
 from trainer import checkpoint
-from raylm.cli import parse_job_args
 from trainer.data import check_fits
 from trainer.eval.suite import check_evaluation
 from trainer.job import JobConfig, make_paths_absolute, paths

@@ -15,9 +15,9 @@ import sys
 import torch
 
 from raylm.chat_template import forged_marker, render_chat, reply_end
-from raylm.tokenizer import Tokenizer
 from raylm.cli import run_cli
 from raylm.errors import DataError
+from raylm.tokenizer import Tokenizer
 from trainer.generate import load_with_tokenizer
 from trainer.model.generation import generate
 from trainer.model.transformer import Transformer

@@ -15,8 +15,8 @@ import torch
 from raylm.cli import run_cli
 from raylm.errors import ConfigError
 from raylm.paths import check_job_paths
-from trainer.hf import export
 from raylm.tokenizer import read_tokenizer_files
+from trainer.hf import export
 from trainer.weights import load_weights, save_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 
 from raylm import storage
 from raylm.errors import ConfigError
+from raylm.lease import SETTLE_S
 from raylm.paths import InPath, OutPath
 from raylm.storage import StorageConfig
-from trainer.checkpoint import CheckpointConfig, FaultConfig
+from trainer.checkpoint import CheckpointConfig
 from trainer.eval.suite import EvalConfig, eval_paths, make_eval_paths_absolute
-from raylm.lease import SETTLE_S
+from trainer.faults import FaultConfig
 from trainer.model.config import ModelConfig
 from trainer.optim import OptimConfig
 from trainer.parallelize import ParallelConfig

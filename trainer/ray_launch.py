@@ -19,13 +19,12 @@ import time
 from typing import TYPE_CHECKING
 
 from raylm import storage
-from raylm.errors import RaylmError
-from raylm.ray_session import init_ray, verbose
-from trainer.checkpoint import COMMITTED
 from raylm.config import from_dict, to_dict
-from raylm.ray_session import check_local_paths
-from trainer.job import JobConfig, paths
+from raylm.errors import RaylmError
 from raylm.lease import held
+from raylm.ray_session import check_local_paths, init_ray, verbose
+from trainer.checkpoint import COMMITTED
+from trainer.job import JobConfig, paths
 from trainer.preemption import Preempted
 
 if TYPE_CHECKING:

@@ -19,17 +19,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from raylm.dataset import open_dataset
 from raylm import storage
+from raylm.dataset import open_dataset
 from raylm.errors import DataError, RaylmError
 from trainer import checkpoint
-from trainer.checkpoint import Checkpointer, inject_fault, notice_fault
+from trainer.checkpoint import Checkpointer
 from trainer.data import BatchPlan, StepLoader
 from trainer.distributed import Dist, decided_on_rank0, init_distributed, shard_on_meta
-from trainer.eval.suite import metrics as eval_metrics, open_evaluation
 from trainer.eval.heldout import flat_metrics, held_out, loss_sums, report
-from trainer.loss import count_loss_tokens, lm_loss
+from trainer.eval.suite import metrics as eval_metrics, open_evaluation
+from trainer.faults import inject_fault, notice_fault
 from trainer.job import JobConfig, check_kernel
+from trainer.loss import count_loss_tokens, lm_loss
 from trainer.metrics import MetricsLog, device_peak_flops, peak_memory_gib
 from trainer.model.attention import attention_kernel
 from trainer.model.config import initial_value

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from raylm.tokenizer import SP_FILE, Tokenizer, load_tokenizer, read_tokenizer_files
 from raylm.errors import DataError
+from raylm.tokenizer import SP_FILE, Tokenizer, load_tokenizer, read_tokenizer_files
 from trainer import checkpoint
 from trainer.model.config import ModelConfig
 from trainer.model.transformer import Transformer

@@ -21,11 +21,11 @@ import threading
 
 from ray.tune import Callback
 
-from raylm.dataset import open_dataset
 from raylm import storage
+from raylm.config import dump_toml, from_dict, to_dict
+from raylm.dataset import open_dataset
 from raylm.errors import ConfigError, find_user_error
 from raylm.ray_session import check_local_paths, init_ray, verbose
-from raylm.config import dump_toml, from_dict, to_dict
 from trainer.data import check_fits
 from trainer.eval.suite import check_evaluation, eval_paths
 from trainer.job import JobConfig

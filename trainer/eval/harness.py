@@ -23,10 +23,10 @@ import torch
 
 from raylm.cli import run_cli
 from raylm.errors import ConfigError
+from trainer.eval.multiple_choice import encode_pair, score_requests
 from trainer.export import DTYPES
 from trainer.generate import load_with_tokenizer
 from trainer.model.generation import generate
-from trainer.eval.multiple_choice import encode_pair, score_requests
 
 try:
     from lm_eval.api.model import LM

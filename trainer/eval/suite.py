@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from raylm.dataset import open_dataset
 from raylm import storage
+from raylm.dataset import open_dataset
 from raylm.errors import ConfigError, DataError
 from raylm.paths import InPath
 from trainer.eval.heldout import flat_metrics, held_out, loss_sums, report
