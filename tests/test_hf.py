@@ -259,8 +259,7 @@ def rank_loads(rank: int, world: int, port: int, folder: str, out: str) -> None:
     gathered weights, every rank's byte counts and the stacked experts' placements."""
     import torch.distributed as dist
 
-    from trainer.hf import model_config_from_hf, read_config
-    from trainer.hf_shards import load_hf_weights
+    from trainer.hf import load_hf_weights, model_config_from_hf, read_config
     from trainer.job import JobConfig
     from trainer.parallelize import plain_name
     from trainer.train import Dist, build_model
@@ -343,8 +342,7 @@ def test_init_from_hf_refusals_are_one_line_before_any_worker(tmp_path, sp_model
 def test_a_folder_that_does_not_match_its_config_names_the_tensor(tmp_path):
     """A tensor missing or of another shape than config.json implies is a DataError naming it and the folder."""
     from raylm.errors import DataError
-    from trainer.hf import model_config_from_hf, read_config
-    from trainer.hf_shards import load_hf_weights
+    from trainer.hf import load_hf_weights, model_config_from_hf, read_config
 
     folder = tmp_path / "hf"
     hf_model(folder, vocab=300)
@@ -366,8 +364,7 @@ def test_a_folder_that_does_not_match_its_config_names_the_tensor(tmp_path):
 def test_init_from_hf_reads_an_s3_folder(tmp_path, s3_server):
     """The same loader on s3:// (moto): config.json and the shards' byte ranges through raylm.storage."""
     from helpers import upload_dir
-    from trainer.hf import import_folder, model_config_from_hf, read_config
-    from trainer.hf_shards import load_hf_weights
+    from trainer.hf import import_folder, load_hf_weights, model_config_from_hf, read_config
 
     hf_model(tmp_path / "hf", vocab=300, experts=2, tied=True)
     url = f"{s3_server}/{tmp_path.name}/hf"

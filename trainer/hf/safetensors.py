@@ -26,7 +26,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from raylm import storage
 from raylm.errors import DataError, StorageError
-from trainer.hf import _LAYER, _RAYLM_LAYER, _TOP
+from trainer.hf.config import _LAYER, _RAYLM_LAYER, _TOP
 from trainer.parallelize import plain_name
 
 INDEX = "model.safetensors.index.json"
