@@ -127,7 +127,13 @@ def test_import_refuses_what_raylm_cannot_represent(tmp_path, sp_model):
     assert code == 2 and "model_type='gpt2'; raylm imports llama and mixtral models" in err
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     code, _, err = run_captured(export_cli.main, ["--from-hf", tmp_path / "hf", "--out", tmp_path / "w.pt"])
-    assert code == 2 and "weights do not match its config.json" in err and err.count("\n") == 1
+    assert code == 2 and err == (f"error: {tmp_path / 'hf'} has no tensor model.layers.2.input_layernorm.weight, "
+                                 "which a model of its config.json needs\n")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    code, _, err = run_captured(export_cli.main, ["--from-hf", tmp_path / "hf", "--out", tmp_path / "w.pt"])
+    assert code == 2 and err == (f"error: {tmp_path / 'hf'} holds 9 tensors a model of its config.json has no place "
+                                 "for (first: model.layers.1.input_layernorm.weight); only Llama and Mixtral "
+                                 "checkpoints can be loaded\n")
 
 
 def test_bf16_export_loads_and_matches_rounded_weights(tmp_path, sp_model):
@@ -376,3 +382,4 @@ def test_init_from_hf_reads_an_s3_folder(tmp_path, s3_server):
     local_cfg, expected = import_folder(str(tmp_path / "hf"))
     assert cfg == local_cfg and read.tensors == sum(v.numel() * 4 for v in expected.values())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
