@@ -383,3 +383,22 @@ def test_init_from_hf_reads_an_s3_folder(tmp_path, s3_server):
     assert cfg == local_cfg and read.tensors == sum(v.numel() * 4 for v in expected.values())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
 
+
+def test_load_weights_reads_an_s3_folder(tmp_path, sp_model, s3_server):
+    """`load_weights` (generate, chat, export, the harness) takes an s3:// Hugging Face folder through the reader
+    `--init.from_hf` uses: the same config, tensors and tokenizer as from the local folder, which are the exported
+    weights; generate continues a prompt from it as from the local folder."""
+    from helpers import upload_dir
+
+    path = weights_file(tmp_path, sp_model, n_experts=4, top_k=2, tie_embeddings=True)
+    assert run_captured(export_cli.main, ["--checkpoint", path, "--out", tmp_path / "hf"])[0] == 0
+    url = f"{s3_server}/{tmp_path.name}/hf"
+    upload_dir(tmp_path / "hf", url)
+    exported, local, remote = load_weights(path), load_weights(str(tmp_path / "hf")), load_weights(url)
+    assert remote.cfg == local.cfg == exported.cfg and remote.tokenizer == local.tokenizer == exported.tokenizer
+    assert remote.state.keys() == local.state.keys() == exported.state.keys()
+    assert all(torch.equal(remote.state[k], local.state[k]) and torch.equal(local.state[k], exported.state[k])
+               for k in exported.state)
+    argv = ["--prompt", "def ", "--max_new_tokens", "8"]
+    from_s3 = run_captured(generate_cli.main, ["--checkpoint", url, *argv])
+    assert from_s3[0] == 0 and from_s3 == run_captured(generate_cli.main, ["--checkpoint", tmp_path / "hf", *argv])
