@@ -18,7 +18,7 @@ from trainer.weights import load_weights
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__,
                                 formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a run or step-NNNNNN directory (local or s3://), a Hugging Face folder or raylm .pt weights")
+    p.add_argument("--checkpoint", required=True, help="a run or step-NNNNNN directory, a Hugging Face folder (both local or s3://) or raylm .pt weights")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

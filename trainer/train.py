@@ -269,7 +269,7 @@ class Trainer:
 
     def init_from_hf(self) -> int:
         """Step 0 from the weights of init.from_hf (the optimizer stays fresh): each rank reads only its shards."""
-        from trainer.hf_shards import load_hf_weights
+        from trainer.hf import load_hf_weights
 
         source = self.job.init.from_hf
         read = load_hf_weights(self.model, source)

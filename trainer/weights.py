@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from raylm import storage
 from raylm.errors import DataError
 from raylm.tokenizer import SP_FILE, Tokenizer, load_tokenizer, read_tokenizer_files
 from trainer import checkpoint
@@ -103,13 +104,13 @@ def save_weights(path: str, weights: Weights) -> None:
 
 
 def load_weights(path: str) -> Weights:
-    """Weights from a raylm run or checkpoint directory (local or s3://), a Hugging Face folder (config.json) or a
-    raylm `.pt` weights file."""
+    """Weights from a raylm run or checkpoint directory, a Hugging Face folder (config.json; both local or s3://) or
+    a raylm `.pt` weights file."""
     if checkpoint.is_checkpoint_path(path):
         step = checkpoint.resolve(path)
         cfg, state = checkpoint.read_model(step)
         return Weights(cfg, state, tokenizer_files_in(checkpoint.run_dir_of(step)))
-    if os.path.isdir(path):
+    if os.path.isdir(path) or storage.exists(storage.join(path, "config.json")):
         from trainer.hf import import_folder
 
         cfg, state = import_folder(path)

@@ -87,7 +87,7 @@ def load_sharded(found: Checkpoint, d, parallel: ParallelConfig) -> nn.Module:
     model = shard_on_meta(found.cfg, d, parallel)
     model.to_empty(device=d.device)
     if found.hf:
-        from trainer.hf_shards import load_hf_weights
+        from trainer.hf import load_hf_weights
 
         load_hf_weights(model, found.path)
     else:

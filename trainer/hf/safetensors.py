@@ -1,13 +1,10 @@
-"""Filling an FSDP2-sharded model from a Hugging Face folder's safetensors: each rank reads only what it keeps.
+"""The one safetensors reader: a Hugging Face folder's tensors, local or s3://, read by ranges of rows.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header (per tensor: dtype, shape and
-data_offsets into the bytes that follow) and the tensors, row-major. The rows [a, b) of a tensor's dim 0, which is
-what an FSDP2 shard holds, are therefore one byte range: a rank reads each file's header (one ranged read, sized from
-the index's tensor names), then one ranged read per tensor it has rows of, through `raylm.storage`, so a local folder
-and an s3:// one are the same code. Names map as in `trainer/hf.py`; a stacked expert weight is read from the
-per-expert tensors: those of the experts this rank owns when it is sharded on dim 0; when it is sharded on dim 1
-(`trainer/parallelize.py`), the rows [a, b) of every expert's (2H, D) w1 ‖ w3 or (D, H) w2, one ranged read from
-each of w1, w3 and w2 that the rows fall in.
+data_offsets into the bytes that follow) and the tensors, row-major. The rows [a, b) of a tensor's dim 0 are
+therefore one byte range: the reader reads each file's header (one ranged read, sized from the index's tensor
+names), then one ranged read per run of rows asked for, through `raylm.storage`, so a local folder and an s3:// one
+are the same code. It knows nothing of raylm's names: `trainer.hf.load` asks it for the tensors a model needs.
 """
 
 from __future__ import annotations
@@ -20,14 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from raylm import storage
 from raylm.errors import DataError, StorageError
-from trainer.hf import _LAYER, _RAYLM_LAYER, _TOP
-from trainer.parallelize import plain_name
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -166,72 +158,3 @@ class SafetensorsFolder:
         if len(data) != (stop - start) * row:
             raise DataError(f"{entry.path} is cut short: tensor {name} runs past its end")
         return torch.frombuffer(bytearray(data), dtype=dtype).reshape(stop - start, *shape[1:])
-
-
-def hf_blocks(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
-    """The Hugging Face tensors (name, shape) whose concatenation along dim 0 is raylm parameter `name` with its
-    leading dims merged: a stacked (E, 2H, D) experts_w13 is w1 then w3 of expert 0, of expert 1, …; (E, D, H)
-    experts_w2 is each expert's w2; any other parameter is one tensor of its own shape."""
-    if name in _TOP:
-        return [(_TOP[name], shape)]
-    layer, rest = _RAYLM_LAYER.match(name).groups()
-    experts = f"model.layers.{layer}.block_sparse_moe.experts"
-    if rest == "feed_forward.experts_w13":
-        return [(f"{experts}.{e}.{w}.weight", (shape[1] // 2, shape[2])) for e in range(shape[0]) for w in ("w1", "w3")]
-    if rest == "feed_forward.experts_w2":
-        return [(f"{experts}.{e}.w2.weight", shape[1:]) for e in range(shape[0])]
-    return [(f"model.layers.{layer}.{_LAYER[rest]}", shape)]
-
-
-def local_runs(param: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """(this rank's part of `param`, the runs [start, stop) of merged rows it holds, in its order). Merged rows are
-    `param` viewed as (rows, last dim), a 1-D one as (size, 1). FSDP2 shards dim 0 (one run: the rows [a, b) of dim
-    0, unevenly if need be) or, for stacked experts, dim 1 (one run per expert: its rows [a, b) of dim 1)."""
-    dims = tuple(param.shape) if param.dim() == 1 else tuple(param.shape[:-1])
-    if not isinstance(param, DTensor):
-        return param.data, [(0, math.prod(dims))]
-    if len(param.placements) != 1 or not param.placements[0].is_shard() or param.placements[0].dim >= len(dims):
-        raise ValueError(f"expected a parameter sharded on one dim (not its last) of a 1-D mesh, got "
-                         f"{param.placements}")
-    d = param.placements[0].dim
-    local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    inner = math.prod(dims[d + 1:])  # merged rows per index of dim d
-    a, b = offset[d] * inner, (offset[d] + local_shape[d]) * inner
-    return param.to_local(), [(o * dims[d] * inner + a, o * dims[d] * inner + b) for o in range(math.prod(dims[:d]))]
-
-
-@torch.no_grad()  # grad mode is per thread: this runs in a pool
-def fill(st: SafetensorsFolder, name: str, param: torch.Tensor) -> None:
-    """Copy this rank's rows of `param` from the folder, cast to the parameter's dtype; reads only those rows, one
-    ranged read per Hugging Face tensor each run of them touches."""
-    local, runs = local_runs(param)
-    shape = tuple(param.shape)
-    width = shape[-1] if len(shape) > 1 else 1
-    flat = local.view(-1, width)
-    blocks = hf_blocks(name, shape)
-    at = 0  # the local row the run starts at
-    for lo, hi in runs:
-        offset = 0
-        for block, block_shape in blocks:
-            rows = math.prod(block_shape) // width
-            start, stop = max(lo, offset), min(hi, offset + rows)
-            if start < stop:
-                part = st.rows(block, block_shape, start - offset, stop - offset)
-                flat[at + start - lo:at + stop - lo].copy_(part.reshape(-1, width))
-            offset += rows
-        at += hi - lo
-
-
-def load_hf_weights(model: nn.Module, folder: str) -> BytesRead:
-    """Fill every parameter of a (sharded) raylm model with this rank's rows of the Hugging Face folder's weights,
-    each rank reading only those rows' bytes; returns the bytes read. A missing tensor or a shape mismatch is a
-    DataError naming it and the folder, raised on every rank alike: every tensor is checked before any row is read."""
-    params = [(plain_name(name), param) for name, param in model.named_parameters()]
-    with SafetensorsFolder(folder) as st:
-        for name, param in params:
-            for block, block_shape in hf_blocks(name, tuple(param.shape)):
-                st.entry(block, block_shape)
-        with ThreadPoolExecutor(READS_IN_FLIGHT) as pool:
-            for future in [pool.submit(fill, st, name, param) for name, param in params]:
-                future.result()
-        return st.read
