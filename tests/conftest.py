@@ -12,7 +12,8 @@ import tempfile
 
 import pytest
 
-from helpers import free_port, run_captured, upload_dir, write_mixed_corpus
+from raylm.ray_session import free_port
+from helpers import run_captured, upload_dir, write_mixed_corpus
 
 BUCKET = "raylm-test"
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import free_port
+from raylm.ray_session import free_port
 
 GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, STEPS = 7, 2, 32, 256, 5
 MODEL = ["--model.dim=64", "--model.n_layers=3", "--model.n_heads=4", "--model.n_kv_heads=2",

@@ -293,7 +293,7 @@ def test_each_rank_reads_only_its_rows(tmp_path, model, world, expert_dim):
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    from helpers import free_port
+    from raylm.ray_session import free_port
     from trainer.hf import import_folder
 
     folder = tmp_path / "hf"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import free_port
+from raylm.ray_session import free_port
 from trainer.model import ModelConfig, MoE
 
 torch.set_num_threads(2)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from dataprep.tokenizer import load_tokenizer, train_tokenizer
-from helpers import TINY, free_port, losses, metrics, run_captured, within, write_packed_dataset
+from helpers import TINY, losses, metrics, run_captured, within, write_packed_dataset
+from raylm.ray_session import free_port
 from trainer.checkpoint import list_checkpoints
 
 WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river mountain forest ocean".split()

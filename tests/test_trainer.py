@@ -13,8 +13,9 @@ import torch
 from pathlib import Path
 from pyarrow.fs import FileSelector
 
-from helpers import TINY, free_port, losses, metrics, run_captured, within
+from helpers import TINY, losses, metrics, run_captured, within
 from raylm import storage
+from raylm.ray_session import free_port
 
 def trainer_cli(*args, torchrun: int = 0) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
