@@ -160,13 +160,15 @@ def mixed_corpus(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def stdlib_dataset(local_ray, tmp_path_factory) -> str:
-    """A small real dataset: 150 stdlib files, 1000-token vocabulary, 64-token sequences."""
+def stdlib_dataset(tmp_path_factory) -> str:
+    """A small real dataset: 150 stdlib files, 1000-token vocabulary, 64-token sequences. Written by dataprep in
+    this process (`--workers.local=true`: no Ray, no moto), to the bytes the Ray path writes
+    (tests/test_dataprep_local.py), so the tests that read it stay in the fast tier."""
     from dataprep.__main__ import main
 
     out = tmp_path_factory.mktemp("datasets") / "stdlib"
     code, _, err = run_captured(main, ["--max-files", "150", "--vocab-size", "1000", "--seq-len", "64",
-                                       "--val-fraction", "0.05", "--output", out])
+                                       "--val-fraction", "0.05", "--workers.local=true", "--output", out])
     assert code == 0, err
     return str(out)
 

@@ -152,7 +152,7 @@ def test_missing_dataset_is_a_one_line_error(tmp_path):
     assert code == 2 and "is not a finished raylm dataset" in err and len(err.strip().splitlines()) == 1
 
 
-def test_ray_without_dashboard_is_a_one_line_error(stdlib_dataset, tmp_path):
+def test_ray_without_dashboard_is_a_one_line_error(own_ray_env, stdlib_dataset, tmp_path):
     """Ray frees a stopped trial's workers through the State API: without the dashboard the study would hang."""
     script = ("import ray, sys\n"
               "ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR')\n"
@@ -160,7 +160,7 @@ def test_ray_without_dashboard_is_a_one_line_error(stdlib_dataset, tmp_path):
               "from tune.__main__ import main\n"
               "sys.exit(run_cli(main, sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", script, "--data.path", stdlib_dataset, "--tune.dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=own_ray_env)
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "without its dashboard" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
