@@ -10,7 +10,14 @@ import subprocess
 import time
 from typing import Callable
 
+import pytest
+
 from raylm import storage
+
+
+ON_S3 = pytest.param("s3", marks=(pytest.mark.s3, pytest.mark.slow))
+"""The "s3" param of a fixture that asks for `s3_server` by name as it runs (`request.getfixturevalue`), which the
+tiering in conftest.py cannot see from the test's fixtures: it carries the markers itself."""
 
 
 def driver_env(address: str) -> dict:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from helpers import TINY, logged_steps, losses, metrics, run_captured, wait_for
+from helpers import ON_S3, TINY, logged_steps, losses, metrics, run_captured, wait_for
 from raylm import storage
 from trainer.checkpoint import COMMITTED, list_checkpoints
 from trainer.optim import OptimConfig, lr_factor
@@ -22,7 +22,7 @@ COMMON = [*TINY, "--train.log_every=1", "--train.eval_every=0", "--checkpoint.ev
 first 20 of a 30-step run's, and one uninterrupted reference run serves every test."""
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", ON_S3])
 def runs(request, tmp_path, stdlib_dataset):
     """Where run dirs go: a local directory or a moto S3 prefix (with a dataset on the same kind of storage)."""
     if request.param == "local":

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from helpers import wait_for
+from helpers import ON_S3, wait_for
 from raylm import storage
 from raylm.lease import LEASE, Lease, LeaseLost, RunDirBusy, check_held, held
 from raylm.ray_session import free_port
@@ -83,7 +83,7 @@ def race(run_dir: str) -> list:
     return outcome
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", ON_S3])
 def store(request, tmp_path):
     """A place for run directories: a local folder, or moto's S3 over HTTP."""
     if request.param == "s3":
