@@ -1,8 +1,9 @@
 """Fixtures: a real moto S3 server over HTTP, a local Ray with 2 CPUs, a multi-node Ray, small corpora.
 
 A test's tier follows from its fixtures (`pytest_collection_modifyitems`): one that starts Ray or moto, or commands
-that start a Ray of their own, is `slow`; `pytest -m "not slow"` is the fast tier (config, model, HF parity, data
-order, storage, errors) and starts neither."""
+that start a Ray of their own, is `slow`, and so is one marked `heavy` (tens of seconds of multi-process or compiled
+training without either); `pytest -m "not slow"` is the fast tier (config, model, HF parity, data order, storage,
+errors, the in-process loop, checkpoints, muP and evaluation on datasets written without Ray) and starts neither."""
 
 from __future__ import annotations
 
@@ -30,11 +31,18 @@ MARKS = {"s3_server": ("s3", "slow"), "local_ray": ("ray", "slow"), "multinode":
 """Fixture -> the markers of every test that uses it, directly or through another fixture."""
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy: tens of seconds on 2 cores (several processes, compiles, a long "
+                                       "training run) without Ray or moto; in the slow tier")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for fixture in set(item.fixturenames) & set(MARKS):
             for mark in MARKS[fixture]:
                 item.add_marker(mark)
+        if item.get_closest_marker("heavy"):
+            item.add_marker("slow")
 
 
 @pytest.fixture

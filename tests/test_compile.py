@@ -14,6 +14,8 @@ import torch.distributed as dist
 
 from raylm.ray_session import free_port
 
+pytestmark = pytest.mark.heavy  # the module's runs: compiled 2-rank FSDP2 training, ~30 s
+
 GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, STEPS = 7, 2, 32, 256, 5
 MODEL = ["--model.dim=64", "--model.n_layers=3", "--model.n_heads=4", "--model.n_kv_heads=2",
          f"--model.vocab_size={VOCAB}", f"--model.max_seq_len={SEQ}", "--model.multiple_of=32", "--optim.lr=5e-3",

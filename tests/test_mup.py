@@ -50,6 +50,7 @@ def spread(mup: bool) -> dict[str, float]:
     return {k: max(c[k] for c in by_width) / min(c[k] for c in by_width) for k in by_width[0]}
 
 
+@pytest.mark.heavy
 def test_coordinate_check_activations_stay_put_across_widths_under_mup_and_grow_without():
     mup, standard = spread(True), spread(False)
     assert all(ratio <= 2 for ratio in mup.values()), mup

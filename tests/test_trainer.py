@@ -23,6 +23,7 @@ def trainer_cli(*args, torchrun: int = 0) -> subprocess.CompletedProcess:
     return subprocess.run([*launcher, "--no-ray", *TINY, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.heavy
 def test_any_world_size_gives_the_same_run(stdlib_dataset, tmp_path):
     """The proof that data order and math do not depend on the world size: W=3 does not divide the batch of 16 (shares
     of 6, 5, 5 rows; ragged and empty micro-batches), yet every step's loss matches W=1; and a run killed on W=2
@@ -98,6 +99,7 @@ def grad_shards_worker(rank: int, world: int, port: int, dataset: str, unsharded
     dist.destroy_process_group()
 
 
+@pytest.mark.heavy
 def test_gradients_stay_sharded_after_every_micro_batch(stdlib_dataset, tmp_path):
     """ZeRO-3 keeps only a 1/W shard of each gradient; accumulating unsharded (the opt-in) would hold them whole."""
     import torch.multiprocessing as mp
@@ -176,6 +178,7 @@ def test_cli_help_and_one_line_errors(stdlib_dataset, tmp_path):
     assert code == 2 and "is not a finished raylm dataset" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.heavy
 def test_bf16_activation_checkpointing_and_compile_follow_the_fp32_eager_run_on_cpu(stdlib_dataset, tmp_path):
     """Each step's loss within what its arithmetic explains of the fp32 eager run's: bf16 compute (fp32 master
     weights and reductions) with full AC within 1e-3 relative (measured: 8e-5 over 8 steps, bf16's epsilon being

@@ -150,6 +150,7 @@ def test_generate_help_shows_each_default_once():
     assert "tokens to generate (default: 64)" in text
 
 
+@pytest.mark.heavy
 def test_a_warm_start_is_announced_once_by_a_job_of_two_ranks(data, source, tmp_path):
     """Every rank logged "warm start from the weights of …" (twice from two Ray workers); now rank 0 alone does, as
     for "resumed from". Two torchrun ranks, as Ray Train's workers, each with its own log handler."""
