@@ -1,8 +1,9 @@
 """Fixtures: a real moto S3 server over HTTP, a local Ray with 2 CPUs, a multi-node Ray, small corpora.
 
 A test's tier follows from its fixtures (`pytest_collection_modifyitems`): one that starts Ray or moto, or commands
-that start a Ray of their own, is `slow`; `pytest -m "not slow"` is the fast tier (config, model, HF parity, data
-order, storage, errors) and starts neither."""
+that start a Ray of their own, is `slow`, and so is one marked `heavy` (tens of seconds of multi-process or compiled
+training without either); `pytest -m "not slow"` is the fast tier (config, model, HF parity, data order, storage,
+errors, the in-process loop, checkpoints, muP and evaluation on datasets written without Ray) and starts neither."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import tempfile
 
 import pytest
 
-from helpers import free_port, run_captured, upload_dir, write_mixed_corpus
+from helpers import run_captured, upload_dir, write_mixed_corpus
+from raylm.ray_session import free_port
 
 BUCKET = "raylm-test"
 
@@ -29,11 +31,18 @@ MARKS = {"s3_server": ("s3", "slow"), "local_ray": ("ray", "slow"), "multinode":
 """Fixture -> the markers of every test that uses it, directly or through another fixture."""
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy: tens of seconds on 2 cores (several processes, compiles, a long "
+                                       "training run) without Ray or moto; in the slow tier")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for fixture in set(item.fixturenames) & set(MARKS):
             for mark in MARKS[fixture]:
                 item.add_marker(mark)
+        if item.get_closest_marker("heavy"):
+            item.add_marker("slow")
 
 
 @pytest.fixture
@@ -159,13 +168,15 @@ def mixed_corpus(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def stdlib_dataset(local_ray, tmp_path_factory) -> str:
-    """A small real dataset: 150 stdlib files, 1000-token vocabulary, 64-token sequences."""
+def stdlib_dataset(tmp_path_factory) -> str:
+    """A small real dataset: 150 stdlib files, 1000-token vocabulary, 64-token sequences. Written by dataprep in
+    this process (`--workers.local=true`: no Ray, no moto), to the bytes the Ray path writes
+    (tests/test_dataprep_local.py), so the tests that read it stay in the fast tier."""
     from dataprep.__main__ import main
 
     out = tmp_path_factory.mktemp("datasets") / "stdlib"
     code, _, err = run_captured(main, ["--max-files", "150", "--vocab-size", "1000", "--seq-len", "64",
-                                       "--val-fraction", "0.05", "--output", out])
+                                       "--val-fraction", "0.05", "--workers.local=true", "--output", out])
     assert code == 0, err
     return str(out)
 

@@ -6,18 +6,18 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import socket
 import subprocess
 import time
 from typing import Callable
 
+import pytest
+
 from raylm import storage
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ON_S3 = pytest.param("s3", marks=(pytest.mark.s3, pytest.mark.slow))
+"""The "s3" param of a fixture that asks for `s3_server` by name as it runs (`request.getfixturevalue`), which the
+tiering in conftest.py cannot see from the test's fixtures: it carries the markers itself."""
 
 
 def driver_env(address: str) -> dict:
@@ -124,14 +124,17 @@ def dataset_files(root) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def wait_for(what: str, ready: Callable[[], bool], proc: subprocess.Popen, timeout: float = 300) -> None:
-    """Poll `ready` until it holds, while `proc` runs; fail naming `what` if the process ends or time runs out."""
+def wait_for(what: str, ready: Callable[[], bool], proc: subprocess.Popen | None = None, timeout: float = 300,
+             every: float = 0.2) -> None:
+    """Poll `ready` every `every` seconds until it holds (while `proc`, if given, runs); fail naming `what` if the
+    process ends or `timeout` runs out. Tests wait on the condition itself, never for a guessed time."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
         if ready():
             return
-        time.sleep(0.2)
-    raise AssertionError(f"{what} never came (exit code {proc.poll()})")
+        time.sleep(every)
+    ended = "" if proc is None or proc.poll() is None else f": the process ended first (exit code {proc.poll()})"
+    raise AssertionError(f"{what} never came within {timeout:g} s{ended}")
 
 
 def logged_steps(run_dir: str) -> list[dict]:

@@ -75,6 +75,7 @@ def bare_python(tmp_path) -> str:
     return python
 
 
+@pytest.mark.heavy
 def test_gpu_script_smoke_on_a_bare_box(tmp_path):
     """No Ray and no TensorBoard (packages that raise ImportError, first on PYTHONPATH) and raylm not installed:
     the Ray half is skipped with one line on stderr, dataprep runs in the driver, every other check still passes."""

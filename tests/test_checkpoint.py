@@ -8,10 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from helpers import TINY, logged_steps, losses, metrics, run_captured, wait_for
+from helpers import ON_S3, TINY, logged_steps, losses, metrics, run_captured, wait_for
 from raylm import storage
 from trainer.checkpoint import COMMITTED, list_checkpoints
 from trainer.optim import OptimConfig, lr_factor
@@ -22,7 +23,7 @@ COMMON = [*TINY, "--train.log_every=1", "--train.eval_every=0", "--checkpoint.ev
 first 20 of a 30-step run's, and one uninterrupted reference run serves every test."""
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", ON_S3])
 def runs(request, tmp_path, stdlib_dataset):
     """Where run dirs go: a local directory or a moto S3 prefix (with a dataset on the same kind of storage)."""
     if request.param == "local":
@@ -103,9 +104,16 @@ def test_uncommitted_checkpoint_is_never_loaded_and_damaged_shards_are_named(run
     assert committed == b"10\n"
 
 
-def test_resume_from_another_run_and_warm_start(stdlib_dataset, tmp_path, caplog):
-    source = str(tmp_path / "source")
-    assert train_in_process(stdlib_dataset, source, "--train.steps=5")[0] == 0
+@pytest.fixture(scope="module")
+def five_steps(stdlib_dataset, tmp_path_factory) -> str:
+    """A finished in-process run of 5 steps (checkpoint at step 5), which the tests below read and never change."""
+    run_dir = str(tmp_path_factory.mktemp("five-steps") / "run")
+    assert train_in_process(stdlib_dataset, run_dir, "--train.steps=5")[0] == 0
+    return run_dir
+
+
+def test_resume_from_another_run_and_warm_start(stdlib_dataset, five_steps, tmp_path, caplog):
+    source = five_steps
     caplog.set_level("INFO", logger="trainer")
     code, _ = train_in_process(stdlib_dataset, str(tmp_path / "warm"), "--train.steps=3",
                                f"--checkpoint.resume_from={source}", "--checkpoint.load_weights_only=true")
@@ -120,12 +128,11 @@ def test_resume_from_another_run_and_warm_start(stdlib_dataset, tmp_path, caplog
     assert code == 2 and "holds no committed checkpoint" in out
 
 
-def test_generate_and_export_read_a_run_directory(stdlib_dataset, tmp_path):
+def test_generate_and_export_read_a_run_directory(five_steps, tmp_path):
     from trainer.export import main as export_main
     from trainer.generate import main as generate_main
 
-    run_dir = str(tmp_path / "run")
-    assert train_in_process(stdlib_dataset, run_dir, "--train.steps=5")[0] == 0
+    run_dir = five_steps
     code, out, err = run_captured(generate_main, ["--checkpoint", run_dir, "--prompt", "def ", "--max_new_tokens", "8"])
     assert code == 0 and out.startswith("def ") and err == "", err
     code, out, err = run_captured(export_main, ["--checkpoint", f"{run_dir}/checkpoints/step-000005",
@@ -202,11 +209,11 @@ def test_rerun_after_the_driver_is_interrupted_then_killed(local_ray, stdlib_dat
     rerun_finishes_with_the_same_losses(run_dir, stdlib_dataset, reference)
 
 
-def test_a_run_directory_of_another_model_is_one_line_and_left_untouched(stdlib_dataset, tmp_path):
-    run_dir = str(tmp_path / "run")
-    assert train_in_process(stdlib_dataset, run_dir, "--train.steps=5")[0] == 0
+def test_a_run_directory_of_another_model_is_one_line_and_left_untouched(stdlib_dataset, five_steps):
+    run_dir = five_steps
+
     def checkpoint_files() -> dict:
-        return {p: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").rglob("*") if p.is_file()}
+        return {p: p.read_bytes() for p in (Path(run_dir) / "checkpoints").rglob("*") if p.is_file()}
 
     before = checkpoint_files()
     for arg, field in (("--model.dim=128", "model.dim=64"), ("--data.seed=1", "data.seed=0")):

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import free_port
+from helpers import wait_for
+from raylm.ray_session import free_port
 from trainer.job import JobConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,30 +111,32 @@ def test_kuberay_gpu_workers_pass_a_preemption_notice_to_the_training_workers(tm
     hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
     assert pod["terminationGracePeriodSeconds"] > CheckpointConfig().preempt_grace_s + 10
     name = f"StandInWorker{os.getpid()}"  # not the pattern itself: a real worker of another test may be running
-    marker = tmp_path / "saved"
-    stand_in = subprocess.Popen([sys.executable, "-c", STAND_IN, str(marker), name])
-    time.sleep(1.0)  # its handler is set
-    started = time.monotonic()
+    ready, marker = tmp_path / "ready", tmp_path / "saved"
+    stand_in = subprocess.Popen([sys.executable, "-c", STAND_IN, str(ready), str(marker), name])
+    wait_for("the stand-in's SIGTERM handler", ready.exists, stand_in, timeout=60, every=0.05)
+    # The hook polls once a second for 30 s while a worker lives: it returns within 15 s only if it stops polling
+    # once the worker is gone, and by then the worker (whose save takes 1.5 s) has saved and exited.
     subprocess.run([part.replace("[R]ayTrainWorker", f"[{name[0]}]{name[1:]}") for part in hook], check=True,
-                   timeout=60)
-    assert stand_in.wait(timeout=5) == 0 and marker.read_text() == "saved"
-    assert 1.0 <= time.monotonic() - started < 10  # waited for the save, not for the whole loop
+                   timeout=15)
+    assert stand_in.poll() == 0 and marker.read_text() == "saved", "the hook returned before the save was done"
 
 
 STAND_IN = """
 import signal, sys, time
 def save(*_):
     time.sleep(1.5)
-    open(sys.argv[1], "w").write("saved")
+    open(sys.argv[2], "w").write("saved")
     sys.exit(0)
 signal.signal(signal.SIGTERM, save)
+open(sys.argv[1], "w").close()
 time.sleep(60)
 """
+"""A training worker that saves for 1.5 s on SIGTERM; argv: its ready marker, its saved marker, a name."""
 
 
 def test_kuberay_rayjob_targets_the_cluster_and_its_entrypoint_parses(monkeypatch):
-    from trainer.__main__ import FLAGS
     from raylm.cli import parse_job_args
+    from trainer.__main__ import FLAGS
 
     monkeypatch.chdir(ROOT)  # the image's working directory is a checkout
     job, cluster = load("kuberay/rayjob.yaml"), load("kuberay/raycluster.yaml")
@@ -164,8 +167,8 @@ def readme_jobs() -> list[list[str]]:
 
 def test_cluster_readme_job_commands_parse(monkeypatch):
     from dataprep.__main__ import parse_args
-    from trainer.__main__ import FLAGS
     from raylm.cli import parse_job_args
+    from trainer.__main__ import FLAGS
     from tune.config import TuneJobConfig
 
     monkeypatch.chdir(ROOT)  # jobs run in the uploaded working directory

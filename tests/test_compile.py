@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import free_port
+from raylm.ray_session import free_port
+
+pytestmark = pytest.mark.heavy  # the module's runs: compiled 2-rank FSDP2 training, ~30 s
 
 GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, STEPS = 7, 2, 32, 256, 5
 MODEL = ["--model.dim=64", "--model.n_layers=3", "--model.n_heads=4", "--model.n_kv_heads=2",

@@ -7,13 +7,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from dataprep.__main__ import main
-from helpers import dataset_files, driver_env, hf_tokenizer_dir, jsonl_corpus, run_captured, upload_dir
+from helpers import dataset_files, driver_env, hf_tokenizer_dir, jsonl_corpus, run_captured, upload_dir, wait_for
 from raylm import storage
 from raylm.dataset import open_dataset
 
@@ -110,16 +109,15 @@ def test_a_killed_driver_resumes_to_the_same_bytes(local_ray, tmp_path):
     driver = subprocess.Popen([sys.executable, "-m", "dataprep", *args, "--output", str(killed)],
                               env=driver_env(address := local_ray.get_runtime_context().gcs_address),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not list((killed / "_progress").glob("unit-*.json")) and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    wait_for("a committed unit", lambda: any((killed / "_progress").glob("unit-*.json")), driver, timeout=120,
+             every=0.02)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     assert driver.returncode == -signal.SIGKILL, driver.stderr.read().decode()[-2000:]
     assert not (killed / "manifest.json").exists()
     alive = [("state", "=", "ALIVE")]
-    while any(a.class_name.endswith("PackUnits") for a in list_actors(address=address, filters=alive)):
-        time.sleep(0.2)  # the killed job's actors go with it
+    wait_for("the killed job's actors to go with it", lambda: not any(
+        a.class_name.endswith("PackUnits") for a in list_actors(address=address, filters=alive)), timeout=120)
     (killed / "sources.jsonl.tmp-0123456789ab").write_text("half")  # as if killed while finishing
     code, out, err = run_captured(main, [*args, "--output", killed])
     assert code == 0, err

@@ -1,4 +1,6 @@
-"""Every bad input ends in one `error:` line naming the file (and line) and exit code 2, with no manifest written."""
+"""Every bad input ends in one `error:` line naming the file (and line) and exit code 2, with no manifest written.
+A mistake in the paths or options is refused on the driver before Ray starts; a bad record is found by a unit's task,
+on Ray."""
 
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def test_skip_and_replace_are_counted(local_ray, tmp_path):
     assert "bad records skipped: 2" in stdout
 
 
-def test_missing_path(local_ray, tmp_path):
+def test_missing_path(tmp_path):
     assert "does not exist" in run([tmp_path / "nope"], tmp_path / "ds")
 
 
@@ -82,20 +84,20 @@ def test_empty_corpus(local_ray, tmp_path):
     assert "has no text to train a tokenizer" in run([tmp_path / "c"], tmp_path / "ds")
 
 
-def test_no_readable_files(local_ray, tmp_path):
+def test_no_readable_files(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "img.png").write_bytes(b"\x89PNG")
     assert "no readable files" in run([tmp_path / "c"], tmp_path / "ds")
 
 
-def test_unwritable_output(local_ray, tmp_path):
+def test_unwritable_output(tmp_path):
     root = corpus_with(tmp_path, "b.txt", b"text")
     (tmp_path / "a-file").write_text("x")
     line = run([root], tmp_path / "a-file" / "ds")
     assert "cannot write the output" in line and "a-file" in line
 
 
-def test_bad_option_values(local_ray, tmp_path):
+def test_bad_option_values(tmp_path):
     root = corpus_with(tmp_path, "b.txt", b"text")
     assert "pack.seq_len=0 (--seq-len): must be >= 1" in run([root], tmp_path / "ds", "--seq-len", "0")
     assert "pack.val_fraction=2.0 (--val-fraction)" in run([root], tmp_path / "ds", "--val-fraction", "2")

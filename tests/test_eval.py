@@ -132,6 +132,7 @@ def trained(tokenizer, tmp_path_factory):
     return str(run), task, held, data
 
 
+@pytest.mark.heavy
 def test_a_task_is_tokenized_once_and_ships_smaller_than_its_file(trained, tokenizer, monkeypatch, tmp_path):
     """The driver's check tokenizes each task and the workers score what it shipped (here the --no-ray process,
     whose one load_task is the check's), in trainer.eval and in a training run's [eval]; the shipped form rebuilds
@@ -169,6 +170,7 @@ def test_a_task_is_tokenized_once_and_ships_smaller_than_its_file(trained, token
     assert calls == [path]
 
 
+@pytest.mark.heavy
 def test_a_memorised_task_scores_100_percent_and_the_untrained_model_about_chance(trained):
     run, _, _, _ = trained
     evals = [m for m in metrics(run) if "task/likes/acc" in m]
@@ -177,6 +179,7 @@ def test_a_memorised_task_scores_100_percent_and_the_untrained_model_about_chanc
     assert evals[-1]["task/likes/acc"] == 1.0 and evals[-1]["task/likes/acc_norm"] == 1.0
 
 
+@pytest.mark.heavy
 def test_in_loop_evaluation_reaches_metrics_jsonl_and_tensorboard(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -192,6 +195,7 @@ def test_in_loop_evaluation_reaches_metrics_jsonl_and_tensorboard(trained):
     assert "eval/heldout/bpb" in events.Tags()["scalars"]
 
 
+@pytest.mark.heavy
 def test_the_scorer_gives_what_the_loop_logged(trained, tokenizer):
     from trainer.weights import load_weights
 
@@ -235,6 +239,7 @@ def test_eval_gives_the_same_figures_on_one_and_two_workers(trained, local_ray, 
     assert np.allclose(flat(one["datasets"]["held"]), flat(two["datasets"]["held"]), rtol=1e-9, atol=0)
 
 
+@pytest.mark.heavy
 def test_a_dataset_of_another_tokenizer_or_a_broken_task_is_refused_before_any_work(trained, tmp_path):
     from trainer.__main__ import main as train
     from trainer.eval.cli import main as evaluate

@@ -68,6 +68,7 @@ def write_task(folder: Path, name: str, items: int = 20) -> Path:
     return data
 
 
+@pytest.mark.heavy
 def test_cli_accuracy_equals_raylms_scorer_item_by_item(tmp_path, checkpoint, lm):
     """The user's command, offline: every choice's log-likelihood, hence every item's verdict, is raylm's own."""
     data = write_task(tmp_path, "raylm_mc")

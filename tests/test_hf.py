@@ -211,6 +211,7 @@ def hf_model(folder, *, vocab: int, experts: int = 0, tied: bool = False, dtype=
     return model
 
 
+@pytest.mark.heavy
 def test_a_run_from_a_hugging_face_folder_trains_exports_and_resumes(tmp_path, sp_model, caplog):
     """The acceptance path: a sharded Llama folder → `python -m trainer --init.from_hf` (its config.json, not the
     preset's [model], sets the architecture) → export → transformers generates what raylm generates. The step-0
@@ -291,6 +292,7 @@ def rank_loads(rank: int, world: int, port: int, folder: str, out: str) -> None:
     (dict(vocab=360, experts=4, tied=True, dtype=torch.bfloat16), 2, 0),
     (dict(vocab=360, experts=4, dim=48, hidden=96), 3, 1),
 ], ids=["llama-uneven-rows", "mixtral-tied-bf16", "mixtral-experts-on-dim-1"])
+@pytest.mark.heavy
 def test_each_rank_reads_only_its_rows(tmp_path, model, world, expert_dim):
     """W gloo ranks: each reads about 1/W of the tensors' bytes (plus the files' headers), together exactly all of
     them once, and the gathered model is the folder's weights (cast to fp32). 361 vocabulary rows shard 181/180.
@@ -300,7 +302,7 @@ def test_each_rank_reads_only_its_rows(tmp_path, model, world, expert_dim):
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    from helpers import free_port
+    from raylm.ray_session import free_port
     from trainer.hf import import_folder
 
     folder = tmp_path / "hf"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import threading
 import time
@@ -14,8 +13,10 @@ import uuid
 
 import pytest
 
+from helpers import ON_S3, wait_for
 from raylm import storage
 from raylm.lease import LEASE, Lease, LeaseLost, RunDirBusy, check_held, held
+from raylm.ray_session import free_port
 
 
 def write_holder(run_dir, **fields) -> None:
@@ -23,13 +24,6 @@ def write_holder(run_dir, **fields) -> None:
     holder = {"token": "other", "job": "ray job 0a000000", "host": "node-b", "pid": 4242, "renewed": now,
               "expires": now + 60, **fields}
     (run_dir / LEASE).write_text(json.dumps(holder))
-
-
-def until(what: str, ready, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_a_live_holder_keeps_the_run_dir_and_is_named(tmp_path):
@@ -59,7 +53,8 @@ def test_renewal_notices_a_takeover_and_the_commit_check_refuses(tmp_path):
     lost = threading.Event()
     lease = Lease(str(tmp_path), job="ray job 0b000000", seconds=4).acquire(on_lost=lost.set)
     first = json.loads((tmp_path / LEASE).read_text())
-    until("a renewal", lambda: json.loads((tmp_path / LEASE).read_text())["expires"] > first["expires"])
+    wait_for("a renewal", lambda: json.loads((tmp_path / LEASE).read_text())["expires"] > first["expires"],
+             timeout=20, every=0.02)
     write_holder(tmp_path, token="new", job="ray job 0c000000")
     assert lost.wait(10) and "job ray job 0c000000" in lease.lost
     with pytest.raises(LeaseLost, match="now held by job ray job 0c000000"):
@@ -88,7 +83,7 @@ def race(run_dir: str) -> list:
     return outcome
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", ON_S3])
 def store(request, tmp_path):
     """A place for run directories: a local folder, or moto's S3 over HTTP."""
     if request.param == "s3":
@@ -137,14 +132,13 @@ def test_a_job_whose_lease_was_taken_over_never_writes_again_and_its_stale_commi
     import torch
     import torch.distributed as dist
 
-    from helpers import free_port as port
     from trainer.checkpoint import (COMMITTED, TRAIN_STATE, CheckpointConfig, Checkpointer, latest_committed,
                                     list_checkpoints, resolve, step_dir)
 
     run_dir = storage.join(store, "run")
     own_group = not dist.is_initialized()  # an in-process run of the trainer before may have left its one-rank group
     if own_group:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         model = torch.nn.Linear(4, 4)
         optimizer = torch.optim.AdamW(model.parameters())
@@ -154,7 +148,8 @@ def test_a_job_whose_lease_was_taken_over_never_writes_again_and_its_stale_commi
         ckpt_a.save(1, model, optimizer, {"step": 1})
         a._stop.set()  # partitioned: no more renewals
         a._thread.join()
-        until("A's lease to lapse", lambda: time.time() > json.loads(storage.read_bytes(a.path))["expires"])
+        wait_for("A's lease to lapse", lambda: time.time() > json.loads(storage.read_bytes(a.path))["expires"],
+                 timeout=20, every=0.02)
         b = Lease(run_dir, job="ray job 0c000000", seconds=60).acquire()
         with pytest.raises(LeaseLost, match="now held by job ray job 0c000000"):
             ckpt_a.save(2, model, optimizer, {"step": 2})
@@ -183,9 +178,3 @@ def test_a_job_whose_lease_was_taken_over_never_writes_again_and_its_stale_commi
     finally:
         if own_group:
             dist.destroy_process_group()
-
-
-def free_port() -> int:
-    from helpers import free_port as port
-
-    return port()

@@ -165,11 +165,21 @@ def test_kv_cache_keeps_per_token_work_flat_in_prompt_length():
 
 
 def test_kv_cache_takes_the_compute_dtype_under_mixed_precision():
-    """FSDP's bf16 policy computes in bf16 over fp32 parameters; autocast reproduces that without a process group."""
+    """FSDP's bf16 policy computes in bf16 over fp32 parameters; autocast reproduces that without a process group.
+    The cache holds bf16 keys and values (not fp32 copies of bf16 ones), and greedy decoding through it gives, token
+    for token, what full bf16 forwards over the growing sequence give (the decode is no one repeated token, which a
+    cache that fed the wrong keys could also give)."""
     model = build(n_kv_heads=2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = generate(model, [5, 17, 42], max_new_tokens=6)
-    assert len(out) == 9 and model.tok_embeddings.weight.dtype == torch.float32
+    prompt = [5, 17, 42]
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        cached = generate(model, prompt, max_new_tokens=20)
+        ids = list(prompt)
+        for _ in range(20):
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+        cache = model.new_cache(len(prompt))
+        model(torch.tensor([prompt]), cache, 0)
+    assert cached == ids and len(set(ids[len(prompt):])) > 1  # steps' logits differ by <= 0.002, top-2 by >= 0.012
+    assert {t.dtype for t in cache.k + cache.v} == {torch.bfloat16}
 
 
 def test_llama3_8b_preset_has_llama3_8b_parameter_count_and_size_cli_reports_it():

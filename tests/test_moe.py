@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import free_port
+from raylm.ray_session import free_port
 from trainer.model.config import ModelConfig
 from trainer.model.transformer import MoE
 
@@ -170,6 +170,7 @@ def spawn(world: int, out, *, steps: int = 0, save_to="", load_from="") -> dict:
     return torch.load(out, weights_only=False)
 
 
+@pytest.mark.heavy
 def test_experts_shard_on_dim_1_train_as_one_rank_and_reshard(tmp_path):
     """8 ranks, 4 experts: each rank holds at most ⌈N / 8⌉ of the N rows of dim 1 of every expert (on dim 0 ranks
     0-3 would hold a whole expert each and ranks 4-7 none), and every step's loss equals one rank's to 1e-5,

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from dataprep.__main__ import main
 from helpers import (STUDY, TINY, dataset_files, driver_env, jsonl_corpus, logged_steps, losses, metrics,
                      run_captured, wait_for, within)
 from raylm import storage
 from trainer.checkpoint import list_checkpoints
-from dataprep.__main__ import main
 
 UNITS = 96
 """Enough work (~5 s) that the second node's actor, which may start seconds after the first, gets units too."""
@@ -59,10 +59,8 @@ def test_dataprep_survives_losing_a_worker_node(multinode, corpus_and_one_node_b
     result is the bytes of an undisturbed run. The node is added back for the tests after this one."""
     args, one_node = corpus_and_one_node_bytes
     driver = dataprep_driver(args, tmp_path / "lost", multinode)
-    deadline = time.time() + 120
-    while not list((tmp_path / "lost" / "_progress").glob("unit-*.json")) and driver.poll() is None \
-            and time.time() < deadline:
-        time.sleep(0.02)
+    wait_for("a committed unit", lambda: any((tmp_path / "lost" / "_progress").glob("unit-*.json")), driver,
+             timeout=120, every=0.02)
     multinode.remove_node(next(iter(multinode.worker_nodes)), allow_graceful=False)
     assert not (tmp_path / "lost" / "manifest.json").exists(), "the node went after the run had finished"
     out, err = driver.communicate(timeout=300)

@@ -51,6 +51,7 @@ def spread(mup: bool) -> dict[str, float]:
     return {k: max(c[k] for c in by_width) / min(c[k] for c in by_width) for k in by_width[0]}
 
 
+@pytest.mark.heavy
 def test_coordinate_check_activations_stay_put_across_widths_under_mup_and_grow_without():
     mup, standard = spread(True), spread(False)
     assert all(ratio <= 2 for ratio in mup.values()), mup
@@ -81,13 +82,13 @@ def test_a_mup_run_resumes_exactly(stdlib_dataset, tmp_path):
     from trainer.__main__ import main
 
     args = ["--no-ray", *TINY, "--data.path", stdlib_dataset, "--model.mup_base_dim=32", "--train.log_every=1",
-            "--train.eval_every=0", "--checkpoint.every=3"]
-    assert run_captured(main, [*args, "--run.dir", tmp_path / "straight", "--train.steps=6"])[0] == 0
-    assert run_captured(main, [*args, "--run.dir", tmp_path / "resumed", "--train.steps=3"])[0] == 0
-    assert run_captured(main, [*args, "--run.dir", tmp_path / "resumed", "--train.steps=6"])[0] == 0
+            "--train.eval_every=0", "--checkpoint.every=2"]
+    assert run_captured(main, [*args, "--run.dir", tmp_path / "straight", "--train.steps=4"])[0] == 0
+    assert run_captured(main, [*args, "--run.dir", tmp_path / "resumed", "--train.steps=2"])[0] == 0
+    assert run_captured(main, [*args, "--run.dir", tmp_path / "resumed", "--train.steps=4"])[0] == 0
     assert losses(str(tmp_path / "resumed")) == losses(str(tmp_path / "straight"))
     standard = [a for a in args if not a.startswith("--model.mup_base_dim")]
-    code, _, err = run_captured(main, [*standard, "--run.dir", tmp_path / "resumed", "--train.steps=9"])
+    code, _, err = run_captured(main, [*standard, "--run.dir", tmp_path / "resumed", "--train.steps=6"])
     assert code == 2 and "trained with model.mup_base_dim=32" in err and "model.mup_base_dim=0" in err, err
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY, free_port, losses, metrics, run_captured, within, write_packed_dataset
+from helpers import TINY, losses, metrics, run_captured, within, write_packed_dataset
+from raylm.ray_session import free_port
 from raylm.tokenizer import load_tokenizer, train_tokenizer
 from trainer.checkpoint import list_checkpoints
 
@@ -57,6 +58,7 @@ def two_ranks(argv: list, out: Path) -> list[dict]:
     return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(2)]
 
 
+@pytest.mark.heavy
 def test_a_notice_in_the_middle_of_a_step_commits_that_step_and_the_run_resumes_exactly(dataset, tmp_path):
     """Rank 1 gets SIGTERM after its first backward of step 3: both ranks agree at step 3, commit it and stop as
     preempted (a notice read only at the next step would save step 4); the rerun continues from step 3 with the
@@ -87,6 +89,7 @@ def test_a_notice_in_the_middle_of_a_step_commits_that_step_and_the_run_resumes_
     assert within(losses(run), losses(str(reference)))
 
 
+@pytest.mark.heavy
 def test_a_grace_shorter_than_a_step_and_a_save_is_one_warning_with_the_figures(dataset, tmp_path):
     """A fresh run warns once a save has committed, from its second log window on (the first one's warm-up is no
     step time), with that log line's step time and the newest save's seconds; the resumed run warns before its

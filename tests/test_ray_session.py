@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from helpers import TINY, free_port, wait_for
-from raylm.ray_session import starts_its_own_cluster
+from helpers import TINY, wait_for
+from raylm.ray_session import free_port, starts_its_own_cluster
 from trainer.checkpoint import list_checkpoints
 
 DATA = ["--max-files", "40", "--vocab-size", "1000", "--seq-len", "64", "--val-fraction", "0.1"]

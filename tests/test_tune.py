@@ -12,12 +12,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from pathlib import Path
 
-from helpers import STUDY, run_captured
+from helpers import STUDY, run_captured, wait_for
 from raylm import storage
 from trainer.checkpoint import list_checkpoints
 
@@ -33,35 +32,29 @@ def tune_cli(ray_address: str, *args: str) -> subprocess.Popen:
                             text=True, env=env, start_new_session=True)
 
 
-def wait_for_a_finished_trial(tune_dir, proc: subprocess.Popen, timeout: float = 300) -> None:
-    """Until Tune's saved experiment state records a terminated trial (so a resume knows it is done)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        for state in glob.glob(str(tune_dir / "study" / "experiment_state*.json")):
-            with open(state) as f:
-                if "TERMINATED" in f.read():
-                    return
-        time.sleep(0.5)
-    raise AssertionError(f"no trial finished (exit code {proc.poll()}): {proc.stdout.read() if proc.poll() else ''}")
+def a_trial_finished(tune_dir) -> bool:
+    """Tune's saved experiment state records a terminated trial (so a resume knows it is done)."""
+    for state in glob.glob(str(tune_dir / "study" / "experiment_state*.json")):
+        with open(state) as f:
+            if "TERMINATED" in f.read():
+                return True
+    return False
 
 
-def wait_for_a_stale_ray_record(tune_dir, proc: subprocess.Popen, last_step: int, timeout: float = 300) -> None:
-    """Until a running trial's Ray Train record names a checkpoint raylm has pruned since (with keep=1, from its
-    second commit on): the moment a killed study used to leave unresumable."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        for record in glob.glob(str(tune_dir / "trials" / "*" / "checkpoint_manager_snapshot.json")):
-            if os.path.exists(os.path.join(os.path.dirname(record), "checkpoints", f"step-{last_step:06d}")):
-                continue  # a finished trial's
-            try:
-                with open(record) as f:
-                    names = [r["checkpoint_dir_name"] for r in json.load(f)["checkpoint_results"]]
-            except (OSError, ValueError):
-                continue  # being written
-            if any(not os.path.exists(os.path.join(os.path.dirname(record), n)) for n in names):
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"no trial's record named a pruned checkpoint (exit code {proc.poll()})")
+def a_stale_ray_record(tune_dir, last_step: int) -> bool:
+    """A running trial's Ray Train record names a checkpoint raylm has pruned since (with keep=1, from its second
+    commit on): the moment a killed study used to leave unresumable."""
+    for record in glob.glob(str(tune_dir / "trials" / "*" / "checkpoint_manager_snapshot.json")):
+        if os.path.exists(os.path.join(os.path.dirname(record), "checkpoints", f"step-{last_step:06d}")):
+            continue  # a finished trial's
+        try:
+            with open(record) as f:
+                names = [r["checkpoint_dir_name"] for r in json.load(f)["checkpoint_results"]]
+        except (OSError, ValueError):
+            continue  # being written
+        if any(not os.path.exists(os.path.join(os.path.dirname(record), n)) for n in names):
+            return True
+    return False
 
 
 def test_killed_grid_study_resumes_and_never_picks_a_diverged_or_tiny_lr(local_ray, stdlib_dataset, tmp_path):
@@ -70,8 +63,9 @@ def test_killed_grid_study_resumes_and_never_picks_a_diverged_or_tiny_lr(local_r
             str(tune_dir), "--tune.max_concurrent=1", "--ray.num_workers=2"]  # FSDP over 2 ranks per trial
     address = local_ray.get_runtime_context().gcs_address
     first = tune_cli(address, *args)
-    wait_for_a_finished_trial(tune_dir, first)
-    wait_for_a_stale_ray_record(tune_dir, first, last_step=40)
+    wait_for("a finished trial", lambda: a_trial_finished(tune_dir), first, every=0.5)
+    wait_for("a trial's record naming a pruned checkpoint", lambda: a_stale_ray_record(tune_dir, last_step=40), first,
+             every=0.1)
     os.killpg(first.pid, signal.SIGKILL)  # the study's driver dies at once; Ray ends its trials with it
     first.wait()
     finished = {d: (d / "metrics.jsonl").read_bytes() for d in (tune_dir / "trials").iterdir()
@@ -158,7 +152,7 @@ def test_missing_dataset_is_a_one_line_error(tmp_path):
     assert code == 2 and "is not a finished raylm dataset" in err and len(err.strip().splitlines()) == 1
 
 
-def test_ray_without_dashboard_is_a_one_line_error(stdlib_dataset, tmp_path):
+def test_ray_without_dashboard_is_a_one_line_error(own_ray_env, stdlib_dataset, tmp_path):
     """Ray frees a stopped trial's workers through the State API: without the dashboard the study would hang."""
     script = ("import ray, sys\n"
               "ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR')\n"
@@ -166,7 +160,7 @@ def test_ray_without_dashboard_is_a_one_line_error(stdlib_dataset, tmp_path):
               "from tune.__main__ import main\n"
               "sys.exit(run_cli(main, sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", script, "--data.path", stdlib_dataset, "--tune.dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=own_ray_env)
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "without its dashboard" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -150,6 +150,7 @@ def test_generate_help_shows_each_default_once():
     assert "tokens to generate (default: 64)" in text
 
 
+@pytest.mark.heavy
 def test_a_warm_start_is_announced_once_by_a_job_of_two_ranks(data, source, tmp_path):
     """Every rank logged "warm start from the weights of …" (twice from two Ray workers); now rank 0 alone does, as
     for "resumed from". Two torchrun ranks, as Ray Train's workers, each with its own log handler."""
@@ -157,7 +158,7 @@ def test_a_warm_start_is_announced_once_by_a_job_of_two_ranks(data, source, tmp_
     import subprocess
     import sys
 
-    from helpers import free_port
+    from raylm.ray_session import free_port
 
     argv = ["--no-ray", *TINY, "--train.eval_rows=0", "--data.path", data["base"], "--run.dir", str(tmp_path / "run"),
             f"--checkpoint.resume_from={source}", "--checkpoint.load_weights_only=true", "--train.steps=1"]
