@@ -18,6 +18,7 @@ from pathlib import Path
 
 from helpers import STUDY, run_captured, wait_for
 from raylm import storage
+from raylm.ray_session import free_port
 from trainer.checkpoint import list_checkpoints
 
 def read_results(tune_dir) -> list[dict]:
@@ -160,7 +161,8 @@ def test_ray_without_dashboard_is_a_one_line_error(own_ray_env, stdlib_dataset, 
               "from tune.__main__ import main\n"
               "sys.exit(run_cli(main, sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", script, "--data.path", stdlib_dataset, "--tune.dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, env=own_ray_env)
+                          capture_output=True, text=True, timeout=120,
+                          env={**own_ray_env, "RAY_GCS_SERVER_PORT": str(free_port())})  # a GCS of its own
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "without its dashboard" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
