@@ -11,7 +11,11 @@ Python's standard library (*.py, invalid UTF-8 replaced), written to data/stdlib
 
     python -m dataprep --format chat --input CHATS.jsonl --tokenizer MODEL_OR_RUN --output DIR   # for fine-tuning
 
-turns conversations into packed rows with a loss mask on the assistant turns, through the tokenizer's chat template.
+turns conversations into packed rows with a loss mask on the assistant turns, through the tokenizer's chat template;
+
+    python -m dataprep --format preference --input PAIRS.jsonl --tokenizer MODEL_OR_RUN --output DIR   # for DPO
+
+turns preference pairs (prompt, chosen, rejected) into two such examples each, both in one row.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ from raylm.errors import ConfigError
 from raylm.paths import InPath, OutPath
 
 BAD_RECORD = ("error", "skip")
-FORMATS = ("text", "chat")
+FORMATS = ("text", "chat", "preference")
+EXAMPLE_FORMATS = ("chat", "preference")
+"""Formats read as .jsonl records through the tokenizer's chat template into rows of whole examples with a loss
+mask (raylm.dataset.PLANES)."""
 OVERLONG = ("truncate", "drop")
 BOS = ("auto", "on", "off")
 ENCODING_ERRORS = ("strict", "replace")
@@ -34,7 +37,10 @@ class InputConfig:
     format: str = "text"
     """'text': documents packed end to end for pretraining. 'chat': .jsonl conversations (`messages: [{role,
     content}]` or `prompt`/`response`) for fine-tuning, through the tokenizer's chat template, each packed whole
-    with a loss mask on its assistant turns (needs --tokenizer: the model's own)."""
+    with a loss mask on its assistant turns (needs --tokenizer: the model's own). 'preference': .jsonl pairs for
+    preference tuning (`prompt` (text or messages), `chosen` and `rejected` (text or an assistant message), or TRL's
+    `chosen`/`rejected` message lists sharing all but the last), each reply rendered as 'chat' renders a
+    conversation's last turn, with loss on it alone, and the pair's two examples packed whole into one row."""
     text_field: str = "text"
     """Field (.jsonl) or column (.parquet) holding the text."""
     on_bad_record: str = "error"
@@ -46,7 +52,7 @@ class InputConfig:
 
     def __post_init__(self):
         _check([
-            (self.format in FORMATS, "input.format", self.format, "must be text or chat"),
+            (self.format in FORMATS, "input.format", self.format, "must be text, chat or preference"),
             (self.on_bad_record in BAD_RECORD, "input.on_bad_record", self.on_bad_record, "must be error or skip"),
             (self.encoding_errors in ENCODING_ERRORS, "input.encoding_errors", self.encoding_errors,
              "must be strict or replace"),
@@ -92,7 +98,7 @@ class PackConfig:
     overlong: str = "truncate"
     """Chat: an example longer than seq_len + 1 tokens is cut to that length ('truncate') or left out ('drop');
     either way it is counted in the manifest. One whose prompt leaves no room in a row for a reply token is left out
-    either way (counted as `no_reply`)."""
+    either way (counted as `no_reply`). Preference pairs are never cut: one longer than a row is a bad record."""
     bos: str = "auto"
     """Put the tokenizer's BOS at the start of each document (text), or of each conversation whose chat template
     does not render it already: 'auto' does when the model expects it (a Hugging Face tokenizer that adds its BOS,

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from dataprep.config import DataprepConfig
+from dataprep.config import EXAMPLE_FORMATS, DataprepConfig
 from dataprep.output import (SOURCES, SPLITS, committed_units, has_committed_units, prepare_output, remove_strays,
                              remove_unfinished, run_stamp, write_manifest, write_run_record, write_sources)
 from dataprep.sample import sample_and_train, sample_plan
@@ -120,9 +120,11 @@ def read_given_tokenizer(path: str) -> Tokenizer:
 
 
 def check_chat_inputs(cfg: DataprepConfig, files: list[FileEntry], tokenizer: Tokenizer | None) -> None:
-    """Chat data needs the model's own tokenizer, with a chat template, and .jsonl files: refused before any work."""
+    """Chat and preference data need the model's own tokenizer, with a chat template, and .jsonl files: refused
+    before any work."""
+    fmt = cfg.input.format
     if tokenizer is None:
-        raise ConfigError("--format chat needs --tokenizer: the tokenizer of the model to fine-tune (its run or "
+        raise ConfigError(f"--format {fmt} needs --tokenizer: the tokenizer of the model to fine-tune (its run or "
                           "dataset directory, its tokenizer.model, or a Hugging Face model folder)")
     if tokenizer.chat_template is None:
         raise DataError(f"--tokenizer {cfg.tokenizer.file} has no chat template (a SentencePiece model without "
@@ -130,10 +132,10 @@ def check_chat_inputs(cfg: DataprepConfig, files: list[FileEntry], tokenizer: To
                         "own chat tokenizer, or retrain the tokenizer with this raylm")
     other = next((f.path for f in files if file_format(f.path) != "jsonl"), None)
     if other:
-        raise DataError(f"--format chat reads .jsonl conversations; {other} is not a .jsonl file")
+        raise DataError(f"--format {fmt} reads .jsonl records; {other} is not a .jsonl file")
     most = np.iinfo(token_dtype(tokenizer.vocab_size)).max
     if cfg.pack.seq_len + 1 > most:  # a row's example indices are stored in the token dtype
-        raise ConfigError(f"pack.seq_len={cfg.pack.seq_len} (--seq-len): chat rows with this tokenizer hold at most "
+        raise ConfigError(f"pack.seq_len={cfg.pack.seq_len} (--seq-len): {fmt} rows with this tokenizer hold at most "
                           f"{most} positions; lower it")
 
 
@@ -201,7 +203,7 @@ def run(cfg: DataprepConfig, *, demo: bool = False) -> RunResult:
     names = [DEMO_SOURCE] if demo else source_names(cfg.input.paths)
     files = list_corpus(cfg.input.paths, max_files=cfg.input.max_files, exclude=DEMO_EXCLUDE if demo else None)
     given_tokenizer = read_given_tokenizer(cfg.tokenizer.file) if cfg.tokenizer.file else None
-    if cfg.input.format == "chat":
+    if cfg.input.format in EXAMPLE_FORMATS:
         check_chat_inputs(cfg, files, given_tokenizer)
     settings = run_settings(cfg, files, given_tokenizer, names)
     if not cfg.workers.local:  # one process on one machine: its paths are its own
@@ -305,8 +307,8 @@ def make_dataset(cfg: DataprepConfig, files: list[FileEntry], names: list[str], 
 
 
 def planes(cfg: DataprepConfig) -> int:
-    """Token planes in a row: chat rows carry the example index and loss mask beside the tokens."""
-    return len(PLANES) if cfg.input.format == "chat" else 1
+    """Token planes in a row: chat and preference rows carry the example index and loss mask beside the tokens."""
+    return len(PLANES) if cfg.input.format in EXAMPLE_FORMATS else 1
 
 
 def unit_job(cfg: DataprepConfig, tokenizer: Tokenizer, stamp: str, *, sources: int, bos: bool,
@@ -412,13 +414,16 @@ def counts_by_source(entries: list[dict], names: list[str]) -> dict[str, dict]:
 def build_manifest(cfg: DataprepConfig, tokenizer: Tokenizer, trained: bool, stats: list[dict], settings: dict,
                    n_files: int, names: list[str]) -> dict:
     """Sizes, counts and per-shard entries (each naming its unit and source); small: the source file list is in
-    sources.jsonl. `source_names[i]` names source i; `bos`: whether each document starts with BOS (`bos_id`)."""
+    sources.jsonl. `source_names[i]` names source i; `bos`: whether each document starts with BOS (`bos_id`). Chat
+    and preference data have a `chat` entry; preference data's says `pairs` (each row's examples 2j+1 and 2j+2 are
+    pair j's chosen and rejected replies), and its `documents` count pairs."""
     dtype = token_dtype(tokenizer.vocab_size)
     bos = settings.get("bos", False)
     splits = {s: split_entry(stats, s, names) for s in SPLITS}
     rows = planes(cfg) * (cfg.pack.seq_len + 1)
+    pairs = {"pairs": True} if cfg.input.format == "preference" else {}
     chat = {"chat": {"template": tokenizer.chat_template_name, "overlong": cfg.pack.overlong,
-                     "planes": list(PLANES)}} if cfg.input.format == "chat" else {}
+                     "planes": list(PLANES), **pairs}} if cfg.input.format in EXAMPLE_FORMATS else {}
     return {**chat,
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -461,11 +466,7 @@ def print_summary(result: RunResult, n_files: int, output: str) -> None:
     for name, s in m["splits"].items():
         size = sum(sh["bytes"] for sh in s["shards"]) / 1e6
         if "chat" in m:
-            print(f"  {name:5s}: {s['documents']:,} conversations, {s['rows']:,} rows of {m['seq_len'] + 1} "
-                  f"positions in {len(s['shards'])} shards ({size:.1f} MB), {s['loss_tokens']:,} of "
-                  f"{s['tokens']:,} tokens carry loss, {s['padding_tokens']:,} padding; longer than a row: "
-                  f"{s['truncated']:,} truncated, {s['dropped']:,} dropped ({m['chat']['overlong']}); "
-                  f"{s['no_reply']:,} dropped: no room for a reply")
+            print(f"  {name:5s}: {example_counts(m, s, size)}")
             continue
         print(f"  {name:5s}: {s['documents']:,} docs, {s['rows']:,} rows x {row_len} tokens in {len(s['shards'])} "
               f"shards ({size:.1f} MB), {s['dropped_tokens']:,} tail tokens dropped")
@@ -478,6 +479,19 @@ def print_summary(result: RunResult, n_files: int, output: str) -> None:
     if m["splits"]["val"]["rows"] == 0:
         print("  warning: val/ has no full row; raise --val-fraction or lower --seq-len for a validation split")
     print(f"  dataset: {output}")
+
+
+def example_counts(m: dict, s: dict, size: float) -> str:
+    """A chat or preference split's counts for the summary (`size` MB of shards); a pair is never cut nor dropped
+    (one that does not fit a row is a bad record)."""
+    pairs = m["chat"].get("pairs", False)
+    counts = (f"{s['documents']:,} {'pairs' if pairs else 'conversations'}, {s['rows']:,} rows of {m['seq_len'] + 1} "
+              f"positions in {len(s['shards'])} shards ({size:.1f} MB), {s['loss_tokens']:,} of {s['tokens']:,} "
+              f"tokens carry loss, {s['padding_tokens']:,} padding")
+    if pairs:
+        return counts
+    return (f"{counts}; longer than a row: {s['truncated']:,} truncated, {s['dropped']:,} dropped "
+            f"({m['chat']['overlong']}); {s['no_reply']:,} dropped: no room for a reply")
 
 
 def peak_rss_mb() -> float:

@@ -125,7 +125,8 @@ class ExamplePacker:
     across rows (a row that cannot take the next example is padded and closed). An example longer than a row is
     cut to its first `positions` tokens or dropped (`overlong`), and counted. An example with no target carrying loss
     in its first `positions` tokens (a prompt that fills the row) is dropped and counted as `no_reply` whatever
-    `overlong` says: a row of it would be trained on for nothing. Rows are the PLANES side by side."""
+    `overlong` says: a row of it would be trained on for nothing. Examples added together (a preference pair) share
+    a row, so pair j of a row has examples 2j+1 (chosen) and 2j+2 (rejected). Rows are the PLANES side by side."""
 
     def __init__(self, out_dir: str, stem: str, positions: int, rows_per_shard: int, dtype: np.dtype, *,
                  pad_id: int, overlong: str):
@@ -155,17 +156,30 @@ class ExamplePacker:
             self.counts["truncated"] += 1
             self.counts["dropped_tokens"] += len(tokens) - self.positions
             tokens, loss = tokens[:self.positions], loss[:self.positions]
-        if self._fill + len(tokens) > self.positions:
+        self._place([(tokens, loss)])
+
+    def add_together(self, examples: list[tuple[list[int], list[bool]]]) -> None:
+        """Examples that must share a row (a preference pair: chosen, then rejected), placed side by side and
+        counted as one document; the caller has checked that they fit in a row together."""
+        if sum(len(tokens) for tokens, _ in examples) > self.positions:
+            raise ValueError(f"examples of {[len(t) for t, _ in examples]} tokens do not fit a row of "
+                             f"{self.positions} together")
+        self._place(examples)
+
+    def _place(self, examples: list[tuple[list[int], list[bool]]]) -> None:
+        """The examples one after another in the current row, or in a new one if they do not all fit in it."""
+        if self._fill + sum(len(tokens) for tokens, _ in examples) > self.positions:
             self._close_row()
-        start, end = self._fill, self._fill + len(tokens)
-        self._examples += 1
-        self._row[0, start:end] = tokens
-        self._row[1, start:end] = self._examples
-        self._row[2, start + 1:end] = loss[1:]  # an example's first token is no target within the example
-        self._fill = end
+        for tokens, loss in examples:
+            start, end = self._fill, self._fill + len(tokens)
+            self._examples += 1
+            self._row[0, start:end] = tokens
+            self._row[1, start:end] = self._examples
+            self._row[2, start + 1:end] = loss[1:]  # an example's first token is no target within the example
+            self._fill = end
+            self.counts["tokens"] += len(tokens)
+            self.counts["loss_tokens"] += int(sum(loss[1:]))
         self.counts["documents"] += 1
-        self.counts["tokens"] += len(tokens)
-        self.counts["loss_tokens"] += int(sum(loss[1:]))
 
     def _close_row(self) -> None:
         if self._fill:

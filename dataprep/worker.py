@@ -24,10 +24,11 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from dataprep import chat
+from dataprep import chat, preference
+from dataprep.config import EXAMPLE_FORMATS
 from dataprep.output import SPLITS, progress_path
 from dataprep.shards import ExamplePacker, SplitPacker
-from dataprep.sources import BadRecord, Document, read_documents, read_records
+from dataprep.sources import BadRecord, Document, Record, read_documents, read_records
 from dataprep.units import Unit
 from raylm import storage
 from raylm.lease import check_held
@@ -59,7 +60,8 @@ class UnitJob:
     encoding_errors: str
     on_bad_record: str
     format: str = "text"
-    """'text': documents packed end to end; 'chat': conversations packed whole with a loss mask."""
+    """'text': documents packed end to end; 'chat': conversations packed whole with a loss mask; 'preference': pairs
+    of such examples (chosen, rejected), each pair whole in one row."""
     overlong: str = "truncate"
     """Chat: what happens to an example longer than a row."""
     lease: str = ""
@@ -147,7 +149,7 @@ class PackUnits:
         started, cpu = time.time(), time.process_time()
         packers = UnitPackers(self._packer, unit.name, tagged=self.job.sources > 1)
         counts = {"bad_records": 0, "replaced_utf8_documents": 0}
-        pack = self._pack_conversations if self.job.format == "chat" else self._pack_documents
+        pack = self._pack_examples if self.job.format in EXAMPLE_FORMATS else self._pack_documents
         try:
             error = pack(unit, packers, counts)
             if error:
@@ -167,25 +169,34 @@ class PackUnits:
                 "cpu_s": time.process_time() - cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     def _packer(self, stem: str):
-        if self.job.format == "chat":
+        if self.job.format in EXAMPLE_FORMATS:
             return ExamplePacker(self.job.output, stem, self.job.seq_len + 1, self.job.rows_per_shard, self.dtype,
                                  pad_id=self.tokenizer.eos_id, overlong=self.job.overlong)
         return SplitPacker(self.job.output, stem, self.job.seq_len + 1, self.job.rows_per_shard, self.dtype)
 
-    def _pack_conversations(self, unit: Unit, packers: UnitPackers, counts: dict) -> str | None:
-        """Each conversation of the unit, tokenized with its loss mask, to its split's and source's packer; the first
-        bad record's one-line description if the run stops at bad records."""
+    def _pack_examples(self, unit: Unit, packers: UnitPackers, counts: dict) -> str | None:
+        """Each conversation (or preference pair) of the unit, tokenized with its loss mask, to its split's and
+        source's packer; the first bad record's one-line description if the run stops at bad records."""
         for part in unit.parts:
             for record in read_records(part, encoding_errors=self.job.encoding_errors):
-                example = record if isinstance(record, BadRecord) else chat.tokenize(self.tokenizer, record)
+                example = record if isinstance(record, BadRecord) else self._tokenize(record)
                 if isinstance(example, BadRecord):
                     if self.job.on_bad_record == "error":
                         return f"{example.where}: {example.reason}"
                     counts["bad_records"] += 1
                     continue
                 counts["replaced_utf8_documents"] += record.replaced_utf8
-                packers[self._split(example), part.source].add(example.tokens, example.loss)
+                packer = packers[self._split(example), part.source]
+                if isinstance(example, preference.Pair):  # one row holds both: training never sees half a pair
+                    packer.add_together([(e.tokens, e.loss) for e in (example.chosen, example.rejected)])
+                else:
+                    packer.add(example.tokens, example.loss)
         return None
+
+    def _tokenize(self, record: Record) -> chat.Example | preference.Pair | BadRecord:
+        if self.job.format == "preference":
+            return preference.tokenize_pair(self.tokenizer, record, positions=self.job.seq_len + 1)
+        return chat.tokenize(self.tokenizer, record)
 
     def _pack_documents(self, unit: Unit, packers: UnitPackers, counts: dict) -> str | None:
         """Feed every document of the unit to its split's and source's packer, ENCODE_CHARS at a time; the first
@@ -232,6 +243,6 @@ class PackUnits:
             flat = np.fromiter(itertools.chain.from_iterable(lists), self.dtype, count=sum(map(len, lists)))
             packers[key].add(flat, documents[key])
 
-    def _split(self, doc: Document | chat.Example) -> str:
+    def _split(self, doc: Document | chat.Example | preference.Pair) -> str:
         val = self.job.val_fraction > 0 and split_hash(self.job.seed, "split", doc.key) < self.job.val_fraction
         return "val" if val else "train"

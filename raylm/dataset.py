@@ -26,7 +26,8 @@ FORMAT_VERSION = 2
 
 PLANES = ("tokens", "example", "loss")
 """The planes of a row of chat data, each `seq_len + 1` long: token ids; the example each position belongs to (1, 2,
-… within the row, 0 for padding); whether the token at that position is a target that carries loss."""
+… within the row, 0 for padding); whether the token at that position is a target that carries loss. Preference data
+(`PackedDataset.pairs`) has the same planes, a pair's two examples side by side in one row."""
 
 BATCH_BYTES = 1 << 20
 """Target size of one record batch: the unit of a ranged read on S3."""
@@ -358,6 +359,12 @@ class PackedDataset:
     def bos(self) -> bool:
         """Whether each document starts with BOS (dataprep's `--bos`); a dataset made before the choice: no."""
         return bool(self.manifest.get("bos"))
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the rows hold preference pairs (dataprep's `--format preference`): in each row, examples 2j+1 and
+        2j+2 are pair j's chosen and rejected replies. Text and chat data: no."""
+        return bool(self.manifest.get("chat", {}).get("pairs", False))
 
     @property
     def source_names(self) -> list[str]:
