@@ -16,10 +16,9 @@ from dataprep.sources import BadRecord, Record
 from helpers import MIXED_DOCS, hf_tokenizer_dir, instruction_task, metrics, run_captured
 from raylm.chat_template import reply_end
 from raylm.tokenizer import CHAT_MARKERS, RAYLM_CHAT_NAME, load_tokenizer, read_tokenizer_files, train_tokenizer
-from trainer.loss import count_loss_tokens, lm_loss, masked_loss_sum, unpack
+from trainer.loss import TokenMean, count_loss_tokens, lm_loss, masked_loss_sum, unpack
 from trainer.model.config import ModelConfig
 from trainer.model.transformer import Transformer
-from trainer.train import loss_tokens
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +218,7 @@ def test_the_loss_is_the_mean_over_the_steps_reply_tokens_however_it_is_split(tm
 
     def gradients(micro_batches):
         model = small_model()
-        count = loss_tokens(micro_batches, torch.device("cpu"))
+        count = TokenMean().totals(micro_batches)
         for batch in micro_batches:
             (lm_loss(model, batch)[0] / count).backward()
         return [p.grad.clone() for p in model.parameters()], count

@@ -12,7 +12,7 @@ import sys
 from raylm import storage
 from raylm.cli import configure_logging, parse_job_args, run_cli
 from raylm.dataset import open_dataset
-from trainer import checkpoint
+from trainer import checkpoint, reference
 from trainer.data import check_fits
 from trainer.eval.suite import check_evaluation
 from trainer.job import JobConfig, make_paths_absolute, paths
@@ -34,6 +34,7 @@ def check_before_launch(job: JobConfig, *, max_world: int) -> tuple[int, list]:
     dataset = open_dataset(job.data.path)
     check_fits(dataset, global_batch=job.train.global_batch, world=max_world)
     resolve_model(job, dataset)
+    reference.check_job(job, dataset)
     tasks = check_evaluation(job.eval, tokenizer=dataset.tokenizer(), max_len=job.model.max_seq_len)
     start = starting_checkpoint(job)
     if start is None:

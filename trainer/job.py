@@ -10,6 +10,7 @@ from raylm.lease import SETTLE_S
 from raylm.paths import InPath, OutPath
 from raylm.storage import StorageConfig
 from trainer.checkpoint import CheckpointConfig
+from trainer.dpo import DPOConfig
 from trainer.eval.suite import EvalConfig, eval_paths, make_eval_paths_absolute
 from trainer.faults import FaultConfig
 from trainer.model.config import ModelConfig
@@ -59,6 +60,9 @@ class TrainConfig:
     """Stop as diverged when the training loss at a log step exceeds this (0 = only on a non-finite norm)."""
     device: str = "auto"
     """'auto' (cuda if available), 'cuda' or 'cpu'."""
+    objective: str = "lm"
+    """'lm': next-token loss (pretraining, and chat data's replies); 'dpo': preference tuning on preference pairs
+    (`python -m dataprep --format preference`), with the [dpo] section's loss."""
 
     def __post_init__(self):
         for name in ("steps", "global_batch", "micro_batch", "log_every", "sample_tokens"):
@@ -69,6 +73,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"train.device must be auto, cuda or cpu, got {self.device!r}")
+        if self.objective not in ("lm", "dpo"):
+            raise ConfigError(f"train.objective must be lm or dpo, got {self.objective!r}")
 
 
 @dataclass(kw_only=True)
@@ -162,6 +168,7 @@ class JobConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     init: InitConfig = field(default_factory=InitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def __post_init__(self):
         if self.init.from_hf and self.checkpoint.resume_from:
@@ -197,7 +204,7 @@ def check_kernel(job: JobConfig, device: str) -> None:
 
 def paths(job: JobConfig) -> dict[str, str]:
     """The job's storage locations by option, for the checks that name the one at fault."""
-    return {"--data.path": job.data.path, "--run.dir": job.run.dir,
+    return {"--data.path": job.data.path, "--run.dir": job.run.dir, "--dpo.reference": job.dpo.reference,
             "--checkpoint.resume_from": job.checkpoint.resume_from, "--init.from_hf": job.init.from_hf,
             **eval_paths(job.eval)}
 
@@ -210,4 +217,6 @@ def make_paths_absolute(job: JobConfig) -> None:
         job.checkpoint.resume_from = storage.absolute(job.checkpoint.resume_from)
     if job.init.from_hf:
         job.init.from_hf = storage.absolute(job.init.from_hf)
+    if job.dpo.reference:
+        job.dpo.reference = storage.absolute(job.dpo.reference)
     make_eval_paths_absolute(job.eval)

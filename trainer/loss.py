@@ -8,6 +8,7 @@ evaluation and the tests all compute it here.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -18,7 +19,7 @@ def unpack(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch
     beside the tokens (raylm.dataset.PLANES): a target counts if it carries loss and its example is its input's."""
     if rows.dim() == 2:
         return rows, None, None
-    tokens, segments, loss = rows.unbind(1)
+    tokens, segments, loss = rows[:, 0], rows[:, 1], rows[:, 2]  # preference rows carry a fourth plane
     weights = (loss[:, 1:] > 0) & (segments[:, 1:] == segments[:, :-1])
     return tokens, segments, weights.float()
 
@@ -53,3 +54,21 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.
     logits, targets, weights, aux = forward_rows(model, batch)
     loss = masked_loss_sum(logits, targets, weights)
     return (loss, aux) if len(batch) else (loss * 0.0, aux * 0.0)
+
+
+class TokenMean:
+    """The language-model objective of `trainer.train.train_step`: each loss-carrying target's NLL divided by the
+    step's global count of them, so the loss is the mean over the step's targets on any world size."""
+
+    def totals(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        """The step's count of loss-carrying targets on all ranks (a device sum for chat rows: no host sync)."""
+        count = torch.zeros((), device=micro_batches[0].device)
+        for batch in micro_batches:
+            count += count_loss_tokens(batch)
+        dist.all_reduce(count)
+        return count.clamp(min=1.0)  # a chat step whose examples were all prompt: a zero loss, not 0 / 0
+
+    def loss(self, model: nn.Module, batch: torch.Tensor, totals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this batch's part of the step's loss, MoE auxiliary loss)."""
+        loss_sum, aux = lm_loss(model, batch)
+        return loss_sum / totals, aux

@@ -139,6 +139,8 @@ def format_line(m: dict) -> str:
     if "loss" not in m:  # an evaluation-only line (step 0)
         return " | ".join([f"step {m['step']:>6d}", *evals])
     parts = [f"step {m['step']:>6d}", f"loss {m['loss']:.4f}", *evals]
+    if "rewards/accuracy" in m:  # preference tuning
+        parts.append(f"reward acc {m['rewards/accuracy']:.2f} margin {m['rewards/margin']:.3f}")
     parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.2f}", f"{m['tokens_per_s']:,.0f} tok/s",
               f"mfu {100 * m['mfu']:.1f}%", f"step {1000 * m['step_time_s']:.0f}ms",
               f"data {100 * m['data_wait_share']:.1f}%", f"mem {m['peak_mem_gib']:.2f}GiB"]
@@ -146,9 +148,13 @@ def format_line(m: dict) -> str:
 
 
 def evaluation_parts(m: dict) -> list[str]:
-    """The validation slice's loss, perplexity and bits per byte, each held-out dataset's loss and each task's
-    accuracy, when the line has them (evaluation steps)."""
-    parts = [f"val {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f}, {m['val_bpb']:.3f} bpb)"] if "val_loss" in m else []
+    """The validation slice's loss, perplexity and bits per byte (preference pairs': loss and reward accuracy), each
+    held-out dataset's loss and each task's accuracy, when the line has them (evaluation steps)."""
+    parts = []
+    if "val_rewards/accuracy" in m:
+        parts = [f"val {m['val_loss']:.4f} (reward acc {m['val_rewards/accuracy']:.2f})"]
+    elif "val_loss" in m:
+        parts = [f"val {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f}, {m['val_bpb']:.3f} bpb)"]
     for key, value in m.items():
         kind, _, rest = key.partition("/")
         if (kind == "eval" and rest.endswith("/loss")) or (kind == "task" and rest.endswith("/acc")):

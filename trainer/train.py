@@ -30,7 +30,9 @@ from trainer.eval.heldout import flat_metrics, held_out, loss_sums, report
 from trainer.eval.suite import metrics as eval_metrics, open_evaluation
 from trainer.faults import inject_fault, notice_fault
 from trainer.job import JobConfig, check_kernel
-from trainer.loss import count_loss_tokens, lm_loss
+from trainer import reference
+from trainer.dpo import Preference, held_out_metrics, step_metrics
+from trainer.loss import TokenMean
 from trainer.metrics import MetricsLog, device_peak_flops, peak_memory_gib
 from trainer.model.attention import attention_kernel
 from trainer.model.config import initial_value
@@ -38,6 +40,7 @@ from trainer.model.generation import generate
 from trainer.optim import build_optimizer, build_scheduler, changed_optim, set_schedule_step
 from trainer.parallelize import materialize
 from trainer.preemption import Preempted, Preemption
+from trainer.reference import WithReference
 
 log = logging.getLogger(__name__)
 
@@ -70,37 +73,27 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm
 
 
-def loss_tokens(micro_batches: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The step's global count of loss tokens (every rank's): each token's loss is weighted by its inverse, so the
-    loss is the mean over the step's loss-carrying tokens on any world size."""
-    count = torch.zeros((), device=device)
-    for batch in micro_batches:
-        count += count_loss_tokens(batch)  # a device sum for chat rows: still no host sync
-    dist.all_reduce(count)
-    return count.clamp(min=1.0)  # a chat step whose examples were all prompt: a zero loss, not 0 / 0
-
-
 def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight: float, global_batch: int,
-               sync_every_micro_batch: bool = True, after_backward: Callable[[int], None] | None = None,
+               objective: TokenMean | Preference = TokenMean(), sync_every_micro_batch: bool = True,
+               after_backward: Callable[[int], None] | None = None,
                before_update: Callable[[], None] | None = None, preemption: Preemption | None = None) -> tuple:
     """One optimizer step over this rank's micro-batches; returns (this rank's part of the step's mean loss, grad
     norm, whether the norm is finite) as device tensors, with no host sync.
 
-    Each token's loss is divided by the step's global token count and FSDP sums the gradients (parallelize sets
-    its divide factor to 1), so the update is the same on any world size. By default each micro-batch's gradients
+    Each token's loss is divided by the step's global token count (a preference pair's by the step's global pair
+    count: `objective`) and FSDP sums the gradients (parallelize sets its divide factor to 1), so the update is the
+    same on any world size. By default each micro-batch's gradients
     are reduce-scattered as its backward ends, so only sharded gradients are ever kept; without
     `sync_every_micro_batch` FSDP accumulates full unsharded gradients and reduces once per step. A step whose
     gradient norm is not finite makes no update: the fused AdamW skips it on device (`found_inf`).
     `before_update` runs just before the parameters change (a checkpoint's copy of them must be done by then);
     `preemption` learns after the last backward whether any rank got a preemption notice."""
-    device = micro_batches[0].device
-    tokens = loss_tokens(micro_batches, device)
-    total = torch.zeros((), device=device)
+    totals = objective.totals(micro_batches)
+    total = torch.zeros((), device=micro_batches[0].device)
     for i, batch in enumerate(micro_batches):
         if not sync_every_micro_batch:
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        loss_sum, aux = lm_loss(model, batch)
-        loss = loss_sum / tokens
+        loss, aux = objective.loss(model, batch, totals)
         (loss + aux_weight * aux * (len(batch) / global_batch)).backward()
         total += loss.detach()
         if after_backward is not None:
@@ -203,10 +196,13 @@ class Trainer:
         self.ckpt = Checkpointer(job.run.dir, job.checkpoint, rank=self.d.rank, device=self.d.device, lease=lease)
         self.preemption = Preemption(self.d.device, grace_s=job.checkpoint.preempt_grace_s)
         self.start_step = self.resume()
-        self.loader = StepLoader(self.dataset.train, plan=self.plan, rank=self.d.rank, seed=job.data.seed,
+        self.objective = Preference(job.dpo) if job.train.objective == "dpo" else TokenMean()
+        train, val = self.preference_splits() if job.train.objective == "dpo" and job.dpo.needs_reference else \
+            (self.dataset.train, self.dataset.val)
+        self.loader = StepLoader(train, plan=self.plan, rank=self.d.rank, seed=job.data.seed,
                                  read_ahead=job.data.read_ahead, pin_memory=self.d.device.type == "cuda")
         tokenizer = self.dataset.tokenizer()
-        self.val = held_out(self.dataset, name="val", token_bytes=tokenizer.token_bytes, rows=job.train.eval_rows,
+        self.val = held_out(self.dataset, split=val, name="val", token_bytes=tokenizer.token_bytes, rows=job.train.eval_rows,
                             seed=job.data.seed, micro_batch=job.train.micro_batch, rank=self.d.rank,
                             world=self.d.world, keep=True) if job.train.eval_rows and len(self.dataset.val) else None
         self.evaluation = open_evaluation(job.eval, tokenizer=tokenizer, max_len=job.model.max_seq_len,
@@ -230,6 +226,21 @@ class Trainer:
             if len(self.dataset.train.shape) > 1:  # rows of packed examples: block-causal attention
                 log.info("attention: %s for packed examples (model.attention=%s on %s)",
                          attention_kernel(job.model.attention, self.d.device), job.model.attention, self.d.device.type)
+
+    def preference_splits(self) -> tuple[WithReference, WithReference]:
+        """The train and val splits with their reference log-probs, scored now by a run at step 0 where they are
+        not stored yet (the weights just loaded are the reference); a run past step 0 needs them complete."""
+        where = reference.directory(self.job)
+        expected = decided_on_rank0(lambda: reference.identity(self.job, self.dataset), rank=self.d.rank)
+        if self.start_step == 0:
+            reference.compute(self.model, self.dataset, where, expected=expected,
+                              micro_batch=self.job.train.micro_batch, rank=self.d.rank, world=self.d.world,
+                              device=self.d.device)
+        else:
+            decided_on_rank0(lambda: reference.check_complete(where, self.dataset, expected), rank=self.d.rank)
+        positions = self.dataset.train.shape[-1]
+        return tuple(WithReference(getattr(self.dataset, split), reference.Reference(where, split, positions))
+                     for split in reference.SPLITS)
 
     def _verified_start(self) -> tuple[str, bool] | None:
         found = starting_checkpoint(self.job)
@@ -304,7 +315,7 @@ class Trainer:
         for step in range(self.start_step, self.job.train.steps):
             batches = [b.to(self.d.device, non_blocking=True) for b in self.loader.batches(step)]
             loss, norm, finite = train_step(
-                self.model, self.optimizer, batches, grad_clip=self.job.optim.grad_clip,
+                self.model, self.optimizer, batches, objective=self.objective, grad_clip=self.job.optim.grad_clip,
                 aux_weight=self.job.model.aux_loss_weight, global_batch=self.plan.global_batch,
                 sync_every_micro_batch=not self.job.parallel.unsharded_grad_accumulation,
                 before_update=self.ckpt.wait_staged, preemption=self.preemption,
@@ -359,7 +370,11 @@ class Trainer:
     def evaluate(self) -> dict:
         """The validation slice's val_loss, val_ppl and val_bpb (and per source), and [eval]'s datasets and tasks;
         collective."""
-        m = flat_metrics("val_", report(self.val, loss_sums(self.model, self.val, self.d.device))) if self.val else {}
+        if isinstance(self.objective, Preference):
+            m = held_out_metrics(self.objective, self.model, self.val, self.d.device) if self.val else {}
+        else:
+            m = flat_metrics("val_", report(self.val, loss_sums(self.model, self.val, self.d.device))) if self.val \
+                else {}
         if self.evaluation:
             m |= eval_metrics(self.evaluation.run(self.model, self.d.device))
         return m
@@ -403,6 +418,10 @@ class Trainer:
             "data_wait_share": self.loader.take_wait() / elapsed, "peak_mem_gib": peak_memory_gib(self.d.device),
             "checkpoint_blocked_s": self.ckpt.take_blocked(),
         }
+        stats = self.objective.take_stats() if isinstance(self.objective, Preference) else None
+        if stats is not None:
+            dist.all_reduce(stats)
+            m |= {k: v for k, v in step_metrics(stats).items() if k != "loss"}  # "loss" is the step's, SFT term too
         if final_wait is not None:  # part of checkpoint_blocked_s: the last save's write, which a run must finish
             m["checkpoint_final_wait_s"] = final_wait
         if self.is_eval_step(step):

@@ -69,10 +69,11 @@ class HeldOut:
 
 
 def held_out(dataset, *, name: str, token_bytes: np.ndarray, rows: int, seed: int, micro_batch: int, rank: int,
-             world: int, per_source: bool = False, keep: bool = False) -> HeldOut:
-    """This rank's part of a seeded sample of the dataset's val split: `rows` rows of it, or with `per_source`
-    `rows` of each source (0: all rows). `token_bytes`: its tokenizer's (`Tokenizer.token_bytes`)."""
-    split = dataset.val
+             world: int, per_source: bool = False, keep: bool = False, split=None) -> HeldOut:
+    """This rank's part of a seeded sample of the dataset's val split (or of `split`, the val split as the job reads
+    it: preference rows with their reference log-probs): `rows` rows of it, or with `per_source` `rows` of each
+    source (0: all rows). `token_bytes`: its tokenizer's (`Tokenizer.token_bytes`)."""
+    split = dataset.val if split is None else split
     sources = split.row_sources()
     sources = np.zeros(len(split), np.int32) if sources is None else sources
     chosen = rows_per_source(sources, rows=rows, seed=seed) if per_source else \
