@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from dataprep import chat
+from dataprep import chat, preference
 from dataprep.config import EXAMPLE_FORMATS
 from dataprep.output import SPLITS, progress_path
 from dataprep.shards import ExamplePacker, SplitPacker
@@ -187,15 +187,15 @@ class PackUnits:
                     continue
                 counts["replaced_utf8_documents"] += record.replaced_utf8
                 packer = packers[self._split(example), part.source]
-                if isinstance(example, chat.Pair):  # one row holds both: training never sees half a pair
+                if isinstance(example, preference.Pair):  # one row holds both: training never sees half a pair
                     packer.add_together([(e.tokens, e.loss) for e in (example.chosen, example.rejected)])
                 else:
                     packer.add(example.tokens, example.loss)
         return None
 
-    def _tokenize(self, record: Record) -> chat.Example | chat.Pair | BadRecord:
+    def _tokenize(self, record: Record) -> chat.Example | preference.Pair | BadRecord:
         if self.job.format == "preference":
-            return chat.tokenize_pair(self.tokenizer, record, positions=self.job.seq_len + 1)
+            return preference.tokenize_pair(self.tokenizer, record, positions=self.job.seq_len + 1)
         return chat.tokenize(self.tokenizer, record)
 
     def _pack_documents(self, unit: Unit, packers: UnitPackers, counts: dict) -> str | None:
@@ -243,6 +243,6 @@ class PackUnits:
             flat = np.fromiter(itertools.chain.from_iterable(lists), self.dtype, count=sum(map(len, lists)))
             packers[key].add(flat, documents[key])
 
-    def _split(self, doc: Document | chat.Example | chat.Pair) -> str:
+    def _split(self, doc: Document | chat.Example | preference.Pair) -> str:
         val = self.job.val_fraction > 0 and split_hash(self.job.seed, "split", doc.key) < self.job.val_fraction
         return "val" if val else "train"
