@@ -19,6 +19,7 @@ from dataprep.sources import BadRecord, Record
 from raylm.tokenizer import Tokenizer
 
 SKIP = "fix the line or pass --on-bad-record skip"
+"""The end of a bad pair's line: what to do."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def tokenize_pair(tokenizer: Tokenizer, record: Record, *, positions: int) -> Pa
     if len(chosen.tokens) + len(rejected.tokens) > positions:
         return BadRecord(record.where, f"the pair takes {len(chosen.tokens)} + {len(rejected.tokens)} tokens (chosen + "
                                        f"rejected), more than a row of --seq-len {positions - 1} + 1 holds; shorten "
-                                       f"it, raise --seq-len or pass --on-bad-record skip")
+                                       f"the replies, raise --seq-len or {SKIP}")
     return Pair(record.key, chosen, rejected)
 
 
@@ -62,7 +63,7 @@ def prompt_and_replies(value: object) -> tuple[list, dict, dict] | str:
             prompt = [{"role": "user", "content": prompt}]
         if not isinstance(prompt, list):
             return "'prompt' is neither text nor a message list"
-        chosen, rejected = reply(value["chosen"], "chosen"), reply(value["rejected"], "rejected")
+        chosen, rejected = as_reply(value["chosen"], "chosen"), as_reply(value["rejected"], "rejected")
     else:  # TRL's conversational form: the prompt is what both conversations share
         chosen, rejected = value["chosen"], value["rejected"]
         if not (isinstance(chosen, list) and chosen and isinstance(rejected, list) and rejected):
@@ -70,7 +71,8 @@ def prompt_and_replies(value: object) -> tuple[list, dict, dict] | str:
         if chosen[:-1] != rejected[:-1]:
             return "the prompts differ: 'chosen' and 'rejected' must share every message but the final reply"
         prompt = chosen[:-1]
-        chosen, rejected = reply(chosen[-1], "chosen's last message"), reply(rejected[-1], "rejected's last message")
+        chosen = as_reply(chosen[-1], "chosen's last message")
+        rejected = as_reply(rejected[-1], "rejected's last message")
     wrong = next((r for r in (chosen, rejected) if isinstance(r, str)), None)
     if wrong:
         return wrong
@@ -79,7 +81,7 @@ def prompt_and_replies(value: object) -> tuple[list, dict, dict] | str:
     return prompt, chosen, rejected
 
 
-def reply(value: object, name: str) -> dict | str:
+def as_reply(value: object, name: str) -> dict | str:
     """A reply given as text or as an assistant message (alone or in a one-element list), or what is wrong."""
     if isinstance(value, list) and len(value) == 1:
         value = value[0]

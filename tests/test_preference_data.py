@@ -197,3 +197,17 @@ def test_only_preference_data_says_pairs_and_a_chat_dataset_is_never_taken_for_o
     assert "chat" in chat.manifest and not chat.pairs and not PackedDataset("text", {"seq_len": 8}).pairs
     code, _, err = dataprep(tmp_path / "in", records, tmp_path / "ds", chat_model)
     assert code == 2 and "made with other settings (format, " in err, err
+
+
+def test_preference_data_needs_the_models_chat_tokenizer_and_jsonl(tmp_path, chat_model):
+    """Refused before any work, as chat data is: no --tokenizer, or an input that is not .jsonl."""
+    from dataprep.__main__ import main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "pairs.jsonl").write_text(lines([as_string(1)]))
+    code, _, err = run_captured(main, ["--format", "preference", "--input", tmp_path / "in", "--output",
+                                       tmp_path / "ds", "--workers.local=true"])
+    assert code == 2 and "--format preference needs --tokenizer" in err, err
+    (tmp_path / "in" / "notes.txt").write_text("plain text")
+    code, _, err = dataprep(tmp_path / "in", [as_string(1)], tmp_path / "ds", chat_model)
+    assert code == 2 and f"{tmp_path / 'in' / 'notes.txt'} is not a .jsonl file" in err, err
