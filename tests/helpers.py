@@ -107,6 +107,19 @@ def metrics(run_dir: str) -> list[dict]:
     return read_metrics(run_dir)
 
 
+def trainer_cli(*args, torchrun: int = 0) -> subprocess.CompletedProcess:
+    """`python -m trainer --no-ray` at the TINY size with `args`, in a process of its own (under torchrun with
+    `torchrun` ranks)."""
+    import sys
+
+    from raylm.ray_session import free_port
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
+                "--master_port", str(free_port()), "-m", "trainer"] if torchrun else [sys.executable, "-m", "trainer"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, "--no-ray", *TINY, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
 def losses(run_dir: str) -> list[float]:
     return [m["loss"] for m in metrics(run_dir) if "loss" in m]
 
@@ -181,6 +194,42 @@ def instruction_task(root, *, conversations: int = 3000, held_out: int = 100) ->
             {"role": "assistant", "content": answer}]}
         lines.append(json.dumps(record) + "\n")
     (root / "chat" / "train.jsonl").write_text("".join(lines))
+    return list(held.items())
+
+
+def preference_task(root, *, sft: int = 2000, pairs: int = 1000, held_out: int = 60) -> list[tuple[str, str]]:
+    """A synthetic preference task under `root`: corpus/ (text of the task's words, for a tokenizer), chat/ (`sft`
+    conversations whose reply is the right word half the time and the other end of the list otherwise: a model
+    tuned on them answers a held-out prompt right about half the time), pairs/ (`pairs` prompts with the right word
+    chosen and the wrong end rejected, in the string form) and the held-out (prompt, answer) pairs returned, prompts
+    no training record has. Task: the first or last word of a list."""
+    import random
+
+    rng = random.Random(0)
+
+    def sample() -> tuple[str, str, str]:
+        words = rng.sample(INSTRUCTION_WORDS, rng.randint(2, 5))
+        kind = rng.choice(["first", "last"])
+        right, wrong = (words[0], words[-1]) if kind == "first" else (words[-1], words[0])
+        return f"{kind} word of: {' '.join(words)}", right, wrong
+
+    held: dict[str, str] = {}
+    while len(held) < held_out:
+        prompt, right, _ = sample()
+        held.setdefault(prompt, right)
+    records: dict[str, list[dict]] = {"chat": [], "pairs": []}
+    for kind, count in (("chat", sft), ("pairs", pairs)):
+        while len(records[kind]) < count:
+            prompt, right, wrong = sample()
+            if prompt in held:
+                continue
+            records[kind].append({"prompt": prompt, "response": right if rng.random() < 0.5 else wrong}
+                                 if kind == "chat" else {"prompt": prompt, "chosen": right, "rejected": wrong})
+    text = [" ".join(rng.choice(INSTRUCTION_WORDS + "first last word of".split()) for _ in range(rng.randint(5, 15)))
+            + "." for _ in range(2000)]
+    for kind, lines in (("corpus", [{"text": t} for t in text]), *records.items()):
+        (root / kind).mkdir(parents=True)
+        (root / kind / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return list(held.items())
 
 

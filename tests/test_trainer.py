@@ -12,16 +12,9 @@ import torch
 from pathlib import Path
 from pyarrow.fs import FileSelector
 
-from helpers import TINY, losses, metrics, run_captured, within
+from helpers import TINY, losses, metrics, run_captured, trainer_cli, within
 from raylm import storage
 from raylm.ray_session import free_port
-
-def trainer_cli(*args, torchrun: int = 0) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
-                "--master_port", str(free_port()), "-m", "trainer"] if torchrun else [sys.executable, "-m", "trainer"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*launcher, "--no-ray", *TINY, *args], capture_output=True, text=True, env=env, timeout=600)
-
 
 @pytest.mark.heavy
 def test_any_world_size_gives_the_same_run(stdlib_dataset, tmp_path):
