@@ -18,7 +18,8 @@ DPO = ["--train.objective=dpo", "--train.log_every=1", "--train.global_batch=16"
 @pytest.fixture(scope="module")
 def pairs_data(tmp_path_factory) -> dict[str, str]:
     """A text dataset (the tokenizer) and a preference dataset of 700 pairs in rows of 129 positions (about two
-    pairs a row: two reference parts of train rows), made in-process without Ray."""
+    pairs a row: two reference parts of train rows), and another of the same pairs split otherwise; made in-process
+    without Ray."""
     from dataprep.__main__ import main as dataprep
 
     root = tmp_path_factory.mktemp("pairs")
@@ -27,11 +28,12 @@ def pairs_data(tmp_path_factory) -> dict[str, str]:
     code, _, err = run_captured(dataprep, ["--input", root / "corpus", "--output", root / "text", "--vocab-size",
                                            "320", "--seq-len", "64", local])
     assert code == 0, err
-    code, _, err = run_captured(dataprep, ["--format", "preference", "--input", root / "pairs", "--tokenizer",
-                                           root / "text", "--output", root / "pref", "--seq-len", "128",
-                                           "--val-fraction", "0.1", local])
-    assert code == 0, err
-    return {"text": str(root / "text"), "pref": str(root / "pref")}
+    for name, val in (("pref", "0.1"), ("other", "0.2")):
+        code, _, err = run_captured(dataprep, ["--format", "preference", "--input", root / "pairs", "--tokenizer",
+                                               root / "text", "--output", root / name, "--seq-len", "128",
+                                               "--val-fraction", val, local])
+        assert code == 0, err
+    return {"text": str(root / "text"), "pref": str(root / "pref"), "other": str(root / "other")}
 
 
 def train(data: str, run_dir, *args) -> tuple[int, str, str]:
@@ -46,19 +48,26 @@ def parts(where) -> dict[str, bytes]:
 
 
 def test_the_reference_pass_is_reused_resumed_and_refused_for_other_weights_or_data(pairs_data, tmp_path):
-    """The first start scores every row once; a re-run of the same weights and data reads the parts as they are; a
-    pass cut short (a part missing) scores only the missing part, to the same bytes; a reference of other initial
-    weights, DPO on data without pairs and pairs trained as text are refused in one line before compute."""
+    """`python -m trainer.reference` scores every row once; the run then reads the parts as they are, as does a run
+    elsewhere pointed at them; a pass cut short (a part missing) scores only the missing part, to the same bytes; a
+    reference of other initial weights or another dataset, DPO on data without pairs and pairs trained as text are
+    refused in one line before compute."""
+    from helpers import TINY
+    from trainer.reference import main as reference
+
     where = tmp_path / "a" / "reference"
-    code, _, err = train(pairs_data["pref"], tmp_path / "a", "--train.steps=2")
+    code, out, err = run_captured(reference, ["--no-ray", *TINY, *DPO, "--data.path", pairs_data["pref"], "--run.dir",
+                                              tmp_path / "a"])
     assert code == 0, err
     first = parts(where)
     assert sorted(first) == ["train-00000.npy", "train-00001.npy", "val-00000.npy"]
-    assert "reference log-probs: " in err and " rows scored" in err
+    assert " rows scored" in err and f"reference log-probs of every train and val row in {where}" in out
+    assert not (tmp_path / "a" / "checkpoints").exists()
 
-    code, _, err = train(pairs_data["pref"], tmp_path / "b", "--train.steps=2", f"--dpo.reference={where}")
-    assert code == 0, err
-    assert f"reference log-probs: reusing {where}" in err and " rows scored" not in err and parts(where) == first
+    for run in ("a", "b"):
+        code, _, err = train(pairs_data["pref"], tmp_path / run, "--train.steps=2", f"--dpo.reference={where}")
+        assert code == 0, err
+        assert f"reference log-probs: reusing {where}" in err and " rows scored" not in err and parts(where) == first
 
     (where / "train-00001.npy").unlink()
     code, _, err = train(pairs_data["pref"], tmp_path / "c", "--train.steps=2", f"--dpo.reference={where}")
@@ -69,6 +78,8 @@ def test_the_reference_pass_is_reused_resumed_and_refused_for_other_weights_or_d
     refused = {
         "weights": (pairs_data["pref"], ["--train.seed=1", f"--dpo.reference={where}"],
                     f"error: {where} holds reference log-probs of other weights"),
+        "dataset": (pairs_data["other"], [f"--dpo.reference={where}"],
+                    f"error: {where} holds reference log-probs of other dataset"),
         "no pairs": (pairs_data["text"], [], "--train.objective=dpo needs preference pairs"),
         "pairs as text": (pairs_data["pref"], ["--train.objective=lm"], "holds preference pairs; train on it with "
                                                                          "--train.objective=dpo"),

@@ -12,6 +12,7 @@ import sys
 from raylm import storage
 from raylm.cli import configure_logging, parse_job_args, run_cli
 from raylm.dataset import open_dataset
+from raylm.errors import ConfigError
 from trainer import checkpoint, reference
 from trainer.data import check_fits
 from trainer.eval.suite import check_evaluation
@@ -53,42 +54,51 @@ def how_to_continue(job: JobConfig) -> str:
     return f"run the same command again to continue from {newest}"
 
 
-def main(argv: list[str]) -> int:
-    job, flags = parse_job_args(argv, prog="python -m trainer", description=__doc__, flags=FLAGS, root=JobConfig)
+def main(argv: list[str], *, reference_only: bool = False) -> int:
+    """`python -m trainer`, or with `reference_only` `python -m trainer.reference`: the same job up to its reference
+    log-probs (trainer/reference.py), stored and not trained on."""
+    prog, doc = ("python -m trainer.reference", reference.__doc__) if reference_only else ("python -m trainer", __doc__)
+    job, flags = parse_job_args(argv, prog=prog, description=doc, flags=FLAGS, root=JobConfig)
     configure_logging("trainer")
+    if reference_only and not (job.train.objective == "dpo" and job.dpo.needs_reference):
+        raise ConfigError("python -m trainer.reference scores the reference of a DPO run: pass "
+                          "--train.objective=dpo (and a --dpo.loss other than simpo, which needs none)")
     make_paths_absolute(job)
     no_ray = "--no-ray" in flags
     start, tasks = check_before_launch(job, max_world=int(os.environ.get("WORLD_SIZE", 1)) if no_ray else job.ray.num_workers)
-    if start >= job.train.steps:
+    if start >= job.train.steps and not reference_only:
         if os.environ.get("RANK", "0") == "0":
             print(f"{job.run.dir} already finished: its newest checkpoint is at step {start} and train.steps="
                   f"{job.train.steps}; raise --train.steps to train on, or use a new --run.dir for a new run")
         return 0
     try:
         if no_ray:
-            summary = run_here(job, tasks)
+            summary = run_here(job, tasks, reference_only=reference_only)
         else:
             from trainer.ray_launch import launch
 
-            summary = launch(job, tasks=tasks).return_value
+            summary = launch(job, tasks=tasks, reference_only=reference_only).return_value
     except KeyboardInterrupt:
         raise KeyboardInterrupt(how_to_continue(job)) from None
     if os.environ.get("RANK", "0") == "0":
-        print_summary(job, summary)
+        if reference_only:
+            print(f"reference log-probs of every train and val row in {reference.directory(job)}")
+        else:
+            print_summary(job, summary)
     return 0
 
 
-def run_here(job: JobConfig, tasks: list) -> dict:
+def run_here(job: JobConfig, tasks: list, *, reference_only: bool = False) -> dict:
     """The loop in this process, one rank of a torchrun job or alone; rank 0 holds the run directory's lease.
     `tasks`: [eval]'s, as this process tokenized them for its checks."""
     from raylm.lease import held
     from trainer.train import run
 
     if os.environ.get("RANK", "0") != "0":
-        return run(job, tasks=tasks)
+        return run(job, tasks=tasks, reference_only=reference_only)
     with held(job.run.dir, job=f"torchrun {os.environ.get('TORCHELASTIC_RUN_ID', 'local')}",
               seconds=job.run.lease_s) as lease:
-        return run(job, lease=lease.token, tasks=tasks)
+        return run(job, lease=lease.token, tasks=tasks, reference_only=reference_only)
 
 
 def print_summary(job: JobConfig, summary: dict) -> None:

@@ -93,7 +93,8 @@ def train_worker(config: dict) -> dict:
     import ray
 
     tasks = None if config.get("tasks") is None else ray.get(config["tasks"])
-    return run(job, report=report_to_ray, lease=config["lease"], tasks=tasks)
+    return run(job, report=report_to_ray, lease=config["lease"], tasks=tasks,
+               reference_only=config.get("reference_only", False))
 
 
 def user_error_of(exc: BaseException) -> RaylmError | None:
@@ -228,7 +229,7 @@ def start_watch(timeout_s: float, *, per_worker: dict, workers: int):
     return StartWatch()
 
 
-def launch(job: JobConfig, *, callbacks: list | None = None, tasks: list | None = None):
+def launch(job: JobConfig, *, callbacks: list | None = None, tasks: list | None = None, reference_only: bool = False):
     """Train with Ray Train on `job.ray.num_workers` workers; returns Ray's Result. `tasks`: [eval]'s tasks as the
     caller tokenized them, put in the object store once for every worker (None: each worker tokenizes them).
 
@@ -244,7 +245,7 @@ def launch(job: JobConfig, *, callbacks: list | None = None, tasks: list | None 
     context = ray.get_runtime_context()
     with held(job.run.dir, job=f"ray job {context.get_job_id()}", seconds=job.run.lease_s) as lease:
         return fit(job, lease=lease.token, driver_node=context.get_node_id(), callbacks=callbacks,
-                   tasks=None if tasks is None else ray.put(tasks))
+                   tasks=None if tasks is None else ray.put(tasks), reference_only=reference_only)
 
 
 def worker_resources(use_gpu: bool, cpus_per_worker: float) -> dict:
@@ -285,7 +286,8 @@ def fit_raising_user_errors(trainer):
         raise
 
 
-def fit(job: JobConfig, *, lease: str, driver_node: str, callbacks: list | None, tasks=None):
+def fit(job: JobConfig, *, lease: str, driver_node: str, callbacks: list | None, tasks=None,
+        reference_only: bool = False):
     """TorchTrainer.fit of the job, its failure turned into one line when it is a user's to fix."""
     from ray.train import FailureConfig
 
@@ -295,7 +297,8 @@ def fit(job: JobConfig, *, lease: str, driver_node: str, callbacks: list | None,
     watch = start_watch(cfg.start_timeout_s, per_worker=worker_resources(cfg.use_gpu, cfg.cpus_per_worker),
                         workers=cfg.min_workers or cfg.num_workers)
     trainer = torch_trainer(
-        train_worker, {"job": to_dict(job), "lease": lease, "driver_node": driver_node, "tasks": tasks},
+        train_worker, {"job": to_dict(job), "lease": lease, "driver_node": driver_node, "tasks": tasks,
+                       "reference_only": reference_only},
         workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,
         use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
         scaling={"elastic_resize_monitor_interval_s": cfg.resize_check_s},

@@ -1,5 +1,8 @@
 """Reference log-probs for preference tuning: one pass of the run's initial weights over the dataset, stored once.
 
+    python -m trainer.reference --config X.toml --train.objective=dpo --data.path PAIRS --run.dir RUN_DIR \
+        (--checkpoint.resume_from=SFT_RUN --checkpoint.load_weights_only=true | --init.from_hf=HF_DIR) [--no-ray]
+
 DPO compares the policy's log-prob of each reply with the reference model's (the weights the run starts from).
 Rather than keep a second model in memory, a DPO run's first start (or `python -m trainer.reference`) scores every
 reply of the train and val splits once and stores the sums beside the run: parts of PART_ROWS rows, each an .npy of
@@ -200,3 +203,17 @@ class WithReference:
         rows = self.split.rows(indices).astype(np.int64)
         plane = self.reference.values(np.asarray(indices)).view(np.int64)
         return np.concatenate([rows, plane[:, None, :]], axis=1)
+
+
+def main(argv: list[str]) -> int:
+    from trainer.__main__ import main as trainer_main
+
+    return trainer_main(argv, reference_only=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from raylm.cli import run_cli
+
+    sys.exit(run_cli(main))

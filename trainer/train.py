@@ -462,12 +462,15 @@ def write_run_files(job: JobConfig, dataset) -> None:
 
 
 def run(job: JobConfig, *, report: Callable[[dict, str | None], None] | None = None, lease: str | None = None,
-        tasks: list | None = None) -> dict:
+        tasks: list | None = None, reference_only: bool = False) -> dict:
     """Train as configured; called on every rank. Returns {"history": metrics of every log step, "sample": text}.
     `lease`: the token of the job's lease on RUN_DIR, checked before each commit; `tasks`: [eval]'s tasks as the
-    driver tokenized them (None: each rank tokenizes them)."""
+    driver tokenized them (None: each rank tokenizes them); `reference_only`: stop once the reference log-probs of a
+    DPO run are stored (`python -m trainer.reference`)."""
     trainer = Trainer(job, report=report, lease=lease, tasks=tasks)
     try:
+        if reference_only:
+            return {"history": [], "sample": None}
         if trainer.d.rank == 0:
             write_run_files(job, trainer.dataset)
         with trainer.preemption:
