@@ -36,7 +36,8 @@ def test_each_loss_is_its_papers_formula(kind, eps):
     g = torch.Generator().manual_seed(0)
     n = 64
     pc, pr = -torch.rand(n, generator=g, dtype=torch.float64) * 5, -torch.rand(n, generator=g, dtype=torch.float64) * 5
-    rc, rr = pc + torch.randn(n, generator=g, dtype=torch.float64), pr + torch.randn(n, generator=g, dtype=torch.float64)
+    noise = torch.randn((2, n), generator=g, dtype=torch.float64)
+    rc, rr = pc + noise[0], pr + noise[1]
     lc = torch.randint(1, 20, (n,), generator=g).double()
     lr = torch.randint(1, 20, (n,), generator=g).double()
     cfg = DPOConfig(loss=kind, beta=0.3, label_smoothing=eps, simpo_gamma=0.7)

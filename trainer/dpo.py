@@ -11,7 +11,7 @@ with h the pair's preference margin and ε the label smoothing (cDPO):
     sigmoid (DPO, Rafailov et al. 2023):  h = (π_c - ρ_c) - (π_r - ρ_r),     -(1-ε) log σ(βh) - ε log σ(-βh)
     norm (length-normalised DPO, Tülu 3): h = (π_c - ρ_c)/|c| - (π_r - ρ_r)/|r|, the same
     ipo (Azar et al. 2023):               h as for sigmoid,                 (h - 1/(2β))²
-    simpo (Meng et al. 2024, no reference): h = π_c/|c| - π_r/|r|,         -(1-ε) log σ(βh - γ) - ε log σ(γ - βh)
+    simpo (Meng et al. 2024, no reference): h = π_c/|c| - π_r/|r|,  -(1-ε) log σ(βh - γ) - ε log σ(γ - βh)
 The rewards logged are β times each reply's term of h. The step's loss is the mean over the step's pairs on all
 workers (each pair's loss divided by the step's global pair count), plus `sft_weight` times the chosen replies'
 token-mean NLL over the step: the same update on any world size.
@@ -154,8 +154,9 @@ class Preference:
         return losses, stats.detach()
 
     def loss(self, model: nn.Module, batch: torch.Tensor, totals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this batch's part of the step's loss, MoE auxiliary loss); its STATS join the window's. An empty batch (a rank short of
-        rows) runs a one-row forward of zeros: no pairs, a zero loss that still reaches every parameter."""
+        """(this batch's part of the step's loss, MoE auxiliary loss); its STATS join the window's. An empty batch (a
+        rank short of rows) runs a one-row forward of zeros: no pairs, a zero loss that still reaches every
+        parameter."""
         logits, _, _, aux = forward_rows(model, batch)
         rows = batch if len(batch) else torch.zeros((1, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
         sums, counts = example_logps(logits, rows)

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from raylm import storage
 from raylm.dataset import open_dataset
 from raylm.errors import DataError, RaylmError
-from trainer import checkpoint
+from trainer import checkpoint, reference
 from trainer.checkpoint import Checkpointer
 from trainer.data import BatchPlan, StepLoader
 from trainer.distributed import Dist, decided_on_rank0, init_distributed, shard_on_meta
@@ -30,7 +30,6 @@ from trainer.eval.heldout import flat_metrics, held_out, loss_sums, report
 from trainer.eval.suite import metrics as eval_metrics, open_evaluation
 from trainer.faults import inject_fault, notice_fault
 from trainer.job import JobConfig, check_kernel
-from trainer import reference
 from trainer.dpo import Preference, held_out_metrics, step_metrics
 from trainer.loss import TokenMean
 from trainer.metrics import MetricsLog, device_peak_flops, peak_memory_gib
@@ -40,7 +39,6 @@ from trainer.model.generation import generate
 from trainer.optim import build_optimizer, build_scheduler, changed_optim, set_schedule_step
 from trainer.parallelize import materialize
 from trainer.preemption import Preempted, Preemption
-from trainer.reference import WithReference
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +80,8 @@ def train_step(model, optimizer, micro_batches, *, grad_clip: float, aux_weight:
 
     Each token's loss is divided by the step's global token count (a preference pair's by the step's global pair
     count: `objective`) and FSDP sums the gradients (parallelize sets its divide factor to 1), so the update is the
-    same on any world size. By default each micro-batch's gradients
-    are reduce-scattered as its backward ends, so only sharded gradients are ever kept; without
+    same on any world size. By default each micro-batch's gradients are reduce-scattered as its backward ends, so
+    only sharded gradients are ever kept; without
     `sync_every_micro_batch` FSDP accumulates full unsharded gradients and reduces once per step. A step whose
     gradient norm is not finite makes no update: the fused AdamW skips it on device (`found_inf`).
     `before_update` runs just before the parameters change (a checkpoint's copy of them must be done by then);
@@ -202,9 +200,10 @@ class Trainer:
         self.loader = StepLoader(train, plan=self.plan, rank=self.d.rank, seed=job.data.seed,
                                  read_ahead=job.data.read_ahead, pin_memory=self.d.device.type == "cuda")
         tokenizer = self.dataset.tokenizer()
-        self.val = held_out(self.dataset, split=val, name="val", token_bytes=tokenizer.token_bytes, rows=job.train.eval_rows,
-                            seed=job.data.seed, micro_batch=job.train.micro_batch, rank=self.d.rank,
-                            world=self.d.world, keep=True) if job.train.eval_rows and len(self.dataset.val) else None
+        self.val = held_out(self.dataset, split=val, name="val", token_bytes=tokenizer.token_bytes,
+                            rows=job.train.eval_rows, seed=job.data.seed, micro_batch=job.train.micro_batch,
+                            rank=self.d.rank, world=self.d.world, keep=True) \
+            if job.train.eval_rows and len(self.dataset.val) else None
         self.evaluation = open_evaluation(job.eval, tokenizer=tokenizer, max_len=job.model.max_seq_len,
                                           micro_batch=job.train.micro_batch, rank=self.d.rank, world=self.d.world,
                                           keep=True, tasks=tasks)
@@ -227,7 +226,7 @@ class Trainer:
                 log.info("attention: %s for packed examples (model.attention=%s on %s)",
                          attention_kernel(job.model.attention, self.d.device), job.model.attention, self.d.device.type)
 
-    def preference_splits(self) -> tuple[WithReference, WithReference]:
+    def preference_splits(self) -> tuple[reference.WithReference, reference.WithReference]:
         """The train and val splits with their reference log-probs, scored now by a run at step 0 where they are
         not stored yet (the weights just loaded are the reference); a run past step 0 needs them complete."""
         where = reference.directory(self.job)
@@ -239,7 +238,7 @@ class Trainer:
         else:
             decided_on_rank0(lambda: reference.check_complete(where, self.dataset, expected), rank=self.d.rank)
         positions = self.dataset.train.shape[-1]
-        return tuple(WithReference(getattr(self.dataset, split), reference.Reference(where, split, positions))
+        return tuple(reference.WithReference(getattr(self.dataset, split), reference.Reference(where, split, positions))
                      for split in reference.SPLITS)
 
     def _verified_start(self) -> tuple[str, bool] | None:
@@ -368,8 +367,8 @@ class Trainer:
         return m
 
     def evaluate(self) -> dict:
-        """The validation slice's val_loss, val_ppl and val_bpb (and per source), and [eval]'s datasets and tasks;
-        collective."""
+        """The validation slice's val_loss, val_ppl and val_bpb (and per source; for preference pairs their DPO loss,
+        rewards and log-probs), and [eval]'s datasets and tasks; collective."""
         if isinstance(self.objective, Preference):
             m = held_out_metrics(self.objective, self.model, self.val, self.d.device) if self.val else {}
         else:
