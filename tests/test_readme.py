@@ -54,7 +54,7 @@ RUN = {  # command prefix (the longest that matches wins) -> (arguments appended
     "python -m trainer.export --from-hf": ((), "wrote raylm weights runs/demo.pt"),
     "python -m trainer.chat": (("--max_new_tokens", "8"), "model> "),
     "python -m trainer.eval": ((), "on 1 worker(s):"),
-    "python -m tune": (("--tune.budget_tokens", "20480"), "best: lr "),
+    "python -m tune": (("--tune.samples", "2", "--tune.budget_tokens", "4096"), "best: lr "),  # a step of 16 a mark
 }
 STDIN = {"python -m trainer.chat": "Write a haiku about rain.\n/quit\n"}
 
