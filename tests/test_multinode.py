@@ -29,13 +29,14 @@ UNITS = 96
 
 
 @pytest.fixture(scope="module")
-def corpus_and_one_node_bytes(local_ray, tmp_path_factory) -> tuple[list[str], dict]:
-    """(dataprep arguments of a corpus of UNITS units, the dataset files the session's one-node Ray makes of it)."""
+def corpus_and_one_node_bytes(tmp_path_factory) -> tuple[list[str], dict]:
+    """(dataprep arguments of a corpus of UNITS units, the dataset files one process makes of it: the bytes of
+    the one-node Ray path, tests/test_dataprep_local.py, in seconds instead of a Ray Data run)."""
     root = tmp_path_factory.mktemp("multinode")
     jsonl_corpus(root / "corpus", files=UNITS, lines=25)
     args = ["--input", str(root / "corpus"), "--vocab-size", "400", "--seq-len", "16", "--pack.unit_mb=0.008",
             "--storage.shared_fs=true"]  # the test cluster's nodes share this machine's disk
-    assert run_captured(main, [*args, "--output", root / "one"])[0] == 0
+    assert run_captured(main, [*args, "--output", root / "one", "--workers.local=true"])[0] == 0
     return args, dataset_files(root / "one")
 
 
