@@ -133,16 +133,18 @@ class SpotRun:
 
 
 @pytest.fixture(scope="module")
-def spot_run(multinode, s3_stdlib_dataset, s3_server) -> SpotRun:
+def spot_run(multinode, s3_stdlib_dataset, s3_server, tmp_path_factory) -> SpotRun:
     """One training run through what spot capacity does to it, on two nodes with RUN_DIR on S3: a second job
     tries the same run directory (while the first starts its workers); a worker gets SIGTERM (a preemption notice);
     after the resumed run has gone on, a worker node is removed without notice, and once the run goes on with one
     worker the node comes back.
     Also the losses of the same run undisturbed (one process, no Ray): any world size gives the same ones."""
-    from trainer.__main__ import main as train
-
     run = SpotRun(run_dir=f"{s3_server}/runs/spot-{uuid.uuid4().hex[:6]}")
     args = [*SPOT, "--data.path", s3_stdlib_dataset, "--run.dir", run.run_dir]
+    log = tmp_path_factory.mktemp("spot") / "reference.log"
+    with open(log, "w") as out:  # the reference trains while the Ray run's steps mostly wait out fault.step_delay_s
+        reference = subprocess.Popen([sys.executable, "-m", "trainer", "--no-ray", *args[:-1],
+                                      f"{run.run_dir}-reference"], stdout=out, stderr=subprocess.STDOUT)
     driver = Driver(multinode, *args, *ELASTIC)
     try:
         wait_for("the lease", lambda: storage.exists(f"{run.run_dir}/lease.json"), driver.proc)
@@ -165,8 +167,8 @@ def spot_run(multinode, s3_stdlib_dataset, s3_server) -> SpotRun:
             driver.proc.kill()
         while len(multinode.worker_nodes) < 2:
             multinode.add_node(num_cpus=1)
-    code, _, err = run_captured(train, ["--no-ray", *args[:-1], f"{run.run_dir}-reference"])
-    assert code == 0, err[-3000:]
+        reference.wait(timeout=300)
+    assert reference.returncode == 0, log.read_text()[-3000:]
     run.reference = losses(f"{run.run_dir}-reference")
     return run
 
