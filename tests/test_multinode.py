@@ -29,13 +29,14 @@ UNITS = 96
 
 
 @pytest.fixture(scope="module")
-def corpus_and_one_node_bytes(local_ray, tmp_path_factory) -> tuple[list[str], dict]:
-    """(dataprep arguments of a corpus of UNITS units, the dataset files the session's one-node Ray makes of it)."""
+def corpus_and_one_node_bytes(tmp_path_factory) -> tuple[list[str], dict]:
+    """(dataprep arguments of a corpus of UNITS units, the dataset files one process makes of it: the bytes of
+    the one-node Ray path, tests/test_dataprep_local.py, in seconds instead of a Ray Data run)."""
     root = tmp_path_factory.mktemp("multinode")
     jsonl_corpus(root / "corpus", files=UNITS, lines=25)
     args = ["--input", str(root / "corpus"), "--vocab-size", "400", "--seq-len", "16", "--pack.unit_mb=0.008",
             "--storage.shared_fs=true"]  # the test cluster's nodes share this machine's disk
-    assert run_captured(main, [*args, "--output", root / "one"])[0] == 0
+    assert run_captured(main, [*args, "--output", root / "one", "--workers.local=true"])[0] == 0
     return args, dataset_files(root / "one")
 
 
@@ -132,16 +133,18 @@ class SpotRun:
 
 
 @pytest.fixture(scope="module")
-def spot_run(multinode, s3_stdlib_dataset, s3_server) -> SpotRun:
+def spot_run(multinode, s3_stdlib_dataset, s3_server, tmp_path_factory) -> SpotRun:
     """One training run through what spot capacity does to it, on two nodes with RUN_DIR on S3: a second job
     tries the same run directory (while the first starts its workers); a worker gets SIGTERM (a preemption notice);
     after the resumed run has gone on, a worker node is removed without notice, and once the run goes on with one
     worker the node comes back.
     Also the losses of the same run undisturbed (one process, no Ray): any world size gives the same ones."""
-    from trainer.__main__ import main as train
-
     run = SpotRun(run_dir=f"{s3_server}/runs/spot-{uuid.uuid4().hex[:6]}")
     args = [*SPOT, "--data.path", s3_stdlib_dataset, "--run.dir", run.run_dir]
+    log = tmp_path_factory.mktemp("spot") / "reference.log"
+    with open(log, "w") as out:  # the reference trains while the Ray run's steps mostly wait out fault.step_delay_s
+        reference = subprocess.Popen([sys.executable, "-m", "trainer", "--no-ray", *args[:-1],
+                                      f"{run.run_dir}-reference"], stdout=out, stderr=subprocess.STDOUT)
     driver = Driver(multinode, *args, *ELASTIC)
     try:
         wait_for("the lease", lambda: storage.exists(f"{run.run_dir}/lease.json"), driver.proc)
@@ -164,8 +167,8 @@ def spot_run(multinode, s3_stdlib_dataset, s3_server) -> SpotRun:
             driver.proc.kill()
         while len(multinode.worker_nodes) < 2:
             multinode.add_node(num_cpus=1)
-    code, _, err = run_captured(train, ["--no-ray", *args[:-1], f"{run.run_dir}-reference"])
-    assert code == 0, err[-3000:]
+        reference.wait(timeout=300)
+    assert reference.returncode == 0, log.read_text()[-3000:]
     run.reference = losses(f"{run.run_dir}-reference")
     return run
 
@@ -251,15 +254,17 @@ def test_local_paths_on_a_cluster_of_several_nodes_are_refused(multinode, s3_std
     run_dir = tmp_path / "run"
     runs = {"--run.dir": ["trainer", *TINY, "--data.path", s3_stdlib_dataset, "--run.dir", str(run_dir)],
             "--output.dir": ["dataprep", "--input", f"{s3_stdlib_dataset}/manifest.json", "--output", str(run_dir)]}
-    for flag, args in runs.items():
-        proc = subprocess.run([sys.executable, "-m", *args], env=driver_env(multinode.address), capture_output=True,
-                              text=True, timeout=120)
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr and errors == [
+    procs = {flag: subprocess.Popen([sys.executable, "-m", *args], env=driver_env(multinode.address),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for flag, args in runs.items()}  # both at once: each is mostly its imports
+    for flag, proc in procs.items():
+        _, stderr = proc.communicate(timeout=120)
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and "Traceback" not in stderr and errors == [
             f"error: {flag} {run_dir} is a local path, but this Ray cluster has 3 nodes, each with its own disk: use "
             f"an s3:// URL, or --storage.shared_fs=true if {run_dir} is on a filesystem every node mounts (NFS)"], \
-            proc.stderr[-3000:]
-        assert not run_dir.exists()
+            stderr[-3000:]
+    assert not run_dir.exists()
 
 
 def train_workers_by_node(cluster) -> dict[str, str]:
@@ -288,7 +293,7 @@ def test_a_random_study_spreads_over_the_nodes_stops_poor_trials_and_its_best_co
     tune_dir = f"{s3_server}/studies/{uuid.uuid4().hex[:6]}"
     proc = subprocess.run([sys.executable, "-m", "tune", *STUDY, "--data.path", s3_stdlib_dataset, "--tune.dir",
                            tune_dir, "--tune.samples=6", "--tune.lr=1e-4:3e-2", "--tune.batch=8,12",
-                           "--tune.budget_tokens=20000", "--model.mup_base_dim=32", "--tune.proxy_dim=32"],
+                           "--tune.budget_tokens=13000", "--model.mup_base_dim=32", "--tune.proxy_dim=32"],
                           env=driver_env(multinode.address), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     trial_nodes = {node for actor, node in train_workers_by_node(multinode).items() if actor not in before}
@@ -297,7 +302,7 @@ def test_a_random_study_spreads_over_the_nodes_stops_poor_trials_and_its_best_co
     assert len(rows) == 6 and {r["status"] for r in rows} <= {"completed", "stopped early", "diverged"}
     assert any(r["status"] == "stopped early" for r in rows), rows  # ASHA cut at least one trial at a mark
     completed = [r for r in rows if r["status"] == "completed"]
-    mark = 3 * 24 * 64  # 20000 / 4 marks, cut to whole steps of both batches: a multiple of lcm(8, 12) × seq_len 64
+    mark = 2 * 24 * 64  # 13000 / 4 marks, cut to whole steps of both batches: a multiple of lcm(8, 12) × seq_len 64
     assert {r["global_batch"] for r in rows} == {"8", "12"}, rows
     assert completed and all(int(r["tokens"]) == 4 * mark for r in completed)  # equal tokens, not equal steps
     assert all(int(r["tokens"]) in (mark, 2 * mark, 3 * mark) for r in rows if r["status"] == "stopped early")
