@@ -115,7 +115,7 @@ def test_an_eval_started_during_training_outlives_it(own_ray_env, dataset, tmp_p
     assert code == 0 and "bits/byte" in out, err[-3000:]
 
 
-NO_ROOM = ("the run's 4 workers (1 CPU each) found no room to start in 20 s: 4 CPU wanted, the cluster has 2, 2 free; "
+NO_ROOM = ("the run's 4 workers (1 CPU each) found no room to start in 5 s: 4 CPU wanted, the cluster has 2, 2 free; "
            "lower --ray.num_workers or --ray.cpus_per_worker, free the cluster, or raise --ray.start_timeout_s")
 
 
@@ -128,7 +128,7 @@ def test_workers_that_find_no_room_stop_the_run_with_one_line(tool, own_ray_env,
              ["--tune.dir", str(tmp_path / "study"), "--tune.batch=8", "--tune.lr=1e-3", "--tune.budget_tokens=20480"])
     start = time.monotonic()
     proc = command(own_ray_env, tool, *TINY, "--data.path", dataset, *where, "--ray.num_workers=4",
-                   "--ray.start_timeout_s=20")
+                   "--ray.start_timeout_s=5")
     code, out, err = finish(proc, timeout=240)
     assert code == 2, out[-2000:] + err[-3000:]
     if tool == "trainer":
@@ -138,7 +138,7 @@ def test_workers_that_find_no_room_stop_the_run_with_one_line(tool, own_ray_env,
     else:
         assert [line for line in out.splitlines() if line.endswith(f": failed: {NO_ROOM}")], out
         assert "Traceback" not in err, err[-3000:]
-    assert time.monotonic() - start < 20 + 120  # Ray's start-up and a retry at most, never Ray's minute-long rounds
+    assert time.monotonic() - start < 5 + 120  # Ray's start-up and a retry at most, never Ray's minute-long rounds
 
 
 def test_what_holds_names_the_placement_group_and_its_driver(local_ray):
