@@ -64,10 +64,12 @@ def test_killed_grid_study_resumes_and_never_picks_a_diverged_or_tiny_lr(local_r
             str(tune_dir), "--tune.max_concurrent=1", "--ray.num_workers=2"]  # FSDP over 2 ranks per trial
     address = local_ray.get_runtime_context().gcs_address
     first = tune_cli(address, *args)
-    wait_for("a finished trial", lambda: a_trial_finished(tune_dir), first, every=0.5)
-    wait_for("a trial's record naming a pruned checkpoint", lambda: a_stale_ray_record(tune_dir, last_step=40), first,
-             every=0.1)
-    os.killpg(first.pid, signal.SIGKILL)  # the study's driver dies at once; Ray ends its trials with it
+    try:
+        wait_for("a finished trial", lambda: a_trial_finished(tune_dir), first, every=0.5)
+        wait_for("a trial's record naming a pruned checkpoint",
+                 lambda: a_stale_ray_record(tune_dir, last_step=40), first, every=0.1)
+    finally:  # also when a wait fails: a study left running would hold the session's CPUs for the next tests
+        os.killpg(first.pid, signal.SIGKILL)  # the study's driver dies at once; Ray ends its trials with it
     first.wait()
     finished = {d: (d / "metrics.jsonl").read_bytes() for d in (tune_dir / "trials").iterdir()
                 if list_checkpoints(str(d)) and list_checkpoints(str(d))[-1][0] == 40}
@@ -90,7 +92,8 @@ def test_ctrl_c_stops_a_study_that_then_resumes_quietly(local_ray, stdlib_datase
     labelled interrupted, no outputs of a partial study; the resume prints no more of Tune than a first run does,
     and the trial's whole name (not Tune's, cut at 28 characters in the table) names its run directory too."""
     tune_dir = tmp_path / "study"
-    args = [*STUDY, "--tune.batch=16", "--tune.lr=3e-3", "--data.path", stdlib_dataset, "--tune.dir", str(tune_dir)]
+    args = [*STUDY, "--tune.batch=16", "--tune.budget_tokens=10240", "--tune.marks=2", "--tune.lr=3e-3",
+            "--data.path", stdlib_dataset, "--tune.dir", str(tune_dir)]  # 10 steps, twice TINY's warmup
     address = local_ray.get_runtime_context().gcs_address
     first = tune_cli(address, *args)
     lines = []
