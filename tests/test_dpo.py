@@ -103,13 +103,17 @@ def test_step_loss_is_the_mean_over_pairs_plus_the_sft_term(tmp_path):
         def forward(self, tokens, segments=None):
             return logits, torch.zeros(())
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    own = not dist.is_initialized()  # an in-process trainer run of an earlier test leaves its one-rank group
+    if own:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
+        assert dist.get_world_size() == 1
         objective = Preference(DPOConfig(loss="sigmoid", beta=0.5, sft_weight=0.25))
         totals = objective.totals([batch])
         loss, _ = objective.loss(Fixed(), batch, totals)
     finally:
-        dist.destroy_process_group()
+        if own:
+            dist.destroy_process_group()
     sums, counts = example_logps(logits.detach(), rows)
     expected, chosen_nll, chosen_tokens = 0.0, 0.0, 0.0
     for r, pairs in ((0, 2), (1, 1)):

@@ -111,7 +111,7 @@ def part_logps(model, split, part: int | None, *, shape: tuple, micro_batch: int
     for start in range(0, PART_ROWS, micro_batch):
         chosen = indices[start:start + micro_batch]
         rows = torch.from_numpy(split.rows(chosen).astype(np.int64)) if len(chosen) else \
-            torch.zeros((0, *shape), dtype=torch.int64)
+            torch.zeros((0, *shape), dtype=torch.int64, device=device)
         rows = rows.to(device)
         logits, _, _, _ = forward_rows(model, rows)
         if len(chosen):
