@@ -219,7 +219,8 @@ def test_eval_gives_the_same_figures_on_one_and_two_workers(trained, local_ray, 
             (tmp_path / source / f"{i:03d}.txt").write_text(str(doc))
     held = tmp_path / "held"
     code, _, err = run_captured(dataprep, ["--input", tmp_path / "facts", tmp_path / "words", "--output", held,
-                                           "--tokenizer", run, "--val-fraction", "1", "--seq-len", "16"])
+                                           "--tokenizer", run, "--val-fraction", "1", "--seq-len", "16",
+                                           "--workers.local=true"])  # the bytes of the Ray path
     assert code == 0, err
     args = ["--checkpoint", run, "--data.path", held, "--tasks", task, "--run.micro_batch=3", "--out"]
     code, _, err = run_captured(evaluate, ["--no-ray", *args, tmp_path / "w1.json"])
