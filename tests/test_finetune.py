@@ -236,10 +236,12 @@ def accuracy(model, tokenizer, held_out: list[tuple[str, str]]) -> float:
                for q, a in held_out) / len(held_out)
 
 
-def test_instruction_tuning_from_a_pretrained_run(local_ray, tmp_path, capsys):
+@pytest.mark.heavy
+def test_instruction_tuning_from_a_pretrained_run(tmp_path, capsys):
     """Acceptance: a model pretrained here on the task's words knows no instruction (exact match ~0 on held-out
     prompts); fine-tuned on the chat data it answers them (>= 90 %). Its export answers the same in transformers
-    (apply_chat_template + generate), and `python -m trainer.chat` talks to it."""
+    (apply_chat_template + generate), and `python -m trainer.chat` talks to it. Datasets are made in this process
+    (`--workers.local=true`, the bytes of the Ray path) and training runs without Ray: no cluster to start."""
     transformers = pytest.importorskip("transformers")
     from dataprep.__main__ import main as dataprep
     from trainer.__main__ import main as trainer
@@ -254,14 +256,14 @@ def test_instruction_tuning_from_a_pretrained_run(local_ray, tmp_path, capsys):
              "sft": ["--train.steps=500", "--optim.lr=5e-3", "--optim.warmup_steps=10",
                      f"--checkpoint.resume_from={tmp_path / 'pre'}", "--checkpoint.load_weights_only=true"]}
     code, _, err = run_captured(dataprep, ["--input", tmp_path / "corpus", "--output", tmp_path / "text",
-                                           "--vocab-size", "320", "--seq-len", "64"])
+                                           "--vocab-size", "320", "--seq-len", "64", "--workers.local=true"])
     assert code == 0, err
     code, _, err = run_captured(trainer, ["--no-ray", *model, *steps["pre"], "--data.path", tmp_path / "text",
                                           "--run.dir", tmp_path / "pre"])
     assert code == 0, err
     code, out, err = run_captured(dataprep, ["--format", "chat", "--input", tmp_path / "chat", "--tokenizer",
                                              tmp_path / "pre", "--output", tmp_path / "chatdata", "--seq-len", "128",
-                                             "--val-fraction", "0.05"])
+                                             "--val-fraction", "0.05", "--workers.local=true"])
     assert code == 0, err
     manifest = json.loads((tmp_path / "chatdata" / "manifest.json").read_text())
     assert manifest["chat"]["template"] == RAYLM_CHAT_NAME and manifest["tokenizer"]["kind"] == "sentencepiece"

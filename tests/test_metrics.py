@@ -32,13 +32,14 @@ def put_bytes(recording: str, prefix: str) -> tuple[int, int]:
 
 
 def test_metrics_on_s3_upload_about_their_size_and_read_back_as_one_stream(s3_server, tmp_path, monkeypatch):
-    """2,000 log steps, each written on its own (the slowest case: a writer that keeps up puts one line at a time),
-    upload at most 3x the bytes of the final metrics.jsonl (rewriting the whole file at every step: ~1,000x); the
-    segments read back as the lines written, and a resume keeps the lines up to its step, as a local file does."""
+    """300 log steps (4 chunks of 64 lines and a tail), each written on its own (the slowest case: a writer that
+    keeps up puts one line at a time), upload at most 3x the bytes of the final metrics.jsonl (rewriting the whole
+    file at every step: ~150x); the segments read back as the lines written, and a resume keeps the lines up to its
+    step (inside a chunk), as a local file does."""
     from moto.moto_api import recorder
 
     run, rng = f"{s3_server}/runs/metrics-bytes", random.Random(0)
-    lines = [log_line(step, rng) for step in range(1, 2001)]
+    lines = [log_line(step, rng) for step in range(1, 301)]
     monkeypatch.setattr(recorder, "_location", str(tmp_path / "requests.jsonl"))
     recorder.start_recording()
     try:
@@ -55,13 +56,13 @@ def test_metrics_on_s3_upload_about_their_size_and_read_back_as_one_stream(s3_se
     assert final < sent <= 3 * final
     assert read_metrics(run) == lines
 
-    resumed = MetricsLog(run, start_step=1500)  # a checkpoint of step 1500: the 500 lines after it are logged again
-    assert resumed.last("loss") == lines[1499]["loss"] and resumed.last("val_loss") == lines[1499]["val_loss"]
-    again = [log_line(step, rng) for step in range(1501, 1601)]
+    resumed = MetricsLog(run, start_step=200)  # a checkpoint of step 200: 60 of the 100 lines after it are logged again
+    assert resumed.last("loss") == lines[199]["loss"] and resumed.last("val_loss") == lines[199]["val_loss"]
+    again = [log_line(step, rng) for step in range(201, 261)]
     for m in again:
         resumed.write(m)
     resumed.close()
-    assert read_metrics(run) == lines[:1500] + again
+    assert read_metrics(run) == lines[:200] + again
     assert MetricsLog(run, start_step=0).last("loss") is None and read_metrics(run) == []  # a fresh start
 
 
