@@ -374,12 +374,21 @@ def write_if(path: str, data: bytes, *, version: str | None) -> str:
         current = f.read()
         if (_local_version(current) if current else None) != version:
             raise PreconditionFailed(path)
-        f.seek(0)
-        f.truncate()
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        _replace_whole(absolute(path), data)
     return _local_version(data)
+
+
+def _replace_whole(path: str, data: bytes) -> None:
+    """Put `data` in place of the file by a rename, under the old file's lock: a reader that takes no lock (a lease
+    check, a person's `cat`) sees the old bytes or the new, never a file cut short (an in-place rewrite showed
+    them an empty one: a job's own lease read as held by nobody). A writer waiting for the lock then finds the old
+    file unlinked and opens the new one (see _locked)."""
+    tmp = temporary_name(path)
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
 
 
 def delete_if(path: str, *, version: str) -> None:

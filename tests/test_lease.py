@@ -178,3 +178,30 @@ def test_a_job_whose_lease_was_taken_over_never_writes_again_and_its_stale_commi
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+def test_a_lease_being_renewed_is_never_read_as_held_by_nobody(tmp_path):
+    """A job checks its lease without the lock (check_held, before each save or unit commit) while its renewal
+    thread rewrites it: every read sees a whole record, never an empty or cut file (which reads as "held by
+    nobody" and stopped a dataprep run on a healthy lease)."""
+    lease = Lease(str(tmp_path), job="ray job 0c000000", seconds=4).acquire(on_lost=lambda: None)
+    path = str(tmp_path / LEASE)
+    stop, seen = threading.Event(), []
+
+    def renew_again_and_again():
+        while not stop.is_set():
+            record, version = storage.read_versioned(path)
+            storage.write_if(path, json.dumps({**json.loads(record), "renewed": time.time()}).encode(),
+                             version=version)
+
+    writer = threading.Thread(target=renew_again_and_again)
+    writer.start()
+    try:
+        for _ in range(2000):
+            check_held(str(tmp_path), lease.token, what="dataset output")
+            seen.append(len((tmp_path / LEASE).read_bytes()))
+    finally:
+        stop.set()
+        writer.join()
+        lease.close()
+    assert min(seen) > 0
