@@ -28,7 +28,7 @@ from torch import nn
 
 from raylm.errors import ConfigError
 from raylm.paths import OutPath
-from trainer.loss import forward_rows
+from trainer.loss import forward_rows, unpack
 
 LOSSES = ("sigmoid", "norm", "ipo", "simpo")
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
@@ -73,11 +73,9 @@ def example_logps(logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tenso
     """(summed log-prob, reply tokens) of every example id of each row, both (B, T+1) float64 indexed by example
     id (0 = padding: nothing), over the targets that carry loss (trainer.loss.unpack). The one computation of a
     reply's log-prob: the reference pass and training both use it."""
-    tokens, examples, loss = rows[:, 0], rows[:, 1], rows[:, 2]
-    targets = tokens[:, 1:]
-    weights = ((loss[:, 1:] > 0) & (examples[:, 1:] == examples[:, :-1])).double()
-    logp = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").double()
-    ids = examples[:, 1:]
+    tokens, examples, weights = unpack(rows)
+    logp = -F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none").double()
+    ids, weights = examples[:, 1:], weights.double()
     sums = torch.zeros(tokens.shape, dtype=torch.float64, device=logits.device)
     counts = torch.zeros_like(sums)
     return sums.scatter_add_(1, ids, logp * weights), counts.scatter_add_(1, ids, weights)
@@ -122,9 +120,8 @@ def pair_count(rows: torch.Tensor) -> torch.Tensor:
 
 def chosen_tokens(rows: torch.Tensor) -> torch.Tensor:
     """Reply tokens of the chosen examples of a batch (the SFT term's denominator)."""
-    examples, loss = rows[:, 1], rows[:, 2]
-    weights = (loss[:, 1:] > 0) & (examples[:, 1:] == examples[:, :-1]) & (examples[:, 1:] % 2 == 1)
-    return weights.sum().double()
+    _, examples, weights = unpack(rows)
+    return (weights * (examples[:, 1:] % 2 == 1)).sum().double()
 
 
 class Preference:
