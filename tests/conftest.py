@@ -13,7 +13,7 @@ import tempfile
 
 import pytest
 
-from helpers import run_captured, upload_dir, write_mixed_corpus
+from helpers import preference_task, run_captured, upload_dir, write_mixed_corpus
 from raylm.ray_session import free_port
 
 BUCKET = "raylm-test"
@@ -95,7 +95,7 @@ def s3_server():
 @pytest.fixture(scope="session")
 def local_ray(s3_server):
     """A local Ray with 2 CPUs, started after the S3 environment so its workers inherit it, and its own address
-    (as raylm's commands give theirs): inside it, Ray Train's placement-group cleaner never scans the machine, where
+    (as raylm's commands give theirs) and temp dir (test sessions side by side each have one): inside it, Ray Train's placement-group cleaner never scans the machine, where
     other test sessions' clusters may run. The test process's environment is left as it was."""
     import ray
     from ray._private.services import get_node_ip_address
@@ -105,7 +105,8 @@ def local_ray(s3_server):
     before = {name: os.environ.get(name) for name in own}
     os.environ.update(own)  # read by the cluster's processes as they start
     try:  # with the dashboard, as users run it
-        ray.init(address="local", num_cpus=2, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, logging_level=logging.WARNING, log_to_driver=False,
+                 _temp_dir=tempfile.mkdtemp(prefix="rl-s-", dir="/tmp"))
     finally:
         for name, value in before.items():
             os.environ.pop(name) if value is None else os.environ.update({name: value})
@@ -186,3 +187,24 @@ def s3_stdlib_dataset(stdlib_dataset, s3_server) -> str:
     url = f"{s3_server}/datasets/stdlib"
     upload_dir(stdlib_dataset, url)
     return url
+
+
+@pytest.fixture(scope="session")
+def pairs_data(tmp_path_factory) -> dict[str, str]:
+    """A text dataset (the tokenizer) and a preference dataset of 700 pairs in rows of 129 positions (about two
+    pairs a row: two reference parts of train rows), and another of the same pairs split otherwise; made in-process
+    without Ray."""
+    from dataprep.__main__ import main as dataprep
+
+    root = tmp_path_factory.mktemp("pairs")
+    preference_task(root, sft=0, pairs=700, held_out=10)
+    local = "--workers.local=true"
+    code, _, err = run_captured(dataprep, ["--input", root / "corpus", "--output", root / "text", "--vocab-size",
+                                           "320", "--seq-len", "64", local])
+    assert code == 0, err
+    for name, val in (("pref", "0.1"), ("other", "0.2")):
+        code, _, err = run_captured(dataprep, ["--format", "preference", "--input", root / "pairs", "--tokenizer",
+                                               root / "text", "--output", root / name, "--seq-len", "128",
+                                               "--val-fraction", val, local])
+        assert code == 0, err
+    return {"text": str(root / "text"), "pref": str(root / "pref"), "other": str(root / "other")}

@@ -15,27 +15,6 @@ from helpers import losses, metrics, preference_task, run_captured, trainer_cli,
 DPO = ["--train.objective=dpo", "--train.log_every=1", "--train.global_batch=16", "--train.micro_batch=4"]
 
 
-@pytest.fixture(scope="module")
-def pairs_data(tmp_path_factory) -> dict[str, str]:
-    """A text dataset (the tokenizer) and a preference dataset of 700 pairs in rows of 129 positions (about two
-    pairs a row: two reference parts of train rows), and another of the same pairs split otherwise; made in-process
-    without Ray."""
-    from dataprep.__main__ import main as dataprep
-
-    root = tmp_path_factory.mktemp("pairs")
-    preference_task(root, sft=0, pairs=700, held_out=10)
-    local = "--workers.local=true"
-    code, _, err = run_captured(dataprep, ["--input", root / "corpus", "--output", root / "text", "--vocab-size",
-                                           "320", "--seq-len", "64", local])
-    assert code == 0, err
-    for name, val in (("pref", "0.1"), ("other", "0.2")):
-        code, _, err = run_captured(dataprep, ["--format", "preference", "--input", root / "pairs", "--tokenizer",
-                                               root / "text", "--output", root / name, "--seq-len", "128",
-                                               "--val-fraction", val, local])
-        assert code == 0, err
-    return {"text": str(root / "text"), "pref": str(root / "pref"), "other": str(root / "other")}
-
-
 def train(data: str, run_dir, *args) -> tuple[int, str, str]:
     from helpers import TINY
     from trainer.__main__ import main
@@ -61,18 +40,23 @@ def test_the_reference_pass_is_reused_resumed_and_refused_for_other_weights_or_d
     assert code == 0, err
     first = parts(where)
     assert sorted(first) == ["train-00000.npy", "train-00001.npy", "val-00000.npy"]
-    assert " rows scored" in err and f"reference log-probs of every train and val row in {where}" in out
+    rows = sum(len(np.load(where / name)) for name in first)
+    assert " rows scored" in err and f"reference log-probs of every train and val row in {where} ({rows:,} rows " \
+                                      "scored by this pass in " in out
     assert not (tmp_path / "a" / "checkpoints").exists()
 
     for run in ("a", "b"):
         code, _, err = train(pairs_data["pref"], tmp_path / run, "--train.steps=2", f"--dpo.reference={where}")
         assert code == 0, err
         assert f"reference log-probs: reusing {where}" in err and " rows scored" not in err and parts(where) == first
+        assert metrics(str(tmp_path / run))[0]["reference_rows"] == 0  # the run's record of its pass: none
 
     (where / "train-00001.npy").unlink()
     code, _, err = train(pairs_data["pref"], tmp_path / "c", "--train.steps=2", f"--dpo.reference={where}")
     assert code == 0, err
     assert " rows scored" in err and "(1 parts)" in err and parts(where) == first
+    assert metrics(str(tmp_path / "c"))[0]["reference_rows"] == len(np.load(where / "train-00001.npy"))
+    assert "reference_rows" not in metrics(str(tmp_path / "c"))[1]
     assert within(losses(str(tmp_path / "c")), losses(str(tmp_path / "a")))
 
     refused = {

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tomllib
 
 import pytest
 from pathlib import Path
@@ -123,6 +124,7 @@ def test_ctrl_c_stops_a_study_that_then_resumes_quietly(local_ray, stdlib_datase
     ("--tune.resume", "holds no study to resume"),
     ("--tune.batch=8,1", "train.global_batch=1 is smaller than the 2 workers"),
     ("--tune.batch=8,100000", "train rows, fewer than one step takes (train.global_batch=100000)"),
+    ("--tune.beta=0.1:1", "tune.beta=0.1:1 searches DPO's β: it needs --train.objective=dpo"),
 ])
 def test_bad_inputs_are_one_line_errors(stdlib_dataset, tmp_path, arg, expected):
     from tune.__main__ import main
@@ -130,6 +132,50 @@ def test_bad_inputs_are_one_line_errors(stdlib_dataset, tmp_path, arg, expected)
     code, _, err = run_captured(main, ["--data.path", stdlib_dataset, "--tune.dir", tmp_path, arg])
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--tune.beta=0.1:1", "--tune.lr=1e-3,3e-3"], "tune.beta=0.1:1 must take tune.lr's form (1e-3,3e-3)"),
+    (["--tune.beta=0,1", "--tune.lr=1e-3,3e-3"], "tune.beta='0,1': every value must be > 0"),
+    (["--train.objective=lm"], "holds preference pairs; train on it with --train.objective=dpo"),
+])
+def test_bad_dpo_studies_are_one_line_errors(pairs_data, tmp_path, args, expected):
+    from tune.__main__ import main
+
+    code, _, err = run_captured(main, ["--train.objective=dpo", "--data.path", pairs_data["pref"], "--tune.dir",
+                                       tmp_path, "--tune.batch=16", *args])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+
+
+def test_a_dpo_study_searches_lr_and_beta_over_one_reference_pass(local_ray, pairs_data, tmp_path):
+    """A grid of 2 lrs × 2 βs on preference pairs: the reference log-probs are scored once, before any trial, and
+    every trial reads them (its first metrics line: 0 rows scored by it); trials are ranked by held-out reward
+    accuracy, the DPO loss's scale being β's; best.toml has the best trial's lr and β."""
+    from helpers import TINY, metrics
+
+    tune_dir = tmp_path / "dpo"
+    tiny = [arg for arg in TINY if not arg.startswith("--optim.warmup_steps")]  # trials warm up over 10 % of theirs
+    args = [*tiny, "--train.objective=dpo", "--train.micro_batch=4", "--data.path", pairs_data["pref"],
+            "--tune.lr=1e-3,3e-3", "--tune.beta=0.1,1", "--tune.batch=16", "--tune.marks=2",
+            "--tune.budget_tokens=16384", "--ray.num_workers=1", "--tune.dir", str(tune_dir)]  # 8 steps a trial
+    study = tune_cli(local_ray.get_runtime_context().gcs_address, *args)
+    out, _ = study.communicate(timeout=600)
+    assert study.returncode == 0, out[-3000:]
+    where = tune_dir / "reference"
+    assert re.search(rf"^reference log-probs: [\d,]+ rows scored in [\d.]+ s into {where}, for every trial$", out,
+                     re.M), out
+    trials = sorted((tune_dir / "trials").iterdir())
+    assert len(trials) == 4 and all(metrics(str(t))[0]["reference_rows"] == 0 for t in trials), out
+
+    rows = read_results(tune_dir)
+    assert sorted((float(r["lr"]), float(r["beta"])) for r in rows) == [(1e-3, 0.1), (1e-3, 1), (3e-3, 0.1), (3e-3, 1)]
+    completed = [r for r in rows if r["status"] == "completed"]
+    best = max(completed, key=lambda r: float(r["final_val_reward_accuracy"]))
+    assert f"best: lr {float(best['lr']):.3g}, beta {float(best['beta']):.3g}, global batch 16 (val reward " \
+           "accuracy" in out, out[-3000:]
+    tuned = tomllib.loads((tune_dir / "best.toml").read_text())
+    assert (tuned["optim"]["lr"], tuned["dpo"]["beta"]) == (float(best["lr"]), float(best["beta"]))
 
 
 def test_a_dataset_without_validation_rows_is_refused_before_any_trial(stdlib_dataset, tmp_path):

@@ -1,17 +1,16 @@
 """A Tune study's trials on schedules of the same shape: every batch size at the same lr at the same token count, and
-a warmup too long for the shortest trial refused before any compute (fast tier: no Ray)."""
+a warmup too long for the shortest trial refused before any compute; a DPO trial's β and divergence (fast tier: no
+Ray)."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 
 from helpers import run_captured
-from raylm.config import load_config, to_dict
+from raylm.config import load_config
 from trainer.optim import lr_factor
 from tune.config import TuneJobConfig
-from tune.study import trial_job, warmup_fraction
+from tune.study import study_spec, trial_job, warmup_fraction
 
 SEQ_LEN = 64
 STUDY = ["--tune.batch=8,16", "--tune.budget_tokens=20480"]
@@ -22,7 +21,7 @@ def trial_jobs(*args: str, warmup_steps: int | None = None) -> dict:
     """{batch: the trial's training job} of a study of the tiny preset at lr 3e-3, as its trials get them."""
     job = load_config(TuneJobConfig, "configs/tiny.toml", [*STUDY, *args])
     job.tune.warmup_fraction = warmup_fraction(job.tune, SEQ_LEN, warmup_steps)
-    study = {"job": to_dict(job), "tune": dataclasses.asdict(job.tune), "seq_len": SEQ_LEN, "vocab_size": 1000}
+    study = study_spec(job, seq_len=SEQ_LEN, vocab_size=1000, tasks=None)
     return {batch: trial_job({"lr": 3e-3, "batch": batch}, study, f"/tmp/trial-{batch}") for batch in job.tune.batch}
 
 
@@ -44,6 +43,20 @@ def test_two_batch_sizes_reach_the_same_lr_at_the_same_token_mark(args, warmup_s
     assert lr_at(short, 1.0) == pytest.approx(3e-3 * short.optim.min_lr_ratio)  # the decay spans the trial
     if warmup_steps:  # given on the command line: the shortest trial's, the same tokens in the other
         assert (short.optim.warmup_steps, long.optim.warmup_steps) == (5, 10)
+
+
+def test_a_dpo_trial_takes_its_beta_and_diverges_only_on_a_non_finite_loss():
+    """The DPO loss's scale grows with β (a LM loss is at most ~ln V for a uniform guess), so a DPO trial is not cut at
+    tune.diverge_factor × ln V; its β is the trial's, and trials without one keep the job's."""
+    job = load_config(TuneJobConfig, "configs/tiny.toml", [*STUDY, "--train.objective=dpo", "--dpo.beta=0.3",
+                                                          "--tune.lr=1e-3,3e-3", "--tune.beta=0.1,1"])
+    study = study_spec(job, seq_len=SEQ_LEN, vocab_size=1000, tasks=None)
+    dpo = trial_job({"lr": 1e-3, "batch": 8, "beta": 1.0}, study, "/tmp/trial")
+    assert (dpo.dpo.beta, dpo.optim.lr, dpo.train.max_loss) == (1.0, 1e-3, float("inf"))
+    assert trial_job({"lr": 1e-3, "batch": 8}, study, "/tmp/trial").dpo.beta == 0.3
+    lm = load_config(TuneJobConfig, "configs/tiny.toml", STUDY)
+    assert trial_job({"lr": 1e-3, "batch": 8}, study_spec(lm, seq_len=SEQ_LEN, vocab_size=1000, tasks=None),
+                     "/tmp/trial").train.max_loss == pytest.approx(1.5 * 6.9078, rel=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,8 @@ def main(argv: list[str], *, reference_only: bool = False) -> int:
         raise KeyboardInterrupt(how_to_continue(job)) from None
     if os.environ.get("RANK", "0") == "0":
         if reference_only:
-            print(f"reference log-probs of every train and val row in {reference.directory(job)}")
+            print(f"reference log-probs of every train and val row in {reference.directory(job)} "
+                  f"({summary['reference_rows']:,} rows scored by this pass in {summary['reference_s']:.1f} s)")
         else:
             print_summary(job, summary)
     return 0

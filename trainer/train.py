@@ -195,6 +195,9 @@ class Trainer:
         self.preemption = Preemption(self.d.device, grace_s=job.checkpoint.preempt_grace_s)
         self.start_step = self.resume()
         self.objective = Preference(job.dpo) if job.train.objective == "dpo" else TokenMean()
+        self.reference_pass: dict = {}
+        """This start's reference pass, for its first metrics line: the rows it scored (0: all were stored) and
+        its seconds. Empty unless a DPO run starts at step 0."""
         train, val = self.preference_splits() if job.train.objective == "dpo" and job.dpo.needs_reference else \
             (self.dataset.train, self.dataset.val)
         self.loader = StepLoader(train, plan=self.plan, rank=self.d.rank, seed=job.data.seed,
@@ -232,9 +235,11 @@ class Trainer:
         where = reference.directory(self.job)
         expected = decided_on_rank0(lambda: reference.identity(self.job, self.dataset), rank=self.d.rank)
         if self.start_step == 0:
-            reference.compute(self.model, self.dataset, where, expected=expected,
-                              micro_batch=self.job.train.micro_batch, rank=self.d.rank, world=self.d.world,
-                              device=self.d.device)
+            t0 = time.perf_counter()
+            rows = reference.compute(self.model, self.dataset, where, expected=expected,
+                                     micro_batch=self.job.train.micro_batch, rank=self.d.rank, world=self.d.world,
+                                     device=self.d.device)
+            self.reference_pass = {"reference_rows": rows, "reference_s": time.perf_counter() - t0}
         else:
             decided_on_rank0(lambda: reference.check_complete(where, self.dataset, expected), rank=self.d.rank)
         positions = self.dataset.train.shape[-1]
@@ -380,10 +385,13 @@ class Trainer:
 
     def publish(self, m: dict) -> None:
         """To rank 0's sinks, then to Ray from every rank with the checkpoint committed since the last report (and
-        its save's seconds in `m`, read back by a resumed run's `check_grace`)."""
+        its save's seconds in `m`, read back by a resumed run's `check_grace`; the first also with the reference
+        pass of this start)."""
         committed = self.ckpt.take_committed()
         if committed:
             m["checkpoint_save_s"] = self.ckpt.save_seconds
+        m |= self.reference_pass
+        self.reference_pass = {}
         if self.sink:
             self.sink.write(m)
         if self.report:
@@ -469,7 +477,7 @@ def run(job: JobConfig, *, report: Callable[[dict, str | None], None] | None = N
     trainer = Trainer(job, report=report, lease=lease, tasks=tasks)
     try:
         if reference_only:
-            return {"history": [], "sample": None}
+            return {"history": [], "sample": None, **trainer.reference_pass}
         if trainer.d.rank == 0:
             write_run_files(job, trainer.dataset)
         with trainer.preemption:

@@ -1,11 +1,14 @@
-"""python -m tune: search the peak learning rate and global batch size with Ray Tune over short trainer runs.
+"""python -m tune: search the peak learning rate and global batch size (and DPO's β) with Ray Tune over short
+trainer runs.
 
     python -m tune --config configs/X.toml --data.path DATASET [--tune.samples N] [--tune.lr 1e-4:3e-2]
                    [--tune.batch 16,32,64] [--tune.budget_tokens T] [--tune.dir DIR] [--tune.resume]
-                   [--section.field=value ...]
+                   [--train.objective=dpo --tune.beta 0.05:5] [--section.field=value ...]
 
 Trials are compared at equal training tokens and on schedules of the same shape (each warms up over
 --tune.warmup_fraction of its steps); ASHA stops the poor ones early; a diverging trial is recorded as "diverged".
+A DPO study (--train.objective=dpo) ranks trials by held-out reward accuracy, not by a loss whose scale changes
+with β, and scores the reference log-probs once, before its trials, into DIR/reference.
 Writes results.csv, results.png and best.toml (a config `python -m trainer --config` accepts). Ctrl-C stops the study
 (exit 130) and writes none of them; the same command with --tune.resume continues it.
 """
@@ -25,7 +28,7 @@ def main(argv: list[str]) -> int:
     configure_logging("tune")
     make_paths_absolute(job)
     from raylm import storage
-    from tune.study import format_table, run_study
+    from tune.study import format_table, run_study, study_metric
 
     job.tune.dir = storage.absolute(job.tune.dir)
     given = {arg.split("=", 1)[0] for arg in argv}
@@ -33,8 +36,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--optim.warmup_steps and --tune.warmup_fraction both set the trials' warmup: give one")
     rows, best = run_study(job, warmup_steps=job.optim.warmup_steps if "--optim.warmup_steps" in given else None)
     print(format_table(rows, best))
-    print(f"best: lr {best['lr']:.3g}, global batch {best['global_batch']} (val loss {best['final_val_loss']:.4f}); "
-          f"wrote {job.tune.dir}/results.csv, results.png and best.toml\n"
+    beta = f", beta {best['beta']:.3g}" if "beta" in best else ""
+    print(f"best: lr {best['lr']:.3g}{beta}, global batch {best['global_batch']} ({study_metric(job).label} "
+          f"{best['final']:.4f}); wrote {job.tune.dir}/results.csv, results.png and best.toml\n"
           f"train with it: python -m trainer --config {job.tune.dir}/best.toml")
     return 0
 

@@ -24,6 +24,9 @@ class TuneConfig:
     """Trials sampled from a LOW:HIGH lr range (a comma-list grid runs each lr × batch point once)."""
     lr: str = "1e-4:3e-2"
     """Peak learning rates: LOW:HIGH samples log-uniformly, a comma list (1e-4,1e-3,1e-2) is a grid."""
+    beta: str = ""
+    """DPO's β (train.objective = dpo), searched with the lr and in its form: LOW:HIGH samples log-uniformly beside
+    an lr range, a comma list is a grid beside an lr grid. Empty: every trial keeps the job's dpo.beta."""
     batch: list[int] = field(default_factory=lambda: [16, 32, 64])
     """Global batch sizes (sequences) to choose from."""
     budget_tokens: int = 2_000_000
@@ -60,9 +63,10 @@ class TuneConfig:
     width. 0 = search at the configured width."""
 
     def __post_init__(self):
-        grid_or_range = self.lr_grid or self.lr_range  # parses, and raises on a bad value
-        if not grid_or_range:
-            raise ConfigError(f"tune.lr={self.lr!r} is empty; give LOW:HIGH or a comma list")
+        lr = self.lr_values  # parses, and raises on a bad value
+        if self.beta and isinstance(self.beta_values, tuple) != isinstance(lr, tuple):
+            raise ConfigError(f"tune.beta={self.beta} must take tune.lr's form ({self.lr}): both LOW:HIGH ranges, "
+                              "sampled together, or both comma-list grids")
         if not self.batch or min(self.batch) < 1:
             raise ConfigError(f"tune.batch={self.batch} must list at least one global batch size >= 1, e.g. 16,32,64")
         if self.proxy_dim < 0:
@@ -78,25 +82,23 @@ class TuneConfig:
             raise ConfigError("tune.reduction_factor must be >= 2, tune.max_concurrent >= 0, tune.diverge_factor > 1")
         if self.search not in SEARCHES:
             raise ConfigError(f"tune.search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
-        if self.search == "optuna" and self.lr_grid:
+        if self.search == "optuna" and self.grid:
             raise ConfigError("tune.search=optuna samples lr from a LOW:HIGH range, not a grid")
 
     @property
-    def lr_range(self) -> tuple[float, float] | None:
-        """(low, high) of a LOW:HIGH lr range, else None."""
-        if ":" not in self.lr:
-            return None
-        low, high = (_positive(part, self.lr) for part in self.lr.split(":", 1))
-        if not low < high:
-            raise ConfigError(f"tune.lr={self.lr} must be LOW:HIGH with LOW < HIGH, e.g. 1e-4:1e-2")
-        return low, high
+    def lr_values(self) -> tuple[float, float] | list[float]:
+        """(low, high) of a LOW:HIGH lr range, or the values of a comma-list grid."""
+        return searched_values("lr", self.lr)
 
     @property
-    def lr_grid(self) -> list[float] | None:
-        """The values of a comma-list lr grid, else None."""
-        if ":" in self.lr:
-            return None
-        return [_positive(part, self.lr) for part in self.lr.split(",") if part.strip()]
+    def beta_values(self) -> tuple[float, float] | list[float] | None:
+        """tune.beta as lr_values reads tune.lr; None where β is not searched."""
+        return searched_values("beta", self.beta) if self.beta else None
+
+    @property
+    def grid(self) -> bool:
+        """A grid study (each lr × batch × β point once), not a sampled one."""
+        return isinstance(self.lr_values, list)
 
     def diverged_loss(self, vocab_size: int) -> float:
         return self.diverge_factor * math.log(vocab_size)
@@ -115,13 +117,27 @@ class TuneConfig:
         return mark
 
 
-def _positive(text: str, whole: str) -> float:
+def searched_values(name: str, text: str) -> tuple[float, float] | list[float]:
+    """tune.<name>'s values: (low, high) from LOW:HIGH (sampled log-uniformly), or a list from a comma list (a
+    grid), each a number > 0."""
+    if ":" not in text:
+        values = [_positive(part, name, text) for part in text.split(",") if part.strip()]
+        if not values:
+            raise ConfigError(f"tune.{name}={text!r} is empty; give LOW:HIGH or a comma list")
+        return values
+    low, high = (_positive(part, name, text) for part in text.split(":", 1))
+    if not low < high:
+        raise ConfigError(f"tune.{name}={text} must be LOW:HIGH with LOW < HIGH, e.g. 1e-4:1e-2")
+    return low, high
+
+
+def _positive(text: str, name: str, whole: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ConfigError(f"tune.lr={whole!r}: {text!r} is not a number") from None
+        raise ConfigError(f"tune.{name}={whole!r}: {text!r} is not a number") from None
     if not value > 0:
-        raise ConfigError(f"tune.lr={whole!r}: learning rates must be > 0")
+        raise ConfigError(f"tune.{name}={whole!r}: every value must be > 0")
     return value
 
 
@@ -134,6 +150,8 @@ class TuneJobConfig(JobConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.tune.beta and self.train.objective != "dpo":
+            raise ConfigError(f"tune.beta={self.tune.beta} searches DPO's β: it needs --train.objective=dpo")
         if not self.tune.proxy_dim:
             return
         start = ("--init.from_hf", self.init.from_hf) if self.init.from_hf else \

@@ -1,9 +1,14 @@
-"""A Ray Tune study over short runs of the trainer: peak lr × global batch, compared at equal training tokens.
+"""A Ray Tune study over short runs of the trainer: peak lr × global batch (and DPO's β), compared at equal training
+tokens.
 
 Each trial is a function trainable that runs the trainer under Ray Train (the same code as `python -m trainer`, on
 `ray.num_workers` workers) and forwards its log steps to Tune. A trial validates at `tune.marks` equal token counts
 whatever its batch size, and ASHA (time in tokens) stops the poor ones at those marks. A trial
 whose loss diverges ends as "diverged" instead of failing the study.
+
+Trials are ranked by validation loss, or for DPO by held-out reward accuracy: the DPO loss's scale changes with β,
+the sign of a pair's margin does not. DPO trials all start from the same weights, so their reference log-probs are
+scored once, before any trial, into tune.dir/reference (or dpo.reference), and every trial reads them there.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from raylm.config import dump_toml, from_dict, to_dict
 from raylm.dataset import open_dataset
 from raylm.errors import ConfigError, find_user_error
 from raylm.ray_session import check_local_paths, init_ray, verbose
+from trainer import reference
 from trainer.data import check_fits
 from trainer.eval.suite import check_evaluation, eval_paths
 from trainer.job import JobConfig
@@ -35,7 +41,38 @@ log = logging.getLogger(__name__)
 
 STUDY = "study"
 
-COLUMNS = ("trial", "lr", "global_batch", "tokens", "final_val_loss", "best_val_loss", "status")
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """What a study ranks its trials by: the key of the trials' reports, which way is better, its name in
+    results.csv (final_<column>, best_<column>) and in the lines printed."""
+
+    key: str
+    mode: str
+    column: str
+    label: str
+
+    def best(self, values: list[float]) -> float:
+        return min(values) if self.mode == "min" else max(values)
+
+    @property
+    def worst(self) -> float:
+        """What a diverged trial reports."""
+        return math.inf if self.mode == "min" else -math.inf
+
+
+VAL_LOSS = Metric("val_loss", "min", "val_loss", "val loss")
+REWARD_ACCURACY = Metric("val_rewards/accuracy", "max", "val_reward_accuracy", "val reward accuracy")
+
+
+def study_metric(job: JobConfig) -> Metric:
+    return REWARD_ACCURACY if job.train.objective == "dpo" else VAL_LOSS
+
+
+def columns(metric: Metric, *, beta: bool) -> tuple[str, ...]:
+    """results.csv's columns."""
+    return ("trial", "lr", *(("beta",) if beta else ()), "global_batch", "tokens", f"final_{metric.column}",
+            f"best_{metric.column}", "status")
 
 
 def trial_steps(batch: int, seq_len: int, tune: TuneConfig) -> tuple[int, int]:
@@ -62,15 +99,18 @@ def warmup_fraction(tune: TuneConfig, seq_len: int, warmup_steps: int | None) ->
 
 
 def trial_job(config: dict, study: dict, run_dir: str) -> JobConfig:
-    """The training job of one trial: the study's job with the trial's lr and batch, sized to the token budget."""
+    """The training job of one trial: the study's job with the trial's lr, batch (and β), sized to the token
+    budget. A DPO trial diverges when its loss is not finite: the DPO loss's scale grows with β, unlike the LM
+    loss, which a uniform guess puts at ln(vocabulary)."""
     job, tune = from_dict(JobConfig, study["job"]), TuneConfig(**study["tune"])
     job.optim.lr, job.train.global_batch = config["lr"], config["batch"]
+    job.dpo.beta = config.get("beta", job.dpo.beta)
     if tune.proxy_dim:
         job.model = proxy_model(job.model, tune.proxy_dim)
     job.train.steps, job.train.eval_every = trial_steps(config["batch"], study["seq_len"], tune)
     job.optim.warmup_steps = round(tune.warmup_fraction * job.train.steps)  # the decay spans the rest of its steps
     job.train.log_every = job.checkpoint.every = job.train.eval_every  # every report carries val_loss
-    job.train.max_loss = tune.diverged_loss(study["vocab_size"])
+    job.train.max_loss = math.inf if job.train.objective == "dpo" else tune.diverged_loss(study["vocab_size"])
     job.train.sample_prompt = ""
     job.checkpoint.keep = 1
     job.ray.max_failures = 0  # a diverged trial is a result, not a failure to retry
@@ -92,7 +132,8 @@ def run_trial(config: dict, study: dict) -> None:
         launch(job, callbacks=[TuneReportCallback()], tasks=study["tasks"])
     except TrainingDiverged as exc:
         tokens = job.train.steps * job.train.global_batch * study["seq_len"]
-        ray.tune.report({"tokens": tokens, "val_loss": math.inf, "diverged": True, "reason": str(exc)})
+        ray.tune.report({"tokens": tokens, study_metric(job).key: study_metric(job).worst, "diverged": True,
+                         "reason": str(exc)})
 
 
 class StudyProgress(Callback):
@@ -102,10 +143,12 @@ class StudyProgress(Callback):
 
     def __init__(self, study: dict):
         self.tune, self.seq_len = TuneConfig(**study["tune"]), study["seq_len"]
+        self.metric = study_metric(from_dict(JobConfig, study["job"]))
 
     running = frozenset()
     """Ids of the trials started and not ended. A class default: Tune gives a resumed study back the callbacks it
-    pickled when the study began, which for a study begun by an earlier raylm lack it."""
+    pickled when the study began, which for a study begun by an earlier raylm lack it (and `metric`)."""
+    metric = VAL_LOSS
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running = self.running | {trial.trial_id}
@@ -124,8 +167,8 @@ class StudyProgress(Callback):
         planned = trial_steps(batch, self.seq_len, self.tune)[0] * batch * self.seq_len
         status = ("diverged" if last.get("diverged") else "completed" if last.get("tokens", 0) >= planned
                   else "stopped early by ASHA")
-        print(f"trial {trial}: {status} at {last.get('tokens', 0):,} tokens, val loss "
-              f"{last.get('val_loss', math.nan):.4f}", flush=True)
+        print(f"trial {trial}: {status} at {last.get('tokens', 0):,} tokens, {self.metric.label} "
+              f"{last.get(self.metric.key, math.nan):.4f}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.running = self.running - {trial.trial_id}
@@ -137,7 +180,8 @@ class StudyProgress(Callback):
 def trial_name(trial) -> str:
     """A trial's name, and its directory's (in Tune's study and under trials/): whole and short, where Tune's own
     (trainable, id, then its parameters cut at 130 characters and a date) is cut mid-word in a table."""
-    return f"{trial.trial_id}-lr{trial.config['lr']:.2e}-b{trial.config['batch']}"
+    beta = f"-beta{trial.config['beta']:.3g}" if "beta" in trial.config else ""
+    return f"{trial.trial_id}-lr{trial.config['lr']:.2e}-b{trial.config['batch']}{beta}"
 
 
 INTERRUPTED = threading.Event()
@@ -187,17 +231,21 @@ def study_path(tune: TuneConfig) -> tuple:
     return fs, path, posixpath.join(path, STUDY)
 
 
-def build_tuner(job: TuneJobConfig, *, seq_len: int, vocab_size: int, tasks: list):
-    """A new Tuner, or the restored one of an interrupted study (`tune.resume`). `tasks`: [eval]'s tasks as the
-    study tokenized them, shipped to every trial with its parameters."""
+def study_spec(job: TuneJobConfig, *, seq_len: int, vocab_size: int, tasks: list) -> dict:
+    """What every trial is given besides its parameters (`trial_job` makes its job from them). `tasks`: [eval]'s
+    tasks as the study tokenized them."""
+    return {"job": to_dict(job), "tune": dataclasses.asdict(job.tune), "seq_len": seq_len, "vocab_size": vocab_size,
+            "trials_dir": storage.join(job.tune.dir, "trials"), "tasks": tasks}
+
+
+def build_tuner(job: TuneJobConfig, spec: dict):
+    """A new Tuner, or the restored one of an interrupted study (`tune.resume`); `spec`: `study_spec`'s."""
     from ray import tune as raytune
     from ray.tune.schedulers import ASHAScheduler
 
     cfg = job.tune
     fs, path, study = study_path(cfg)
-    study_spec = {"job": to_dict(job), "tune": dataclasses.asdict(cfg), "seq_len": seq_len, "vocab_size": vocab_size,
-                  "trials_dir": storage.join(cfg.dir, "trials"), "tasks": tasks}  # parameters, not the search space
-    trainable = raytune.with_resources(raytune.with_parameters(run_trial, study=study_spec), TRIAL_DRIVER)
+    trainable = raytune.with_resources(raytune.with_parameters(run_trial, study=spec), TRIAL_DRIVER)
     exists = raytune.Tuner.can_restore(study, storage_filesystem=fs)
     if not verbose():  # Tune's newer console output prints its header and a TensorBoard hint even when silent
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
@@ -207,24 +255,24 @@ def build_tuner(job: TuneJobConfig, *, seq_len: int, vocab_size: int, tasks: lis
         return raytune.Tuner.restore(study, trainable, resume_unfinished=True, storage_filesystem=fs)
     if exists:
         raise ConfigError(f"{cfg.dir} already holds a study: add --tune.resume to continue it, or pick another --tune.dir")
-    grid = cfg.lr_grid
-    param_space = {
-        "lr": raytune.grid_search(grid) if grid else raytune.loguniform(*cfg.lr_range),
-        "batch": raytune.grid_search(cfg.batch) if grid else raytune.choice(cfg.batch),
-    }
-    mark_tokens = cfg.mark_tokens(seq_len)
+    searched = {"lr": cfg.lr_values, "batch": cfg.batch, **({"beta": cfg.beta_values} if cfg.beta else {})}
+    param_space = {name: raytune.grid_search(list(values)) if cfg.grid else
+                   raytune.choice(values) if name == "batch" else raytune.loguniform(*values)
+                   for name, values in searched.items()}
+    mark_tokens = cfg.mark_tokens(spec["seq_len"])
+    metric = study_metric(job)
     return raytune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=raytune.TuneConfig(
-            metric="val_loss", mode="min", num_samples=1 if grid else cfg.samples,  # training is deterministic
+            metric=metric.key, mode=metric.mode, num_samples=1 if cfg.grid else cfg.samples,  # deterministic
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             search_alg=search_algorithm(cfg, cfg.max_concurrent or concurrent_trials(job)),
             scheduler=ASHAScheduler(time_attr="tokens", max_t=mark_tokens * cfg.marks,
                                     grace_period=mark_tokens * cfg.grace_marks, reduction_factor=cfg.reduction_factor),
         ),
         run_config=raytune.RunConfig(name=STUDY, storage_path=path, storage_filesystem=fs,
-                                     **({} if verbose() else {"verbose": 0, "callbacks": [StudyProgress(study_spec)]})),
+                                     **({} if verbose() else {"verbose": 0, "callbacks": [StudyProgress(spec)]})),
     )
 
 
@@ -259,14 +307,14 @@ def concurrent_trials(job: JobConfig) -> int:
     return max(1, int(total.get("GPU" if job.ray.use_gpu else "CPU", 0) // per_trial))
 
 
-def summarize(results, cfg: TuneConfig, seq_len: int) -> list[dict]:
-    """One row per trial (with its validation curve) from Tune's results."""
+def summarize(results, cfg: TuneConfig, seq_len: int, metric: Metric) -> list[dict]:
+    """One row per trial (with its validation curve of `metric`) from Tune's results."""
     rows = []
     for result in results:
         config, last = result.config, result.metrics or {}
         frame = result.metrics_dataframe
-        curve = [] if frame is None or "val_loss" not in frame else [
-            (int(t), float(v)) for t, v in zip(frame["tokens"], frame["val_loss"]) if math.isfinite(v)]
+        curve = [] if frame is None or metric.key not in frame else [
+            (int(t), float(v)) for t, v in zip(frame["tokens"], frame[metric.key]) if math.isfinite(v)]
         planned = trial_steps(config["batch"], seq_len, cfg)[0] * config["batch"] * seq_len
         if last.get("diverged"):
             status = "diverged"
@@ -274,19 +322,21 @@ def summarize(results, cfg: TuneConfig, seq_len: int) -> list[dict]:
             status = "error"
         else:
             status = "completed" if last.get("tokens", 0) >= planned else "stopped early"
-        losses = [v for _, v in curve]
+        values = [v for _, v in curve]
         rows.append({"trial": posixpath.basename(result.path), "lr": config["lr"], "global_batch": config["batch"],
-                     "tokens": int(last.get("tokens", 0)), "final_val_loss": losses[-1] if losses else math.nan,
-                     "best_val_loss": min(losses) if losses else math.nan, "status": status, "curve": curve})
+                     **({"beta": config["beta"]} if "beta" in config else {}), "tokens": int(last.get("tokens", 0)),
+                     "final": values[-1] if values else math.nan,
+                     "best": metric.best(values) if values else math.nan, "status": status, "curve": curve})
     return sorted(rows, key=lambda r: r["trial"])
 
 
-def best_row(rows: list[dict]) -> dict:
-    """The completed trial with the lowest final validation loss (all completed trials saw the same tokens)."""
+def best_row(rows: list[dict], metric: Metric) -> dict:
+    """The completed trial with the best final value of `metric` (all completed trials saw the same tokens); of
+    equals, the first by name."""
     completed = [r for r in rows if r["status"] == "completed"]
     if not completed:
         raise ConfigError("no trial completed its token budget; widen --tune.lr or lower --tune.budget_tokens")
-    return min(completed, key=lambda r: r["final_val_loss"])
+    return next(r for r in completed if r["final"] == metric.best([r["final"] for r in completed]))
 
 
 BEST_RUN = "best-run"
@@ -294,18 +344,21 @@ BEST_RUN = "best-run"
 
 
 def write_outputs(job: TuneJobConfig, rows: list[dict], best: dict, *, vocab_size: int) -> None:
-    """results.csv, results.png and best.toml (the job with the best lr and batch, the dataset's vocabulary and a
-    run directory of its own) in the study directory."""
+    """results.csv, results.png and best.toml (the job with the best lr, batch and β, the dataset's vocabulary and
+    a run directory of its own) in the study directory."""
     from tune.plot import plot_results
 
+    metric = study_metric(job)
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=columns(metric, beta=bool(job.tune.beta)), extrasaction="ignore",
+                            lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({**r, f"final_{metric.column}": r["final"], f"best_{metric.column}": r["best"]} for r in rows)
     storage.write_bytes(storage.join(job.tune.dir, "results.csv"), out.getvalue().encode())
-    storage.write_bytes(storage.join(job.tune.dir, "results.png"), plot_results(rows, best))
+    storage.write_bytes(storage.join(job.tune.dir, "results.png"), plot_results(rows, best, metric))
     tuned = from_dict(JobConfig, to_dict(job))
     tuned.optim.lr, tuned.train.global_batch = best["lr"], best["global_batch"]
+    tuned.dpo.beta = best.get("beta", tuned.dpo.beta)
     tuned.model.vocab_size, tuned.run.dir = vocab_size, storage.join(job.tune.dir, BEST_RUN)
     storage.write_bytes(storage.join(job.tune.dir, "best.toml"), (transfer_note(job) + dump_toml(tuned)).encode())
 
@@ -320,13 +373,39 @@ def transfer_note(job: TuneJobConfig) -> str:
 
 
 def format_table(rows: list[dict], best: dict) -> str:
+    """The study's table: a β column where β was searched; final and best are of the study's metric."""
     width = max(len("trial"), *(len(r["trial"]) for r in rows))
-    lines = [f"{'trial':{width}s} {'lr':>9s} {'batch':>5s} {'tokens':>10s} {'final val':>9s} {'best val':>9s}  status"]
+    beta = "beta" in best
+    lines = [f"{'trial':{width}s} {'lr':>9s}{format('beta', '>9s') if beta else ''} {'batch':>5s} {'tokens':>10s} "
+             f"{'final val':>9s} {'best val':>9s}  status"]
     for r in rows:
         mark = "  <- best" if r is best else ""
-        lines.append(f"{r['trial']:{width}s} {r['lr']:9.2e} {r['global_batch']:5d} {r['tokens']:10,d} "
-                     f"{r['final_val_loss']:9.4f} {r['best_val_loss']:9.4f}  {r['status']}{mark}")
+        lines.append(f"{r['trial']:{width}s} {r['lr']:9.2e}{format(r['beta'], '9.3g') if beta else ''} "
+                     f"{r['global_batch']:5d} {r['tokens']:10,d} {r['final']:9.4f} {r['best']:9.4f}  "
+                     f"{r['status']}{mark}")
     return "\n".join(lines)
+
+
+REFERENCE_PASS = "reference-pass"
+"""The run directory, in the study directory, of a DPO study's reference pass (its lease and empty metrics)."""
+
+
+def score_reference(job: JobConfig, dataset) -> None:
+    """Score the reference log-probs of the weights every trial starts from (`job`: the pass's), once, before any
+    trial: trials side by side would each score them. Reference log-probs already complete (a resumed study, or
+    another study's given as --dpo.reference) are read as they are."""
+    if job.train.objective != "dpo" or not job.dpo.needs_reference:
+        return
+    from trainer.ray_launch import launch
+
+    where = reference.directory(job)
+    if reference.check_identity(where, reference.identity(job, dataset)) and not reference.missing_parts(where,
+                                                                                                          dataset):
+        print(f"reference log-probs: reusing {where}", flush=True)
+        return
+    scored = launch(job, reference_only=True).return_value
+    print(f"reference log-probs: {scored['reference_rows']:,} rows scored in {scored['reference_s']:.1f} s into "
+          f"{where}, for every trial", flush=True)
 
 
 def require_state_api() -> None:
@@ -353,8 +432,11 @@ def run_study(job: TuneJobConfig, *, warmup_steps: int | None = None) -> tuple[l
     --optim.warmup_steps given on the command line (see TuneConfig.warmup_fraction). A study stopped by Ctrl-C
     raises KeyboardInterrupt with how to resume it, and writes nothing: results of a partial study are not its
     results."""
-    where = {"--data.path": job.data.path, "--tune.dir": job.tune.dir, **eval_paths(job.eval)}
-    for path in where.values():
+    if job.train.objective == "dpo" and job.dpo.needs_reference:  # one reference for every trial
+        job.dpo.reference = job.dpo.reference or storage.join(job.tune.dir, "reference")
+    where = {"--data.path": job.data.path, "--tune.dir": job.tune.dir, "--dpo.reference": job.dpo.reference,
+             **eval_paths(job.eval)}
+    for path in filter(None, where.values()):
         storage.check_bucket(path)
     dataset = open_dataset(job.data.path)
     tasks = check_evaluation(job.eval, tokenizer=dataset.tokenizer(), max_len=max(job.model.max_seq_len,
@@ -366,6 +448,10 @@ def run_study(job: TuneJobConfig, *, warmup_steps: int | None = None) -> tuple[l
             raise ConfigError(f"--tune.batch {batch}: {exc}") from None
     mark = job.tune.mark_tokens(dataset.seq_len)  # refuses a budget too small for every batch size, before Ray starts
     job.tune.warmup_fraction = warmup_fraction(job.tune, dataset.seq_len, warmup_steps)
+    spec = study_spec(job, seq_len=dataset.seq_len, vocab_size=dataset.vocab_size, tasks=tasks)
+    reference_job = trial_job({"lr": job.optim.lr, "batch": max(job.tune.batch)}, spec,
+                              storage.join(job.tune.dir, REFERENCE_PASS))  # the weights every trial starts from
+    reference.check_job(reference_job, dataset)
     init_ray(log_to_driver=verbose())  # trials' lines would interleave; the study prints a line per trial
     if not verbose():  # a trial's user error is its one line (StudyProgress), not Tune's traceback of it
         from ray.tune.execution import tune_controller
@@ -375,15 +461,17 @@ def run_study(job: TuneJobConfig, *, warmup_steps: int | None = None) -> tuple[l
         logging.getLogger(tune_controller.__name__).addFilter(DropUserErrorTraceback())
     check_local_paths(where, shared_fs=job.storage.shared_fs)
     require_state_api()
-    tuner = build_tuner(job, seq_len=dataset.seq_len, vocab_size=dataset.vocab_size, tasks=tasks)
+    tuner = build_tuner(job, spec)
     proxy = f" at proxy width {job.tune.proxy_dim}" if job.tune.proxy_dim else ""
     print(f"study in {job.tune.dir}: {mark * job.tune.marks:,} training tokens a trial{proxy}, validated every "
           f"{mark:,}; each trial's curves: tensorboard --logdir {storage.join(job.tune.dir, 'trials')}", flush=True)
+    score_reference(reference_job, dataset)
     with interruptible():
         results = tuner.fit()
     if INTERRUPTED.is_set():
         raise KeyboardInterrupt(RESUME)
-    rows = summarize(results, job.tune, dataset.seq_len)
-    best = best_row(rows)
+    metric = study_metric(job)
+    rows = summarize(results, job.tune, dataset.seq_len, metric)
+    best = best_row(rows, metric)
     write_outputs(job, rows, best, vocab_size=dataset.vocab_size)
     return rows, best
