@@ -49,11 +49,11 @@ def run_flops_per_token(run_dir: str) -> float:
     from the resolved config.toml the run wrote."""
     from raylm import storage
     from raylm.config import load_config
-    from raylm.dataset import open_dataset
+    from raylm.dataset import open_datasets
     from trainer.job import JobConfig
 
     job = load_config(JobConfig, storage.join(run_dir, "config.toml"), [])
-    return job.model.flops_per_token(open_dataset(job.data.path).seq_len)
+    return job.model.flops_per_token(open_datasets(job.data.path).seq_len)
 
 
 def measure_peak(device: str) -> float:

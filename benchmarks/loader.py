@@ -1,7 +1,9 @@
-"""The train loader's costs, measured in one run: the memory of a per-epoch permutation of 10^9 rows, the bytes
-fetched per byte used when random rows are read from S3, and the rows/s gained by keeping reads in flight.
+"""The train loader's costs, measured in one run: the memory of a per-epoch permutation of 10^9 rows and of a
+mixture of sources that large, the bytes fetched per byte used when random rows are read from S3, and the rows/s
+gained by keeping reads in flight.
 
-    python -m benchmarks.loader [--perm-rows 1000000 1000000000] [--positions 1000000] [--chunk 512]
+    python -m benchmarks.loader [--perm-rows 1000000 1000000000] [--mix-rows 1000 1000000 1000000000]
+                                [--positions 1000000] [--chunk 512]
                                 [--shards 8] [--shard-rows 2000] [--seq-len 2048] [--global-batch 64] [--steps 8]
 
 1. `EpochOrder(n, seed)` maps --positions stream positions in calls of --chunk positions (one step's rows), once
@@ -10,12 +12,15 @@ fetched per byte used when random rows are read from S3, and the rows/s gained b
    holds one call's output (chunk x 8 B) and that call's temporaries, both O(chunk), plus the permutation's O(1)
    state. An untraced first call imports what numpy loads lazily (numpy.ma, ~1.9 MB, once per process). Target:
    peak minus one call's output < 1 MB at n = 10^9, and the same peak whatever n.
-2. moto S3, served from this process on 127.0.0.1: --shards shards of --shard-rows rows of seq_len + 1 uint16
+2. A mixture of three sources (trainer/mixture.py's MixtureOrder, --mix-rows rows each) maps the same positions a
+   step (--chunk rows) at a time, measured as in 1 with its construction inside the traced pass (one period's
+   apportionment table). Target: the same per-step cost and memory from 10^3 to 10^9 rows per source.
+3. moto S3, served from this process on 127.0.0.1: --shards shards of --shard-rows rows of seq_len + 1 uint16
    tokens, written by dataprep's ShardWriter in record batches of `rows_per_batch` rows. --steps steps of
    --global-batch rows in `EpochOrder` order are read through a fresh `Split` with 16 reads in flight and another
    with 1; bytes fetched / bytes used = `Split.bytes_read` / (rows x row bytes), shard footers included.
    Target: <= 1.5.
-3. The same rows read again by both Splits, shards now open, alternated --repeats times, fastest kept: rows/s with
+4. The same rows read again by both Splits, shards now open, alternated --repeats times, fastest kept: rows/s with
    16 reads in flight vs 1 at a time. moto shares this process's cores (and GIL) with the reader, and serves a
    ranged GET by reading the whole object (moto.s3.models.FakeKey.value), so a read costs O(shard) server work here.
 """
@@ -32,6 +37,7 @@ from benchmarks.moto_s3 import start_moto
 from raylm.dataset import Split, rows_per_batch
 from raylm.shard_writer import ShardWriter
 from trainer.data import EpochOrder
+from trainer.mixture import MixtureOrder, Source
 
 BUCKET, SEED, VOCAB = "raylm-bench", 0, 32_000
 MB = 1e6
@@ -44,7 +50,7 @@ def _status_kb(field: str) -> int:
     raise ValueError(f"/proc/self/status has no {field}")
 
 
-def map_positions(order: EpochOrder, positions: int, chunk: int) -> int:
+def map_positions(order, positions: int, chunk: int) -> int:
     """Map stream positions [0, positions) in calls of `chunk`, keeping no call's output; returns a checksum."""
     total = 0
     for start in range(0, positions, chunk):
@@ -52,11 +58,12 @@ def map_positions(order: EpochOrder, positions: int, chunk: int) -> int:
     return total
 
 
-def permutation_memory(n_rows: int, positions: int, chunk: int) -> dict:
-    """Traced peak (tracemalloc) and, in a second pass without tracing, peak RSS growth and positions/s."""
+def order_memory(make_order, positions: int, chunk: int) -> dict:
+    """Traced peak (tracemalloc) and, in a second pass without tracing, peak RSS growth and positions/s of the
+    order `make_order()` builds (inside the traced pass: its state counts)."""
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    traced_sum = map_positions(EpochOrder(n_rows, SEED), positions, chunk)  # the permutation is built on first use
+    traced_sum = map_positions(make_order(), positions, chunk)  # built, and its permutations on first use, traced
     traced = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
 
@@ -64,11 +71,11 @@ def permutation_memory(n_rows: int, positions: int, chunk: int) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM (peak RSS) to the current RSS
     t0 = time.perf_counter()
-    plain_sum = map_positions(EpochOrder(n_rows, SEED), positions, chunk)
+    plain_sum = map_positions(make_order(), positions, chunk)
     seconds = time.perf_counter() - t0
     rss_growth = (_status_kb("VmHWM") - rss_before) * 1024
     if plain_sum != traced_sum:
-        raise ValueError(f"the two passes over n={n_rows} disagree: checksums {traced_sum} vs {plain_sum}")
+        raise ValueError(f"the two passes disagree: checksums {traced_sum} vs {plain_sum}")
     return {"traced": traced, "output": min(chunk, positions) * 8, "rss": rss_growth, "rate": positions / seconds}
 
 
@@ -79,13 +86,35 @@ def print_permutation(args) -> None:
           f"{'positions/s':>12s}")
     map_positions(EpochOrder(1000, SEED), 2 * args.chunk, args.chunk)  # imports numpy's lazy modules, untraced
     for n in args.perm_rows:
-        r = permutation_memory(n, args.positions, args.chunk)
+        r = order_memory(lambda: EpochOrder(n, SEED), args.positions, args.chunk)  # noqa: B023 - called at once
         print(f"   {n:15,d} {r['traced'] / 1024:9.1f} KB {r['output'] / 1024:6.1f} KB "
               f"{(r['traced'] - r['output']) / 1024:9.1f} KB {r['rss'] / 2**20:8.2f} MB {r['rate'] / 1e6:10.2f} M")
     n = max(args.perm_rows)
     size = n * np.dtype(np.int64).itemsize
     print(f"   a materialised int64 permutation of {n:,} rows would take {size / 1e9:.2f} GB (computed, not allocated)")
     print("   target: peak-output < 1 MB at 10^9 rows, and no growth with n")
+
+
+MIX = {"web": 0.5, "code": 0.3, "math": 0.2}
+
+
+def mixture(n_rows: int, batch: int) -> MixtureOrder:
+    """Three sources of `n_rows` rows each (one range apiece) at MIX's weights."""
+    sources = [Source(name, ((i * n_rows, (i + 1) * n_rows),)) for i, name in enumerate(MIX)]
+    return MixtureOrder(sources, [(0, np.array(list(MIX.values())))], batch=batch, seed=SEED)
+
+
+def print_mixture(args) -> None:
+    print(f"\n2. a mixture of 3 sources ({', '.join(f'{k} {v:g}' for k, v in MIX.items())}; trainer/mixture.py): "
+          f"{args.positions:,} positions mapped a step of {args.chunk} at a time")
+    print(f"   {'rows/source':>15s} {'traced peak':>12s} {'1 output':>9s} {'peak-output':>12s} {'peak RSS +':>11s} "
+          f"{'positions/s':>12s} {'ms/step':>8s}")
+    for n in args.mix_rows:
+        r = order_memory(lambda: mixture(n, args.chunk), args.positions, args.chunk)  # noqa: B023 - called at once
+        print(f"   {n:15,d} {r['traced'] / 1024:9.1f} KB {r['output'] / 1024:6.1f} KB "
+              f"{(r['traced'] - r['output']) / 1024:9.1f} KB {r['rss'] / 2**20:8.2f} MB {r['rate'] / 1e6:10.2f} M "
+              f"{args.chunk / r['rate'] * 1e3:8.3f}")
+    print("   target: the same per-step cost and memory from 10^3 to 10^9 rows per source")
 
 
 def write_shards(directory: str, *, shards: int, shard_rows: int, row_len: int) -> dict:
@@ -120,7 +149,7 @@ def print_bytes(splits: dict[int, Split], steps: list[np.ndarray], shards: int) 
     """Part 2: each fresh Split reads the steps' rows; what it fetched beyond the rows is its shard opens."""
     rows = sum(len(r) for r in steps)
     used = rows * next(iter(splits.values())).row_bytes
-    print(f"2. bytes fetched / bytes used: {len(steps)} steps x {len(steps[0])} random rows (EpochOrder order), "
+    print(f"3. bytes fetched / bytes used: {len(steps)} steps x {len(steps[0])} random rows (EpochOrder order), "
           f"{used / MB:.2f} MB of rows, each through a fresh Split (shard footers included)")
     print(f"   {'reads in flight':>16s} {'fetched':>10s} {'fetched/used':>13s} {'opening reads':>24s} "
           f"{'rows/s incl. opens':>19s}")
@@ -143,7 +172,7 @@ def print_speed(splits: dict[int, Split], steps: list[np.ndarray], repeats: int)
             wall, cpu = read_steps(split, steps)
             fetched[inflight] = split.bytes_read - before
             best[inflight] = min(best.get(inflight, (float("inf"), 0.0)), (wall, cpu))
-    print(f"3. rows/s: the same {rows} rows in {len(steps)} Split.rows calls, shards open, fastest of {repeats}")
+    print(f"4. rows/s: the same {rows} rows in {len(steps)} Split.rows calls, shards open, fastest of {repeats}")
     print(f"   {'reads in flight':>16s} {'seconds':>8s} {'rows/s':>8s} {'MB/s':>6s} {'process CPU':>12s} "
           f"{'fetched/used':>13s}")
     for inflight, (wall, cpu) in best.items():
@@ -175,6 +204,8 @@ def run_s3(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--perm-rows", type=int, nargs="+", default=[10**6, 10**9], help="epoch sizes n to compare")
+    ap.add_argument("--mix-rows", type=int, nargs="+", default=[10**3, 10**6, 10**9],
+                    help="rows per source of the mixture compared")
     ap.add_argument("--positions", type=int, default=1_000_000)
     ap.add_argument("--chunk", type=int, default=512, help="positions per EpochOrder.rows call")
     ap.add_argument("--shards", type=int, default=8)
@@ -188,6 +219,7 @@ def main() -> None:
         raise ValueError(f"{args.steps} steps x {args.global_batch} rows exceed the {args.shards * args.shard_rows} "
                          "rows written: an epoch would repeat rows; write more or read fewer")
     print_permutation(args)
+    print_mixture(args)
     server = start_moto(BUCKET)
     try:
         run_s3(args)

@@ -36,7 +36,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[str, str] | None = None,
                    root: type, preset: dict[str, dict] | None = None, lists: dict[str, list[str]] | None = None):
     """(root config, set of plain flags given). Prints help and exits 0 on -h/--help. `preset`: see load_config;
-    `lists`: {'section.field': values} of list options (expand_short_options), set over the rest.
+    `lists`: {'section.field': values} of list options (expand_short_options), set over the rest; the root's
+    MULTI_VALUE fields take several values the same way (`--data.path A B C`).
 
     The config's paths are checked for a Ray job's copy of its working directory (raylm.paths), but the fields
     the root's UNUSED_PATHS names (e.g. a study's `--run.dir`, which its trials replace)."""
@@ -49,6 +50,11 @@ def parse_job_args(argv: list[str], *, prog: str, description: str, flags: dict[
             print(f"  {flag}  {text}")
         print("\nFields (CLI > TOML > default):\n" + config_help(root))
         sys.exit(0)
+    multi = getattr(root, "MULTI_VALUE", ())
+    if multi:  # `--data.path A B C`: every value up to the next option
+        argv, several = expand_short_options(argv, {f"--{name}": name for name in multi}, lists=multi, prog=prog,
+                                             flags={**flags, **COMMON_FLAGS})
+        lists = {**several, **(lists or {})}
     toml_path, given, rest, i = None, set(), [], 0
     while i < len(argv):
         arg = argv[i]

@@ -44,18 +44,27 @@ def field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def coerce(value: Any, tp: Any, where: str) -> Any:
     """`value` (from TOML or a command-line string) as type `tp`, or a ConfigError naming `where`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() == "none"):
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), where)
+        return coerce(value, next(a for a in args if a is not type(None)), where)
+    if origin is dict:  # a TOML table, or NAME=VALUE,NAME=VALUE on the command line
+        if isinstance(value, str):
+            pairs = [part.partition("=") for part in value.split(",") if part.strip()]
+            if any(not sep for _, sep, _ in pairs):
+                raise ConfigError(f"{where}={value!r} is not NAME=VALUE,NAME=VALUE,...")
+            value = {name.strip(): item.strip() for name, _, item in pairs}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r} is not a table of NAME = VALUE")
+        return {coerce(k, args[0], where): coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list):
             raise ConfigError(f"{where}={value!r} is not a list")
-        items = [_coerce(v.strip() if isinstance(v, str) else v, args[0], where) for v in items if v != ""]
+        items = [coerce(v.strip() if isinstance(v, str) else v, args[0], where) for v in items if v != ""]
         return items if origin is list else tuple(items)
     return _scalar(value, tp, where)
 
@@ -155,7 +164,7 @@ def _build_section(name: str, cls: type, table: dict, cli: dict[str, str], toml_
     for fname, value in table.items():
         if fname not in types_:
             raise ConfigError(f"{toml_path}: unknown field {name}.{fname}")
-        values[fname] = _coerce(value, types_[fname], f"{toml_path}: {name}.{fname}")
+        values[fname] = coerce(value, types_[fname], f"{toml_path}: {name}.{fname}")
     for key, value in cli.items():
         section, _, fname = key.partition(".")
         if section == name and value == FLAG:
@@ -163,7 +172,7 @@ def _build_section(name: str, cls: type, table: dict, cli: dict[str, str], toml_
                 raise ConfigError(f"--{key} needs a value")
             values[fname] = True
         elif section == name:
-            values[fname] = _coerce(value, types_[fname], f"--{key}")
+            values[fname] = coerce(value, types_[fname], f"--{key}")
     try:
         return cls(**values)
     except ValueError as exc:  # the section's __post_init__ check (the model file raises plain ValueError)

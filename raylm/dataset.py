@@ -264,6 +264,21 @@ class Split:
             return None
         return np.repeat(self._shard_sources, np.diff(self._starts))
 
+    def source_ranges(self) -> dict[int, list[tuple[int, int]]] | None:
+        """Each source's rows as [start, stop) ranges (its shards, adjacent ones merged): O(shards), never O(rows).
+        None for a dataset made before sources were recorded."""
+        if self._shard_sources is None:
+            return None
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        for source, start, stop in zip(self._shard_sources.tolist(), self._starts[:-1].tolist(),
+                                       self._starts[1:].tolist()):
+            mine = ranges.setdefault(source, [])
+            if mine and mine[-1][1] == start:
+                mine[-1] = (mine[-1][0], stop)
+            elif stop > start:
+                mine.append((start, stop))
+        return ranges
+
     def __getitem__(self, i: int) -> np.ndarray:
         """Row `i`, of shape `shape`."""
         if not 0 <= i < len(self):
@@ -391,12 +406,135 @@ class PackedDataset:
         entry = self.manifest["tokenizer"]
         return entry.get("files") or [entry["file"]]
 
+    def tokenizer_bytes(self) -> dict[str, bytes]:
+        """The tokenizer's files, as stored beside the shards."""
+        return {name: storage.read_bytes(storage.join(self.directory, name)) for name in self.tokenizer_files}
+
     def tokenizer(self):
         """The dataset's tokenizer (`raylm.tokenizer.Tokenizer`: SentencePiece or Hugging Face)."""
         from raylm.tokenizer import load_tokenizer
 
-        files = {name: storage.read_bytes(storage.join(self.directory, name)) for name in self.tokenizer_files}
-        return load_tokenizer(files, where=self.directory).with_bos(self.bos)
+        return load_tokenizer(self.tokenizer_bytes(), where=self.directory).with_bos(self.bos)
+
+
+class Concatenated:
+    """Splits of several datasets read as one: row i of part d is row starts[d] + i; sources are numbered across
+    the parts (part d's source k is `first_source[d] + k`)."""
+
+    def __init__(self, parts: list[Split], first_source: list[int]):
+        self.parts, self.first_source = parts, first_source
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = parts[0].shape
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def rows(self, indices) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        part = np.searchsorted(self.starts, indices, side="right") - 1
+        out = np.empty((len(indices), *self.shape), dtype=self.parts[0].dtype)
+        for d in np.unique(part):
+            mine = part == d
+            out[mine] = self.parts[d].rows(indices[mine] - self.starts[d])
+        return out
+
+    def _part_sources(self, d: int) -> list[tuple[int, int, int]]:
+        """(source id, start, stop) of part d's rows, in the concatenation's numbering: a part without recorded
+        sources is one source."""
+        ranges = self.parts[d].source_ranges() or {0: [(0, len(self.parts[d]))]}
+        start = int(self.starts[d])
+        return [(self.first_source[d] + k, start + a, start + b) for k, spans in ranges.items() for a, b in spans]
+
+    def row_sources(self) -> np.ndarray:
+        out = np.empty(len(self), dtype=np.int32)
+        for d in range(len(self.parts)):
+            for source, start, stop in self._part_sources(d):
+                out[start:stop] = source
+        return out
+
+    def source_ranges(self) -> dict[int, list[tuple[int, int]]]:
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        for d in range(len(self.parts)):
+            for source, start, stop in self._part_sources(d):
+                ranges.setdefault(source, []).append((start, stop))
+        return ranges
+
+
+SAME = ("seq_len", "bos")
+"""Manifest fields (dataprep options) the datasets trained on together must share, with the tokenizer (so the
+rows' dtype) and the kind of rows."""
+
+
+class Datasets:
+    """Several datasets read as one (`--data.path A B C`): the same tokenizer and rows of the same shape, their
+    splits concatenated in order, their sources side by side. A dataset with one source (or none recorded) is one
+    source named after its directory; a dataset's sources keep their names (a name two datasets share is prefixed
+    with its dataset's)."""
+
+    def __init__(self, datasets: list[PackedDataset]):
+        self.datasets = datasets
+        first = datasets[0]
+        for other in datasets[1:]:
+            check_same(first, other)
+        own = [d.source_names if len(d.source_names) > 1 else [dataset_name(d)] for d in datasets]
+        taken = [name for names in own for name in names]
+        self.source_names = [name if taken.count(name) == 1 else f"{dataset_name(d)}/{name}"
+                             for d, names in zip(datasets, own) for name in names]
+        twice = next((name for name in self.source_names if self.source_names.count(name) > 1), None)
+        if twice:
+            raise DataError(f"two of the datasets {', '.join(d.directory for d in datasets)} give a source the name "
+                            f"{twice} (the same dataset twice, or two directories of one name): give each once, "
+                            "under a name of its own")
+        self.first_source = list(np.cumsum([0] + [len(names) for names in own])[:-1])
+        self.directory = " + ".join(d.directory for d in datasets)
+        self.manifest = {**first.manifest, "datasets": [d.manifest for d in datasets]}
+        """The first dataset's manifest (tokenizer, seq_len, kind of rows: all share them) with every dataset's."""
+
+    seq_len = property(lambda self: self.datasets[0].seq_len)
+    vocab_size = property(lambda self: self.datasets[0].vocab_size)
+    eos_id = property(lambda self: self.datasets[0].eos_id)
+    bos = property(lambda self: self.datasets[0].bos)
+    pairs = property(lambda self: self.datasets[0].pairs)
+    tokenizer_files = property(lambda self: self.datasets[0].tokenizer_files)
+
+    def tokenizer_bytes(self) -> dict[str, bytes]:
+        return self.datasets[0].tokenizer_bytes()
+
+    def tokenizer(self):
+        return self.datasets[0].tokenizer()
+
+    @cached_property
+    def train(self) -> Concatenated:
+        return Concatenated([d.train for d in self.datasets], [int(s) for s in self.first_source])
+
+    @cached_property
+    def val(self) -> Concatenated:
+        return Concatenated([d.val for d in self.datasets], [int(s) for s in self.first_source])
+
+
+def dataset_name(dataset: PackedDataset) -> str:
+    return dataset.directory.rstrip("/").rsplit("/", 1)[-1]
+
+
+def check_same(a: PackedDataset, b: PackedDataset) -> None:
+    """Refuse, in one line naming both, datasets that cannot be trained on together."""
+    if a.manifest["tokenizer"]["sha256"] != b.manifest["tokenizer"]["sha256"]:
+        raise DataError(f"datasets {a.directory} and {b.directory} were made with different tokenizers: prepare "
+                        f"{b.directory} again with --tokenizer {a.directory}")
+    for field_name in SAME:
+        if a.manifest.get(field_name) != b.manifest.get(field_name):
+            raise DataError(f"datasets {a.directory} and {b.directory} differ in {field_name} "
+                            f"({a.manifest.get(field_name)} vs {b.manifest.get(field_name)}): prepare them with the "
+                            f"same --{field_name.replace('_', '-')}")
+    if a.manifest.get("chat") != b.manifest.get("chat"):
+        raise DataError(f"datasets {a.directory} and {b.directory} hold different kinds of rows (text, chat or "
+                        "preference pairs): train on one kind at a time")
+
+
+def open_datasets(directories: list[str]) -> PackedDataset | Datasets:
+    """The dataset at the one directory given, or several read as one (`Datasets`)."""
+    opened = [open_dataset(d) for d in directories]
+    return opened[0] if len(opened) == 1 else Datasets(opened)
 
 
 def open_dataset(directory: str) -> PackedDataset:

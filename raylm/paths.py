@@ -103,6 +103,12 @@ def _relative(paths: dict[str, str | list[str] | None]) -> list[tuple[str, str]]
             if p and not is_s3(p) and not os.path.isabs(os.path.expanduser(p))]
 
 
+def option_paths(option: str, values: list[str]) -> dict[str, str]:
+    """{option: path} of a list option, for checks that name the path at fault: `--x` for one value, `--x[i]` for
+    the i-th of several."""
+    return {option if len(values) == 1 else f"{option}[{i}]": v for i, v in enumerate(values)}
+
+
 def check_config_paths(cfg, *, skip: Iterable[str] = ()) -> None:
     """check_job_paths of a root config's InPath and OutPath fields (but `skip`: fields the command ignores)."""
     found = config_paths(cfg, skip=skip)

@@ -82,6 +82,7 @@ class Knobs:
     """Optional int."""
     sizes: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
     tags: tuple[str, ...] = ()
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -91,10 +92,12 @@ class Root:
 
 def test_values_are_coerced_from_the_annotation(tmp_path):
     toml = tmp_path / "k.toml"
-    toml.write_text("[knobs]\nratio = 2\nlimit = 7\nsizes = [3, 4]\n")
+    toml.write_text("[knobs]\nratio = 2\nlimit = 7\nsizes = [3, 4]\nweights = {web = 1, code = 0.5}\n")
+    assert load_config(Root, str(toml), []).knobs.weights == {"web": 1.0, "code": 0.5}  # a TOML table
     root = load_config(Root, str(toml), ["--knobs.flag", "on", "--knobs.name=12", "--knobs.tags=a, b",
-                                         "--knobs.sizes=5,6,7"])
-    assert root.knobs == Knobs(ratio=2.0, flag=True, name="12", limit=7, sizes=[5, 6, 7], tags=("a", "b"))
+                                         "--knobs.sizes=5,6,7", "--knobs.weights=web=0.6, math=0.4"])
+    assert root.knobs == Knobs(ratio=2.0, flag=True, name="12", limit=7, sizes=[5, 6, 7], tags=("a", "b"),
+                               weights={"web": 0.6, "math": 0.4})
     assert load_config(Root, str(toml), ["--knobs.limit=none"]).knobs.limit is None
     (tmp_path / "round.toml").write_text(dump_toml(root))
     assert load_config(Root, str(tmp_path / "round.toml"), []) == root
@@ -106,6 +109,8 @@ def test_values_are_coerced_from_the_annotation(tmp_path):
     ("[knobs]\nname = 5\n", "k.toml: knobs.name=5 is not a valid str"),
     ("[knobs]\nsizes = [1, 'a']\n", "k.toml: knobs.sizes='a' is not a valid int"),
     ("knobs = 3\n", "k.toml: knobs must be a [knobs] table"),
+    ("[knobs]\nweights = {web = 'lots'}\n", "k.toml: knobs.weights.web='lots' is not a valid float"),
+    ("[knobs]\nweights = 'web'\n", "k.toml: knobs.weights='web' is not NAME=VALUE,NAME=VALUE,..."),
 ])
 def test_toml_values_must_have_the_field_type(tmp_path, toml, message):
     (tmp_path / "k.toml").write_text(toml)

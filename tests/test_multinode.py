@@ -321,4 +321,4 @@ def test_a_random_study_spreads_over_the_nodes_stops_poor_trials_and_its_best_co
     assert (tuned.model.dim, tuned.model.n_heads, tuned.model.mup_base_dim) == (64, 4, 32)  # the configured width
     assert storage.read_bytes(command[4]).decode().startswith("# optim.lr and train.global_batch are the best of a "
                                                               "study at proxy width 32")
-    assert tuned.run.dir == f"{tune_dir}/best-run" and tuned.data.path == s3_stdlib_dataset
+    assert tuned.run.dir == f"{tune_dir}/best-run" and tuned.data.path == [s3_stdlib_dataset]

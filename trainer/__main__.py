@@ -1,6 +1,7 @@
 """python -m trainer: pretrain on a dataset from `python -m dataprep`, under Ray Train (default) or without Ray.
 
-    python -m trainer --config configs/tiny.toml --data.path DATASET --run.dir RUN_DIR [--section.field=value ...]
+    python -m trainer --config configs/tiny.toml --data.path DATASET [DATASET ...] --run.dir RUN_DIR
+                      [--data.mix web=0.6,code=0.4] [--section.field=value ...]
     torchrun --nproc_per_node=8 -m trainer --no-ray --config ...      # the same loop without Ray
 """
 
@@ -11,19 +12,21 @@ import sys
 
 from raylm import storage
 from raylm.cli import configure_logging, parse_job_args, run_cli
-from raylm.dataset import open_dataset
+from raylm.dataset import open_datasets
 from raylm.errors import ConfigError
 from trainer import checkpoint, reference
 from trainer.data import check_fits
 from trainer.eval.suite import check_evaluation
 from trainer.job import JobConfig, make_paths_absolute, paths
+from trainer.mixture import check_epochs, mix_spec, mixture_order
 from trainer.train import check_checkpoint, resolve_model, starting_checkpoint
 
 FLAGS = {"--no-ray": "run the loop in this process (or under torchrun) instead of Ray Train"}
 
 
 def check_before_launch(job: JobConfig, *, max_world: int) -> tuple[int, list]:
-    """Catch user mistakes on the driver, before workers start: dataset present and big enough for a step, every
+    """Catch user mistakes on the driver, before workers start: dataset present and big enough for a step, a mix of
+    its sources that names them and stays within data.max_epochs, every
     world size the run may have (an elastic run's too) at most the batch, init.from_hf's config.json readable and
     its vocabulary big enough for the dataset's tokenizer, [eval]'s datasets and tasks usable with the model's
     tokenizer and context, and the checkpoint the run starts from (RUN_DIR's newest, else checkpoint.resume_from's)
@@ -32,8 +35,11 @@ def check_before_launch(job: JobConfig, *, max_world: int) -> tuple[int, list]:
     check, which the ranks score as they are."""
     for path in paths(job).values():
         storage.check_bucket(path)
-    dataset = open_dataset(job.data.path)
+    dataset = open_datasets(job.data.path)
     check_fits(dataset, global_batch=job.train.global_batch, world=max_world)
+    order = mixture_order(job.data, dataset, batch=job.train.global_batch)
+    if order is not None:
+        check_epochs(order, steps=job.train.steps, max_epochs=job.data.max_epochs)
     resolve_model(job, dataset)
     reference.check_job(job, dataset)
     tasks = check_evaluation(job.eval, tokenizer=dataset.tokenizer(), max_len=job.model.max_seq_len)
@@ -41,7 +47,7 @@ def check_before_launch(job: JobConfig, *, max_world: int) -> tuple[int, list]:
     if start is None:
         return 0, tasks
     path, own = start
-    identity = checkpoint.run_identity(job.model, dataset, data_seed=job.data.seed,
+    identity = checkpoint.run_identity(job.model, dataset, data_seed=job.data.seed, mix=mix_spec(job.data),
                                        global_batch=job.train.global_batch)
     state = check_checkpoint(job, dataset, path, own=own, identity=identity)
     return state["step"] if own else 0, tasks
@@ -107,6 +113,12 @@ def print_summary(job: JobConfig, summary: dict) -> None:
     if evals:
         curve = " -> ".join(f"{m['val_loss']:.3f} (step {m['step']})" for m in evals)
         print(f"validation loss: {curve}")
+    consumed = summary["history"][-1] if summary["history"] else {}
+    sources = [key[len("data/"):-len("/tokens")] for key in consumed if key.startswith("data/") and
+               key.endswith("/tokens")]  # a source's name may hold a "/" (dataprep's a/web beside b/web)
+    if sources:
+        print("data: " + ", ".join(f"{name} {consumed[f'data/{name}/tokens']:,} tokens "
+                                   f"({consumed[f'data/{name}/epochs']:.2f} epochs)" for name in sources))
     if summary["sample"] is not None:
         print(f"sample:\n{summary['sample']}")
     metrics = "metrics/" if storage.is_s3(job.run.dir) else "metrics.jsonl"

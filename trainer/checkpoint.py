@@ -258,16 +258,17 @@ MODEL_DEFAULTS = {f"model.{key}": value for key, value in dataclasses.asdict(Mod
 """A checkpoint saved before a model field existed was trained with that field's default."""
 
 
-def run_identity(model: ModelConfig, dataset, *, data_seed: int, global_batch: int) -> dict:
+def run_identity(model: ModelConfig, dataset, *, data_seed: int, global_batch: int, mix: dict | None = None) -> dict:
     """What a checkpoint shares with any run that continues it, keyed as the user sets each value: the model, the
-    dataset it reads (tokenizer, sequence length, rows) and the data order. train.steps and the lr schedule are not
-    in it: raising them is how a run is extended."""
+    dataset it reads (tokenizer, sequence length, rows) and the data order (with its mix of sources, `mix`: data.mix
+    or data.mix_schedule as given, when set). train.steps and the lr schedule are not in it: raising them is how a
+    run is extended."""
     identity = {f"model.{key}": value for key, value in dataclasses.asdict(model).items()
                 if key != "attention"}  # a kernel choice: a run may switch it when it resumes
     return identity | {
         "dataset tokenizer sha256": dataset.manifest["tokenizer"]["sha256"], "dataset seq_len": dataset.seq_len,
         "dataset train rows": len(dataset.train), "data.seed": data_seed, "train.global_batch": global_batch,
-        "data order": DATA_ORDER,
+        "data order": DATA_ORDER, "data mix": mix,
     }
 
 

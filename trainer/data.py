@@ -5,7 +5,8 @@ array on any rank); the stream of epochs is cut into global batches of B rows, s
 [s·B, (s+1)·B). Rank r of W takes its contiguous share of them (shares differ by at most one row when W does not
 divide B) in micro-batches of at most `micro_batch` rows. Every rank runs the same number of micro-batches, the
 longest share's; a rank whose share is shorter pads with empty ones (zero-weight passes, so FSDP's collectives
-line up). There is no iterator state to save: the step is the cursor.
+line up). There is no iterator state to save: the step is the cursor. A mixture of sources (--data.mix) keeps the
+contract with another map of a step's positions to rows (trainer/mixture.py).
 """
 
 from __future__ import annotations
@@ -114,12 +115,14 @@ class StepLoader:
     """
 
     def __init__(self, split: Split, *, plan: BatchPlan, rank: int, seed: int, read_ahead: int = 2,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, order=None):
         self.split, self.plan, self.rank, self.read_ahead = split, plan, rank, read_ahead
         self.pin_memory = pin_memory
         """Page-lock each step's rows (on the reading thread): a copy to a GPU from pageable memory is synchronous,
         from pinned memory it runs beside the compute (`.to(device, non_blocking=True)`)."""
-        self.order = EpochOrder(len(split), seed)
+        self.order = order or EpochOrder(len(split), seed)
+        """Stream position → train row: one permutation of all rows per epoch, or a mixture of the dataset's
+        sources (trainer/mixture.py), whose positions are read a step at a time."""
         self._pool = ThreadPoolExecutor(max_workers=max(1, read_ahead), thread_name_prefix="raylm-prefetch")
         self._ahead: deque[tuple[int, Future]] = deque()
         self.wait_seconds = 0.0

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from raylm import storage
 from raylm.errors import ConfigError
 from raylm.lease import SETTLE_S
-from raylm.paths import InPath, OutPath
+from raylm.paths import InPath, OutPath, option_paths
 from raylm.storage import StorageConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.dpo import DPOConfig
@@ -20,16 +21,34 @@ from trainer.parallelize import ParallelConfig
 
 @dataclass(kw_only=True)
 class DataConfig:
-    path: InPath = "data/stdlib"
-    """Dataset directory written by `python -m dataprep` (local or s3://)."""
+    path: list[InPath] = field(default_factory=lambda: ["data/stdlib"])
+    """Dataset directory written by `python -m dataprep` (local or s3://), or several (`--data.path A B C`: same
+    tokenizer and seq_len) trained on as one, their sources side by side for data.mix."""
     seed: int = 0
     """Seeds the per-epoch permutation of training rows (the data order) and the validation slice."""
     read_ahead: int = 2
     """Steps whose rows are read ahead of the one training, each fetched with several reads in flight."""
+    mix: dict[str, float] = field(default_factory=dict)
+    """Weights of the dataset's sources (its --input names, `python -m dataprep`): web=0.6,code=0.3,math=0.1, or a
+    TOML table; every step holds each source's share of the global batch to within one row. Empty: rows in the
+    proportion the dataset has them (one permutation of all rows)."""
+    mix_schedule: str = ""
+    """Weights that change at set steps: "0:web=0.7,code=0.3; 9000:web=0.3,math=0.7" (the annealing phase from step
+    9000). Instead of data.mix."""
+    max_epochs: int = 0
+    """Passes over any one source a mixed run may make (0: any; the epochs are in the metrics either way). A mix that
+    needs more within train.steps is refused before launch."""
 
     def __post_init__(self):
+        if not self.path:
+            raise ConfigError("data.path is empty: give the dataset directory (or several) to train on")
         if self.read_ahead < 1:
             raise ConfigError(f"data.read_ahead must be >= 1, got {self.read_ahead}")
+        if self.mix and self.mix_schedule:
+            raise ConfigError("data.mix and data.mix_schedule both set the weights: give one (a schedule's step 0 is "
+                              "the first mix)")
+        if self.max_epochs < 0:
+            raise ConfigError(f"data.max_epochs must be >= 0 (0 = no limit), got {self.max_epochs}")
 
 
 @dataclass(kw_only=True)
@@ -170,6 +189,9 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
+    MULTI_VALUE: ClassVar[tuple[str, ...]] = ("data.path",)
+    """Options that take several values on the command line (`--data.path A B C`; raylm.cli.parse_job_args)."""
+
     def __post_init__(self):
         if self.init.from_hf and self.checkpoint.resume_from:
             raise ConfigError(f"--init.from_hf={self.init.from_hf} and --checkpoint.resume_from="
@@ -204,14 +226,15 @@ def check_kernel(job: JobConfig, device: str) -> None:
 
 def paths(job: JobConfig) -> dict[str, str]:
     """The job's storage locations by option, for the checks that name the one at fault."""
-    return {"--data.path": job.data.path, "--run.dir": job.run.dir, "--dpo.reference": job.dpo.reference,
+    return {**option_paths("--data.path", job.data.path), "--run.dir": job.run.dir,
+            "--dpo.reference": job.dpo.reference,
             "--checkpoint.resume_from": job.checkpoint.resume_from, "--init.from_hf": job.init.from_hf,
             **eval_paths(job.eval)}
 
 
 def make_paths_absolute(job: JobConfig) -> None:
     """Local paths resolved against the launching directory: Ray workers run elsewhere."""
-    job.data.path = storage.absolute(job.data.path)
+    job.data.path = [storage.absolute(path) for path in job.data.path]
     job.run.dir = storage.absolute(job.run.dir)
     if job.checkpoint.resume_from:
         job.checkpoint.resume_from = storage.absolute(job.checkpoint.resume_from)

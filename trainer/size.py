@@ -40,18 +40,18 @@ def resolve(job: JobConfig) -> tuple[int, str]:
     """(sequence length the trainer would train at, where it and the vocabulary come from), with `job.model` made
     what the trainer builds. The default data.path may hold no dataset (sizes of a preset before any dataprep);
     a data.path given that holds none is the trainer's error."""
-    from raylm.dataset import MANIFEST, open_dataset
+    from raylm.dataset import MANIFEST, open_datasets
     from trainer.train import resolve_model
 
-    default = storage.absolute(DataConfig().path)
-    if job.data.path == default and not storage.exists(storage.join(default, MANIFEST)):
+    default = [storage.absolute(path) for path in DataConfig().path]
+    if job.data.path == default and not storage.exists(storage.join(default[0], MANIFEST)):
         return job.model.max_seq_len, (f"assumed: vocab {job.model.vocab_size:,} (model.vocab_size) and seq "
                                        f"{job.model.max_seq_len:,} (model.max_seq_len), as no dataset is at "
-                                       f"{job.data.path}; pass --data.path for the trainer's figures")
-    dataset = open_dataset(job.data.path)
+                                       f"{default[0]}; pass --data.path for the trainer's figures")
+    dataset = open_datasets(job.data.path)
     resolve_model(job, dataset)
     return dataset.seq_len, (f"vocab {dataset.vocab_size:,} and seq {dataset.seq_len:,} from the dataset "
-                             f"{job.data.path}, as the trainer takes them")
+                             f"{dataset.directory}, as the trainer takes them")
 
 
 def main(argv: list[str]) -> int:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from raylm import storage
-from raylm.dataset import open_dataset
+from raylm.dataset import open_datasets
 from raylm.errors import DataError, RaylmError
 from trainer import checkpoint, reference
 from trainer.checkpoint import Checkpointer
@@ -33,6 +33,7 @@ from trainer.job import JobConfig, check_kernel
 from trainer.dpo import Preference, held_out_metrics, step_metrics
 from trainer.loss import TokenMean
 from trainer.metrics import MetricsLog, device_peak_flops, peak_memory_gib
+from trainer.mixture import mix_spec, mixture_order, source_metrics
 from trainer.model.attention import attention_kernel
 from trainer.model.config import initial_value
 from trainer.model.generation import generate
@@ -184,7 +185,7 @@ class Trainer:
         self.job, self.report = job, report
         self.d = init_distributed(job.train.device)
         check_kernel(job, self.d.device.type)
-        self.dataset = open_dataset(job.data.path)
+        self.dataset = open_datasets(job.data.path)
         resolve_model(job, self.dataset)
         self.plan = BatchPlan(job.train.global_batch, job.train.micro_batch, self.d.world)
         torch.manual_seed(job.train.seed)
@@ -200,7 +201,8 @@ class Trainer:
         its seconds. Empty unless a DPO run starts at step 0."""
         train, val = self.preference_splits() if job.train.objective == "dpo" and job.dpo.needs_reference else \
             (self.dataset.train, self.dataset.val)
-        self.loader = StepLoader(train, plan=self.plan, rank=self.d.rank, seed=job.data.seed,
+        self.mixture = mixture_order(job.data, self.dataset, batch=self.plan.global_batch)
+        self.loader = StepLoader(train, plan=self.plan, rank=self.d.rank, seed=job.data.seed, order=self.mixture,
                                  read_ahead=job.data.read_ahead, pin_memory=self.d.device.type == "cuda")
         tokenizer = self.dataset.tokenizer()
         self.val = held_out(self.dataset, split=val, name="val", token_bytes=tokenizer.token_bytes,
@@ -296,7 +298,7 @@ class Trainer:
 
     def identity(self) -> dict:
         return checkpoint.run_identity(self.job.model, self.dataset, data_seed=self.job.data.seed,
-                                       global_batch=self.plan.global_batch)
+                                       global_batch=self.plan.global_batch, mix=mix_spec(self.job.data))
 
     def train_state(self, step: int) -> dict:
         return {"step": step, "tokens": step * self.tokens_per_step, "world": self.d.world,
@@ -429,6 +431,8 @@ class Trainer:
         if stats is not None:
             dist.all_reduce(stats)
             m |= {k: v for k, v in step_metrics(stats).items() if k != "loss"}  # "loss" is the step's, SFT term too
+        if self.mixture:  # what the mix consumed: tokens and epochs of each source
+            m |= source_metrics(self.mixture, step=step, seq_len=self.dataset.seq_len)
         if final_wait is not None:  # part of checkpoint_blocked_s: the last save's write, which a run must finish
             m["checkpoint_final_wait_s"] = final_wait
         if self.is_eval_step(step):
@@ -464,8 +468,8 @@ def write_run_files(job: JobConfig, dataset) -> None:
     from raylm.config import dump_toml
 
     storage.write_bytes(storage.join(job.run.dir, "config.toml"), dump_toml(job).encode())
-    for name in dataset.tokenizer_files:
-        storage.write_bytes(storage.join(job.run.dir, name), storage.read_bytes(storage.join(dataset.directory, name)))
+    for name, data in dataset.tokenizer_bytes().items():
+        storage.write_bytes(storage.join(job.run.dir, name), data)
 
 
 def run(job: JobConfig, *, report: Callable[[dict, str | None], None] | None = None, lease: str | None = None,

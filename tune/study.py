@@ -28,8 +28,9 @@ from ray.tune import Callback
 
 from raylm import storage
 from raylm.config import dump_toml, from_dict, to_dict
-from raylm.dataset import open_dataset
+from raylm.dataset import open_datasets
 from raylm.errors import ConfigError, find_user_error
+from raylm.paths import option_paths
 from raylm.ray_session import check_local_paths, init_ray, verbose
 from trainer import reference
 from trainer.data import check_fits
@@ -434,11 +435,11 @@ def run_study(job: TuneJobConfig, *, warmup_steps: int | None = None) -> tuple[l
     results."""
     if job.train.objective == "dpo" and job.dpo.needs_reference:  # one reference for every trial
         job.dpo.reference = job.dpo.reference or storage.join(job.tune.dir, "reference")
-    where = {"--data.path": job.data.path, "--tune.dir": job.tune.dir, "--dpo.reference": job.dpo.reference,
-             **eval_paths(job.eval)}
+    where = {**option_paths("--data.path", job.data.path), "--tune.dir": job.tune.dir,
+             "--dpo.reference": job.dpo.reference, **eval_paths(job.eval)}
     for path in filter(None, where.values()):
         storage.check_bucket(path)
-    dataset = open_dataset(job.data.path)
+    dataset = open_datasets(job.data.path)
     tasks = check_evaluation(job.eval, tokenizer=dataset.tokenizer(), max_len=max(job.model.max_seq_len,
                                                                                      dataset.seq_len))
     for batch in job.tune.batch:  # checked here, as the trainer checks at launch, not trial by trial in the workers

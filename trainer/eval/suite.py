@@ -17,7 +17,7 @@ import torch
 from raylm import storage
 from raylm.dataset import open_dataset
 from raylm.errors import ConfigError, DataError
-from raylm.paths import InPath
+from raylm.paths import InPath, option_paths
 from trainer.eval.heldout import flat_metrics, held_out, loss_sums, report
 from trainer.eval.multiple_choice import Task, load_task, score_task, task_name
 from trainer.weights import same_vocabulary
@@ -49,10 +49,7 @@ class EvalConfig:
 
 def eval_paths(cfg: EvalConfig) -> dict[str, str]:
     """`--eval.datasets` (`--eval.datasets[i]` when there are several) and the same for tasks."""
-    def label(option: str, values: list[str]) -> dict[str, str]:
-        return {option if len(values) == 1 else f"{option}[{i}]": v for i, v in enumerate(values)}
-
-    return {**label("--eval.datasets", cfg.datasets), **label("--eval.tasks", cfg.tasks)}
+    return {**option_paths("--eval.datasets", cfg.datasets), **option_paths("--eval.tasks", cfg.tasks)}
 
 
 def make_eval_paths_absolute(cfg: EvalConfig) -> None:
