@@ -209,3 +209,36 @@ def test_a_run_resumes_only_under_its_own_mix(mixed, tmp_path):
         assert code == 2 and "data mix" in err and len(err.strip().splitlines()) == 1, err
     code, _, err = run_captured(main, [*run, "--train.steps=4", "--data.mix=web=0.5,code=0.5"])
     assert code == 0 and "resumed from" in err, err
+
+
+def test_a_study_searches_a_source_weight_beside_the_lr(local_ray, mixed, tmp_path):
+    """`--tune.mix math=0.1,1` beside `--data.mix web=1,code=1`: two trials, each trained on its weight of math (its
+    metrics say so), the weight in results.csv and the trial's name, and best.toml's data.mix keeps web and code."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    import tomllib
+
+    from helpers import TINY
+
+    tune_dir = tmp_path / "study"
+    tiny = [arg for arg in TINY if not arg.startswith("--optim.warmup_steps")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
+    study = subprocess.run([sys.executable, "-m", "tune", *tiny, "--data.path", mixed, "--data.mix=web=1,code=1",
+                            "--tune.lr=3e-3", "--tune.mix=math=0.1,1", "--tune.batch=16", "--tune.marks=2",
+                            "--tune.budget_tokens=4096", "--ray.num_workers=1", "--tune.dir", str(tune_dir)],
+                           capture_output=True, text=True, env=env, timeout=600)  # 8 steps a trial
+    assert study.returncode == 0, (study.stdout + study.stderr)[-3000:]
+    rows = list(csv.DictReader((tune_dir / "results.csv").open()))
+    assert sorted(float(r["math_weight"]) for r in rows) == [0.1, 1.0] and {r["status"] for r in rows} == {"completed"}
+    for row in rows:
+        weight = float(row["math_weight"])
+        assert row["trial"].endswith(f"-mix{weight:.3g}")
+        last = metrics(str(tune_dir / "trials" / row["trial"]))[-1]
+        math_share = last["data/math/tokens"] / (last["data/web/tokens"] + last["data/code/tokens"] +
+                                                 last["data/math/tokens"])
+        assert abs(math_share - weight / (2 + weight)) < 0.05, (weight, math_share)
+    best = tomllib.loads((tune_dir / "best.toml").read_text())["data"]["mix"]
+    assert best["web"] == best["code"] == 1.0 and best["math"] in (0.1, 1.0)
+    assert f"math_weight {best['math']:.3g}" in study.stdout, study.stdout[-2000:]

@@ -1,6 +1,6 @@
 """A Tune study's trials on schedules of the same shape: every batch size at the same lr at the same token count, and
-a warmup too long for the shortest trial refused before any compute; a DPO trial's β and divergence (fast tier: no
-Ray)."""
+a warmup too long for the shortest trial refused before any compute; a DPO trial's β and divergence, a mix search's
+weights (fast tier: no Ray)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,28 @@ def test_a_dpo_trial_takes_its_beta_and_diverges_only_on_a_non_finite_loss():
     lm = load_config(TuneJobConfig, "configs/tiny.toml", STUDY)
     assert trial_job({"lr": 1e-3, "batch": 8}, study_spec(lm, seq_len=SEQ_LEN, vocab_size=1000, tasks=None),
                      "/tmp/trial").train.max_loss == pytest.approx(1.5 * 6.9078, rel=1e-4)
+
+
+def test_a_trial_of_a_mix_search_trains_on_its_weight_beside_the_others():
+    job = load_config(TuneJobConfig, "configs/tiny.toml", [*STUDY, "--data.mix=web=0.6,code=0.4",
+                                                          "--tune.lr=3e-3", "--tune.mix=math=0.1,0.3"])
+    assert [(e.key, e.column, e.values) for e in job.tune.extras] == [("mix", "math_weight", [0.1, 0.3])]
+    trial = trial_job({"lr": 3e-3, "batch": 8, "mix": 0.3}, study_spec(job, seq_len=SEQ_LEN, vocab_size=1000,
+                                                                       tasks=None), "/tmp/trial")
+    assert trial.data.mix == {"web": 0.6, "code": 0.4, "math": 0.3} and job.data.mix == {"web": 0.6, "code": 0.4}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--tune.mix=math=0.1:0.3"], "searches one weight of data.mix: set --data.mix with the other sources' weights"),
+    (["--data.mix=web=1", "--tune.mix=0.1:0.3"], "tune.mix='0.1:0.3' must be NAME=LOW:HIGH or NAME=a,b,c"),
+    (["--data.mix=web=1", "--tune.lr=1e-3,3e-3", "--tune.mix=math=0.1:0.3"], "tune.mix=math=0.1:0.3 must take "
+                                                                             "tune.lr's form (1e-3,3e-3)"),
+])
+def test_a_bad_mix_search_is_refused(args, expected):
+    from raylm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        load_config(TuneJobConfig, "configs/tiny.toml", [*STUDY, *args])
 
 
 @pytest.fixture(scope="module")

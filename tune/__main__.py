@@ -3,7 +3,8 @@ trainer runs.
 
     python -m tune --config configs/X.toml --data.path DATASET [--tune.samples N] [--tune.lr 1e-4:3e-2]
                    [--tune.batch 16,32,64] [--tune.budget_tokens T] [--tune.dir DIR] [--tune.resume]
-                   [--train.objective=dpo --tune.beta 0.05:5] [--section.field=value ...]
+                   [--train.objective=dpo --tune.beta 0.05:5] [--data.mix web=0.7,code=0.3 --tune.mix math=0.05:0.3]
+                   [--section.field=value ...]
 
 Trials are compared at equal training tokens and on schedules of the same shape (each warms up over
 --tune.warmup_fraction of its steps); ASHA stops the poor ones early; a diverging trial is recorded as "diverged".
@@ -35,9 +36,9 @@ def main(argv: list[str]) -> int:
     if {"--optim.warmup_steps", "--tune.warmup_fraction"} <= given:
         raise ConfigError("--optim.warmup_steps and --tune.warmup_fraction both set the trials' warmup: give one")
     rows, best = run_study(job, warmup_steps=job.optim.warmup_steps if "--optim.warmup_steps" in given else None)
-    print(format_table(rows, best))
-    beta = f", beta {best['beta']:.3g}" if "beta" in best else ""
-    print(f"best: lr {best['lr']:.3g}{beta}, global batch {best['global_batch']} ({study_metric(job).label} "
+    print(format_table(rows, best, job.tune.extras))
+    extras = "".join(f", {extra.column} {best[extra.key]:.3g}" for extra in job.tune.extras)
+    print(f"best: lr {best['lr']:.3g}{extras}, global batch {best['global_batch']} ({study_metric(job).label} "
           f"{best['final']:.4f}); wrote {job.tune.dir}/results.csv, results.png and best.toml\n"
           f"train with it: python -m trainer --config {job.tune.dir}/best.toml")
     return 0

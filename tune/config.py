@@ -18,6 +18,16 @@ MAX_WARMUP_FRACTION = 0.5
 """A trial warming up over more of its tokens than it trains at and after its peak lr would rank warmups, not lrs."""
 
 
+@dataclass(frozen=True)
+class Searched:
+    """A value searched beside the lr and batch: its key in a trial's parameters (and its tune.KEY option), its
+    column in results.csv and the table, and its LOW:HIGH range or grid."""
+
+    key: str
+    column: str
+    values: tuple[float, float] | list[float]
+
+
 @dataclass(kw_only=True)
 class TuneConfig:
     samples: int = 6
@@ -27,6 +37,9 @@ class TuneConfig:
     beta: str = ""
     """DPO's β (train.objective = dpo), searched with the lr and in its form: LOW:HIGH samples log-uniformly beside
     an lr range, a comma list is a grid beside an lr grid. Empty: every trial keeps the job's dpo.beta."""
+    mix: str = ""
+    """One source's data.mix weight, searched with the lr and in its form: NAME=LOW:HIGH or NAME=a,b,c; the other
+    sources keep their data.mix weights (weights are relative). Empty: every trial trains on the job's mix."""
     batch: list[int] = field(default_factory=lambda: [16, 32, 64])
     """Global batch sizes (sequences) to choose from."""
     budget_tokens: int = 2_000_000
@@ -64,9 +77,12 @@ class TuneConfig:
 
     def __post_init__(self):
         lr = self.lr_values  # parses, and raises on a bad value
-        if self.beta and isinstance(self.beta_values, tuple) != isinstance(lr, tuple):
-            raise ConfigError(f"tune.beta={self.beta} must take tune.lr's form ({self.lr}): both LOW:HIGH ranges, "
-                              "sampled together, or both comma-list grids")
+        if self.mix and not (self.mix_source and "=" in self.mix):
+            raise ConfigError(f"tune.mix={self.mix!r} must be NAME=LOW:HIGH or NAME=a,b,c (a data.mix source's weight)")
+        for extra in self.extras:
+            if isinstance(extra.values, tuple) != isinstance(lr, tuple):
+                raise ConfigError(f"tune.{extra.key}={getattr(self, extra.key)} must take tune.lr's form ({self.lr}): "
+                                  "both LOW:HIGH ranges, sampled together, or both comma-list grids")
         if not self.batch or min(self.batch) < 1:
             raise ConfigError(f"tune.batch={self.batch} must list at least one global batch size >= 1, e.g. 16,32,64")
         if self.proxy_dim < 0:
@@ -91,9 +107,18 @@ class TuneConfig:
         return searched_values("lr", self.lr)
 
     @property
-    def beta_values(self) -> tuple[float, float] | list[float] | None:
-        """tune.beta as lr_values reads tune.lr; None where β is not searched."""
-        return searched_values("beta", self.beta) if self.beta else None
+    def mix_source(self) -> str:
+        """The source whose data.mix weight tune.mix searches."""
+        return self.mix.partition("=")[0].strip()
+
+    @property
+    def extras(self) -> list[Searched]:
+        """What the study searches beside lr and batch: DPO's β, a source's mix weight."""
+        found = [Searched("beta", "beta", searched_values("beta", self.beta))] if self.beta else []
+        if self.mix:
+            found.append(Searched("mix", f"{self.mix_source}_weight",
+                                  searched_values("mix", self.mix.partition("=")[2])))
+        return found
 
     @property
     def grid(self) -> bool:
@@ -152,6 +177,9 @@ class TuneJobConfig(JobConfig):
         super().__post_init__()
         if self.tune.beta and self.train.objective != "dpo":
             raise ConfigError(f"tune.beta={self.tune.beta} searches DPO's β: it needs --train.objective=dpo")
+        if self.tune.mix and not self.data.mix:
+            raise ConfigError(f"tune.mix={self.tune.mix} searches one weight of data.mix: set --data.mix with the "
+                              "other sources' weights (e.g. --data.mix web=0.7,code=0.3)")
         if not self.tune.proxy_dim:
             return
         start = ("--init.from_hf", self.init.from_hf) if self.init.from_hf else \

@@ -1,5 +1,5 @@
 """results.png: the study's metric (validation loss, or a DPO study's reward accuracy) against training tokens per
-trial, and its final value over the lr × batch grid (lr × β where β was searched)."""
+trial, and its final value over the lr × batch grid (lr × β, or lr × a source's mix weight, where searched)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,22 @@ import io
 import math
 
 
-def plot_results(rows: list[dict], best: dict, metric) -> bytes:
+def plot_results(rows: list[dict], best: dict, metric, extras: list) -> bytes:
     """PNG bytes of the two panels; diverged trials are marked with a red ×, the best with a star. `metric`: the
-    study's (tune.study.Metric), its better values darker."""
+    study's (tune.study.Metric), its better values darker; `extras`: what it searched beside lr and batch
+    (tune.config.Searched), the first of which is the second panel's y axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    label, across = metric.label, "beta" if "beta" in best else "global_batch"
+    label = metric.label
+    across, across_label = (extras[0].key, extras[0].column) if extras else ("global_batch", "global batch (sequences)")
     fig, (curves, grid) = plt.subplots(1, 2, figsize=(13, 5))
     for r in rows:
-        beta = f", β {r['beta']:.3g}" if "beta" in r else ""
-        name = f"lr {r['lr']:.1e}{beta}, B {r['global_batch']} ({r['status']})"
+        searched = "".join(f", {extra.column} {r[extra.key]:.3g}" for extra in extras)
+        name = f"lr {r['lr']:.1e}{searched}, B {r['global_batch']} ({r['status']})"
         if r["curve"]:
             tokens, values = zip(*r["curve"])
             curves.plot(tokens, values, marker="o", lw=2.5 if r is best else 1.2, label=name,
@@ -39,9 +41,8 @@ def plot_results(rows: list[dict], best: dict, metric) -> bytes:
     bad = [r for r in rows if r["status"] == "diverged"]
     grid.scatter([r["lr"] for r in bad], [r[across] for r in bad], marker="x", c="red", s=90, label="diverged")
     grid.scatter([best["lr"]], [best[across]], marker="*", c="gold", s=400, edgecolors="k", label="best")
-    ylabel = "DPO β" if across == "beta" else "global batch (sequences)"
-    grid.set(xscale="log", yscale="log", xlabel="peak learning rate", ylabel=ylabel,
-             title=f"final {label} over lr × {'β' if across == 'beta' else 'batch'}")
+    grid.set(xscale="log", yscale="log", xlabel="peak learning rate", ylabel=across_label,
+             title=f"final {label} over lr × {across_label.split(' (')[0]}")
     if across == "global_batch":
         batches = sorted({r["global_batch"] for r in rows})
         grid.set_yticks(batches, labels=[str(b) for b in batches])

@@ -6,7 +6,8 @@ Each trial is a function trainable that runs the trainer under Ray Train (the sa
 whatever its batch size, and ASHA (time in tokens) stops the poor ones at those marks. A trial
 whose loss diverges ends as "diverged" instead of failing the study.
 
-Trials are ranked by validation loss, or for DPO by held-out reward accuracy: the DPO loss's scale changes with β,
+Beside lr and batch a study may search DPO's β or one source's data.mix weight (tune.config.Searched), in the lr's
+form. Trials are ranked by validation loss, or for DPO by held-out reward accuracy: the DPO loss's scale changes with β,
 the sign of a pair's margin does not. DPO trials all start from the same weights, so their reference log-probs are
 scored once, before any trial, into tune.dir/reference (or dpo.reference), and every trial reads them there.
 """
@@ -36,7 +37,8 @@ from trainer import reference
 from trainer.data import check_fits
 from trainer.eval.suite import check_evaluation, eval_paths
 from trainer.job import JobConfig
-from tune.config import MAX_WARMUP_FRACTION, TuneConfig, TuneJobConfig, proxy_model
+from trainer.mixture import check_epochs, mixture_order
+from tune.config import MAX_WARMUP_FRACTION, Searched, TuneConfig, TuneJobConfig, proxy_model
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +72,19 @@ def study_metric(job: JobConfig) -> Metric:
     return REWARD_ACCURACY if job.train.objective == "dpo" else VAL_LOSS
 
 
-def columns(metric: Metric, *, beta: bool) -> tuple[str, ...]:
+def columns(metric: Metric, extras: list[Searched]) -> tuple[str, ...]:
     """results.csv's columns."""
-    return ("trial", "lr", *(("beta",) if beta else ()), "global_batch", "tokens", f"final_{metric.column}",
+    return ("trial", "lr", *(extra.column for extra in extras), "global_batch", "tokens", f"final_{metric.column}",
             f"best_{metric.column}", "status")
+
+
+def apply_params(job: JobConfig, params: dict, tune: TuneConfig) -> None:
+    """A trial's parameters (lr, batch, and β or a source's mix weight where searched) set in its job; best.toml's
+    the same way."""
+    job.optim.lr, job.train.global_batch = params["lr"], params["batch"]
+    job.dpo.beta = params.get("beta", job.dpo.beta)
+    if "mix" in params:
+        job.data.mix = {**job.data.mix, tune.mix_source: params["mix"]}
 
 
 def trial_steps(batch: int, seq_len: int, tune: TuneConfig) -> tuple[int, int]:
@@ -104,8 +115,7 @@ def trial_job(config: dict, study: dict, run_dir: str) -> JobConfig:
     budget. A DPO trial diverges when its loss is not finite: the DPO loss's scale grows with β, unlike the LM
     loss, which a uniform guess puts at ln(vocabulary)."""
     job, tune = from_dict(JobConfig, study["job"]), TuneConfig(**study["tune"])
-    job.optim.lr, job.train.global_batch = config["lr"], config["batch"]
-    job.dpo.beta = config.get("beta", job.dpo.beta)
+    apply_params(job, config, tune)
     if tune.proxy_dim:
         job.model = proxy_model(job.model, tune.proxy_dim)
     job.train.steps, job.train.eval_every = trial_steps(config["batch"], study["seq_len"], tune)
@@ -181,8 +191,12 @@ class StudyProgress(Callback):
 def trial_name(trial) -> str:
     """A trial's name, and its directory's (in Tune's study and under trials/): whole and short, where Tune's own
     (trainable, id, then its parameters cut at 130 characters and a date) is cut mid-word in a table."""
-    beta = f"-beta{trial.config['beta']:.3g}" if "beta" in trial.config else ""
-    return f"{trial.trial_id}-lr{trial.config['lr']:.2e}-b{trial.config['batch']}{beta}"
+    extras = "".join(f"-{key}{trial.config[key]:.3g}" for key in SEARCHED_KEYS if key in trial.config)
+    return f"{trial.trial_id}-lr{trial.config['lr']:.2e}-b{trial.config['batch']}{extras}"
+
+
+SEARCHED_KEYS = ("beta", "mix")
+"""Parameters a trial may have beside lr and batch (TuneConfig.extras)."""
 
 
 INTERRUPTED = threading.Event()
@@ -256,7 +270,7 @@ def build_tuner(job: TuneJobConfig, spec: dict):
         return raytune.Tuner.restore(study, trainable, resume_unfinished=True, storage_filesystem=fs)
     if exists:
         raise ConfigError(f"{cfg.dir} already holds a study: add --tune.resume to continue it, or pick another --tune.dir")
-    searched = {"lr": cfg.lr_values, "batch": cfg.batch, **({"beta": cfg.beta_values} if cfg.beta else {})}
+    searched = {"lr": cfg.lr_values, "batch": cfg.batch, **{extra.key: extra.values for extra in cfg.extras}}
     param_space = {name: raytune.grid_search(list(values)) if cfg.grid else
                    raytune.choice(values) if name == "batch" else raytune.loguniform(*values)
                    for name, values in searched.items()}
@@ -325,7 +339,7 @@ def summarize(results, cfg: TuneConfig, seq_len: int, metric: Metric) -> list[di
             status = "completed" if last.get("tokens", 0) >= planned else "stopped early"
         values = [v for _, v in curve]
         rows.append({"trial": posixpath.basename(result.path), "lr": config["lr"], "global_batch": config["batch"],
-                     **({"beta": config["beta"]} if "beta" in config else {}), "tokens": int(last.get("tokens", 0)),
+                     **{key: config[key] for key in SEARCHED_KEYS if key in config}, "tokens": int(last.get("tokens", 0)),
                      "final": values[-1] if values else math.nan,
                      "best": metric.best(values) if values else math.nan, "status": status, "curve": curve})
     return sorted(rows, key=lambda r: r["trial"])
@@ -351,15 +365,15 @@ def write_outputs(job: TuneJobConfig, rows: list[dict], best: dict, *, vocab_siz
 
     metric = study_metric(job)
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns(metric, beta=bool(job.tune.beta)), extrasaction="ignore",
-                            lineterminator="\n")
+    extras = job.tune.extras
+    writer = csv.DictWriter(out, fieldnames=columns(metric, extras), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows({**r, f"final_{metric.column}": r["final"], f"best_{metric.column}": r["best"]} for r in rows)
+    writer.writerows({**r, f"final_{metric.column}": r["final"], f"best_{metric.column}": r["best"],
+                      **{extra.column: r[extra.key] for extra in extras}} for r in rows)
     storage.write_bytes(storage.join(job.tune.dir, "results.csv"), out.getvalue().encode())
-    storage.write_bytes(storage.join(job.tune.dir, "results.png"), plot_results(rows, best, metric))
+    storage.write_bytes(storage.join(job.tune.dir, "results.png"), plot_results(rows, best, metric, extras))
     tuned = from_dict(JobConfig, to_dict(job))
-    tuned.optim.lr, tuned.train.global_batch = best["lr"], best["global_batch"]
-    tuned.dpo.beta = best.get("beta", tuned.dpo.beta)
+    apply_params(tuned, {**best, "batch": best["global_batch"]}, job.tune)
     tuned.model.vocab_size, tuned.run.dir = vocab_size, storage.join(job.tune.dir, BEST_RUN)
     storage.write_bytes(storage.join(job.tune.dir, "best.toml"), (transfer_note(job) + dump_toml(tuned)).encode())
 
@@ -373,18 +387,36 @@ def transfer_note(job: TuneJobConfig) -> str:
             f"(model.mup_base_dim = {job.model.mup_base_dim}) the best lr transfers across width.\n")
 
 
-def format_table(rows: list[dict], best: dict) -> str:
-    """The study's table: a β column where β was searched; final and best are of the study's metric."""
+def format_table(rows: list[dict], best: dict, extras: list[Searched]) -> str:
+    """The study's table: a column for each value searched beside lr and batch; final and best are of the study's
+    metric."""
     width = max(len("trial"), *(len(r["trial"]) for r in rows))
-    beta = "beta" in best
-    lines = [f"{'trial':{width}s} {'lr':>9s}{format('beta', '>9s') if beta else ''} {'batch':>5s} {'tokens':>10s} "
-             f"{'final val':>9s} {'best val':>9s}  status"]
+    heads = "".join(f" {extra.column:>{max(9, len(extra.column))}s}" for extra in extras)
+    lines = [f"{'trial':{width}s} {'lr':>9s}{heads} {'batch':>5s} {'tokens':>10s} {'final val':>9s} {'best val':>9s}"
+             "  status"]
     for r in rows:
         mark = "  <- best" if r is best else ""
-        lines.append(f"{r['trial']:{width}s} {r['lr']:9.2e}{format(r['beta'], '9.3g') if beta else ''} "
-                     f"{r['global_batch']:5d} {r['tokens']:10,d} {r['final']:9.4f} {r['best']:9.4f}  "
-                     f"{r['status']}{mark}")
+        values = "".join(f" {r[extra.key]:>{max(9, len(extra.column))}.3g}" for extra in extras)
+        lines.append(f"{r['trial']:{width}s} {r['lr']:9.2e}{values} {r['global_batch']:5d} {r['tokens']:10,d} "
+                     f"{r['final']:9.4f} {r['best']:9.4f}  {r['status']}{mark}")
     return "\n".join(lines)
+
+
+def check_mixes(job: TuneJobConfig, spec: dict, dataset) -> None:
+    """A searched mix weight names a source of the dataset, and the mixes at the ends of its range (or its grid),
+    at every batch size, stay within data.max_epochs: refused before any trial, as the trainer refuses at launch."""
+    cfg = job.tune
+    if not cfg.mix:
+        return
+    if cfg.mix_source not in dataset.source_names:
+        raise ConfigError(f"tune.mix={cfg.mix}: {cfg.mix_source!r} is not a source of the dataset (its sources: "
+                          f"{', '.join(dataset.source_names)})")
+    weights = next(extra.values for extra in cfg.extras if extra.key == "mix")
+    for batch in cfg.batch:
+        for weight in weights:
+            trial = trial_job({"lr": job.optim.lr, "batch": batch, "mix": weight}, spec, job.tune.dir)
+            check_epochs(mixture_order(trial.data, dataset, batch=batch), steps=trial.train.steps,
+                         max_epochs=trial.data.max_epochs)
 
 
 REFERENCE_PASS = "reference-pass"
@@ -453,6 +485,7 @@ def run_study(job: TuneJobConfig, *, warmup_steps: int | None = None) -> tuple[l
     reference_job = trial_job({"lr": job.optim.lr, "batch": max(job.tune.batch)}, spec,
                               storage.join(job.tune.dir, REFERENCE_PASS))  # the weights every trial starts from
     reference.check_job(reference_job, dataset)
+    check_mixes(job, spec, dataset)
     init_ray(log_to_driver=verbose())  # trials' lines would interleave; the study prints a line per trial
     if not verbose():  # a trial's user error is its one line (StudyProgress), not Tune's traceback of it
         from ray.tune.execution import tune_controller
