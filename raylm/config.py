@@ -47,10 +47,16 @@ def field_types(cls) -> dict[str, Any]:
 def coerce(value: Any, tp: Any, where: str) -> Any:
     """`value` (from TOML or a command-line string) as type `tp`, or a ConfigError naming `where`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
+    if origin in (typing.Union, types.UnionType):  # the first member that takes the value
+        members = [a for a in args if a is not type(None)]
+        if len(members) < len(args) and (value is None or (isinstance(value, str) and value.lower() == "none")):
             return None
-        return coerce(value, next(a for a in args if a is not type(None)), where)
+        for member in members[:-1]:
+            try:
+                return coerce(value, member, where)
+            except ConfigError:
+                pass
+        return coerce(value, members[-1], where)
     if origin is dict:  # a TOML table, or NAME=VALUE,NAME=VALUE on the command line
         if isinstance(value, str):
             pairs = [part.partition("=") for part in value.split(",") if part.strip()]

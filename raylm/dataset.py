@@ -387,6 +387,11 @@ class PackedDataset:
         sources were recorded."""
         return self.manifest.get("source_names", [])
 
+    @property
+    def groups(self) -> dict[str, list[int]]:
+        """Named groups of sources: none in one dataset (`Datasets` has one per dataset of several sources)."""
+        return {}
+
     @cached_property
     def train(self) -> Split:
         return self._split("train")
@@ -469,7 +474,7 @@ class Datasets:
     """Several datasets read as one (`--data.path A B C`): the same tokenizer and rows of the same shape, their
     splits concatenated in order, their sources side by side. A dataset with one source (or none recorded) is one
     source named after its directory; a dataset's sources keep their names (a name two datasets share is prefixed
-    with its dataset's)."""
+    with its dataset's), and the dataset's name is the group of them (`groups`)."""
 
     def __init__(self, datasets: list[PackedDataset]):
         self.datasets = datasets
@@ -486,6 +491,10 @@ class Datasets:
                             f"{twice} (the same dataset twice, or two directories of one name): give each once, "
                             "under a name of its own")
         self.first_source = list(np.cumsum([0] + [len(names) for names in own])[:-1])
+        self.groups = {dataset_name(d): list(range(first, first + len(names)))
+                       for d, names, first in zip(datasets, own, self.first_source)
+                       if len(names) > 1 and dataset_name(d) not in self.source_names}
+        """A dataset of several sources by its directory's name: its source ids (a mix may weigh it as a whole)."""
         self.directory = " + ".join(d.directory for d in datasets)
         self.manifest = {**first.manifest, "datasets": [d.manifest for d in datasets]}
         """The first dataset's manifest (tokenizer, seq_len, kind of rows: all share them) with every dataset's."""

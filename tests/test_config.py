@@ -83,6 +83,7 @@ class Knobs:
     sizes: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
     tags: tuple[str, ...] = ()
     weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    plan: str | list[int] = ""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -94,6 +95,9 @@ def test_values_are_coerced_from_the_annotation(tmp_path):
     toml = tmp_path / "k.toml"
     toml.write_text("[knobs]\nratio = 2\nlimit = 7\nsizes = [3, 4]\nweights = {web = 1, code = 0.5}\n")
     assert load_config(Root, str(toml), []).knobs.weights == {"web": 1.0, "code": 0.5}  # a TOML table
+    (tmp_path / "plan.toml").write_text("[knobs]\nplan = [1, 2]\n")  # a union takes its first member that fits
+    assert load_config(Root, str(tmp_path / "plan.toml"), []).knobs.plan == [1, 2]
+    assert load_config(Root, None, ["--knobs.plan=1,2"]).knobs.plan == "1,2"
     root = load_config(Root, str(toml), ["--knobs.flag", "on", "--knobs.name=12", "--knobs.tags=a, b",
                                          "--knobs.sizes=5,6,7", "--knobs.weights=web=0.6, math=0.4"])
     assert root.knobs == Knobs(ratio=2.0, flag=True, name="12", limit=7, sizes=[5, 6, 7], tags=("a", "b"),

@@ -242,3 +242,32 @@ def test_a_study_searches_a_source_weight_beside_the_lr(local_ray, mixed, tmp_pa
     best = tomllib.loads((tune_dir / "best.toml").read_text())["data"]["mix"]
     assert best["web"] == best["code"] == 1.0 and best["math"] in (0.1, 1.0)
     assert f"math_weight {best['math']:.3g}" in study.stdout, study.stdout[-2000:]
+
+
+def test_a_dataset_of_several_sources_is_weighed_as_a_whole_and_a_schedule_is_also_a_toml_list(mixed, others,
+                                                                                                 tmp_path):
+    """Beside another dataset, a dataset of several sources may be named by its directory: its weight is shared by
+    its sources in proportion to their rows. A schedule written as a TOML list of tables is the same schedule (and
+    the same data order in a checkpoint) as its command-line string."""
+    from raylm.config import load_config
+    from trainer.job import JobConfig
+    from trainer.mixture import mix_spec
+
+    both = open_datasets([mixed, others["extra"]])
+    assert both.groups == {"ds": [0, 1, 2]}
+    rows = [sum(b - a for a, b in spans) for _, spans in sorted(both.train.source_ranges().items())]
+    order = mixture_order(DataConfig(mix={"ds": 0.5, "extra": 0.5}), both, batch=16)
+    expected = [0.5 * r / sum(rows[:3]) for r in rows[:3]] + [0.5]
+    assert np.allclose(order.rows_before(4096) / (4096 * 16), expected, atol=1e-4)
+    with pytest.raises(Exception, match="ds is weighed as a whole and by its sources"):
+        mixture_order(DataConfig(mix={"ds": 0.5, "web": 0.5}), both, batch=16)
+
+    toml = tmp_path / "mix.toml"
+    toml.write_text("[data]\nmix_schedule = [{step = 0, web = 0.7, code = 0.3}, {step = 50, web = 0.2, math = 0.8}]\n")
+    listed = load_config(JobConfig, str(toml), [])
+    given = load_config(JobConfig, None, ["--data.mix_schedule=0:web=0.7,code=0.3; 50:web=0.2,math=0.8"])
+    ds = open_dataset(mixed)
+    for step in (0, 49, 50, 99):
+        assert np.array_equal(mixture_order(listed.data, ds, batch=11).step(step)[1],
+                              mixture_order(given.data, ds, batch=11).step(step)[1])
+    assert mix_spec(listed.data) == mix_spec(given.data)

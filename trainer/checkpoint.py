@@ -261,7 +261,7 @@ MODEL_DEFAULTS = {f"model.{key}": value for key, value in dataclasses.asdict(Mod
 def run_identity(model: ModelConfig, dataset, *, data_seed: int, global_batch: int, mix: dict | None = None) -> dict:
     """What a checkpoint shares with any run that continues it, keyed as the user sets each value: the model, the
     dataset it reads (tokenizer, sequence length, rows) and the data order (with its mix of sources, `mix`: data.mix
-    or data.mix_schedule as given, when set). train.steps and the lr schedule are not in it: raising them is how a
+    or data.mix_schedule's phases, when set). train.steps and the lr schedule are not in it: raising them is how a
     run is extended."""
     identity = {f"model.{key}": value for key, value in dataclasses.asdict(model).items()
                 if key != "attention"}  # a kernel choice: a run may switch it when it resumes

@@ -32,9 +32,9 @@ class DataConfig:
     """Weights of the dataset's sources (its --input names, `python -m dataprep`): web=0.6,code=0.3,math=0.1, or a
     TOML table; every step holds each source's share of the global batch to within one row. Empty: rows in the
     proportion the dataset has them (one permutation of all rows)."""
-    mix_schedule: str = ""
+    mix_schedule: str | list[dict[str, float]] = ""
     """Weights that change at set steps: "0:web=0.7,code=0.3; 9000:web=0.3,math=0.7" (the annealing phase from step
-    9000). Instead of data.mix."""
+    9000), or in TOML a list of tables [{step = 0, web = 0.7, code = 0.3}, {step = 9000, …}]. Instead of data.mix."""
     max_epochs: int = 0
     """Passes over any one source a mixed run may make (0: any; the epochs are in the metrics either way). A mix that
     needs more within train.steps is refused before launch."""

@@ -36,27 +36,45 @@ PERIOD = 4096
 """Steps in one apportionment table: over a period every source gets its weight's share to the row."""
 
 
-def weights_of(mix: dict[str, float], names: list[str], *, flag: str = "--data.mix") -> np.ndarray:
-    """{name: weight} → weights summing to 1 in the order of `names`; a source left out has weight 0."""
-    unknown = [name for name in mix if name not in names]
+def weights_of(mix: dict[str, float], names: list[str], *, flag: str = "--data.mix",
+               groups: dict[str, list[int]] | None = None, rows: list[int] | None = None) -> np.ndarray:
+    """{name: weight} → weights summing to 1 in the order of `names`; a source left out has weight 0. A name in
+    `groups` (a dataset of several sources) shares its weight among its sources by their `rows`."""
+    groups = groups or {}
+    unknown = [name for name in mix if name not in names and name not in groups]
     if unknown:
-        raise ConfigError(f"{flag}: {unknown[0]!r} is not a source of this dataset (its sources: {', '.join(names)})")
+        known = ", ".join([*names, *groups])
+        raise ConfigError(f"{flag}: {unknown[0]!r} is not a source of this dataset (its sources: {known})")
+    both = next((g for g in mix if g in groups and any(names[s] in mix for s in groups[g])), None)
+    if both:
+        raise ConfigError(f"{flag}: {both} is weighed as a whole and by its sources: give one")
     bad = [name for name, weight in mix.items() if not 0 <= weight < math.inf]
     if bad:
         raise ConfigError(f"{flag}: the weight of {bad[0]} must be a finite number >= 0, got {mix[bad[0]]}")
     total = sum(mix.values())
     if total <= 0:
         raise ConfigError(f"{flag}: give at least one source a weight > 0")
-    return np.array([mix.get(name, 0.0) for name in names]) / total
+    weights = np.array([mix.get(name, 0.0) for name in names])
+    for group in set(mix) & set(groups):
+        members = groups[group]
+        sizes = np.array([rows[s] for s in members], dtype=np.float64)
+        weights[members] = mix[group] * sizes / max(sizes.sum(), 1)
+    return weights / total
 
 
-def parse_schedule(text: str) -> list[tuple[int, dict[str, float]]]:
-    """`STEP:name=w,...; STEP:...` → [(first step, {name: weight})], from step 0, steps increasing."""
+def parse_schedule(schedule: str | list[dict[str, float]]) -> list[tuple[int, dict[str, float]]]:
+    """`STEP:name=w,...; STEP:...`, or TOML's [{step = S, name = w, ...}, ...] → [(first step, {name: weight})],
+    from step 0, steps increasing."""
     phases = []
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        step, sep, mix = part.partition(":")
-        if not sep or not step.strip().isdigit():
-            raise ConfigError(f"--data.mix_schedule: {part!r} is not STEP:NAME=WEIGHT,... (e.g. 0:web=0.7,code=0.3)")
+    for part in schedule if isinstance(schedule, list) else filter(None, (p.strip() for p in schedule.split(";"))):
+        if isinstance(part, dict):
+            step, mix = part.get("step", -1.0), {name: w for name, w in part.items() if name != "step"}
+            if not (step >= 0 and step == int(step)):
+                raise ConfigError(f"data.mix_schedule: {part} needs a whole step >= 0 (e.g. {{step = 0, web = 0.7}})")
+        else:
+            step, sep, mix = part.partition(":")
+            if not sep or not step.strip().isdigit():
+                raise ConfigError(f"--data.mix_schedule: {part!r} is not STEP:NAME=WEIGHT,... (e.g. 0:web=0.7,code=0.3)")
         phases.append((int(step), coerce(mix, dict[str, float], f"--data.mix_schedule's step {int(step)}")))
     if not phases or phases[0][0] != 0:
         raise ConfigError("--data.mix_schedule must start at step 0 (e.g. '0:web=0.7,code=0.3; 9000:web=0.3,math=0.7')")
@@ -194,11 +212,12 @@ class MixtureOrder:
         return self._first[source][shard] + within - offsets[shard]
 
 
-def phases_of(data, names: list[str]) -> list[tuple[int, np.ndarray]]:
-    """The job's [data] mix as phases (first step, weights in the order of `names`); [] when it sets none."""
+def phases_of(data, names: list[str], **groups) -> list[tuple[int, np.ndarray]]:
+    """The job's [data] mix as phases (first step, weights in the order of `names`); [] when it sets none.
+    `groups`: weights_of's groups and rows."""
     if data.mix:
-        return [(0, weights_of(data.mix, names))]
-    return [(step, weights_of(mix, names, flag=f"--data.mix_schedule's step {step}"))
+        return [(0, weights_of(data.mix, names, **groups))]
+    return [(step, weights_of(mix, names, flag=f"--data.mix_schedule's step {step}", **groups))
             for step, mix in parse_schedule(data.mix_schedule)] if data.mix_schedule else []
 
 
@@ -213,7 +232,8 @@ def mixture_order(data, dataset, *, batch: int) -> MixtureOrder | None:
                           "prepare it again to train on a --data.mix of its inputs")
     names = dataset.source_names
     sources = [Source(name, tuple(ranges.get(i, ()))) for i, name in enumerate(names)]
-    return MixtureOrder(sources, phases_of(data, names), batch=batch, seed=data.seed)
+    groups = {"groups": dataset.groups, "rows": [s.rows for s in sources]}
+    return MixtureOrder(sources, phases_of(data, names, **groups), batch=batch, seed=data.seed)
 
 
 def check_epochs(order: MixtureOrder, *, steps: int, max_epochs: int) -> None:
@@ -238,4 +258,5 @@ def mix_spec(data) -> dict | None:
     """A run's mix as its checkpoints record it (a resume under another mix is refused): as given, or None."""
     if data.mix:
         return {"data.mix": dict(data.mix)}
-    return {"data.mix_schedule": data.mix_schedule} if data.mix_schedule else None
+    return {"data.mix_schedule": [[step, mix] for step, mix in parse_schedule(data.mix_schedule)]} \
+        if data.mix_schedule else None
