@@ -227,8 +227,9 @@ def test_a_study_searches_a_source_weight_beside_the_lr(local_ray, mixed, tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
     study = subprocess.run([sys.executable, "-m", "tune", *tiny, "--data.path", mixed, "--data.mix=web=1,code=1",
                             "--tune.lr=3e-3", "--tune.mix=math=0.1,1", "--tune.batch=16", "--tune.marks=2",
-                            "--tune.budget_tokens=4096", "--ray.num_workers=1", "--tune.dir", str(tune_dir)],
-                           capture_output=True, text=True, env=env, timeout=600)  # 8 steps a trial
+                            "--tune.grace_marks=2", "--tune.budget_tokens=4096", "--ray.num_workers=1", "--tune.dir",
+                            str(tune_dir)],  # 8 steps a trial, each to the end (ASHA stops none)
+                           capture_output=True, text=True, env=env, timeout=600)
     assert study.returncode == 0, (study.stdout + study.stderr)[-3000:]
     rows = list(csv.DictReader((tune_dir / "results.csv").open()))
     assert sorted(float(r["math_weight"]) for r in rows) == [0.1, 1.0] and {r["status"] for r in rows} == {"completed"}
