@@ -481,9 +481,9 @@ class Datasets:
         first = datasets[0]
         for other in datasets[1:]:
             check_same(first, other)
-        own = [d.source_names if len(d.source_names) > 1 else [dataset_name(d)] for d in datasets]
+        own = [d.source_names if len(d.source_names) > 1 else [dataset_name(d.directory)] for d in datasets]
         taken = [name for names in own for name in names]
-        self.source_names = [name if taken.count(name) == 1 else f"{dataset_name(d)}/{name}"
+        self.source_names = [name if taken.count(name) == 1 else f"{dataset_name(d.directory)}/{name}"
                              for d, names in zip(datasets, own) for name in names]
         twice = next((name for name in self.source_names if self.source_names.count(name) > 1), None)
         if twice:
@@ -491,9 +491,9 @@ class Datasets:
                             f"{twice} (the same dataset twice, or two directories of one name): give each once, "
                             "under a name of its own")
         self.first_source = list(np.cumsum([0] + [len(names) for names in own])[:-1])
-        self.groups = {dataset_name(d): list(range(first, first + len(names)))
+        self.groups = {dataset_name(d.directory): list(range(first, first + len(names)))
                        for d, names, first in zip(datasets, own, self.first_source)
-                       if len(names) > 1 and dataset_name(d) not in self.source_names}
+                       if len(names) > 1 and dataset_name(d.directory) not in self.source_names}
         """A dataset of several sources by its directory's name: its source ids (a mix may weigh it as a whole)."""
         self.directory = " + ".join(d.directory for d in datasets)
         self.manifest = {**first.manifest, "datasets": [d.manifest for d in datasets]}
@@ -521,8 +521,9 @@ class Datasets:
         return Concatenated([d.val for d in self.datasets], [int(s) for s in self.first_source])
 
 
-def dataset_name(dataset: PackedDataset) -> str:
-    return dataset.directory.rstrip("/").rsplit("/", 1)[-1]
+def dataset_name(directory: str) -> str:
+    """A dataset's name: its directory's last component."""
+    return directory.rstrip("/").rsplit("/", 1)[-1]
 
 
 def check_same(a: PackedDataset, b: PackedDataset) -> None:

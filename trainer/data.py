@@ -86,14 +86,15 @@ def micro_batches(rows: torch.Tensor, *, micro_batch: int, count: int) -> list[t
 class EpochOrder:
     """Stream position → train row, through per-epoch permutations seeded by (seed, epoch)."""
 
-    def __init__(self, n_rows: int, seed: int):
+    def __init__(self, n_rows: int, seed: int, key: tuple[int, ...] = (TRAIN_STREAM,)):
+        """`key`: the seed stream of the epochs' permutations (a mixture's source has one of its own)."""
         if n_rows == 0:
             raise ConfigError("the dataset's train split has no rows; prepare more data or lower --seq-len")
-        self.n_rows, self.seed = n_rows, seed
+        self.n_rows, self.seed, self.key = n_rows, seed, key
 
     @lru_cache(maxsize=4)
     def _permutation(self, epoch: int) -> Permutation:
-        return Permutation(self.n_rows, [self.seed, TRAIN_STREAM, epoch])
+        return Permutation(self.n_rows, [self.seed, *self.key, epoch])
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Train row indices at stream positions [start, stop), crossing epoch boundaries as needed."""

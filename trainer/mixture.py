@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
 from raylm.config import coerce
 from raylm.errors import ConfigError
 from raylm.permutation import Permutation
+from trainer.data import EpochOrder
 
 MIX_STREAM = 2
 """Seed stream of a mixture's permutations (trainer/data.py's train and val streams are 0 and 1): SLOTS keys a step's
@@ -154,6 +154,9 @@ class MixtureOrder:
         self.sources, self.batch, self.seed = sources, batch, seed
         self.starts = [step for step, _ in phases]
         self.phases = [Apportionment(weights, batch) for _, weights in phases]
+        self._epochs = [EpochOrder(s.rows, seed, key=(MIX_STREAM, ROWS, i)) if s.rows else None
+                        for i, s in enumerate(sources)]
+        """Each source's own stream of epochs (none for a source without rows: it is never read)."""
         self._offsets = [np.cumsum([0] + [stop - start for start, stop in s.ranges]) for s in sources]
         self._first = [np.array([start for start, _ in s.ranges], np.int64) for s in sources]
 
@@ -180,7 +183,7 @@ class MixtureOrder:
         before = self.rows_before(step)
         rows = np.empty(self.batch, np.int64)
         for s in np.flatnonzero(counts):  # a source's slots take its next ordinals, in position order
-            rows[which == s] = self._row(int(s), before[s] + np.arange(counts[s]))
+            rows[which == s] = self._row(int(s), int(before[s]), int(before[s] + counts[s]))
         return which, rows
 
     def rows(self, start: int, stop: int) -> np.ndarray:
@@ -194,19 +197,10 @@ class MixtureOrder:
         """Epochs of each source that `steps` steps take (fractional)."""
         return self.rows_before(steps) / np.maximum([s.rows for s in self.sources], 1)
 
-    @lru_cache(maxsize=16)
-    def _permutation(self, source: int, epoch: int) -> Permutation:
-        return Permutation(self.sources[source].rows, [self.seed, MIX_STREAM, ROWS, source, epoch])
-
-    def _row(self, source: int, ordinals: np.ndarray) -> np.ndarray:
-        """The split's row index of a source's ordinals: its seeded permutation of epoch ordinal // rows, then the
+    def _row(self, source: int, start: int, stop: int) -> np.ndarray:
+        """The split's row index of a source's ordinals [start, stop): the position its epochs give each, then the
         range that position falls in."""
-        n = self.sources[source].rows
-        within = np.empty(len(ordinals), np.int64)
-        epochs = ordinals // n
-        for epoch in np.unique(epochs):
-            mask = epochs == epoch
-            within[mask] = self._permutation(source, int(epoch))(ordinals[mask] % n)
+        within = self._epochs[source].rows(start, stop)
         offsets = self._offsets[source]
         shard = np.searchsorted(offsets, within, side="right") - 1
         return self._first[source][shard] + within - offsets[shard]

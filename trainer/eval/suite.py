@@ -9,13 +9,12 @@ study's) are shipped to the workers, which score them as they are: a task file i
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass, field
 
 import torch
 
 from raylm import storage
-from raylm.dataset import open_dataset
+from raylm.dataset import dataset_name, open_dataset
 from raylm.errors import ConfigError, DataError
 from raylm.paths import InPath, option_paths
 from trainer.eval.heldout import flat_metrics, held_out, loss_sums, report
@@ -55,10 +54,6 @@ def eval_paths(cfg: EvalConfig) -> dict[str, str]:
 def make_eval_paths_absolute(cfg: EvalConfig) -> None:
     cfg.datasets = [storage.absolute(p) for p in cfg.datasets]
     cfg.tasks = [storage.absolute(p) for p in cfg.tasks]
-
-
-def dataset_name(path: str) -> str:
-    return posixpath.basename(path.rstrip("/"))
 
 
 def check_unique(names: list[str], option: str) -> None:
