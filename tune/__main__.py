@@ -1,5 +1,5 @@
-"""python -m tune: search the peak learning rate and global batch size (and DPO's β) with Ray Tune over short
-trainer runs.
+"""python -m tune: search the peak learning rate and global batch size (and DPO's β or a source's mix weight) with
+Ray Tune over short trainer runs.
 
     python -m tune --config configs/X.toml --data.path DATASET [--tune.samples N] [--tune.lr 1e-4:3e-2]
                    [--tune.batch 16,32,64] [--tune.budget_tokens T] [--tune.dir DIR] [--tune.resume]

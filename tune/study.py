@@ -1,5 +1,5 @@
-"""A Ray Tune study over short runs of the trainer: peak lr × global batch (and DPO's β), compared at equal training
-tokens.
+"""A Ray Tune study over short runs of the trainer: peak lr × global batch (and DPO's β or a source's mix weight),
+compared at equal training tokens.
 
 Each trial is a function trainable that runs the trainer under Ray Train (the same code as `python -m trainer`, on
 `ray.num_workers` workers) and forwards its log steps to Tune. A trial validates at `tune.marks` equal token counts
