@@ -87,8 +87,8 @@ def sft_policy(tmp_path_factory) -> dict[str, str]:
 
 
 def rl_args(policy: dict, run_dir, *args) -> list[str]:
-    return ["--rl.policy", policy["sft"], "--rl.prompts", policy["prompts"], "--run.dir", str(run_dir),
-            "--rl.max_new_tokens=8", "--rl.rollout_cpus=0.25", "--ray.cpus_per_worker=0.5", *args]
+    return ["--config", "configs/grpo-demo.toml", "--rl.policy", policy["sft"], "--rl.prompts", policy["prompts"],
+            "--run.dir", str(run_dir), *args]
 
 
 def rl(policy: dict, run_dir, *args) -> list[dict]:
@@ -102,9 +102,7 @@ def rl(policy: dict, run_dir, *args) -> list[dict]:
 def test_grpo_teaches_a_tuned_model_what_the_checker_accepts(local_ray, sft_policy, tmp_path, capsys):
     """Acceptance: GRPO with the exact-match reward raises held-out accuracy (greedy, answered by the rollout
     actors) by >= 15 points over the instruction-tuned model within a minute of CPU training."""
-    history = rl(sft_policy, tmp_path / "grpo", "--rl.eval_prompts", sft_policy["held"], "--rl.steps=20",
-                 "--rl.eval_every=10", "--rl.prompts_per_step=16", "--optim.lr=2e-3", "--ray.num_workers=1",
-                 "--rl.rollout_workers=2")
+    history = rl(sft_policy, tmp_path / "grpo", "--rl.eval_prompts", sft_policy["held"])  # the preset: 20 steps
     evals = [m for m in metrics(str(tmp_path / "grpo")) if "val/accuracy" in m]
     before, after = evals[0]["val/accuracy"], evals[-1]["val/accuracy"]
     split = {k: sum(m[k] for m in history) for k in ("rollout_s", "reward_s", "update_s", "sync_s", "step_time_s")}
@@ -121,7 +119,7 @@ def test_rollouts_and_losses_are_the_same_on_any_actor_count_world_size_and_afte
     """Acceptance: 1 rollout actor vs 2 give identical rollouts and losses; W=1 vs W=2 losses within 1e-5; a
     rollout actor killed mid-step and a trainer rank killed after step 3 change nothing; a reward that raises,
     hangs past its deadline or returns text scores 0, is counted, and the run goes on."""
-    common = ["--rl.steps=4", "--rl.prompts_per_step=8", "--optim.lr=2e-3", "--rl.reward", sft_policy["reward"],
+    common = ["--rl.steps=4", "--rl.prompts_per_step=8", "--rl.reward", sft_policy["reward"],
               "--rl.reward_timeout_s=0.5", "--checkpoint.every=1", "--checkpoint.async_save=false"]
     one = rl(sft_policy, tmp_path / "one", *common, "--ray.num_workers=1", "--rl.rollout_workers=1")
     two = rl(sft_policy, tmp_path / "two", *common, "--ray.num_workers=1", "--rl.rollout_workers=2")
@@ -138,3 +136,30 @@ def test_rollouts_and_losses_are_the_same_on_any_actor_count_world_size_and_afte
     assert (tmp_path / "faults" / "fault-injected-step-000003").exists()
     for key in ("reward_errors", "reward_timeouts", "reward_invalid"):
         assert sum(m[key] for m in one) > 0, key
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("args, message", [
+    ((), "rl.policy is not set"),
+    (("--rl.policy", "{root}/nowhere"), "is neither a raylm run or step directory nor a Hugging Face folder"),
+    (("--rl.prompts", "{root}/bad.jsonl"), "bad.jsonl line 2 has no \"prompt\""),
+    (("--rl.prompts", "{root}/long.jsonl"), "long.jsonl line 1: the prompt is"),
+    (("--rl.reward", "no_such_module:reward"), "rl.reward=no_such_module:reward: no_such_module cannot be imported"),
+    (("--rl.reward", "{root}/rewards.py:missing"), "has no function missing"),
+    (("--rl.max_new_tokens=4096",), "rl.max_new_tokens=4096 leaves no room for a prompt"),
+    (("--rl.advantage=ppo",), "rl.advantage must be one of grpo, drgrpo"),
+])
+def test_bad_rl_input_is_one_line_before_any_compute(sft_policy, tmp_path, args, message):
+    from trainer.rl.__main__ import main
+
+    root = sft_policy["root"]
+    write_jsonl(tmp_path / "unused.jsonl", [])
+    (tmp_path.parent / "bad.jsonl").write_text('{"prompt": "first word of: a b", "answer": "a"}\n{"answer": "b"}\n')
+    write_jsonl(tmp_path.parent / "long.jsonl", [{"prompt": "first word of: " + " ".join(INSTRUCTION_WORDS * 200),
+                                                  "answer": "apple"}])
+    given = [a.format(root=tmp_path.parent if a.endswith(("bad.jsonl", "long.jsonl")) else root) for a in args]
+    base = [] if not args else ["--rl.policy", sft_policy["sft"], "--rl.prompts", sft_policy["prompts"]]
+    code, out, err = run_captured(main, ["--config", "configs/grpo-demo.toml", *base, *given, "--run.dir",
+                                         str(tmp_path / "run")])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()

@@ -95,7 +95,7 @@ class Rollouts:
             self.restarts += self.processes.setdefault(i % len(self.pool.actors), result.process) != result.process
             self.processes[i % len(self.pool.actors)] = result.process
         scores, reward_s = self.score(units, [r.replies for r in results], self.prompts)
-        rewards = torch.tensor([[s for s, _ in group] for group in scores], dtype=torch.float64)
+        rewards = torch.tensor([[s for s, _ in group] for group in scores], dtype=torch.float64, device="cpu")
         advantages = group_advantages(rewards, kind=rl.advantage)
         samples = [Sample(unit.ids, reply, float(advantages[i, j]),
                           None if result.ref_logps is None else result.ref_logps[j])
@@ -187,25 +187,26 @@ class RLTrainer:
         return time.perf_counter() - t0
 
     def micro_batches(self, samples: list[Sample]) -> list[RolloutBatch]:
-        """This rank's micro-batches of the step's samples, padded to the step's longest sequence."""
+        """This rank's micro-batches of the step's samples, padded to the step's longest sequence: built in host
+        memory, then moved to the device whole."""
         width = max(len(s.prompt) + len(s.reply) for s in samples)
         batches = []
         for chosen in rank_micro_batches(np.arange(len(samples)), micro_batch=self.job.rl.micro_batch,
                                          rank=self.d.rank, world=self.d.world):
-            tokens = torch.zeros((len(chosen), width), dtype=torch.long)
-            mask = torch.zeros((len(chosen), width - 1))
-            ref = torch.zeros((len(chosen), width - 1))
+            tokens = np.zeros((len(chosen), width), dtype=np.int64)
+            mask = np.zeros((len(chosen), width - 1), dtype=np.float32)
+            ref = np.zeros((len(chosen), width - 1), dtype=np.float32)
             for row, i in enumerate(chosen):
                 s = samples[i]
                 n, start = len(s.prompt) + len(s.reply), len(s.prompt) - 1
-                tokens[row, :n] = torch.tensor([*s.prompt, *s.reply])
+                tokens[row, :n] = [*s.prompt, *s.reply]
                 mask[row, start:n - 1] = 1
                 if s.ref_logp is not None:
-                    ref[row, start:n - 1] = torch.tensor(s.ref_logp)
-            advantages = torch.tensor([samples[i].advantage for i in chosen], dtype=torch.float32)
-            batches.append(RolloutBatch(tokens.to(self.d.device), mask.to(self.d.device),
-                                        advantages.to(self.d.device),
-                                        ref.to(self.d.device) if self.job.rl.kl_coef > 0 else None))
+                    ref[row, start:n - 1] = s.ref_logp
+            advantages = np.array([samples[i].advantage for i in chosen], dtype=np.float32)
+            to_device = lambda a: torch.from_numpy(a).to(self.d.device)  # noqa: E731
+            batches.append(RolloutBatch(to_device(tokens), to_device(mask), to_device(advantages),
+                                        to_device(ref) if self.job.rl.kl_coef > 0 else None))
         return batches
 
     def update(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:

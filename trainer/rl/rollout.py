@@ -78,7 +78,7 @@ def reply_logps(model: Transformer, prompt: tuple[int, ...], replies: list[list[
     longest = max(len(r) for r in replies)
     rows = torch.zeros((len(replies), len(prompt) + longest), dtype=torch.long, device=device)
     for i, reply in enumerate(replies):
-        rows[i, :len(prompt) + len(reply)] = torch.tensor([*prompt, *reply])
+        rows[i, :len(prompt) + len(reply)] = torch.tensor([*prompt, *reply], device=device)
     logits, _ = model(rows[:, :-1])
     logp = torch.log_softmax(logits.float(), -1).gather(-1, rows[:, 1:, None]).squeeze(-1)
     start = len(prompt) - 1
