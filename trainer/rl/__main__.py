@@ -72,7 +72,7 @@ def print_summary(job: RLJob, history: list[dict]) -> None:
     if steps:
         split = {k: sum(m[k] for m in steps) for k in ("rollout_s", "reward_s", "update_s", "sync_s")}
         total = sum(m["step_time_s"] for m in steps)
-        print(f"time per logged step: {total / len(steps):.2f} s: " + ", ".join(
+        print(f"time of the {len(steps)} logged steps: {total:.1f} s: " + ", ".join(
             f"{k[:-2]} {v / total:.0%}" for k, v in split.items()))
     print(f"finished; config, metrics.jsonl and checkpoints in {job.run.dir}")
 
