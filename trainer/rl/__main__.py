@@ -18,7 +18,7 @@ from raylm.errors import ConfigError
 from raylm.tokenizer import load_tokenizer
 from trainer import checkpoint
 from trainer.eval.job import find_checkpoint
-from trainer.rl.config import RLJob, job_paths, make_paths_absolute
+from trainer.rl.config import RLJob, check_required, job_paths, make_paths_absolute
 from trainer.rl.prompts import read_prompts
 from trainer.rl.rewards import load_reward
 
@@ -27,6 +27,7 @@ def check_before_launch(job: RLJob) -> int:
     """User mistakes caught on the driver before any worker starts: the policy readable and with a chat template,
     every prompt line usable with room for rl.max_new_tokens, the reward function importable, the workers within
     the step's samples. Returns the step of RUN_DIR's newest checkpoint (0 when it has none)."""
+    check_required(job)
     for path in job_paths(job).values():
         if path:
             storage.check_bucket(path)

@@ -109,15 +109,19 @@ class RLJob:
     fault: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self):
-        if not self.rl.policy:
-            raise ConfigError("rl.policy is not set: RL starts from an instruction-tuned model; pass "
-                              "--rl.policy=SFT_RUN_DIR (or a Hugging Face folder)")
-        if not self.rl.prompts:
-            raise ConfigError("rl.prompts is not set: pass --rl.prompts=PROMPTS.jsonl ({\"prompt\", \"answer\"} "
-                              "per line)")
         if self.rl.samples_per_step < self.ray.num_workers:
             raise ConfigError(f"rl.prompts_per_step × rl.group_size = {self.rl.samples_per_step} samples per step "
                               f"is fewer than the {self.ray.num_workers} trainer workers; raise it or use fewer")
+
+
+def check_required(job: RLJob) -> None:
+    """What a run must name, which the defaults (as --help shows them) cannot."""
+    if not job.rl.policy:
+        raise ConfigError("rl.policy is not set: RL starts from an instruction-tuned model; pass "
+                          "--rl.policy=SFT_RUN_DIR (or a Hugging Face folder)")
+    if not job.rl.prompts:
+        raise ConfigError("rl.prompts is not set: pass --rl.prompts=PROMPTS.jsonl ({\"prompt\", \"answer\"} per "
+                          "line)")
 
 
 def job_paths(job: RLJob) -> dict[str, str]:
