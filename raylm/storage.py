@@ -15,6 +15,7 @@ import functools
 import hashlib
 import os
 import posixpath
+import time
 import uuid
 import re
 from dataclasses import dataclass
@@ -414,6 +415,27 @@ def _local_version(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+LOCK_WAIT_S = 30.0
+"""A local record's lock is held for the microseconds of one read or write; a holder that keeps it this long was
+stopped or hung in the middle of one."""
+
+
+def lock_within(fd: int, path: str, seconds: float) -> None:
+    """An exclusive flock on `fd`, or a StorageError once `seconds` have passed without it: waiting for ever on a
+    process that was stopped (SIGSTOP, a debugger, a frozen VM) while writing would hang this one without a word."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise StorageError(f"{path} has been locked by another process for {seconds:g} s: a job stopped "
+                                   "or hung while writing it; resume or end that job (if none runs, delete "
+                                   f"{path})") from None
+            time.sleep(0.01)
+
+
 @contextlib.contextmanager
 def _locked(path: str, *, create: bool):
     """The file opened for reading and writing under an exclusive flock (None if it does not exist and not `create`).
@@ -427,7 +449,7 @@ def _locked(path: str, *, create: bool):
             yield None
             return
         with os.fdopen(fd, "r+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            lock_within(f.fileno(), path, LOCK_WAIT_S)
             if os.fstat(f.fileno()).st_nlink == 0:  # deleted while we waited: try the live file
                 continue
             yield f

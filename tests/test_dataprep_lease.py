@@ -37,7 +37,9 @@ def test_a_second_run_on_an_output_stops_naming_the_holder(tmp_path):
     jsonl_corpus(corpus, files=60, lines=25)
     first = start(corpus, out)
     try:
-        wait_for("the first run's lease", lambda: (out / LEASE).exists(), first, timeout=120)
+        # its record written whole (a stop in the middle of the write leaves no holder to name), renewed every 15 s
+        wait_for("the first run's lease", lambda: (out / LEASE).exists() and (out / LEASE).stat().st_size > 0,
+                 first, timeout=120)
         first.send_signal(signal.SIGSTOP)  # it holds the output, renewed or not, for 60 s
         for extra in ([], ["--overwrite"]):
             code, _, err = run_captured(main, ["--input", corpus, "--output", out, *ARGS, *extra])

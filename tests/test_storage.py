@@ -143,3 +143,28 @@ def cli_runs_into_a_missing_bucket(s3_server: str) -> list:
     return [(dataprep, ["--input", f"{s3_server}/corpus", "--output", "s3://no-such-bucket/out"]),
             (trainer, ["--data.path", f"{s3_server}/datasets/x", "--run.dir", "s3://no-such-bucket/out"]),
             (tune, ["--data.path", f"{s3_server}/datasets/x", "--tune.dir", "s3://no-such-bucket/out"])]
+
+
+def test_a_local_record_locked_by_a_stopped_writer_is_an_error_not_a_hang(tmp_path):
+    """A process stopped while it holds a local record's lock (here: the same file locked through another open
+    file, as another process holds it) makes the next writer stop with one line naming the file, not wait for
+    ever."""
+    import fcntl
+    import os
+    import time
+
+    path = tmp_path / "lease.json"
+    path.write_bytes(b"{}")
+    holder = os.open(path, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    waiter = os.open(path, os.O_RDWR)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StorageError, match=f"{path} has been locked by another process for 0.2 s"):
+            storage.lock_within(waiter, str(path), 0.2)
+        assert time.monotonic() - t0 < 5
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        storage.lock_within(waiter, str(path), 0.2)  # free again: taken at once
+    finally:
+        os.close(holder)
+        os.close(waiter)

@@ -35,7 +35,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from raylm import lease as leases, storage
 from raylm.errors import ConfigError, DataError, StorageError
@@ -331,6 +332,13 @@ def read_model(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         model = Transformer(cfg)
     model.to_empty(device="cpu")
     state = model.state_dict()
+    read_weights(path, state)
+    return cfg, state
+
+
+def read_weights(path: str, state: dict[str, torch.Tensor]) -> None:
+    """Fill `state` (a plain model's state dict, on any device) with the weights saved in `path` by a checkpoint
+    or `write_weights`, resharded from however many ranks wrote them, in this one process."""
     try:
         with warnings.catch_warnings():  # DCP warns that it loads in a single process, which is the intent here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -339,7 +347,11 @@ def read_model(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         if not is_storage_failure(exc):
             raise
         raise DataError(f"checkpoint {path} could not be loaded ({_first_line(exc)}); use another one") from exc
-    return cfg, state
+
+
+def write_weights(path: str, model: nn.Module) -> None:
+    """The model's weights alone to `path`, each rank its own shards (collective): what `read_weights` reads."""
+    dcp.save({"model": get_model_state_dict(model)}, storage_writer=_writer(path))
 
 
 class Checkpointer:

@@ -29,12 +29,15 @@ class FaultConfig:
     sigterm_at_step: int = 0
     """Tests and demos: rank fault.rank sends itself SIGTERM (a preemption notice) during this step, after its first
     micro-batch's backward, once per run dir (0 = never)."""
+    rollout_kill_at_step: int = 0
+    """Tests and demos (python -m trainer.rl): a rollout actor's process dies hard during this step's rollouts,
+    once per run dir (0 = never); Ray restarts it and its prompts are redone."""
 
     def __post_init__(self):
-        if min(self.kill_at_step, self.rank, self.step_delay_s, self.sigterm_at_step) < 0:
-            raise ConfigError(f"fault.kill_at_step, fault.rank, fault.step_delay_s and fault.sigterm_at_step must be "
-                              f">= 0, got {self.kill_at_step}, {self.rank}, {self.step_delay_s}, "
-                              f"{self.sigterm_at_step}")
+        values = (self.kill_at_step, self.rank, self.step_delay_s, self.sigterm_at_step, self.rollout_kill_at_step)
+        if min(values) < 0:
+            raise ConfigError(f"fault.kill_at_step, fault.rank, fault.step_delay_s, fault.sigterm_at_step and "
+                              f"fault.rollout_kill_at_step must be >= 0, got {', '.join(map(str, values))}")
 
 
 def _first_time(run_dir: str, name: str, what: str) -> bool:
@@ -74,3 +77,13 @@ def notice_fault(fault: FaultConfig, *, run_dir: str, step: int, rank: int) -> C
             os.kill(os.getpid(), signal.SIGTERM)
 
     return signal_self
+
+
+def inject_rollout_fault(fault: FaultConfig, *, run_dir: str, step: int) -> None:
+    """In a rollout actor: die like a lost node during step `step`'s rollouts when configured, once per run dir."""
+    if fault.rollout_kill_at_step != step or not _first_time(run_dir, f"fault-rollout-step-{step:06d}",
+                                                             f"a rollout actor killed in step {step}"):
+        return
+    log.warning("fault injection: a rollout actor exits during step %d", step)
+    logging.shutdown()
+    os._exit(1)

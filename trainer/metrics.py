@@ -139,6 +139,11 @@ def format_line(m: dict) -> str:
     if "loss" not in m:  # an evaluation-only line (step 0)
         return " | ".join([f"step {m['step']:>6d}", *evals])
     parts = [f"step {m['step']:>6d}", f"loss {m['loss']:.4f}", *evals]
+    if "reward_mean" in m:  # an RL step (trainer/rl)
+        return " | ".join([*parts, f"reward {m['reward_mean']:.3f} acc {m['accuracy']:.2f}", f"kl {m['kl']:.4f}",
+                           f"len {m['reply_len']:.1f}", f"clip {m['clip_frac']:.3f}", f"ent {m['entropy']:.2f}",
+                           f"rollout {m['rollout_s']:.2f}s reward {m['reward_s']:.2f}s update {m['update_s']:.2f}s "
+                           f"sync {m['sync_s']:.2f}s"])
     if "rewards/accuracy" in m:  # preference tuning
         parts.append(f"reward acc {m['rewards/accuracy']:.2f} margin {m['rewards/margin']:.3f}")
     parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.2f}", f"{m['tokens_per_s']:,.0f} tok/s",
@@ -151,7 +156,9 @@ def evaluation_parts(m: dict) -> list[str]:
     """The validation slice's loss, perplexity and bits per byte (preference pairs': loss and reward accuracy), each
     held-out dataset's loss and each task's accuracy, when the line has them (evaluation steps)."""
     parts = []
-    if "val_rewards/accuracy" in m:
+    if "val/accuracy" in m:  # RL's held-out prompts, answered greedily
+        parts = [f"val acc {m['val/accuracy']:.2f} (reward {m['val/reward_mean']:.3f})"]
+    elif "val_rewards/accuracy" in m:
         parts = [f"val {m['val_loss']:.4f} (reward acc {m['val_rewards/accuracy']:.2f})"]
     elif "val_loss" in m:
         parts = [f"val {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f}, {m['val_bpb']:.3f} bpb)"]

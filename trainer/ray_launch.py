@@ -29,6 +29,7 @@ from trainer.preemption import Preempted
 
 if TYPE_CHECKING:
     from trainer.eval.job import EvalJob
+    from trainer.rl.config import RLJob
 
 log = logging.getLogger(__name__)
 
@@ -235,17 +236,33 @@ def launch(job: JobConfig, *, callbacks: list | None = None, tasks: list | None 
 
     Ray's controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and a report waits
     until the previous one was polled: log steps closer together than that block the loop (lower it, as the tests
-    do, for runs that log every fraction of a second); a shorter poll costs CPU on every run.
-
-    The driver holds RUN_DIR's lease for the whole run (raylm/lease.py), across the worker group's restarts."""
+    do, for runs that log every fraction of a second); a shorter poll costs CPU on every run."""
     import ray
 
     init_ray()
-    check_local_paths(paths(job), shared_fs=job.storage.shared_fs)
+    return run_held(job, train_worker, paths(job), callbacks=callbacks,
+                    config={"tasks": None if tasks is None else ray.put(tasks), "reference_only": reference_only})
+
+
+def launch_rl(job: RLJob):
+    """`python -m trainer.rl`'s run under Ray Train (its rank 0 makes the rollout actors); returns Ray's Result."""
+    from trainer.rl.config import job_paths
+
+    return run_held(job, rl_worker, job_paths(job), config={})
+
+
+def run_held(job, worker, job_paths: dict[str, str], *, config: dict, callbacks: list | None = None):
+    """`worker` on the job's Ray Train worker group, `config` beside the job, the lease and the driver's node in
+    its train_loop_config. The driver holds RUN_DIR's lease for the whole run (raylm/lease.py), across the worker
+    group's restarts."""
+    import ray
+
+    init_ray()
+    check_local_paths(job_paths, shared_fs=job.storage.shared_fs)
     context = ray.get_runtime_context()
     with held(job.run.dir, job=f"ray job {context.get_job_id()}", seconds=job.run.lease_s) as lease:
-        return fit(job, lease=lease.token, driver_node=context.get_node_id(), callbacks=callbacks,
-                   tasks=None if tasks is None else ray.put(tasks), reference_only=reference_only)
+        return fit(job, worker, {"job": to_dict(job), "lease": lease.token, "driver_node": context.get_node_id(),
+                                 **config}, callbacks=callbacks)
 
 
 def worker_resources(use_gpu: bool, cpus_per_worker: float) -> dict:
@@ -286,9 +303,9 @@ def fit_raising_user_errors(trainer):
         raise
 
 
-def fit(job: JobConfig, *, lease: str, driver_node: str, callbacks: list | None, tasks=None,
-        reference_only: bool = False):
-    """TorchTrainer.fit of the job, its failure turned into one line when it is a user's to fix."""
+def fit(job, worker, config: dict, *, callbacks: list | None):
+    """TorchTrainer.fit of `worker` on the job's worker group (training's or RL's), its failure turned into one
+    line when it is a user's to fix."""
     from ray.train import FailureConfig
 
     fs, path = storage.filesystem(job.run.dir)
@@ -297,8 +314,7 @@ def fit(job: JobConfig, *, lease: str, driver_node: str, callbacks: list | None,
     watch = start_watch(cfg.start_timeout_s, per_worker=worker_resources(cfg.use_gpu, cfg.cpus_per_worker),
                         workers=cfg.min_workers or cfg.num_workers)
     trainer = torch_trainer(
-        train_worker, {"job": to_dict(job), "lease": lease, "driver_node": driver_node, "tasks": tasks,
-                       "reference_only": reference_only},
+        worker, config,
         workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,
         use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
         scaling={"elastic_resize_monitor_interval_s": cfg.resize_check_s},
@@ -326,6 +342,18 @@ def drop_storage_marker(run_dir: str) -> None:
     from ray.train.v2._internal.constants import VALIDATE_STORAGE_MARKER_FILENAME
 
     storage.delete_file(storage.join(run_dir, VALIDATE_STORAGE_MARKER_FILENAME))
+
+
+def rl_worker(config: dict) -> dict:
+    """`python -m trainer.rl` on each Ray Train worker; rank 0's return value becomes `Result.return_value`."""
+    from trainer.rl.config import RLJob, job_paths
+    from trainer.rl.loop import run
+
+    quiet_report_log()
+    quiet_user_error_tracebacks()
+    job = from_dict(RLJob, config["job"])
+    check_local_paths(job_paths(job), shared_fs=job.storage.shared_fs, where=config["driver_node"])
+    return run(job, report=report_to_ray, lease=config["lease"])
 
 
 def eval_worker(config: dict) -> dict:

@@ -1,0 +1,1 @@
+"""Reinforcement learning from verifiable rewards (GRPO) on Ray: `python -m trainer.rl`."""
