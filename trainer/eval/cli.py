@@ -41,7 +41,7 @@ def check_before_launch(job: EvalJob) -> list:
                           "--eval.passkey=LENGTH,...")
     for path in job_paths(job).values():
         storage.check_bucket(path)
-    found = find_checkpoint(job.run.checkpoint)
+    found = find_checkpoint(job.run.checkpoint, max_seq_len=job.run.max_seq_len)
     job.run.checkpoint = found.path  # the step found now, not a newer one committed while the workers start
     return check_evaluation(job.eval, tokenizer=load_tokenizer(found.tokenizer, where=job.run.checkpoint),
                             max_len=found.cfg.max_seq_len)
