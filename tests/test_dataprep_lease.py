@@ -5,7 +5,6 @@ run's straggler does when it is finally stopped."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -13,7 +13,7 @@ import torch
 
 from helpers import TINY, metrics, run_captured, write_packed_dataset
 from raylm.dataset import open_dataset
-from raylm.errors import DataError
+from raylm.errors import ConfigError, DataError
 from raylm.tokenizer import load_tokenizer, train_tokenizer
 from trainer.eval.heldout import held_out, loss_sums, report
 from trainer.eval.multiple_choice import load_task, read_items, score_task
@@ -256,3 +256,54 @@ def test_a_dataset_of_another_tokenizer_or_a_broken_task_is_refused_before_any_w
     code, _, err = run_captured(evaluate, ["--no-ray", "--data.path", data])
     assert code == 2 and "--checkpoint is required" in err, err
     assert not (tmp_path / "r").exists(), "refused before the run directory was made"
+
+
+def test_passkey_prompts_fit_their_length_and_plant_the_key_at_its_depth(tokenizer):
+    """Each prompt is the longest of whole filler sentences that fits its length with its key; the needle sits at
+    its depth; the key continues "The pass key is"; the same seed gives the same prompts."""
+    from trainer.eval.passkey import QUESTION, needle, passkey_task
+
+    task = passkey_task(tokenizer, lengths=[200, 400], depths=[0.0, 0.5, 1.0], trials=2, seed=0, max_len=512)
+    assert len(task.requests) == 2 * 3 * 2
+    sentence = len(tokenizer.encode(["The grass is green. "])[0])
+    positions = {}
+    for (length, depth), requests in zip([(L, d) for L in (200, 400) for d in (0.0, 0.5, 1.0)],
+                                         [task.requests[i:i + 2] for i in range(0, 12, 2)]):
+        for ids, n in requests:
+            assert length - 2 * sentence <= len(ids) <= length
+            text = tokenizer.decode(ids[1:])
+            key = tokenizer.decode(ids[-n:]).strip()
+            assert len(key) == 5 and key.isdigit() and text.endswith(f"{QUESTION} {key}")
+            positions.setdefault((length, depth), []).append(text.index(needle(key)) / len(text))
+    for length in (200, 400):
+        assert max(positions[(length, 0.0)]) < 0.05 and min(positions[(length, 1.0)]) > 0.5
+        assert 0.2 < np.mean(positions[(length, 0.5)]) < 0.6
+    again = passkey_task(tokenizer, lengths=[200, 400], depths=[0.0, 0.5, 1.0], trials=2, seed=0, max_len=512)
+    assert again.requests == task.requests
+    with pytest.raises(ConfigError, match="eval.passkey=600 does not fit the model's context of 512 tokens"):
+        passkey_task(tokenizer, lengths=[600], depths=[0.5], trials=1, seed=0, max_len=512)
+
+
+def test_passkey_scores_a_grid_and_loss_by_position_adds_up(tokenizer, tmp_path):
+    """The grid holds every length × depth (its mean is the overall accuracy); the held-out loss by position bucket
+    (0-64, 64-128, 128-200) adds up to the whole slice's loss."""
+    from trainer.eval.passkey import grid_table, passkey_task, plot_grid, score_passkey
+
+    model = tiny_model(tokenizer.vocab_size, 256)
+    task = passkey_task(tokenizer, lengths=[96, 200], depths=[0.0, 1.0], trials=3, seed=0, max_len=256)
+    result = score_passkey(model, task, micro_batch=4, device=torch.device("cpu"))
+    cells = [acc for row in result["grid"].values() for acc in row.values()]
+    assert list(result["grid"]) == ["96", "200"] and list(result["grid"]["96"]) == ["0", "1"]
+    assert all(0 <= acc <= 1 for acc in cells) and result["acc"] == pytest.approx(np.mean(cells))
+    assert "passkey length" in grid_table(result)
+    plot_grid(result, str(tmp_path / "grid.png"))
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+    text = [" ".join(f"{n} likes {w}." for n, w in zip(NAMES, WORDS * 3))] * 6
+    path = write_packed_dataset(tmp_path / "ds", tokenizer, {"train": {"a": text}, "val": {"a": text}}, seq_len=200)
+    held = held_out(open_dataset(path), name="ds", token_bytes=tokenizer.token_bytes, rows=0, seed=0, micro_batch=2,
+                    rank=0, world=1, by_position=True)
+    sums = loss_sums(model, held, torch.device("cpu"))
+    got = report(held, sums)
+    assert list(got["loss_by_position"]) == ["0-64", "64-128", "128-200"]
+    assert torch.allclose(sums[1:].sum(0), sums[0], rtol=1e-9)  # the buckets cover every target once

@@ -90,7 +90,7 @@ def test_hf_tokenizer_matches_sentencepiece(tmp_path, sp_model, chat):
     assert tok.decode(encode_exact(sp, [marker])[0]) == marker
 
 
-@pytest.mark.parametrize("model", [dict(), dict(n_experts=4, top_k=2), dict(tie_embeddings=True, rope_scaling=8.0)],
+@pytest.mark.parametrize("model", [dict(), dict(n_experts=4, top_k=2), dict(tie_embeddings=True, rope_scaling="llama3", rope_factor=8.0)],
                          ids=["llama", "mixtral", "tied-llama3-rope"])
 def test_import_of_export_is_identity(tmp_path, sp_model, model):
     path = weights_file(tmp_path, sp_model, **model)

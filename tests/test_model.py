@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -44,7 +46,8 @@ def max_logit_diff(model: Transformer, folder) -> float:
     dict(n_kv_heads=0, tie_embeddings=True, rope_theta=500000.0),
     dict(n_kv_heads=1, tie_embeddings=True, rope_theta=10000.0),
     dict(n_kv_heads=4, tie_embeddings=False, rope_theta=500000.0),
-    dict(n_kv_heads=2, tie_embeddings=True, rope_theta=500000.0, rope_scaling=8.0, rope_original_max_seq_len=16),
+    dict(n_kv_heads=2, tie_embeddings=True, rope_theta=500000.0, rope_scaling="llama3", rope_factor=8.0,
+         rope_original_max_seq_len=16),
 ], ids=["gqa-untied-1e4", "mha-tied-5e5", "mqa-tied-1e4", "mha-untied-5e5", "gqa-tied-llama3-scaled"])
 def test_logits_match_llama(overrides, tmp_path):
     assert max_logit_diff(build(**overrides), tmp_path) <= 1e-4
@@ -193,3 +196,51 @@ def test_llama3_8b_preset_has_llama3_8b_parameter_count_and_size_cli_reports_it(
     assert "active per token (top-1 of 8 experts)" in out and "at seq_len 512" in out
     code, _, err = run_captured(size.main, ["--config", "configs/moe.toml", "--model.top_k=9"])
     assert code == 2 and err == "error: model.top_k=9 must be in [1, n_experts]\n"
+
+
+@pytest.mark.parametrize("scaling", [
+    dict(rope_scaling="linear", rope_factor=4.0),
+    dict(rope_scaling="llama3", rope_factor=4.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0),
+    dict(rope_scaling="yarn", rope_factor=4.0),
+    dict(rope_scaling="yarn", rope_factor=8.0, rope_beta_fast=16.0, rope_beta_slow=2.0, rope_attention_factor=1.1),
+], ids=["linear", "llama3", "yarn", "yarn-custom"])
+def test_rope_scaling_matches_transformers_beyond_the_original_context(scaling, tmp_path):
+    """Each kind of RoPE scaling gives transformers' logits (to 1e-5) at every position of a sequence 4x the original
+    context, through the export (config.json's rope_parameters) and back through the import (the same ModelConfig)."""
+    from trainer.hf import model_config_from_hf, read_config
+
+    model = build(n_kv_heads=2, rope_theta=10000.0, rope_original_max_seq_len=16, max_seq_len=64, **scaling)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
+    hf = hf_copy(model, tmp_path)
+    with torch.no_grad():
+        ours, _ = model(tokens)
+        theirs = hf(tokens).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    kind = json.loads((tmp_path / "config.json").read_text())["rope_parameters"]["rope_type"]
+    assert kind == scaling["rope_scaling"]
+    assert model_config_from_hf(read_config(str(tmp_path)), str(tmp_path), rest=model.cfg) == model.cfg
+
+
+def test_a_checkpoint_config_from_before_the_rope_kinds_reads_as_llama3():
+    assert ModelConfig(rope_scaling=8.0).rope_scaling == "llama3" and ModelConfig(rope_scaling=8.0).rope_factor == 8.0
+    assert ModelConfig(rope_scaling=0.0).rope_scaling == "none"
+
+
+def test_document_masking_gives_each_document_of_a_packed_row_the_logits_it_has_alone():
+    """model.doc_mask: a pretraining row of EOS-ended documents computes, for each document, the logits of that
+    document alone (to 1e-5): positions restart and attention stays inside it. Without it the later documents
+    attend to the earlier ones."""
+    g = torch.Generator().manual_seed(0)
+    eos = 3
+    docs = [torch.cat([torch.randint(4, 211, (n,), generator=g), torch.tensor([eos])]) for n in (6, 11, 8)]
+    row = torch.cat(docs)[None]
+    for doc_mask in (True, False):
+        model = build(doc_mask=doc_mask, eos_id=eos)
+        with torch.no_grad():
+            packed, _ = model(row)
+            starts = [0, len(docs[0]), len(docs[0]) + len(docs[1])]
+            diffs = [(packed[0, s:s + len(d)] - model(d[None])[0][0]).abs().max().item() for s, d in zip(starts, docs)]
+        if doc_mask:
+            assert max(diffs) <= 1e-5
+        else:
+            assert diffs[0] <= 1e-5 and min(diffs[1:]) > 1e-3

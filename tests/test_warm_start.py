@@ -167,3 +167,22 @@ def test_a_warm_start_is_announced_once_by_a_job_of_two_ranks(data, source, tmp_
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("warm start from the weights of") == 1, proc.stderr
+
+
+def test_a_run_extends_another_runs_context_with_rope_scaling_and_document_masking(data, source, tmp_path):
+    """Context extension: the 32-token run's weights continue at 64 tokens with YaRN (and document masking), on a
+    dataset made at the longer length; the run's checkpoints record the scaling, so a re-run with another one is
+    refused in one line."""
+    base = load_tokenizer(read_tokenizer_files(data["base"]))
+    long = write_packed_dataset(tmp_path / "long", base, {"train": {"x": DOCS * 3}, "val": {"x": DOCS}}, seq_len=64)
+    extend = ["--checkpoint.resume_from", source, "--checkpoint.load_weights_only=true", "--model.rope_scaling=yarn",
+              "--model.rope_factor=2", "--model.rope_original_max_seq_len=32", "--model.doc_mask=true",
+              "--train.steps=2", "--checkpoint.async_save=false"]
+    code, _, err = train(long, tmp_path / "extended", *extend)
+    assert code == 0, err
+    state = json.loads(next((tmp_path / "extended" / "checkpoints").glob("step-*/train_state.json")).read_text())
+    assert state["identity"]["dataset seq_len"] == 64 and state["identity"]["model.rope_scaling"] == "yarn"
+    assert state["identity"]["model.rope_factor"] == 2.0 and state["identity"]["model.doc_mask"] is True
+    code, out, err = train(long, tmp_path / "extended", *extend[:-6], "--model.rope_scaling=linear",
+                           "--model.rope_factor=2", "--train.steps=3")
+    assert "model.rope_scaling=yarn" in one_error(code, out, err) and "model.rope_scaling=linear" in err

@@ -265,7 +265,7 @@ def run_identity(model: ModelConfig, dataset, *, data_seed: int, global_batch: i
     or data.mix_schedule's phases, when set). train.steps and the lr schedule are not in it: raising them is how a
     run is extended."""
     identity = {f"model.{key}": value for key, value in dataclasses.asdict(model).items()
-                if key != "attention"}  # a kernel choice: a run may switch it when it resumes
+                if key not in ("attention", "eos_id")}  # a kernel choice; the tokenizer's (its sha256 is below)
     return identity | {
         "dataset tokenizer sha256": dataset.manifest["tokenizer"]["sha256"], "dataset seq_len": dataset.seq_len,
         "dataset train rows": len(dataset.train), "data.seed": data_seed, "train.global_batch": global_batch,
@@ -273,11 +273,20 @@ def run_identity(model: ModelConfig, dataset, *, data_seed: int, global_batch: i
     }
 
 
+def legacy_rope(identity: dict) -> dict:
+    """A checkpoint's identity from before the RoPE scaling kinds: model.rope_scaling was Llama 3.1's factor."""
+    scaling = identity.get("model.rope_scaling")
+    if not isinstance(scaling, (int, float)):
+        return identity
+    return {**identity, "model.rope_scaling": "llama3" if scaling else "none",
+            **({"model.rope_factor": float(scaling)} if scaling else {})}
+
+
 def check_continues(state: dict, identity: dict, path: str, *, own: bool, weights_only: bool = False) -> None:
     """Refuse, in one line naming every differing field, to continue a checkpoint of another model, dataset or data
     order (with `weights_only`, only the model must match): loading would fail deep in DCP or, worse, succeed.
     `own`: the checkpoint is the run directory's own (else it came from checkpoint.resume_from)."""
-    saved = {**MODEL_DEFAULTS, **state.get("identity", {})}  # a model field added since counts as its default
+    saved = {**MODEL_DEFAULTS, **legacy_rope(state.get("identity", {}))}  # a field added since: its default
     same_weights = {f"model.{key}" for key in NOT_IN_WEIGHTS} if weights_only else set()
     keys = [k for k in identity if saved.get(k) != identity[k] and k not in same_weights
             and (k.startswith("model.") or not weights_only)]

@@ -126,6 +126,7 @@ def resolve_model(job: JobConfig, dataset) -> None:
     else:
         job.model.vocab_size = dataset.vocab_size
     job.model.max_seq_len = max(job.model.max_seq_len, dataset.seq_len)
+    job.model.eos_id = dataset.tokenizer().eos_id  # where documents end, for model.doc_mask
 
 
 def check_tokenizer(dataset, source: str) -> None:

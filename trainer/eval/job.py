@@ -4,6 +4,7 @@ run this same code."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -33,8 +34,13 @@ class EvalRunConfig:
     """'bf16' (the GPU setting) or 'fp32'."""
     device: str = "auto"
     """'auto' (cuda if available), 'cuda' or 'cpu'."""
+    max_seq_len: int = 0
+    """Score at up to this context although the checkpoint's is shorter (its rotary table extended as the model
+    computes it, no rescaling): how a model does past the length it was trained at. 0 = the checkpoint's."""
 
     def __post_init__(self):
+        if self.max_seq_len < 0:
+            raise ConfigError(f"run.max_seq_len must be >= 0, got {self.max_seq_len}")
         if self.micro_batch < 1:
             raise ConfigError(f"run.micro_batch must be >= 1, got {self.micro_batch}")
         ParallelConfig(mixed_precision=self.mixed_precision)  # the same check as training's
@@ -58,8 +64,9 @@ class Checkpoint:
     tokenizer: dict[str, bytes]
 
 
-def find_checkpoint(path: str) -> Checkpoint:
-    """The checkpoint at `path`: a raylm run or step directory, or a Hugging Face folder (config.json)."""
+def find_checkpoint(path: str, *, max_seq_len: int = 0) -> Checkpoint:
+    """The checkpoint at `path`: a raylm run or step directory, or a Hugging Face folder (config.json); with its
+    context raised to `max_seq_len` when that is longer (a field that changes no weight)."""
     from trainer import checkpoint
     from trainer.weights import tokenizer_files_in
 
@@ -77,6 +84,8 @@ def find_checkpoint(path: str) -> Checkpoint:
                         "(config.json)")
     if found.tokenizer is None:
         raise DataError(f"--checkpoint {path} carries no tokenizer; its datasets cannot be checked against it")
+    if max_seq_len > found.cfg.max_seq_len:
+        found.cfg = dataclasses.replace(found.cfg, max_seq_len=max_seq_len)
     return found
 
 
@@ -104,7 +113,8 @@ def evaluate(job: EvalJob, tasks: list | None = None) -> dict:
     d = init_distributed(job.run.device)
     # rank 0's finding on every rank: a live run may commit a newer step between two ranks' looks, and ranks
     # loading different steps into one sharded model would score neither
-    found = decided_on_rank0(lambda: find_checkpoint(job.run.checkpoint), rank=d.rank)
+    found = decided_on_rank0(lambda: find_checkpoint(job.run.checkpoint, max_seq_len=job.run.max_seq_len),
+                             rank=d.rank)
     model = load_sharded(found, d, ParallelConfig(mixed_precision=job.run.mixed_precision))
     evaluation = open_evaluation(job.eval, tokenizer=load_tokenizer(found.tokenizer, where=job.run.checkpoint),
                                  max_len=found.cfg.max_seq_len, micro_batch=job.run.micro_batch, rank=d.rank,

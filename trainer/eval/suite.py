@@ -16,9 +16,10 @@ import torch
 from raylm import storage
 from raylm.dataset import dataset_name, open_dataset
 from raylm.errors import ConfigError, DataError
-from raylm.paths import InPath, option_paths
+from raylm.paths import InPath, OutPath, option_paths
 from trainer.eval.heldout import flat_metrics, held_out, loss_sums, report
 from trainer.eval.multiple_choice import Task, load_task, score_task, task_name
+from trainer.eval.passkey import Passkey, passkey_task, score_passkey
 from trainer.weights import same_vocabulary
 
 
@@ -36,9 +37,20 @@ class EvalConfig:
     task_items: int = 0
     """Items scored per task: a seeded sample, the same on any W (0 = all)."""
     seed: int = 0
-    """Seeds the samples of rows and items."""
+    """Seeds the samples of rows and items, and the passkeys."""
+    passkey: list[int] = field(default_factory=list)
+    """Passkey retrieval at these context lengths in tokens (e.g. 128,256,512): a random 5-digit key planted at
+    each of passkey_depths in filler text must be the model's greedy continuation of "The pass key is"."""
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Where the key sits: 0 = the start of the text, 1 = just before the question."""
+    passkey_trials: int = 10
+    """Keys per length and depth."""
+    passkey_plot: OutPath = ""
+    """python -m trainer.eval: the passkey grid as a heat-map PNG here (local or s3://)."""
 
     def __post_init__(self):
+        if self.passkey_trials < 1:
+            raise ConfigError(f"eval.passkey_trials must be >= 1, got {self.passkey_trials}")
         for name in ("rows", "task_items"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
@@ -48,12 +60,14 @@ class EvalConfig:
 
 def eval_paths(cfg: EvalConfig) -> dict[str, str]:
     """`--eval.datasets` (`--eval.datasets[i]` when there are several) and the same for tasks."""
-    return {**option_paths("--eval.datasets", cfg.datasets), **option_paths("--eval.tasks", cfg.tasks)}
+    return {**option_paths("--eval.datasets", cfg.datasets), **option_paths("--eval.tasks", cfg.tasks),
+            **({"--eval.passkey_plot": cfg.passkey_plot} if cfg.passkey_plot else {})}
 
 
 def make_eval_paths_absolute(cfg: EvalConfig) -> None:
     cfg.datasets = [storage.absolute(p) for p in cfg.datasets]
     cfg.tasks = [storage.absolute(p) for p in cfg.tasks]
+    cfg.passkey_plot = storage.absolute(cfg.passkey_plot) if cfg.passkey_plot else ""
 
 
 def check_unique(names: list[str], option: str) -> None:
@@ -94,17 +108,21 @@ class Evaluation:
     micro_batch: int = 1
     rank: int = 0
     world: int = 1
+    passkey: Passkey | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.sets or self.tasks)
+        return bool(self.sets or self.tasks or self.passkey)
 
     @torch.no_grad()
     def run(self, model, device: torch.device) -> dict:
-        """{"datasets": {name: figures}, "tasks": {name: accuracy}}; collective."""
+        """{"datasets": {name: figures}, "tasks": {name: accuracy}, and "passkey": its grid when asked for};
+        collective."""
         datasets = {held.name: report(held, loss_sums(model, held, device)) for held in self.sets}
         tasks = {task.name: score_task(model, task, micro_batch=self.micro_batch, device=device, rank=self.rank,
                                        world=self.world) for task in self.tasks}
-        return {"datasets": datasets, "tasks": tasks}
+        passkey = {"passkey": score_passkey(model, self.passkey, micro_batch=self.micro_batch, device=device,
+                                            rank=self.rank, world=self.world)} if self.passkey else {}
+        return {"datasets": datasets, "tasks": tasks, **passkey}
 
 
 def open_evaluation(cfg: EvalConfig, *, tokenizer, max_len: int, micro_batch: int, rank: int = 0,
@@ -113,11 +131,17 @@ def open_evaluation(cfg: EvalConfig, *, tokenizer, max_len: int, micro_batch: in
     `tasks`: the tasks as `check_evaluation` tokenized them on the driver, else they are tokenized here)."""
     sets = [held_out(open_held_out(path, tokenizer=tokenizer, max_len=max_len),
                      name=dataset_name(path), token_bytes=tokenizer.token_bytes, rows=cfg.rows, seed=cfg.seed,
-                     micro_batch=micro_batch, rank=rank, world=world, per_source=True, keep=keep)
+                     micro_batch=micro_batch, rank=rank, world=world, per_source=True, keep=keep,
+                     by_position=True)
             for path in cfg.datasets]
     if tasks is None:
         tasks = load_tasks(cfg, tokenizer=tokenizer, max_len=max_len)
-    return Evaluation(sets, tasks, micro_batch, rank, world)
+    return Evaluation(sets, tasks, micro_batch, rank, world, open_passkey(cfg, tokenizer=tokenizer, max_len=max_len))
+
+
+def open_passkey(cfg: EvalConfig, *, tokenizer, max_len: int) -> Passkey | None:
+    return passkey_task(tokenizer, lengths=cfg.passkey, depths=cfg.passkey_depths, trials=cfg.passkey_trials,
+                        seed=cfg.seed, max_len=max_len) if cfg.passkey else None
 
 
 def load_tasks(cfg: EvalConfig, *, tokenizer, max_len: int) -> list[Task]:
@@ -129,14 +153,20 @@ def check_evaluation(cfg: EvalConfig, *, tokenizer, max_len: int) -> list[Task]:
     tasks tokenized, to ship to the workers (`open_evaluation(tasks=...)`)."""
     for path in cfg.datasets:
         open_held_out(path, tokenizer=tokenizer, max_len=max_len)
+    open_passkey(cfg, tokenizer=tokenizer, max_len=max_len)
     return load_tasks(cfg, tokenizer=tokenizer, max_len=max_len)
 
 
 def metrics(results: dict) -> dict:
-    """Flat metric names for the sinks: eval/{dataset}/loss|ppl|bpb (and /{source}), task/{task}/acc|acc_norm."""
+    """Flat metric names for the sinks: eval/{dataset}/loss|ppl|bpb (and /{source}, and loss_at/{positions}),
+    task/{task}/acc|acc_norm, passkey/acc and passkey/{length}/{depth}."""
     out = {}
     for name, figures in results["datasets"].items():
         out |= flat_metrics(f"eval/{name}/", figures)
     for name, acc in results["tasks"].items():
         out |= {f"task/{name}/acc": acc["acc"], f"task/{name}/acc_norm": acc["acc_norm"]}
+    if "passkey" in results:
+        out["passkey/acc"] = results["passkey"]["acc"]
+        out |= {f"passkey/{length}/{depth}": acc for length, row in results["passkey"]["grid"].items()
+                for depth, acc in row.items()}
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import torch
 
@@ -45,21 +46,47 @@ def hf_config(cfg: ModelConfig, *, bos_id: int = 1, eos_id: int = 2, dtype: torc
 
 
 def rope_parameters(cfg: ModelConfig) -> dict:
-    """transformers' `rope_parameters` for raylm's RoPE: "default", or "llama3" frequency scaling."""
-    if not cfg.rope_scaling:
-        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    return {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": cfg.rope_scaling,
-            "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
-            "original_max_position_embeddings": cfg.rope_original_max_seq_len}
+    """transformers' `rope_parameters` for raylm's RoPE: "default", "linear", "llama3" or "yarn"."""
+    kind = "default" if cfg.rope_scaling == "none" else cfg.rope_scaling
+    out = {"rope_type": kind, "rope_theta": cfg.rope_theta}
+    if kind != "default":
+        out["factor"] = cfg.rope_factor
+    if kind == "llama3":
+        out |= {"low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
+                "original_max_position_embeddings": cfg.rope_original_max_seq_len}
+    if kind == "yarn":
+        out |= {"original_max_position_embeddings": cfg.rope_original_max_seq_len, "beta_fast": cfg.rope_beta_fast,
+                "beta_slow": cfg.rope_beta_slow, "truncate": True}
+        if cfg.rope_attention_factor:
+            out["attention_factor"] = cfg.rope_attention_factor
+    return out
 
 
-def rope_fields(rope: dict) -> dict:
-    """The ModelConfig RoPE fields for transformers' `rope_parameters` (inverse of `rope_parameters`)."""
-    fields = {"rope_theta": float(rope["rope_theta"]), "rope_scaling": 0.0}
-    if rope.get("rope_type", "default") == "llama3":
-        fields.update(rope_scaling=float(rope["factor"]), rope_low_freq_factor=float(rope["low_freq_factor"]),
-                      rope_high_freq_factor=float(rope["high_freq_factor"]),
-                      rope_original_max_seq_len=int(rope["original_max_position_embeddings"]))
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rope_fields(rope: dict, where: str, *, max_positions: int) -> dict:
+    """The ModelConfig RoPE fields for transformers' `rope_parameters` (inverse of `rope_parameters`); YaRN's
+    DeepSeek form (mscale and mscale_all_dim) becomes the attention factor it stands for."""
+    kind = rope.get("rope_type", "default")
+    fields = {"rope_theta": float(rope["rope_theta"]), "rope_scaling": "none" if kind == "default" else kind}
+    if kind == "default":
+        return fields
+    original = rope.get("original_max_position_embeddings")
+    factor = rope.get("factor") or max_positions / original
+    fields["rope_factor"] = float(factor)
+    if kind == "llama3":
+        fields.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                      rope_high_freq_factor=float(rope["high_freq_factor"]), rope_original_max_seq_len=int(original))
+    if kind == "yarn":
+        if rope.get("truncate", True) is False:
+            raise DataError(f"{where}: YaRN with truncate=false is not supported by raylm's model")
+        attention = rope.get("attention_factor")
+        if attention is None and rope.get("mscale") and rope.get("mscale_all_dim"):
+            mscale = lambda m: 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0  # noqa: E731
+            attention = mscale(rope["mscale"]) / mscale(rope["mscale_all_dim"])
+        fields.update(rope_original_max_seq_len=int(original), rope_beta_fast=float(rope.get("beta_fast") or 32),
+                      rope_beta_slow=float(rope.get("beta_slow") or 1), rope_attention_factor=float(attention or 0.0))
     return fields
 
 
@@ -96,7 +123,7 @@ def model_config_from_hf(hf, where: str, *, rest: ModelConfig | None = None) -> 
     check_model_type(hf.model_type, where)
     rope = getattr(hf, "rope_parameters", None) or {"rope_theta": getattr(hf, "rope_theta", 10000.0)}
     unsupported = {
-        "rope_type": (rope.get("rope_type"), rope.get("rope_type", "default") not in ("default", "llama3")),
+        "rope_type": (rope.get("rope_type"), rope.get("rope_type", "default") not in ROPE_TYPES),
         "hidden_act": (hf.hidden_act, hf.hidden_act != "silu"),
         "attention_bias": (True, bool(getattr(hf, "attention_bias", False))),
         "mlp_bias": (True, bool(getattr(hf, "mlp_bias", False))),
@@ -107,11 +134,12 @@ def model_config_from_hf(hf, where: str, *, rest: ModelConfig | None = None) -> 
     for key, (value, bad) in unsupported.items():
         if bad:
             raise DataError(f"{where}: {key}={value!r} is not supported by raylm's model (Llama/Mixtral with "
-                            f"default or llama3 RoPE, SiLU, no biases)")
+                            f"default, linear, llama3 or yarn RoPE, SiLU, no biases)")
     fields = dict(
         vocab_size=hf.vocab_size, dim=hf.hidden_size, n_layers=hf.num_hidden_layers, n_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_key_value_heads or 0, ffn_hidden=hf.intermediate_size, norm_eps=hf.rms_norm_eps,
-        max_seq_len=hf.max_position_embeddings, **rope_fields(rope),
+        max_seq_len=hf.max_position_embeddings,
+        **rope_fields(rope, where, max_positions=hf.max_position_embeddings),
         tie_embeddings=bool(hf.tie_word_embeddings), n_experts=getattr(hf, "num_local_experts", 0),
         top_k=getattr(hf, "num_experts_per_tok", 2), aux_loss_weight=getattr(hf, "router_aux_loss_coef", 0.01),
         mup_base_dim=0,  # a Hugging Face model computes the standard parametrisation's function

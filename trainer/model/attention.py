@@ -15,13 +15,23 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from trainer.model.config import ModelConfig
 
 
-def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
-    """Inverse frequencies (head_dim / 2,) in fp32, computed exactly as transformers does (default or "llama3")."""
-    exponents = torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** exponents
-    if not cfg.rope_scaling:
-        return inv_freq
-    factor, low, high, context = (cfg.rope_scaling, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+def rope_frequencies(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies (head_dim / 2,) in fp32, the factor cos and sin are multiplied by), computed exactly as
+    transformers' rope utilities compute them for each kind of model.rope_scaling."""
+    dim, base, factor = cfg.head_dim, cfg.rope_theta, cfg.rope_factor
+    exponents = torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim
+    inv_freq = 1.0 / base ** exponents
+    if cfg.rope_scaling == "linear":
+        return inv_freq / factor, 1.0
+    if cfg.rope_scaling == "llama3":
+        return llama3_frequencies(inv_freq, cfg), 1.0
+    if cfg.rope_scaling == "yarn":
+        return yarn_frequencies(cfg, device), cfg.rope_attention_factor or 0.1 * math.log(factor) + 1.0
+    return inv_freq, 1.0
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    factor, low, high, context = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
                                   cfg.rope_original_max_seq_len)
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
@@ -31,12 +41,32 @@ def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def yarn_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """YaRN's blend (Peng et al. 2023; transformers' `_compute_yarn_parameters` with truncate): dimension d keeps
+    its frequency where it turns more than beta_fast times within the original context, is divided by the factor
+    where it turns fewer than beta_slow times, and ramps linearly between."""
+    dim, base, context = cfg.head_dim, cfg.rope_theta, cfg.rope_original_max_seq_len
+
+    def dimension_of(rotations: float) -> float:
+        return (dim * math.log(context / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(dimension_of(cfg.rope_beta_fast)), 0)
+    high = min(math.ceil(dimension_of(cfg.rope_beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    extrapolation = 1 - ramp
+    return (1.0 / (cfg.rope_factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
 def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (max_seq_len, head_dim) in fp32, Hugging Face's half-split layout."""
     positions = torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(positions, rope_frequencies(cfg, device))  # (max_seq_len, head_dim / 2)
+    inv_freq, scale = rope_frequencies(cfg, device)
+    freqs = torch.outer(positions, inv_freq)  # (max_seq_len, head_dim / 2)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

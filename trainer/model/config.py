@@ -26,9 +26,14 @@ logits are then larger by √m, a softer start the training lr does not depend o
 ATTENTION = ("auto", "sdpa", "flex")
 
 
-NOT_IN_WEIGHTS = ("attention", "max_seq_len")
-"""ModelConfig fields that change no weight: the attention kernel, and the RoPE table's length. A checkpoint loads
-into a model that differs from it only in these."""
+ROPE_SCALING = ("none", "linear", "llama3", "yarn")
+ROPE_FIELDS = ("rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+               "rope_original_max_seq_len", "rope_beta_fast", "rope_beta_slow", "rope_attention_factor")
+"""How positions are rotated beyond rope_theta: chosen anew when a run extends another's context."""
+NOT_IN_WEIGHTS = ("attention", "max_seq_len", "doc_mask", "eos_id", *ROPE_FIELDS)
+"""ModelConfig fields that change no weight: the attention kernel, the RoPE table's length and its scaling, and
+document masking. A checkpoint loads into a model that differs from it only in these (context extension changes the
+RoPE ones)."""
 
 
 @dataclass(kw_only=True)
@@ -56,14 +61,27 @@ class ModelConfig:
     """RMSNorm epsilon."""
     rope_theta: float = 10000.0
     """RoPE base."""
-    rope_scaling: float = 0.0
-    """Llama-3.1 RoPE scaling factor (8 in Llama-3.1/3.2; 0 = none): long wavelengths slowed by this factor."""
+    rope_scaling: str = "none"
+    """RoPE frequency scaling for a longer context, computed as transformers computes it: 'none'; 'linear'
+    (position interpolation: every frequency / rope_factor); 'llama3' (Llama 3.1: wavelengths beyond
+    rope_original_max_seq_len / rope_low_freq_factor slowed by rope_factor, those below / rope_high_freq_factor kept,
+    smooth between); 'yarn' (YaRN: interpolation for the dimensions that turn fewer than rope_beta_slow times within
+    rope_original_max_seq_len, extrapolation above rope_beta_fast, a ramp between, and cos/sin scaled by
+    rope_attention_factor). A number (a checkpoint from before the kinds: Llama 3.1's factor) reads as 'llama3'."""
+    rope_factor: float = 1.0
+    """How much longer the context is made (linear, llama3, yarn): 8 in Llama 3.1, 4 for 8K → 32K with YaRN."""
     rope_low_freq_factor: float = 1.0
-    """Llama-3.1 RoPE scaling: wavelengths above original_max_seq_len / this are fully scaled."""
+    """llama3: wavelengths above rope_original_max_seq_len / this are fully scaled."""
     rope_high_freq_factor: float = 4.0
-    """Llama-3.1 RoPE scaling: wavelengths below original_max_seq_len / this are kept; smooth in between."""
+    """llama3: wavelengths below rope_original_max_seq_len / this are kept; smooth in between."""
     rope_original_max_seq_len: int = 8192
-    """Llama-3.1 RoPE scaling: the context length the unscaled model was trained at."""
+    """llama3, yarn: the context length the unscaled model was trained at."""
+    rope_beta_fast: float = 32.0
+    """yarn: dimensions turning more than this many times within the original context are extrapolated (kept)."""
+    rope_beta_slow: float = 1.0
+    """yarn: dimensions turning fewer than this many times within the original context are interpolated."""
+    rope_attention_factor: float = 0.0
+    """yarn: what cos and sin are multiplied by (0 = the paper's 0.1 · ln(rope_factor) + 1)."""
     max_seq_len: int = 2048
     """Longest sequence (RoPE table size and KV-cache limit); the trainer raises it to the dataset's seq_len."""
     tie_embeddings: bool = False
@@ -82,6 +100,12 @@ class ModelConfig:
     shrink per step, is the same at every width), the LM head's logits are scaled by 1 / m; embeddings, norms and
     the head train at lr. The best lr of a model of width mup_base_dim is then the best lr at any width (grown by
     heads of the same head_dim). 0 = the standard parametrisation."""
+    doc_mask: bool = False
+    """Pretraining rows: attention stays inside each document and positions restart at each (a document ends with
+    its EOS, eos_id), as if each were alone; the loss and the data order are unchanged. Costs the dense-mask
+    attention kernel on CPU (SDPA with a (T, T) mask instead of its causal kernel), FlexAttention's on CUDA."""
+    eos_id: int = 2
+    """The token that ends a document (doc_mask); the trainer sets it from the dataset's tokenizer."""
     attention: str = "auto"
     """Kernel for packed examples (chat data), where attention is block-causal: 'flex', FlexAttention's
     block-sparse kernel (compiled; it never builds a (T, T) mask), or 'sdpa' with a dense (T, T) boolean mask per
@@ -90,6 +114,9 @@ class ModelConfig:
     value loads any weights."""
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, (int, float)):  # a checkpoint's config from before the kinds
+            factor = float(self.rope_scaling)
+            self.rope_scaling, self.rope_factor = ("llama3", factor) if factor else ("none", self.rope_factor)
         n_kv = self.n_kv_heads or self.n_heads
         checks = [
             (self.vocab_size > 0, "vocab_size", self.vocab_size, "must be > 0"),
@@ -102,7 +129,15 @@ class ModelConfig:
             (not self.n_experts or 1 <= self.top_k <= self.n_experts, "top_k", self.top_k, "must be in [1, n_experts]"),
             (self.max_seq_len > 0, "max_seq_len", self.max_seq_len, "must be > 0"),
             (self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0"),
-            (self.rope_scaling == 0 or self.rope_scaling >= 1, "rope_scaling", self.rope_scaling, "must be 0 or >= 1"),
+            (self.rope_scaling in ROPE_SCALING, "rope_scaling", self.rope_scaling,
+             f"must be one of {', '.join(ROPE_SCALING)}"),
+            (self.rope_factor >= 1, "rope_factor", self.rope_factor, "must be >= 1"),
+            (self.rope_original_max_seq_len > 0, "rope_original_max_seq_len", self.rope_original_max_seq_len,
+             "must be > 0"),
+            (self.rope_beta_fast > self.rope_beta_slow > 0, "rope_beta_fast", self.rope_beta_fast,
+             f"must be > rope_beta_slow={self.rope_beta_slow} > 0"),
+            (self.rope_attention_factor >= 0, "rope_attention_factor", self.rope_attention_factor,
+             "must be >= 0 (0 = YaRN's default)"),
             (self.rope_high_freq_factor > self.rope_low_freq_factor > 0, "rope_high_freq_factor",
              self.rope_high_freq_factor, f"must be > rope_low_freq_factor={self.rope_low_freq_factor} > 0"),
             (self.ffn_hidden >= 0, "ffn_hidden", self.ffn_hidden, "must be >= 0"),

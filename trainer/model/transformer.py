@@ -148,6 +148,13 @@ class Block(nn.Module):
         return h + ffn, aux
 
 
+def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T) index of each token's document in its row: the count of EOS tokens before it (an EOS belongs to the
+    document it ends)."""
+    ends = (tokens == eos_id).int()
+    return ends.cumsum(dim=1) - ends
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -177,12 +184,15 @@ class Transformer(nn.Module):
 
         With `cache`, tokens sit at positions start..start+T-1 and their keys/values are stored for later steps.
         With `segments` (B, T), a row holds several examples (a run of equal ids each): positions restart at each
-        example and attention never crosses one, so each example computes what it would alone.
+        example and attention never crosses one, so each example computes what it would alone. With model.doc_mask
+        a pretraining row's documents are its segments (`document_ids`).
         """
         h = self.tok_embeddings(tokens)  # (B, T, D)
         T = tokens.shape[1]
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         mask = None
+        if segments is None and self.cfg.doc_mask and cache is None:
+            segments = document_ids(tokens, self.cfg.eos_id)
         if segments is not None:
             positions = positions_in_segments(segments)  # (B, T)
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd)
