@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -244,3 +245,24 @@ def test_document_masking_gives_each_document_of_a_packed_row_the_logits_it_has_
             assert max(diffs) <= 1e-5
         else:
             assert diffs[0] <= 1e-5 and min(diffs[1:]) > 1e-3
+
+
+def test_a_yarn_config_in_deepseeks_mscale_form_imports_as_its_attention_factor(tmp_path):
+    """YaRN's attention factor given as mscale / mscale_all_dim (DeepSeek's config.json form): transformers
+    computes it from them, raylm's import turns them into rope_attention_factor, and the logits agree to 1e-5."""
+    from trainer.hf import model_config_from_hf, read_config
+
+    model = build(n_kv_heads=2, rope_original_max_seq_len=16, max_seq_len=64, rope_scaling="yarn", rope_factor=4.0)
+    hf_copy(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"] |= {"mscale": 1.0, "mscale_all_dim": 0.5}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    cfg = model_config_from_hf(read_config(str(tmp_path)), str(tmp_path), rest=model.cfg)
+    assert cfg.rope_attention_factor == pytest.approx((0.1 * math.log(4) + 1) / (0.05 * math.log(4) + 1))
+    imported = Transformer(cfg)
+    imported.load_state_dict(model.state_dict())
+    imported.eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (imported(tokens)[0] - hf(tokens).logits).abs().max().item() <= 1e-5
