@@ -24,7 +24,8 @@ from trainer.model.generation import generate, generate_group
 from trainer.model.transformer import Transformer
 from trainer.optim import OptimConfig, build_optimizer
 from trainer.parallelize import ParallelConfig, materialize
-from trainer.rl.grpo import GRPO, RolloutBatch
+from trainer.rl.grpo import GRPO
+from trainer.rl.loop import Sample, rollout_batch
 from trainer.size import SizeConfig
 from trainer.train import train_step
 
@@ -33,15 +34,6 @@ def timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
-
-
-def rows_of(prompts: list[list[int]], replies: list[list[int]]) -> RolloutBatch:
-    width = max(len(p) + len(r) for p, r in zip(prompts, replies))
-    tokens, mask = torch.zeros((len(replies), width), dtype=torch.long), torch.zeros((len(replies), width - 1))
-    for i, (p, r) in enumerate(zip(prompts, replies)):
-        tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, len(p) - 1:len(p) + len(r) - 1] = 1
-    return RolloutBatch(tokens, mask, torch.randn(len(replies)), None)
 
 
 def main() -> None:
@@ -72,12 +64,14 @@ def main() -> None:
     materialize(model, device=d.device, initial_value=lambda name, shape: initial_value(name, shape, cfg, 0))
     model.init_buffers()
     optimizer = build_optimizer(model, optim=OptimConfig(lr=1e-6, warmup_steps=0), width_mult=1.0)
-    batch = rows_of([p for p, group in zip(prompts, groups) for _ in group], [r for group in groups for r in group])
-    micro = [RolloutBatch(batch.tokens[i:i + 8], batch.mask[i:i + 8], batch.advantages[i:i + 8], None)
-             for i in range(0, len(batch), 8)]
+    samples = [Sample(tuple(p), r, float(torch.randn((), generator=g)), None) for p, group in zip(prompts, groups)
+               for r in group]
+    width = max(len(s.prompt) + len(s.reply) for s in samples)
+    micro = [rollout_batch(samples[i:i + 8], width=width, device=d.device, reference=False)
+             for i in range(0, len(samples), 8)]
     objective = GRPO(clip_eps=0.2, kl_coef=0.0)
     _, update_s = timed(lambda: train_step(model, optimizer, micro, objective=objective, grad_clip=1.0,
-                                           aux_weight=0.0, global_batch=len(batch)))
+                                           aux_weight=0.0, global_batch=len(samples)))
     with tempfile.TemporaryDirectory() as where:
         _, write_s = timed(lambda: checkpoint.write_weights(f"{where}/step-000001", model))
         _, load_s = timed(lambda: checkpoint.read_weights(f"{where}/step-000001", actor.state_dict()))

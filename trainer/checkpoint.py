@@ -259,14 +259,19 @@ MODEL_DEFAULTS = {f"model.{key}": value for key, value in dataclasses.asdict(Mod
 """A checkpoint saved before a model field existed was trained with that field's default."""
 
 
+def model_identity(model: ModelConfig) -> dict:
+    """The model's part of a run's identity: every field but the attention kernel (a run may switch it when it
+    resumes) and eos_id (the tokenizer's, which the identity names by its sha256 or the weights it started from)."""
+    return {f"model.{key}": value for key, value in dataclasses.asdict(model).items()
+            if key not in ("attention", "eos_id")}
+
+
 def run_identity(model: ModelConfig, dataset, *, data_seed: int, global_batch: int, mix: dict | None = None) -> dict:
     """What a checkpoint shares with any run that continues it, keyed as the user sets each value: the model, the
     dataset it reads (tokenizer, sequence length, rows) and the data order (with its mix of sources, `mix`: data.mix
     or data.mix_schedule's phases, when set). train.steps and the lr schedule are not in it: raising them is how a
     run is extended."""
-    identity = {f"model.{key}": value for key, value in dataclasses.asdict(model).items()
-                if key not in ("attention", "eos_id")}  # a kernel choice; the tokenizer's (its sha256 is below)
-    return identity | {
+    return model_identity(model) | {
         "dataset tokenizer sha256": dataset.manifest["tokenizer"]["sha256"], "dataset seq_len": dataset.seq_len,
         "dataset train rows": len(dataset.train), "data.seed": data_seed, "train.global_batch": global_batch,
         "data order": DATA_ORDER, "data mix": mix,

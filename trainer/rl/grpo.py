@@ -75,7 +75,8 @@ class RolloutBatch:
 
 
 def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of each target, entropy of each position's distribution), in fp32."""
+    """(log-prob of each target, entropy of each position's distribution), in fp32: the one computation of a reply's
+    log-probs, for the policy in the update and for the reference in the rollout actors."""
     logp_all = F.log_softmax(logits.float(), dim=-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy

@@ -2,7 +2,7 @@
 every rank takes its share of the step's samples for the GRPO update, then the new weights go to the actors.
 
 One step s (counted from 1, as it is saved):
-  1. rollouts: rank 0 asks the actors for step s's prompts (`prompts.step_prompts`), group_size samples each, with
+  1. rollouts: rank 0 asks the actors for step s's prompts (an EpochOrder over the prompts), group_size samples each, with
      the policy of version s - 1; the reference's log-probs of each reply come with it (once per sample);
   2. rewards: one Ray task per prompt's group, each reply with a deadline; group-relative advantages;
   3. the samples go to every rank (a broadcast); rank r takes micro-batches r, r + W, … of them and runs
@@ -28,7 +28,7 @@ from raylm import storage
 from raylm.tokenizer import load_tokenizer
 from trainer import checkpoint
 from trainer.checkpoint import Checkpointer
-from trainer.data import rank_micro_batches
+from trainer.data import EpochOrder, rank_micro_batches
 from trainer.distributed import decided_on_rank0, init_distributed, shard_on_meta
 from trainer.eval.job import find_checkpoint
 from trainer.faults import inject_fault
@@ -36,7 +36,7 @@ from trainer.metrics import MetricsLog
 from trainer.optim import build_optimizer, build_scheduler, set_schedule_step
 from trainer.rl.config import RLJob
 from trainer.rl.grpo import GRPO, RolloutBatch, group_advantages
-from trainer.rl.prompts import read_prompts, step_prompts, stop_ids
+from trainer.rl.prompts import PROMPT_STREAM, read_prompts, stop_ids
 from trainer.rl.rewards import COUNTED, score_groups
 from trainer.rl.rollout import RolloutPool, Sampling, Unit, sample_seed
 from trainer.train import TrainingDiverged, train_step
@@ -50,8 +50,7 @@ POLICY_DIR = "policy"
 def identity(job: RLJob, cfg) -> dict:
     """What a checkpoint of an RL run shares with any run that continues it."""
     rl = job.rl
-    return {**{f"model.{k}": v for k, v in dataclasses.asdict(cfg).items() if k != "attention"},
-            "rl.policy": rl.policy, "rl.prompts": rl.prompts, "rl.seed": rl.seed,
+    return {**checkpoint.model_identity(cfg), "rl.policy": rl.policy, "rl.prompts": rl.prompts, "rl.seed": rl.seed,
             "rl.prompts_per_step": rl.prompts_per_step, "rl.group_size": rl.group_size}
 
 
@@ -71,6 +70,7 @@ class Rollouts:
         rl = job.rl
         room = found.cfg.max_seq_len - rl.max_new_tokens
         self.prompts = read_prompts(rl.prompts, tokenizer, max_prompt_len=room)
+        self.order = EpochOrder(len(self.prompts), rl.seed, key=(PROMPT_STREAM,))
         self.eval_prompts = read_prompts(rl.eval_prompts, tokenizer, max_prompt_len=room) if rl.eval_prompts else []
         self.stops = stop_ids(tokenizer)
         self.sampling = Sampling(rl.max_new_tokens, rl.temperature, rl.top_p, self.stops, reference=rl.kl_coef > 0)
@@ -85,7 +85,7 @@ class Rollouts:
     def step(self, step: int, *, policy: str, version: int) -> tuple[list[Sample], dict]:
         """Step `step`'s samples (prompt order, then sample order) and what they showed."""
         rl = self.job.rl
-        chosen = step_prompts(len(self.prompts), step=step - 1, per_step=rl.prompts_per_step, seed=rl.seed)
+        chosen = self.order.rows((step - 1) * rl.prompts_per_step, step * rl.prompts_per_step)
         units = [Unit(int(p), self.prompts[p].ids, tuple(sample_seed(rl.seed, step, int(p), j)
                                                           for j in range(rl.group_size))) for p in chosen]
         t0 = time.perf_counter()
@@ -123,6 +123,24 @@ class Rollouts:
         scores, _ = self.score(units, [r.replies for r in results], self.eval_prompts)
         rewards = np.array([group[0][0] for group in scores])
         return {"val/accuracy": float((rewards >= 1).mean()), "val/reward_mean": float(rewards.mean())}
+
+
+def rollout_batch(samples: list[Sample], *, width: int, device: torch.device, reference: bool) -> RolloutBatch:
+    """Samples as rows of `width` tokens (prompt, reply, padding) with their reply mask, advantages and, with
+    `reference`, the reference's log-probs: built in host memory, then moved to the device whole."""
+    tokens = np.zeros((len(samples), width), dtype=np.int64)
+    mask = np.zeros((len(samples), width - 1), dtype=np.float32)
+    ref = np.zeros((len(samples), width - 1), dtype=np.float32)
+    for row, s in enumerate(samples):
+        n, start = len(s.prompt) + len(s.reply), len(s.prompt) - 1
+        tokens[row, :n] = [*s.prompt, *s.reply]
+        mask[row, start:n - 1] = 1
+        if s.ref_logp is not None:
+            ref[row, start:n - 1] = s.ref_logp
+    advantages = np.array([s.advantage for s in samples], dtype=np.float32)
+    to_device = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    return RolloutBatch(to_device(tokens), to_device(mask), to_device(advantages),
+                        to_device(ref) if reference else None)
 
 
 class RLTrainer:
@@ -187,27 +205,12 @@ class RLTrainer:
         return time.perf_counter() - t0
 
     def micro_batches(self, samples: list[Sample]) -> list[RolloutBatch]:
-        """This rank's micro-batches of the step's samples, padded to the step's longest sequence: built in host
-        memory, then moved to the device whole."""
+        """This rank's micro-batches of the step's samples, padded to the step's longest sequence."""
         width = max(len(s.prompt) + len(s.reply) for s in samples)
-        batches = []
-        for chosen in rank_micro_batches(np.arange(len(samples)), micro_batch=self.job.rl.micro_batch,
-                                         rank=self.d.rank, world=self.d.world):
-            tokens = np.zeros((len(chosen), width), dtype=np.int64)
-            mask = np.zeros((len(chosen), width - 1), dtype=np.float32)
-            ref = np.zeros((len(chosen), width - 1), dtype=np.float32)
-            for row, i in enumerate(chosen):
-                s = samples[i]
-                n, start = len(s.prompt) + len(s.reply), len(s.prompt) - 1
-                tokens[row, :n] = [*s.prompt, *s.reply]
-                mask[row, start:n - 1] = 1
-                if s.ref_logp is not None:
-                    ref[row, start:n - 1] = s.ref_logp
-            advantages = np.array([samples[i].advantage for i in chosen], dtype=np.float32)
-            to_device = lambda a: torch.from_numpy(a).to(self.d.device)  # noqa: E731
-            batches.append(RolloutBatch(to_device(tokens), to_device(mask), to_device(advantages),
-                                        to_device(ref) if self.job.rl.kl_coef > 0 else None))
-        return batches
+        return [rollout_batch([samples[i] for i in chosen], width=width, device=self.d.device,
+                              reference=self.job.rl.kl_coef > 0)
+                for chosen in rank_micro_batches(np.arange(len(samples)), micro_batch=self.job.rl.micro_batch,
+                                                 rank=self.d.rank, world=self.d.world)]
 
     def update(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """rl.epochs optimizer steps over the step's samples; (the last one's loss, its gradient norm)."""

@@ -8,16 +8,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import numpy as np
-
 from raylm import storage
 from raylm.chat_template import forged_marker, render_chat, reply_end
 from raylm.errors import DataError
-from raylm.permutation import Permutation
 from raylm.tokenizer import Tokenizer
 
 PROMPT_STREAM = 3
-"""The seed stream of the prompts' order (trainer/data.py's train and val orders are 0 and 1, mixtures 2)."""
+"""The seed stream of the prompts' order, a `trainer.data.EpochOrder` over the prompts (trainer/data.py's train and
+val orders are 0 and 1, mixtures 2)."""
 
 
 @dataclass(frozen=True)
@@ -77,15 +75,3 @@ def read_prompts(path: str, tokenizer: Tokenizer, *, max_prompt_len: int) -> lis
 def stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
     """The tokens a reply ends with: the template's end of a reply, and EOS."""
     return tuple(sorted({reply_end(tokenizer), tokenizer.eos_id}))
-
-
-def step_prompts(n_prompts: int, *, step: int, per_step: int, seed: int) -> np.ndarray:
-    """Indices of step `step`'s prompts: stream positions [step·P, (step+1)·P) of epochs that are each a seeded
-    permutation of the prompts."""
-    positions = np.arange(step * per_step, (step + 1) * per_step, dtype=np.int64)
-    epochs, within = np.divmod(positions, n_prompts)
-    out = np.empty_like(positions)
-    for epoch in np.unique(epochs):
-        at = epochs == epoch
-        out[at] = Permutation(n_prompts, [seed, PROMPT_STREAM, int(epoch)])(within[at])
-    return out

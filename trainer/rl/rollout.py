@@ -23,6 +23,7 @@ from trainer.faults import FaultConfig, inject_rollout_fault
 from trainer.model.config import ModelConfig
 from trainer.model.generation import generate_group
 from trainer.model.transformer import Transformer
+from trainer.rl.grpo import target_logps
 
 ROLLOUT_STREAM = 4
 """The seed stream of rollout samples (trainer/rl/prompts.py's prompt order is 3)."""
@@ -80,7 +81,7 @@ def reply_logps(model: Transformer, prompt: tuple[int, ...], replies: list[list[
     for i, reply in enumerate(replies):
         rows[i, :len(prompt) + len(reply)] = torch.tensor([*prompt, *reply], device=device)
     logits, _ = model(rows[:, :-1])
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, rows[:, 1:, None]).squeeze(-1)
+    logp, _ = target_logps(logits, rows[:, 1:])  # as the trainer takes the policy's: the KL compares the two
     start = len(prompt) - 1
     return [logp[i, start:start + len(reply)].cpu().numpy().astype(np.float32) for i, reply in enumerate(replies)]
 
