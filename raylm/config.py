@@ -153,8 +153,23 @@ def load_config(root_cls: type[T], toml_path: str | None = None, overrides: list
         section, _, fname = key.partition(".")
         if section not in known or fname not in field_types(known[section]):
             raise ConfigError(f"unknown option --{key}{did_you_mean(key, known)} (see --help for every field)")
-    return root_cls(**{name: _build_section(name, cls, toml.get(name, {}), cli, toml_path)
+    return root_cls(**{name: _build_section(name, cls, toml.get(name, {}), cli, toml_path,
+                                            base=root_defaults(root_cls, name))
                        for name, cls in known.items()})
+
+
+def _class_default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def root_defaults(root_cls, name: str) -> dict:
+    """The fields where the root's default for section `name` differs from the section class's own (a root may
+    set other defaults for its command: `python -m trainer.rl`'s optimizer), so the loader starts from the defaults
+    --help shows."""
+    root_field = next(f for f in dataclasses.fields(root_cls) if f.name == name)
+    section = _class_default(root_field)
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+            if f.init and getattr(section, f.name) != _class_default(f)}
 
 
 def did_you_mean(key: str, known: dict[str, type]) -> str:
@@ -164,9 +179,10 @@ def did_you_mean(key: str, known: dict[str, type]) -> str:
     return f"; did you mean --{close[0]}?" if close else ""
 
 
-def _build_section(name: str, cls: type, table: dict, cli: dict[str, str], toml_path: str | None):
+def _build_section(name: str, cls: type, table: dict, cli: dict[str, str], toml_path: str | None, *,
+                   base: dict):
     types_ = field_types(cls)
-    values = {}
+    values = dict(base)
     for fname, value in table.items():
         if fname not in types_:
             raise ConfigError(f"{toml_path}: unknown field {name}.{fname}")

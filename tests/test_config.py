@@ -190,3 +190,16 @@ def test_dump_toml_writes_what_tomllib_reads_back_for_any_string_and_number():
               0, -3, 1e-05, 3.0e-4, 1e300, float("inf"), True, False, ["a", "b"], [1, 2.5], {"k": "v", "n": 1}]
     for value in values:
         assert tomllib.loads(f"x = {toml_value(value)}")["x"] == value, value
+
+
+def test_a_roots_own_section_defaults_are_where_loading_starts():
+    """`python -m trainer.rl`'s root sets other optimizer, checkpoint and run defaults than training's: the loader
+    starts from them (as --help shows them), the TOML and the command line still override them."""
+    from trainer.rl.config import RLJob
+
+    job = load_config(RLJob, None, ["--optim.lr=2e-3"])
+    assert (job.optim.lr, job.optim.warmup_steps, job.optim.schedule, job.optim.weight_decay) == (2e-3, 0, "constant",
+                                                                                                 0.0)
+    assert job.checkpoint.every == 10 and job.run.dir == "runs/rl"
+    assert load_config(RLJob, None, ["--optim.warmup_steps=5", "--run.dir=x"]).optim.warmup_steps == 5
+    assert load_config(RLJob, None, ["--run.dir=x"]).run.dir == "x"
