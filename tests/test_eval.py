@@ -307,3 +307,17 @@ def test_passkey_scores_a_grid_and_loss_by_position_adds_up(tokenizer, tmp_path)
     got = report(held, sums)
     assert list(got["loss_by_position"]) == ["0-64", "64-128", "128-200"]
     assert torch.allclose(sums[1:].sum(0), sums[0], rtol=1e-9)  # the buckets cover every target once
+
+
+@pytest.mark.heavy
+def test_run_max_seq_len_scores_passkeys_past_the_trained_length(trained):
+    """A model whose context is 2,048 tokens (the default the run kept): a passkey length past it is refused in one
+    line naming it, and --run.max_seq_len extends the rotary table so the same length is scored."""
+    from trainer.eval.cli import main as evaluate
+
+    run, few = trained[0], ["--eval.passkey=2560", "--eval.passkey_depths=0.5", "--eval.passkey_trials=1"]
+    code, _, err = run_captured(evaluate, ["--no-ray", "--checkpoint", run, *few])
+    assert code == 2 and err.count("\n") == 1 and "eval.passkey=2560 does not fit the model's context of 2048" in err, err
+    code, out, err = run_captured(evaluate, ["--no-ray", "--checkpoint", run, *few, "--run.max_seq_len=2560"])
+    assert code == 0, err
+    assert out.split("passkey length")[1].splitlines()[1].split()[0] == "2560", out
