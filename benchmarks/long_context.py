@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from trainer.eval.passkey import prompt_text
+from trainer.eval.passkey import grid_table, prompt_text
 
 SHORT_SENTENCES, LONG_SENTENCES = (12, 18), (0, 97)
 """Filler sentences of a document in each corpus (uniform in the range): about 4.8 tokens each, plus about 42 for
@@ -66,13 +66,14 @@ def write_corpus(path: str, *, documents: int, sentences: tuple[int, int], seed:
             out.write(json.dumps({"text": text}) + "\n")
 
 
-def command(*args: str) -> str:
-    """Run a raylm command, echoed; its stdout."""
+def command(*args: str) -> None:
+    """Run a raylm command, echoed with its time; a failed one ends the benchmark with its stderr."""
     print("$ python -m " + " ".join(args), flush=True)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", *args], check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"the command above failed ({done.returncode}):\n{done.stderr[-4000:]}")
     print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
-    return done.stdout
 
 
 def passkey_grid(run_dir: str, out: str) -> dict:
@@ -113,8 +114,6 @@ def extend(o: str, name: str, scaling: list[str], *, steps: int) -> dict:
 
 
 def report(before: dict, after: dict, unscaled: dict) -> None:
-    from trainer.eval.passkey import grid_table
-
     print("\npretrained at 128 (document masking):\n" + grid_table(before))
     print("\nextended to 512 (YaRN ×4):\n" + grid_table(after))
     print("\nextended to 512 the same way without RoPE scaling (the control):\n" + grid_table(unscaled))
