@@ -132,6 +132,8 @@ def multinode(local_ray, s3_server):
 
     record = get_ray_address_file(None)
     saved = open(record).read() if os.path.exists(record) else None
+    made = not os.path.isdir(os.path.dirname(record))
+    os.makedirs(os.path.dirname(record), exist_ok=True)  # Cluster writes the record there; a fresh machine has none
     port = free_port()
     env = {**CLUSTER_ENV, "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}
     before = {name: os.environ.get(name) for name in env}
@@ -151,6 +153,8 @@ def multinode(local_ray, s3_server):
             f.write(saved)
     elif os.path.exists(record):
         os.remove(record)
+    if made and not os.listdir(os.path.dirname(record)):
+        os.rmdir(os.path.dirname(record))
 
 
 CLUSTER_ENV = {
