@@ -1,5 +1,6 @@
 """Context extension on CPU, end to end through raylm's commands: pretrain a tiny model at 128 tokens on passkey
-documents, extend it to 512 with YaRN, and show the passkey grid before and after.
+documents, extend it to 512 with YaRN, and show the passkey grid before and after (and after the same extension
+without scaling).
 
     python -m benchmarks.long_context [--out runs/bench-longctx] [--short-steps 2500] [--long-steps 400]
 
