@@ -317,7 +317,8 @@ def test_run_max_seq_len_scores_passkeys_past_the_trained_length(trained):
 
     run, few = trained[0], ["--eval.passkey=2560", "--eval.passkey_depths=0.5", "--eval.passkey_trials=1"]
     code, _, err = run_captured(evaluate, ["--no-ray", "--checkpoint", run, *few])
-    assert code == 2 and err.count("\n") == 1 and "eval.passkey=2560 does not fit the model's context of 2048" in err, err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "eval.passkey=2560 does not fit the model's context of 2048" in err, err
     code, out, err = run_captured(evaluate, ["--no-ray", "--checkpoint", run, *few, "--run.max_seq_len=2560"])
     assert code == 0, err
     assert out.split("passkey length")[1].splitlines()[1].split()[0] == "2560", out
